@@ -1,0 +1,366 @@
+"""The on-disk contract between stages (DESIGN.md, "Contracts between stages").
+
+A stage reads one directory and writes another:
+
+    OUT/
+      manifest.json   stage, parameters, input fingerprint, counts, versions, wall time
+      samples/        the sample table: a `datasets` dataset keyed by `id` (sha256 of image bytes)
+      rejected/       one row per rejected id: id, stage, reason, score, threshold, detail
+      ...             stage extras (report.md, contact sheets, shards)
+
+Output is assembled in a hidden sibling directory and renamed into place only after the
+manifest is written, so a killed stage never leaves something that looks finished. Work that
+should survive a kill (chunks of scored or captioned rows) goes to a `WorkLog`, keyed by the
+stage, its parameters and its input, and is reused by the next run with the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+SAMPLES = "samples"
+REJECTED = "rejected"
+
+VERSIONED_PACKAGES = (
+    "t2i-pipeline", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets",
+    "faiss-cpu", "prefect", "numpy", "pillow",
+)  # fmt: skip
+
+REJECTED_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "stage": datasets.Value("string"),
+        "reason": datasets.Value("string"),
+        "score": datasets.Value("float64"),
+        "threshold": datasets.Value("float64"),
+        "detail": datasets.Value("string"),
+    }
+)
+
+
+class StoreError(RuntimeError):
+    """A directory is not a finished stage output, or cannot become one."""
+
+
+def sample_id(image_bytes: bytes) -> str:
+    """The key of every row in every stage: sha256 of the original image bytes."""
+    return hashlib.sha256(image_bytes).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def params_hash(parameters: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(parameters).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Rejection:
+    id: str
+    stage: str
+    reason: str
+    score: float | None = None
+    threshold: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class Manifest:
+    stage: str
+    parameters: dict[str, Any]
+    input_fingerprint: str
+    counts: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    created: str = ""
+    host: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def matches(self, stage: str, parameters: dict[str, Any], input_fingerprint: str) -> bool:
+        return (
+            self.stage == stage
+            and canonical_json(self.parameters) == canonical_json(parameters)
+            and self.input_fingerprint == input_fingerprint
+        )
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> Manifest | None:
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(self, directory: str | os.PathLike) -> None:
+        _write_text_atomic(Path(directory) / MANIFEST, json.dumps(asdict(self), indent=2, default=str))
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Identify an input cheaply and deterministically.
+
+    A finished stage output is identified by its manifest (which already pins its own input
+    and parameters) plus the dataset state; anything else (a raw image folder, tar shards,
+    parquet files) by the relative path, size and modification time of every file.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"input {root} does not exist")
+    digest = hashlib.sha256()
+    manifest = root / MANIFEST if root.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        digest.update(b"store\0" + manifest.read_bytes())
+        for state in sorted(root.glob("*/state.json")):
+            digest.update(state.read_bytes())
+        return digest.hexdigest()[:32]
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        rel = file.name if file == root else file.relative_to(root).as_posix()
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def is_done(output: str | os.PathLike, stage: str, parameters: dict[str, Any], input_fingerprint: str) -> bool:
+    """True when OUTPUT is a finished output of this stage for these parameters and input."""
+    manifest = Manifest.read(output)
+    return manifest is not None and manifest.matches(stage, parameters, input_fingerprint)
+
+
+def require_store(directory: str | os.PathLike) -> Manifest:
+    manifest = Manifest.read(directory)
+    if manifest is None:
+        raise StoreError(
+            f"{directory} is not a finished stage output (no {MANIFEST}); "
+            "run the previous stage first, or point at its output directory"
+        )
+    return manifest
+
+
+def load_samples(directory: str | os.PathLike) -> datasets.Dataset:
+    """The sample table of a finished stage output, memory-mapped."""
+    require_store(directory)
+    return datasets.load_from_disk(str(Path(directory) / SAMPLES))
+
+
+def load_rejected(directory: str | os.PathLike) -> datasets.Dataset:
+    require_store(directory)
+    path = Path(directory) / REJECTED
+    if not path.exists():
+        return datasets.Dataset.from_list([], features=REJECTED_FEATURES)
+    return datasets.load_from_disk(str(path))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _cleanup_stale(output: Path) -> None:
+    """Remove temporary siblings left by killed runs of a stage writing OUTPUT."""
+    for stale in output.parent.glob(f".{output.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 2)[-2] if stale.name.count("-") >= 2 else ""
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StageWriter:
+    """Assemble a stage output in a temporary sibling, then rename it into place.
+
+    with StageWriter(out, "curate", params, fingerprint(inp)) as w:
+        w.write_samples(rows, features)      # rows: dicts, streamed
+        w.write_rejected(rejections)
+        (w.path / "report.md").write_text(...)
+        w.counts.update(kept=..., rejected=...)
+    # on clean exit: manifest written, directory renamed to `out`
+    # on exception: temporary directory removed, `out` untouched
+    """
+
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        stage: str,
+        parameters: dict[str, Any],
+        input_fingerprint: str,
+    ) -> None:
+        self.output = Path(output).resolve()
+        self.stage = stage
+        self.parameters = parameters
+        self.input_fingerprint = input_fingerprint
+        self.counts: dict[str, int] = {}
+        self.extra: dict[str, Any] = {}
+        self.path = self.output.parent / f".{self.output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._start = time.monotonic()
+
+    def __enter__(self) -> StageWriter:
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        _cleanup_stale(self.output)
+        self.path.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        self.commit()
+
+    def write_samples(
+        self,
+        rows: Iterable[dict[str, Any]],
+        features: datasets.Features | None = None,
+        max_shard_size: str = "500MB",
+    ) -> int:
+        """Stream rows into the sample table; memory stays flat in the number of rows."""
+        return self._write_table(SAMPLES, rows, features, max_shard_size)
+
+    def write_rejected(self, rejections: Iterable[Rejection | dict[str, Any]]) -> int:
+        rows = (asdict(r) if isinstance(r, Rejection) else r for r in rejections)
+        return self._write_table(REJECTED, rows, REJECTED_FEATURES, "500MB")
+
+    def _write_table(self, name, rows, features, max_shard_size) -> int:
+        rows = iter(rows)
+        first = next(rows, None)
+        if first is None:
+            empty = {column: [] for column in (features or {"id": None})}
+            dataset = datasets.Dataset.from_dict(empty, features=features)
+        elif features is None:
+            dataset = datasets.Dataset.from_list([first, *rows])
+        else:
+            cache = self.path / f".cache-{name}"
+            feed = _RowFeed(itertools.chain([first], rows))
+            dataset = datasets.Dataset.from_generator(feed, features=features, cache_dir=str(cache))
+        if dataset.num_rows == 0:
+            dataset.save_to_disk(str(self.path / name), num_shards=1)
+        else:
+            dataset.save_to_disk(str(self.path / name), max_shard_size=max_shard_size)
+        del dataset
+        shutil.rmtree(self.path / f".cache-{name}", ignore_errors=True)
+        return self._count(name)
+
+    def _count(self, name: str) -> int:
+        return datasets.load_from_disk(str(self.path / name)).num_rows
+
+    def commit(self) -> Path:
+        if not (self.path / SAMPLES).exists():
+            self.write_samples([], datasets.Features({"id": datasets.Value("string")}))
+        if not (self.path / REJECTED).exists():
+            self.write_rejected([])
+        manifest = Manifest(
+            stage=self.stage,
+            parameters=self.parameters,
+            input_fingerprint=self.input_fingerprint,
+            counts=self.counts,
+            versions=library_versions(),
+            wall_time_s=round(time.monotonic() - self._start, 3),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            host=socket.gethostname(),
+            extra=self.extra,
+        )
+        manifest.write(self.path)
+        retired = None
+        if self.output.exists():
+            retired = self.output.parent / f".{self.output.name}.tmp-{os.getpid()}-old{uuid.uuid4().hex[:8]}"
+            os.replace(self.output, retired)
+        os.replace(self.path, self.output)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+        return self.output
+
+
+class _RowFeed:
+    """A picklable-enough generator wrapper for `Dataset.from_generator`.
+
+    `datasets` hashes the generator to name its cache; giving each feed a unique token keeps
+    two different row streams from ever sharing a cache entry.
+    """
+
+    def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
+        self.rows = rows
+        self.token = uuid.uuid4().hex
+
+    def __call__(self) -> Iterator[dict[str, Any]]:
+        yield from self.rows
+
+    def __reduce__(self):  # hashed by datasets' fingerprinting, never really pickled
+        return (_RowFeed, ([],), {"token": self.token})
+
+
+class WorkLog:
+    """Chunks of finished work that survive a killed run.
+
+    Each chunk is a parquet file written atomically, so a chunk is either complete or absent.
+    The log lives beside the output, keyed by `key` (stage, parameters, input); a run with a
+    different key never sees another key's chunks. `clear()` after the output is committed.
+    """
+
+    def __init__(self, output: str | os.PathLike, key: str) -> None:
+        output = Path(output).resolve()
+        self.root = output.parent / f".{output.name}.work"
+        self.path = self.root / key
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def has(self, name: str) -> bool:
+        return (self.path / f"{name}.parquet").is_file()
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.path.glob("*.parquet"))
+
+    def write(self, name: str, table: pa.Table | list[dict[str, Any]]) -> None:
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(table)
+        tmp = self.path / f".{name}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.path / f"{name}.parquet")
+
+    def read(self, name: str) -> pa.Table:
+        return pq.read_table(self.path / f"{name}.parquet")
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        for name in self.names():
+            yield from self.read(name).to_pylist()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,26 @@
+"""Options of the model package's commands (the CLI, Prefect forms and manifests share them)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class InitModelConfig(BaseModel):
+    preset: str = Field(
+        "tiny", description="model size: 'tiny' or 'tiny-d4' (offline test kits with tiny encoders)"
+    )
+    seed: int = Field(0, description="seed for the random weights")
+
+
+class SampleConfig(BaseModel):
+    model: str = Field(..., description="local diffusers SD3 folder to sample from")
+    prompt: list[str] = Field(default_factory=list, description="one or more prompts")
+    prompts: str | None = Field(None, description="text file with one prompt per line")
+    seed: list[int] = Field(default_factory=lambda: [0], description="one image per prompt and seed")
+    steps: int = Field(28, ge=1, description="Euler steps (SD3 default 28)")
+    guidance_scale: float = Field(7.0, ge=0.0, description="classifier-free guidance scale (SD3 default 7.0)")
+    height: int | None = Field(None, description="image height; default: the model's native size")
+    width: int | None = Field(None, description="image width; default: the model's native size")
+    out: str = Field("samples", description="directory for the PNGs")
+    device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
+    dtype: str = Field("fp32", description="fp32, fp16 or bf16")
