@@ -1,0 +1,225 @@
+"""Every stage as a Prefect task and a Prefect flow, generated from the stages' own declarations.
+
+Each stage package declares its command as data (`<package>/commands.py`: runner, config model,
+positional inputs); the same declaration yields the `t2i` subcommand and, here, a flow whose
+parameters are the positionals plus the stage's pydantic config model, so the Prefect UI renders
+the same form the CLI exposes as flags. Prefect validates the parameters against the model before
+the flow starts, so an invalid value fails with pydantic's message and no work done.
+
+Tasks pass paths and small manifest summaries between each other, never tensors or tables:
+Prefect keeps task results in memory for the whole flow run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from pydantic import BaseModel
+
+from curate.store import Manifest, canonical_json, fingerprint
+from flows import artifacts
+from flows.cli import Command, _load, stage_commands
+from flows.progress import tqdm_progress
+
+OUTPUT_NAMES = ("output", "out")
+# Stage code is not thread-safe: diffusers loads models under a process-global meta-device
+# context. Under the local thread runner a process runs one stage call at a time; Dask workers
+# are separate processes and run mapped shards in parallel.
+_STAGE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage command seen by the orchestrator: what it reads, what it writes, how to run it."""
+
+    command: Command
+
+    @property
+    def name(self) -> str:
+        return self.command.name
+
+    @property
+    def config_model(self) -> type[BaseModel]:
+        return _load(self.command.config)
+
+    @property
+    def positionals(self) -> list[str]:
+        return [name for name, _ in self.command.positionals]
+
+    @property
+    def inputs(self) -> list[str]:
+        return [name for name in self.positionals if name not in OUTPUT_NAMES]
+
+    def output_of(self, arguments: dict[str, str], config: BaseModel) -> Path:
+        for name in OUTPUT_NAMES:
+            if name in arguments:
+                return Path(arguments[name])
+        return Path(getattr(config, "out"))
+
+
+def stages() -> dict[str, Stage]:
+    """The stage commands of every package that has landed, by command name."""
+    return {c.name: Stage(c) for c in stage_commands() if not c.run.startswith("flows.")}
+
+
+def stage(name: str) -> Stage:
+    known = stages()
+    if name not in known:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(known)}")
+    return known[name]
+
+
+def has_stage(name: str) -> bool:
+    return name in stages()
+
+
+# ---- the one task every stage runs through ------------------------------------------------
+
+
+TRANSIENT_ERRNOS = {4, 5, 11, 16, 24, 28, 70, 110, 111, 112, 113, 116}  # EINTR EIO EAGAIN EBUSY ...
+
+
+def is_transient(error: BaseException) -> bool:
+    """I/O errors worth retrying (a busy or flaky disk or share); bad input never is."""
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return False
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return True
+    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
+
+
+def _retry_on_transient_io(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except BaseException as error:  # the task's own exception, re-raised by result()
+        return is_transient(error)
+    return False
+
+
+def finished_manifest(output: Path, config: BaseModel, inputs: list[str]) -> Manifest | None:
+    """The output's manifest when it was written for exactly this config and these inputs."""
+    manifest = Manifest.read(output) if output.is_dir() else None
+    if manifest is None:
+        return None
+    same_params = canonical_json(manifest.parameters) == canonical_json(config.model_dump(mode="json"))
+    try:
+        same_input = not inputs or manifest.input_fingerprint == fingerprint(inputs[0])
+    except FileNotFoundError:
+        return None
+    return manifest if same_params and same_input else None
+
+
+def summary(stage_name: str, output: Path, skipped: bool) -> dict[str, Any]:
+    """What a stage task hands the next one: where its output is, and its manifest's counts."""
+    manifest = Manifest.read(output) if output.is_dir() else None
+    return {
+        "stage": stage_name,
+        "output": str(output),
+        "skipped": skipped,
+        "counts": manifest.counts if manifest else {},
+        "wall_time_s": manifest.wall_time_s if manifest else None,
+    }
+
+
+@task(
+    task_run_name="{label}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_on_transient_io,
+    cache_policy=NO_CACHE,
+)
+def run_stage(stage_name: str, arguments: dict[str, str], config: dict[str, Any], label: str) -> dict[str, Any]:
+    """Run one stage (skipped when its output's manifest matches), then publish its artifacts."""
+    spec = stage(stage_name)
+    cfg = spec.config_model.model_validate(config)
+    inputs = [arguments[name] for name in spec.inputs if arguments.get(name)]
+    output = spec.output_of(arguments, cfg)
+    if finished_manifest(output, cfg, inputs) is not None:
+        result = summary(stage_name, output, skipped=True)
+        artifacts.publish_stage(label, output)
+        return Completed(message=f"{stage_name}: {output} is already finished", name="Skipped", data=result)
+    positionals = [arguments[name] for name in spec.positionals]
+    with _STAGE_LOCK, tqdm_progress(label):
+        written = Path(_load(spec.command.run)(*positionals, config=cfg) or output)
+    artifacts.publish_stage(label, written)
+    return summary(stage_name, written, skipped=False)
+
+
+def run_sample_shards(arguments: dict[str, str], config: BaseModel, label: str = "") -> dict[str, Any]:
+    """Sampling mapped over seeds, one task per seed writing OUT/seed-N, on the flow's task runner."""
+    label = label or ("sample-lora" if getattr(config, "lora", None) else "sample")
+    seeds = list(getattr(config, "seed", []) or [])
+    if len(seeds) <= 1:
+        return run_stage("sample", arguments, config.model_dump(mode="json"), label=label)
+    out = Path(config.out)
+    shards = [config.model_copy(update={"seed": [s], "out": str(out / f"seed-{s}")}).model_dump(mode="json") for s in seeds]
+    futures = run_stage.map(unmapped("sample"), unmapped(arguments), shards, [f"{label}-seed-{s}" for s in seeds])
+    results = futures.result()
+    images = sorted(p for p in out.rglob("*.png"))
+    artifacts.publish_gallery(label, out, images)
+    return {"stage": label, "output": str(out), "skipped": all(r["skipped"] for r in results),
+            "counts": {"images": len(images), "shards": len(shards)}, "wall_time_s": None}  # fmt: skip
+
+
+# ---- one flow per stage ---------------------------------------------------------------------
+
+
+def _flow_function(spec: Stage):
+    """A function whose signature is the stage's positionals plus its config model."""
+    model = spec.config_model
+    try:
+        default = model()
+    except Exception:  # the model has required fields: the form asks for them
+        default = inspect.Parameter.empty
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str) for name in spec.positionals
+    ] + [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=model, default=default)]
+
+    def stage_flow(**kwargs: Any) -> dict[str, Any]:
+        config = kwargs.pop("config", None)
+        config = model.model_validate(config if config is not None else {})
+        arguments = {name: str(kwargs[name]) for name in spec.positionals}
+        if spec.name == "sample":
+            return run_sample_shards(arguments, config)
+        return run_stage(spec.name, arguments, config.model_dump(mode="json"), label=spec.name)
+
+    stage_flow.__signature__ = inspect.Signature(parameters, return_annotation=dict)
+    stage_flow.__annotations__ = {**{p.name: p.annotation for p in parameters}, "return": dict}
+    args = "\n".join(f"    {name}: {help_text}" for name, help_text in spec.command.positionals)
+    stage_flow.__doc__ = f"{spec.command.summary}\n\nArgs:\n{args}\n    config: options of `t2i {spec.name}`\n"
+    stage_flow.__name__ = stage_flow.__qualname__ = spec.name.replace("-", "_") + "_flow"
+    return stage_flow
+
+
+def stage_flow(name: str):
+    """The Prefect flow of one stage, named after its command (`curate`, `train`, ...)."""
+    spec = stage(name)
+    return flow(
+        _flow_function(spec),
+        name=spec.name,
+        description=spec.command.description,
+        validate_parameters=True,
+        log_prints=True,
+    )
+
+
+def stage_flows() -> dict[str, Any]:
+    return {name: stage_flow(name) for name in stages()}
+
+
+def describe(result: dict[str, Any]) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in result.get("counts", {}).items())
+    note = " (skipped: already finished)" if result.get("skipped") else ""
+    return f"{result['stage']}: {result['output']}" + (f" ({counts})" if counts else "") + note
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)
