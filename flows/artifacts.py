@@ -57,7 +57,9 @@ def stage_images(output: Path) -> list[Path]:
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         and not any(part.startswith(".") or part in ("samples", REJECTED) for part in p.relative_to(output).parts[:-1])
     ][: MAX_IMAGES * 4]  # fmt: skip
-    found.sort(key=lambda p: (not any(word in p.name.lower() for word in PREFERRED), len(p.parts), str(p)))
+    found.sort(
+        key=lambda p: (not any(word in p.name.lower() for word in PREFERRED), len(p.parts), str(p))
+    )
     return [p for p in found if _readable(p)][:MAX_IMAGES]
 
 
@@ -97,7 +99,11 @@ def read_scalars(output: Path) -> dict[str, list[tuple[int, float]]]:
                 continue
             step = int(row.get("step", index))
             for tag, value in row.items():
-                if tag != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (
+                    tag != "step"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
                     series.setdefault(tag, []).append((step, float(value)))
     return {tag: sorted(points) for tag, points in series.items() if points}
 
@@ -109,7 +115,10 @@ def metrics_table(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
         steps = sorted({steps[int(i * stride)] for i in range(MAX_TABLE_ROWS)} | {steps[-1]})
     lookup = {tag: dict(points) for tag, points in series.items()}
     return [
-        {"step": step, **{tag: round(lookup[tag][step], 6) for tag in series if step in lookup[tag]}}
+        {
+            "step": step,
+            **{tag: round(lookup[tag][step], 6) for tag in series if step in lookup[tag]},
+        }
         for step in steps
     ]
 
@@ -125,7 +134,12 @@ def loss_curve(series: dict[str, list[tuple[int, float]]], title: str) -> Image.
 
     figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
     for tag, points in losses.items():
-        axis.plot([s for s, _ in points], [v for _, v in points], label=tag, marker="." if len(points) < 30 else None)
+        axis.plot(
+            [s for s, _ in points],
+            [v for _, v in points],
+            label=tag,
+            marker="." if len(points) < 30 else None,
+        )
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_title(title)
@@ -138,7 +152,9 @@ def loss_curve(series: dict[str, list[tuple[int, float]]], title: str) -> Image.
     return Image.open(buffer)
 
 
-def stage_markdown(stage: str, output: Path, manifest: Manifest | None, curve: Image.Image | None) -> str:
+def stage_markdown(
+    stage: str, output: Path, manifest: Manifest | None, curve: Image.Image | None
+) -> str:
     lines = [f"# {stage}", "", f"Output: `{output}`", ""]
     if manifest is not None:
         counts = ", ".join(f"{k}: {v}" for k, v in manifest.counts.items())
@@ -186,5 +202,10 @@ def publish_stage(stage: str, output: str | Path) -> None:
 def publish_gallery(label: str, output: Path, images: list[Path]) -> None:
     """One markdown artifact showing images written by several tasks (e.g. sample shards)."""
     lines = [f"# {label}", "", f"Output: `{output}` ({len(images)} images)", ""]
-    lines += [f"**{p.relative_to(output)}**\n\n![{p.name}]({data_uri(p, 256)})\n" for p in images[: MAX_IMAGES * 2]]
-    create_markdown_artifact("\n".join(lines), key=f"{artifact_key(label)}-gallery", description=f"{label}: images")
+    lines += [
+        f"**{p.relative_to(output)}**\n\n![{p.name}]({data_uri(p, 256)})\n"
+        for p in images[: MAX_IMAGES * 2]
+    ]
+    create_markdown_artifact(
+        "\n".join(lines), key=f"{artifact_key(label)}-gallery", description=f"{label}: images"
+    )

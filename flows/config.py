@@ -38,11 +38,30 @@ TINY_KIT: dict[str, dict[str, Any]] = {
     "init_captioner": {"preset": "tiny"},
     "caption": {"max_new_tokens": 16, "batch_size": 8},
     "precompute": {"resolution": 64, "batch_size": 8},
-    "train": {"max_steps": 20, "steps": 20, "batch_size": 4, "checkpoint_every": 10, "sample_every": 10,
-              "log_every": 2, "warmup_steps": 2, "preset": "tiny"},  # fmt: skip
+    "train": {
+        "max_steps": 20,
+        "steps": 20,
+        "batch_size": 4,
+        "checkpoint_every": 10,
+        "sample_every": 10,
+        "log_every": 2,
+        "warmup_steps": 2,
+        "preset": "tiny",
+    },  # fmt: skip
     "make_prefs": {"pairs": 8, "num_pairs": 8, "steps": 4, "resolution": 64},
-    "dpo": {"max_steps": 10, "steps": 10, "batch_size": 2, "log_every": 2, "checkpoint_every": 5, "rank": 8},
-    "sample": {"prompt": ["a photo of a red cat", "a rocket on a launch pad"], "seed": [0, 1], "steps": 4},
+    "dpo": {
+        "max_steps": 10,
+        "steps": 10,
+        "batch_size": 2,
+        "log_every": 2,
+        "checkpoint_every": 5,
+        "rank": 8,
+    },
+    "sample": {
+        "prompt": ["a photo of a red cat", "a rocket on a launch pad"],
+        "seed": [0, 1],
+        "steps": 4,
+    },
 }
 
 
@@ -63,11 +82,15 @@ def chain_section_model(name: str) -> type[BaseModel]:
         if field_name in CHAINED_FIELDS or info.is_required():
             overrides[field_name] = (
                 info.annotation | None,
-                Field(None, description=f"{info.description or field_name} (empty: set by the chain)"),
+                Field(
+                    None, description=f"{info.description or field_name} (empty: set by the chain)"
+                ),
             )
     if not overrides:
         return model
-    return create_model(f"{model.__name__}InChain", __base__=model, __module__=__name__, **overrides)
+    return create_model(
+        f"{model.__name__}InChain", __base__=model, __module__=__name__, **overrides
+    )
 
 
 def _end_to_end_model() -> type[BaseModel]:
@@ -80,7 +103,10 @@ def _end_to_end_model() -> type[BaseModel]:
     for section, name in installed_chain():
         section_model = chain_section_model(name)
         globals()[section_model.__name__] = section_model  # importable, so it pickles by reference
-        fields[section] = (section_model, Field(default_factory=section_model, description=_command(name).summary))
+        fields[section] = (
+            section_model,
+            Field(default_factory=section_model, description=_command(name).summary),
+        )
     return create_model("EndToEndConfig", __module__=__name__, **fields)
 
 
@@ -98,19 +124,47 @@ def tiny_kit(workdir: str, **top: Any) -> dict[str, Any]:
 
 
 class ServeConfig(BaseModel):
-    workdir: str = Field("t2i-runs", description="default working directory of end_to_end runs (a form field; each run may change it)")
-    kit: Literal["tiny", "stage-defaults"] = Field(
-        "tiny", description="defaults of the end_to_end form: 'tiny' = the offline tiny kit (minutes on CPU); 'stage-defaults' = every stage's own defaults"
+    workdir: str = Field(
+        "t2i-runs",
+        description="default working directory of end_to_end runs (a form field; each run may change it)",
     )
-    name: str = Field("t2i", description="deployment name; deployments are FLOW/NAME, e.g. end_to_end/t2i")
-    dask_address: str | None = Field(None, description="address of a running Dask scheduler (tcp://HOST:PORT) to run tasks on; default: local threads")
-    limit: int | None = Field(None, ge=1, description="most flow runs executed at once by this process")
+    kit: Literal["tiny", "stage-defaults"] = Field(
+        "tiny",
+        description="defaults of the end_to_end form: 'tiny' = the offline tiny kit (minutes on CPU); 'stage-defaults' = every stage's own defaults",
+    )
+    name: str = Field(
+        "t2i", description="deployment name; deployments are FLOW/NAME, e.g. end_to_end/t2i"
+    )
+    dask_address: str | None = Field(
+        None,
+        description="address of a running Dask scheduler (tcp://HOST:PORT) to run tasks on; default: local threads",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="most flow runs executed at once by this process"
+    )
 
 
 class RunAllConfig(BaseModel):
-    kit: Literal["tiny", "stage-defaults"] = Field("tiny", description="'tiny' = the offline tiny kit (minutes on CPU); 'stage-defaults' = every stage's own defaults")
-    source: str = Field("", description="raw image-text collection; empty: write the demo collection")
-    base_model: str = Field("", description="local SD3 diffusers folder to start from; empty: write a random-weight tiny one")
-    captioner: str = Field("", description="local image-text-to-text model folder; empty: write a random-weight tiny VLM")
-    parameters: str | None = Field(None, description="JSON file of end_to_end parameters (the UI form's fields) merged over the kit's")
-    dask_address: str | None = Field(None, description="address of a running Dask scheduler (tcp://HOST:PORT); default: local threads")
+    kit: Literal["tiny", "stage-defaults"] = Field(
+        "tiny",
+        description="'tiny' = the offline tiny kit (minutes on CPU); 'stage-defaults' = every stage's own defaults",
+    )
+    source: str = Field(
+        "", description="raw image-text collection; empty: write the demo collection"
+    )
+    base_model: str = Field(
+        "",
+        description="local SD3 diffusers folder to start from; empty: write a random-weight tiny one",
+    )
+    captioner: str = Field(
+        "",
+        description="local image-text-to-text model folder; empty: write a random-weight tiny VLM",
+    )
+    parameters: str | None = Field(
+        None,
+        description="JSON file of end_to_end parameters (the UI form's fields) merged over the kit's",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="address of a running Dask scheduler (tcp://HOST:PORT); default: local threads",
+    )

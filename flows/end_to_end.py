@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from pydantic import BaseModel
 
 from flows.config import EndToEndConfig, installed_chain
@@ -36,11 +40,19 @@ def plan(config: BaseModel) -> list[tuple[str, dict[str, str], BaseModel]]:
     def add(name: str, arguments: dict[str, str], chained: dict[str, Any]) -> str:
         spec = stage(name)
         section = getattr(config, sections[name]).model_dump()
-        values = {k: v for k, v in chained.items() if k in spec.config_model.model_fields and section.get(k) is None}
+        values = {
+            k: v
+            for k, v in chained.items()
+            if k in spec.config_model.model_fields and section.get(k) is None
+        }
         try:
-            cfg = spec.config_model.model_validate({**{k: v for k, v in section.items() if v is not None}, **values})
+            cfg = spec.config_model.model_validate(
+                {**{k: v for k, v in section.items() if v is not None}, **values}
+            )
         except Exception as error:
-            raise ValueError(f"end_to_end: invalid parameters for stage {name!r}:\n{error}") from None
+            raise ValueError(
+                f"end_to_end: invalid parameters for stage {name!r}:\n{error}"
+            ) from None
         output = str(spec.output_of(arguments, cfg))
         steps.append((name, arguments, cfg))
         paths[name] = output
@@ -58,7 +70,11 @@ def plan(config: BaseModel) -> list[tuple[str, dict[str, str], BaseModel]]:
             captioner = config.captioner
             if not captioner and "init-captioner" in sections:
                 captioner = add("init-captioner", {"output": out("init-captioner")}, {})
-            data = add("caption", {"input": data, "output": out("caption")}, {"model": captioner, "captioner": captioner})
+            data = add(
+                "caption",
+                {"input": data, "output": out("caption")},
+                {"model": captioner, "captioner": captioner},
+            )
     model = base
     if "precompute" in sections and "curate" in sections:
         encoded = add("precompute", {"input": data, "output": out("precompute")}, {"model": base})
@@ -78,8 +94,16 @@ def plan(config: BaseModel) -> list[tuple[str, dict[str, str], BaseModel]]:
 def _signature() -> inspect.Signature:
     parameters = []
     for name, info in EndToEndConfig.model_fields.items():
-        default = inspect.Parameter.empty if info.is_required() else info.get_default(call_default_factory=True)
-        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=info.annotation, default=default))
+        default = (
+            inspect.Parameter.empty
+            if info.is_required()
+            else info.get_default(call_default_factory=True)
+        )
+        parameters.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, annotation=info.annotation, default=default
+            )
+        )
     return inspect.Signature(parameters, return_annotation=dict)
 
 
@@ -88,7 +112,9 @@ def end_to_end_flow(**parameters: Any) -> dict[str, Any]:
         {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in parameters.items()}
     )
     steps = plan(config)
-    progress = create_progress_artifact(0.0, key="end-to-end-progress", description="end_to_end: starting")
+    progress = create_progress_artifact(
+        0.0, key="end-to-end-progress", description="end_to_end: starting"
+    )
     results: list[dict[str, Any]] = []
     for index, (name, arguments, cfg) in enumerate(steps):
         if name == "sample":
@@ -97,12 +123,25 @@ def end_to_end_flow(**parameters: Any) -> dict[str, Any]:
             result = run_stage(name, arguments, cfg.model_dump(mode="json"), label=name)
         results.append(result)
         print(describe(result))
-        update_progress_artifact(progress, 100.0 * (index + 1) / len(steps), description=f"end_to_end: {name} done ({index + 1}/{len(steps)})")
-    lines = ["# end_to_end outputs", "", "| stage | output | counts | skipped |", "| --- | --- | --- | --- |"]
+        update_progress_artifact(
+            progress,
+            100.0 * (index + 1) / len(steps),
+            description=f"end_to_end: {name} done ({index + 1}/{len(steps)})",
+        )
+    lines = [
+        "# end_to_end outputs",
+        "",
+        "| stage | output | counts | skipped |",
+        "| --- | --- | --- | --- |",
+    ]
     for r in results:
         counts = ", ".join(f"{k} {v}" for k, v in r.get("counts", {}).items())
-        lines.append(f"| {r['stage']} | `{r['output']}` | {counts} | {'yes' if r.get('skipped') else 'no'} |")
-    create_markdown_artifact("\n".join(lines), key="end-to-end-outputs", description="where each stage wrote")
+        lines.append(
+            f"| {r['stage']} | `{r['output']}` | {counts} | {'yes' if r.get('skipped') else 'no'} |"
+        )
+    create_markdown_artifact(
+        "\n".join(lines), key="end-to-end-outputs", description="where each stage wrote"
+    )
     return {"workdir": str(Path(config.workdir).resolve()), "stages": results}
 
 

@@ -18,7 +18,9 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
-_reporter: contextvars.ContextVar[_Reporter | None] = contextvars.ContextVar("t2i_progress", default=None)
+_reporter: contextvars.ContextVar[_Reporter | None] = contextvars.ContextVar(
+    "t2i_progress", default=None
+)
 _patched = False
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ class _Reporter:
         try:
             if self.artifact_id is None:
                 key = artifact_key(f"{self.stage}-progress")
-                self.artifact_id = create_progress_artifact(percent, key=key, description=description)
+                self.artifact_id = create_progress_artifact(
+                    percent, key=key, description=description
+                )
             else:
                 update_progress_artifact(self.artifact_id, percent, description=description)
         except Exception as error:  # progress is a courtesy; never fail the stage for it

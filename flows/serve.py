@@ -43,7 +43,11 @@ def deployments(config: ServeConfig) -> list:
     flows = {**stage_flows(), "end_to_end": end_to_end}
     result = []
     for name, flow in flows.items():
-        parameters = end_to_end_defaults(str(Path(config.workdir).resolve()), config.kit) if name == "end_to_end" else None
+        parameters = (
+            end_to_end_defaults(str(Path(config.workdir).resolve()), config.kit)
+            if name == "end_to_end"
+            else None
+        )
         result.append(
             with_runner(flow, config.dask_address).to_deployment(
                 name=config.name, parameters=parameters, tags=["t2i"], description=flow.description
@@ -59,7 +63,11 @@ def run_serve(config: ServeConfig) -> None:
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
     return merged
 
 
@@ -76,7 +84,10 @@ def run_all(workdir: str, config: RunAllConfig) -> Path:
     except Exception as error:
         raise ValueError(f"invalid end_to_end parameters:\n{error}") from None
     # Ephemeral mode starts a local API server; on 2 busy cores it can take longer than Prefect's 20 s.
-    patience = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120, PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    patience = {
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120,
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+    }
     with temporary_settings(updates=patience):
         result = with_runner(end_to_end, config.dask_address)(**parameters)
     print("\nwhere each output is:")

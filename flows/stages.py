@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,13 @@ from flows.cli import Command, _load, stage_commands
 from flows.progress import tqdm_progress
 
 OUTPUT_NAMES = ("output", "out")
+PATH_FIELDS = (
+    "model",
+    "lora",
+    "captioner",
+    "reference",
+    "base_model",
+)  # config fields naming inputs
 # Stage code is not thread-safe: diffusers loads models under a process-global meta-device
 # context. Under the local thread runner a process runs one stage call at a time; Dask workers
 # are separate processes and run mapped shards in parallel.
@@ -62,7 +70,7 @@ class Stage:
         for name in OUTPUT_NAMES:
             if name in arguments:
                 return Path(arguments[name])
-        return Path(getattr(config, "out"))
+        return Path(config.out)
 
 
 def stages() -> dict[str, Stage]:
@@ -89,7 +97,9 @@ TRANSIENT_ERRNOS = {4, 5, 11, 16, 24, 28, 70, 110, 111, 112, 113, 116}  # EINTR 
 
 def is_transient(error: BaseException) -> bool:
     """I/O errors worth retrying (a busy or flaky disk or share); bad input never is."""
-    if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+    if isinstance(
+        error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    ):
         return False
     if isinstance(error, (TimeoutError, ConnectionError)):
         return True
@@ -104,17 +114,51 @@ def _retry_on_transient_io(task, task_run, state) -> bool:
     return False
 
 
-def finished_manifest(output: Path, config: BaseModel, inputs: list[str]) -> Manifest | None:
-    """The output's manifest when it was written for exactly this config and these inputs."""
-    manifest = Manifest.read(output) if output.is_dir() else None
-    if manifest is None:
-        return None
-    same_params = canonical_json(manifest.parameters) == canonical_json(config.model_dump(mode="json"))
+def _flow_record_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.t2i-flow.json"
+
+
+def _flow_record(
+    stage_name: str, output: Path, config: BaseModel, inputs: list[str]
+) -> dict[str, Any]:
+    """Stage, parameters, and fingerprints of everything read (inputs, models) and written."""
+    read = list(inputs) + [
+        str(getattr(config, name)) for name in PATH_FIELDS
+        if isinstance(getattr(config, name, None), str) and Path(getattr(config, name)).exists()
+    ]  # fmt: skip
+    return {
+        "stage": stage_name,
+        "parameters": config.model_dump(mode="json"),
+        "read": {path: fingerprint(path) for path in read},
+        "output": fingerprint(output),
+    }
+
+
+def is_finished(stage_name: str, output: Path, config: BaseModel, inputs: list[str]) -> bool:
+    """Finished for this config and these inputs and models, and untouched since.
+
+    The record beside the output pins the fingerprints of what the stage read and wrote (a
+    store's fingerprint is its manifest), so a retrained model or an edited input reruns the
+    stage. Without a record the stage runs; stages skip work their own manifest says is done.
+    """
+    record = _flow_record_path(output)
+    if not output.exists() or not record.is_file():
+        return False
     try:
-        same_input = not inputs or manifest.input_fingerprint == fingerprint(inputs[0])
-    except FileNotFoundError:
-        return None
-    return manifest if same_params and same_input else None
+        return json.loads(record.read_text()) == json.loads(
+            canonical_json(_flow_record(stage_name, output, config, inputs))
+        )
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def remember(stage_name: str, output: Path, config: BaseModel, inputs: list[str]) -> None:
+    if not output.exists():
+        return
+    record = _flow_record_path(output)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(canonical_json(_flow_record(stage_name, output, config, inputs)))
+    os.replace(tmp, record)
 
 
 def summary(stage_name: str, output: Path, skipped: bool) -> dict[str, Any]:
@@ -136,32 +180,46 @@ def summary(stage_name: str, output: Path, skipped: bool) -> dict[str, Any]:
     retry_condition_fn=_retry_on_transient_io,
     cache_policy=NO_CACHE,
 )
-def run_stage(stage_name: str, arguments: dict[str, str], config: dict[str, Any], label: str) -> dict[str, Any]:
+def run_stage(
+    stage_name: str, arguments: dict[str, str], config: dict[str, Any], label: str
+) -> dict[str, Any]:
     """Run one stage (skipped when its output's manifest matches), then publish its artifacts."""
     spec = stage(stage_name)
     cfg = spec.config_model.model_validate(config)
     inputs = [arguments[name] for name in spec.inputs if arguments.get(name)]
     output = spec.output_of(arguments, cfg)
-    if finished_manifest(output, cfg, inputs) is not None:
+    if is_finished(stage_name, output, cfg, inputs):
         result = summary(stage_name, output, skipped=True)
         artifacts.publish_stage(label, output)
-        return Completed(message=f"{stage_name}: {output} is already finished", name="Skipped", data=result)
+        return Completed(
+            message=f"{stage_name}: {output} is already finished", name="Skipped", data=result
+        )
     positionals = [arguments[name] for name in spec.positionals]
     with _STAGE_LOCK, tqdm_progress(label):
         written = Path(_load(spec.command.run)(*positionals, config=cfg) or output)
+    remember(stage_name, written, cfg, inputs)
     artifacts.publish_stage(label, written)
     return summary(stage_name, written, skipped=False)
 
 
-def run_sample_shards(arguments: dict[str, str], config: BaseModel, label: str = "") -> dict[str, Any]:
+def run_sample_shards(
+    arguments: dict[str, str], config: BaseModel, label: str = ""
+) -> dict[str, Any]:
     """Sampling mapped over seeds, one task per seed writing OUT/seed-N, on the flow's task runner."""
     label = label or ("sample-lora" if getattr(config, "lora", None) else "sample")
     seeds = list(getattr(config, "seed", []) or [])
     if len(seeds) <= 1:
         return run_stage("sample", arguments, config.model_dump(mode="json"), label=label)
     out = Path(config.out)
-    shards = [config.model_copy(update={"seed": [s], "out": str(out / f"seed-{s}")}).model_dump(mode="json") for s in seeds]
-    futures = run_stage.map(unmapped("sample"), unmapped(arguments), shards, [f"{label}-seed-{s}" for s in seeds])
+    shards = [
+        config.model_copy(update={"seed": [s], "out": str(out / f"seed-{s}")}).model_dump(
+            mode="json"
+        )
+        for s in seeds
+    ]
+    futures = run_stage.map(
+        unmapped("sample"), unmapped(arguments), shards, [f"{label}-seed-{s}" for s in seeds]
+    )
     results = futures.result()
     images = sorted(p for p in out.rglob("*.png"))
     artifacts.publish_gallery(label, out, images)
@@ -180,8 +238,13 @@ def _flow_function(spec: Stage):
     except Exception:  # the model has required fields: the form asks for them
         default = inspect.Parameter.empty
     parameters = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str) for name in spec.positionals
-    ] + [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=model, default=default)]
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str)
+        for name in spec.positionals
+    ] + [
+        inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, annotation=model, default=default
+        )
+    ]
 
     def stage_flow(**kwargs: Any) -> dict[str, Any]:
         config = kwargs.pop("config", None)
@@ -194,7 +257,9 @@ def _flow_function(spec: Stage):
     stage_flow.__signature__ = inspect.Signature(parameters, return_annotation=dict)
     stage_flow.__annotations__ = {**{p.name: p.annotation for p in parameters}, "return": dict}
     args = "\n".join(f"    {name}: {help_text}" for name, help_text in spec.command.positionals)
-    stage_flow.__doc__ = f"{spec.command.summary}\n\nArgs:\n{args}\n    config: options of `t2i {spec.name}`\n"
+    stage_flow.__doc__ = (
+        f"{spec.command.summary}\n\nArgs:\n{args}\n    config: options of `t2i {spec.name}`\n"
+    )
     stage_flow.__name__ = stage_flow.__qualname__ = spec.name.replace("-", "_") + "_flow"
     return stage_flow
 
