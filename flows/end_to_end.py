@@ -20,7 +20,7 @@ from prefect.artifacts import (
 from pydantic import BaseModel
 
 from flows.config import EndToEndConfig, installed_chain
-from flows.stages import describe, run_sample_shards, run_stage, stage
+from flows.stages import call_stage, describe, run_sample_shards, stage
 
 # Where each stage writes, under the run's workdir.
 FOLDERS = {
@@ -120,7 +120,7 @@ def end_to_end_flow(**parameters: Any) -> dict[str, Any]:
         if name == "sample":
             result = run_sample_shards(arguments, cfg)
         else:
-            result = run_stage(name, arguments, cfg.model_dump(mode="json"), label=name)
+            result = call_stage(name, arguments, cfg.model_dump(mode="json"), label=name)
         results.append(result)
         print(describe(result))
         update_progress_artifact(

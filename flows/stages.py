@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
+from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from curate.store import Manifest, canonical_json, fingerprint
@@ -170,17 +171,11 @@ def summary(stage_name: str, output: Path, skipped: bool) -> dict[str, Any]:
         "skipped": skipped,
         "counts": manifest.counts if manifest else {},
         "wall_time_s": manifest.wall_time_s if manifest else None,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
     }
 
 
-@task(
-    task_run_name="{label}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_retry_on_transient_io,
-    cache_policy=NO_CACHE,
-)
-def run_stage(
+def _run_stage(
     stage_name: str, arguments: dict[str, str], config: dict[str, Any], label: str
 ) -> dict[str, Any]:
     """Run one stage (skipped when its output's manifest matches), then publish its artifacts."""
@@ -209,7 +204,7 @@ def run_sample_shards(
     label = label or ("sample-lora" if getattr(config, "lora", None) else "sample")
     seeds = list(getattr(config, "seed", []) or [])
     if len(seeds) <= 1:
-        return run_stage("sample", arguments, config.model_dump(mode="json"), label=label)
+        return call_stage("sample", arguments, config.model_dump(mode="json"), label=label)
     out = Path(config.out)
     shards = [
         config.model_copy(update={"seed": [s], "out": str(out / f"seed-{s}")}).model_dump(
@@ -220,11 +215,33 @@ def run_sample_shards(
     futures = run_stage.map(
         unmapped("sample"), unmapped(arguments), shards, [f"{label}-seed-{s}" for s in seeds]
     )
-    results = futures.result()
+    results = [_unwrap(r) for r in futures.result()]
     images = sorted(p for p in out.rglob("*.png"))
     artifacts.publish_gallery(label, out, images)
     return {"stage": label, "output": str(out), "skipped": all(r["skipped"] for r in results),
-            "counts": {"images": len(images), "shards": len(shards)}, "wall_time_s": None}  # fmt: skip
+            "counts": {"images": len(images), "shards": len(shards)}, "wall_time_s": None,
+            "worker": ", ".join(sorted({r["worker"] for r in results}))}  # fmt: skip
+
+
+run_stage = task(
+    task_run_name="{label}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_on_transient_io,
+    cache_policy=NO_CACHE,
+)(_run_stage)
+"""The task every stage runs through (module-level function, so Dask workers import it)."""
+
+
+def call_stage(
+    stage_name: str, arguments: dict[str, str], config: dict[str, Any], label: str
+) -> dict[str, Any]:
+    """run_stage's summary, also when the task finished as Skipped (a state carrying it)."""
+    return _unwrap(run_stage(stage_name, arguments, config, label=label))
+
+
+def _unwrap(value: Any) -> Any:
+    return value.result() if isinstance(value, State) else value
 
 
 # ---- one flow per stage ---------------------------------------------------------------------
@@ -252,7 +269,7 @@ def _flow_function(spec: Stage):
         arguments = {name: str(kwargs[name]) for name in spec.positionals}
         if spec.name == "sample":
             return run_sample_shards(arguments, config)
-        return run_stage(spec.name, arguments, config.model_dump(mode="json"), label=spec.name)
+        return call_stage(spec.name, arguments, config.model_dump(mode="json"), label=spec.name)
 
     stage_flow.__signature__ = inspect.Signature(parameters, return_annotation=dict)
     stage_flow.__annotations__ = {**{p.name: p.annotation for p in parameters}, "return": dict}
