@@ -107,7 +107,7 @@ def _signature() -> inspect.Signature:
     return inspect.Signature(parameters, return_annotation=dict)
 
 
-def end_to_end_flow(**parameters: Any) -> dict[str, Any]:
+def end_to_end(**parameters: Any) -> dict[str, Any]:
     config = EndToEndConfig.model_validate(
         {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in parameters.items()}
     )
@@ -145,15 +145,17 @@ def end_to_end_flow(**parameters: Any) -> dict[str, Any]:
     return {"workdir": str(Path(config.workdir).resolve()), "stages": results}
 
 
-end_to_end_flow.__signature__ = _signature()
-end_to_end_flow.__annotations__ = {p.name: p.annotation for p in _signature().parameters.values()}
-end_to_end_flow.__doc__ = (
+end_to_end.__signature__ = _signature()
+end_to_end.__annotations__ = {p.name: p.annotation for p in _signature().parameters.values()}
+end_to_end.__doc__ = (
     "Run every installed stage in order, each on the previous one's output.\n\nArgs:\n"
     + "\n".join(f"    {n}: {i.description}" for n, i in EndToEndConfig.model_fields.items())
 )
 
+# The flow object takes the function's name, so the deployment's entrypoint
+# (flows/end_to_end.py:end_to_end) loads the flow itself.
 end_to_end = flow(
-    end_to_end_flow,
+    end_to_end,
     name="end_to_end",
     description=(
         "Raw image-text data -> curate -> caption -> precompute -> train -> preference pairs -> "

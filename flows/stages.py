@@ -281,20 +281,32 @@ def _flow_function(spec: Stage):
     return stage_flow
 
 
+_FLOWS: dict[str, Any] = {}
+
+
 def stage_flow(name: str):
     """The Prefect flow of one stage, named after its command (`curate`, `train`, ...)."""
+    if name in _FLOWS:
+        return _FLOWS[name]
     spec = stage(name)
-    return flow(
+    _FLOWS[name] = flow(
         _flow_function(spec),
         name=spec.name,
         description=spec.command.description,
         validate_parameters=True,
         log_prints=True,
     )
+    return _FLOWS[name]
 
 
 def stage_flows() -> dict[str, Any]:
     return {name: stage_flow(name) for name in stages()}
+
+
+# Each flow is a module attribute named like its function (curate_flow, train_flow, ...), so a
+# deployment's entrypoint (flows/stages.py:curate_flow) loads the flow itself.
+for _flow in stage_flows().values():
+    globals()[_flow.fn.__name__] = _flow
 
 
 def describe(result: dict[str, Any]) -> str:

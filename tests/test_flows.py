@@ -97,7 +97,7 @@ def test_sample_flow_maps_seed_shards_over_a_local_dask_cluster(tmp_path, tiny_m
     from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
         flow = stage_flow("sample").with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
         result = flow(config={"model": tiny_model_dir, "prompt": ["a red cat"], "seed": [0, 1], "steps": 2,
                               "out": str(tmp_path / "samples")})  # fmt: skip
