@@ -26,13 +26,21 @@ def free_port() -> int:
 
 def api(url: str, method: str = "GET", body: Any = None, timeout: float = 30) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         text = response.read().decode()
     return json.loads(text) if text else None
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> Any:
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float,
+    process: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -51,7 +59,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, process: subpr
 
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     handle = log.open("w")
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -91,13 +101,38 @@ class PrefectServices:
     def __enter__(self) -> PrefectServices:
         prefect = str(Path(sys.executable).parent / "prefect")
         server_log = self.home / "server.log"
-        server = start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)], self.env, server_log)
+        server = start(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            self.env,
+            server_log,
+        )
         self.processes.append(server)
-        wait_for("prefect server", lambda: api(f"{self.api_url}/health", timeout=5) is True, 180, server, server_log)
+        wait_for(
+            "prefect server",
+            lambda: api(f"{self.api_url}/health", timeout=5) is True,
+            180,
+            server,
+            server_log,
+        )
         serve_log = self.home / "serve.log"
-        serve = start([sys.executable, "-m", "flows.cli", "serve", "--workdir", str(self.workdir), "--name", "t2i"], self.env, serve_log)
+        serve = start(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "serve",
+                "--workdir",
+                str(self.workdir),
+                "--name",
+                "t2i",
+            ],
+            self.env,
+            serve_log,
+        )
         self.processes.append(serve)
-        self.deployment = wait_for("t2i serve", lambda: self.read_deployment("end_to_end", "t2i"), 180, serve, serve_log)
+        self.deployment = wait_for(
+            "t2i serve", lambda: self.read_deployment("end_to_end", "t2i"), 180, serve, serve_log
+        )
         self.serve_log = serve_log
         return self
 
@@ -119,7 +154,11 @@ class PrefectServices:
     def wait_finished(self, run_id: str, timeout: float) -> dict:
         def finished():
             run = self.flow_run(run_id)
-            return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+            return (
+                run
+                if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+                else None
+            )
 
         return wait_for(f"flow run {run_id}", finished, timeout, log=self.serve_log)
 

@@ -24,7 +24,9 @@ def harness():
 def artifact(key: str):
     """The latest artifact with this key, read back from the API the UI reads."""
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
     assert found, f"no artifact with key {key!r}"
     return found[-1]
 
@@ -37,7 +39,9 @@ def test_every_installed_stage_has_a_flow_whose_form_is_its_config_model():
         assert spec.config_model.__name__ in definitions, name
         fields = definitions[spec.config_model.__name__]["properties"]
         assert set(fields) == set(spec.config_model.model_fields)
-        assert all(field.get("description") for field in fields.values()), f"{name}: undocumented option"
+        assert all(field.get("description") for field in fields.values()), (
+            f"{name}: undocumented option"
+        )
 
 
 def test_invalid_stage_parameters_fail_before_any_work(tmp_path):
@@ -97,11 +101,18 @@ def test_sample_flow_maps_seed_shards_over_a_local_dask_cluster(tmp_path, tiny_m
     from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
-        flow = stage_flow("sample").with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
+    ) as cluster:
+        flow = stage_flow("sample").with_options(
+            task_runner=DaskTaskRunner(address=cluster.scheduler_address)
+        )
         result = flow(config={"model": tiny_model_dir, "prompt": ["a red cat"], "seed": [0, 1], "steps": 2,
                               "out": str(tmp_path / "samples")})  # fmt: skip
     assert result["counts"] == {"images": 2, "shards": 2}
     assert f":{os.getpid()}" not in result["worker"]  # ran in the cluster's worker processes
-    assert sorted(p.parent.name for p in (tmp_path / "samples").rglob("*.png")) == ["seed-0", "seed-1"]
+    assert sorted(p.parent.name for p in (tmp_path / "samples").rglob("*.png")) == [
+        "seed-0",
+        "seed-1",
+    ]
     assert "data:image/jpeg;base64," in artifact("sample-gallery").data
