@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from curate.store import StoreError, load_samples, require_store
 from model.conditioning import TextEncoding
-from model.precompute import EMPTY, SHARDS, STAGE, latent_key, shard_file
+from model.shards import EMPTY, SHARDS, STAGE, latent_key, shard_file
 
 VARIANTS = ("original", "synthetic")
 _COLUMNS = ("shard", "bucket_h", "bucket_w", "latent_row", "text_row", "text_row_synthetic")

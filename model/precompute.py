@@ -17,14 +17,12 @@ encoder in a work directory beside OUT, so a killed run resumes at the first mis
     OUT/samples/                the index: id, captions, shard, latent bucket and row,
                                 text rows (original, synthetic or -1), original size and crop
     OUT/rejected/               images that failed to decode or encode (reason encode_failed)
-    OUT/shards/NNNNN.vae.safetensors      latents_{h}x{w} [n, C, h, w] per latent bucket
-    OUT/shards/NNNNN.clip_l.safetensors   clip_l [m, 77, d], clip_l_pooled [m, p]   (m captions)
-    OUT/shards/NNNNN.clip_g.safetensors   clip_g, clip_g_pooled
-    OUT/shards/NNNNN.t5.safetensors       t5 [m, L, d], t5_mask [m, L] (bool)
-    OUT/shards/empty.{encoder}.safetensors  the empty prompt, [1, ...]
+    OUT/shards/                 per shard and encoder one safetensors file of stacked 16-bit
+                                tensors, plus the empty prompt once (layout: model/shards.py)
 
-Stacking each field per shard keeps the safetensors header negligible next to the tensors.
-Read it back with `model.encoded.EncodedDataset`.
+A caption's rows in a shard: its originals first, then the synthetic captions, in input order.
+`extra.timings_s` holds each encoder's wall time in this run. Read the set back with
+`model.encoded.EncodedDataset`.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import io
 import json
 import os
 import re
-import uuid
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -41,8 +39,6 @@ from typing import Any
 import datasets
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from curate import reasons
@@ -67,30 +63,16 @@ from model.encoders import (
     parse_dtype,
     to_pixels,
 )
-
-STAGE = "precompute"
-SHARDS = "shards"
-EMPTY = "empty"
-
-INDEX_FEATURES = datasets.Features(
-    {"id": datasets.Value("string"), "caption": datasets.Value("string"),
-     "caption_synthetic": datasets.Value("string"), "shard": datasets.Value("int32"),
-     **{k: datasets.Value("int32") for k in (
-         "bucket_h", "bucket_w", "latent_row", "text_row", "text_row_synthetic", "width", "height",
-         "resized_w", "resized_h", "crop_left", "crop_top")}}
-)  # fmt: skip
-
-
-def shard_file(shard: int | str, encoder: str) -> str:
-    return (
-        f"{shard:05d}.{encoder}.safetensors"
-        if isinstance(shard, int)
-        else f"{shard}.{encoder}.safetensors"
-    )
-
-
-def latent_key(h: int, w: int) -> str:
-    return f"latents_{h}x{w}"
+from model.shards import (
+    EMPTY,
+    INDEX_FEATURES,
+    SHARDS,
+    STAGE,
+    latent_key,
+    save_atomic,
+    shard_file,
+    storage_bytes,
+)
 
 
 def run_precompute(
@@ -137,12 +119,6 @@ def _open_input(input: Path) -> datasets.Dataset:
     return table.cast_column("image", datasets.Image(decode=False))
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def _caption(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
@@ -166,13 +142,11 @@ class _Run:
 
     def __init__(self, config: PrecomputeConfig, dims: dict[str, Any], table: datasets.Dataset,
                  buckets: list[tuple[int, int]], parts: Path) -> None:  # fmt: skip
-        self.config, self.dims, self.table, self.buckets, self.parts = (
-            config,
-            dims,
-            table,
-            buckets,
-            parts,
-        )
+        self.config, self.dims, self.table = config, dims, table
+        self.buckets, self.parts = buckets, parts
+        self.timings: dict[
+            str, float
+        ] = {}  # encoder -> seconds spent in this run, loading included
         self.num_shards = (table.num_rows + config.shard_size - 1) // config.shard_size
         self.store_dtype = parse_dtype(config.dtype)
         self.encoder_kwargs = {"device": config.device, "dtype": parse_dtype(config.compute_dtype),
@@ -193,20 +167,24 @@ class _Run:
         todo = [s for s in range(self.num_shards) if not self._part(s, "vae").is_file()]
         if not todo:
             return
+        start = time.monotonic()
         encoder = Encoder(self.config.model, "vae", **self.encoder_kwargs)
         try:
+            size = self.config.shard_size
             with tqdm(total=self.table.num_rows, desc="vae", unit="image") as bar:
-                bar.update((self.num_shards - len(todo)) * self.config.shard_size)
+                bar.update(
+                    sum(
+                        min(size, self.table.num_rows - s * size)
+                        for s in range(self.num_shards)
+                        if s not in todo
+                    )
+                )
                 for shard in todo:
                     self._encode_image_shard(encoder, shard)
-                    bar.update(
-                        min(
-                            self.config.shard_size,
-                            self.table.num_rows - shard * self.config.shard_size,
-                        )
-                    )
+                    bar.update(min(size, self.table.num_rows - shard * size))
         finally:
             encoder.release()
+            self.timings["vae"] = time.monotonic() - start
 
     def _encode_image_shard(self, encoder: Encoder, shard: int) -> None:
         size = self.config.shard_size
@@ -255,7 +233,7 @@ class _Run:
         tmp = self._meta_path(shard).with_suffix(".tmp")
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, self._meta_path(shard))
-        _save_atomic({k: torch.stack(v) for k, v in tensors.items()}, self._part(shard, "vae"))
+        save_atomic({k: torch.stack(v) for k, v in tensors.items()}, self._part(shard, "vae"))
 
     def _encode_image_batch(self, encoder, rows, items, bucket, latents, failed) -> None:
         pixels, ok = [], []
@@ -307,6 +285,7 @@ class _Run:
         todo = [s for s in range(self.num_shards) if not self._part(s, name).is_file()]
         if not todo and self._part(EMPTY, name).is_file():
             return
+        start = time.monotonic()
         encoder = Encoder(self.config.model, name, **self.encoder_kwargs)
         try:
             if not self._part(EMPTY, name).is_file():
@@ -319,6 +298,7 @@ class _Run:
                     bar.update(counts[shard])
         finally:
             encoder.release()
+            self.timings[name] = time.monotonic() - start
 
     def _save_text(self, encoder: Encoder, name: str, captions: list[str], path: Path) -> None:
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -334,7 +314,7 @@ class _Run:
                     f"{name} produced values that overflow {self.config.dtype} ({key}); "
                     "store in bf16 (--dtype bf16) or run the encoder in fp32 (--compute-dtype fp32)"
                 )
-        _save_atomic(tensors, path)
+        save_atomic(tensors, path)
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -348,22 +328,19 @@ class _Run:
                 os.link(self.parts / name, shards / name)
             except OSError:
                 (shards / name).write_bytes((self.parts / name).read_bytes())
-        index, rejected, synthetic = [], [], 0
+        index, rejected = [], []
         for shard in range(self.num_shards):
             meta = self._meta(shard)
-            n = len(meta["kept"])
+            synthetic_row = len(meta["kept"])  # text rows: originals first, then synthetics
             for i, record in enumerate(meta["kept"]):
-                has_syn = record["caption_synthetic"] is not None
-                index.append(
-                    {
-                        **record,
-                        "shard": shard,
-                        "text_row": i,
-                        "text_row_synthetic": n + synthetic if has_syn else -1,
-                    }
-                )
-                synthetic += has_syn
-            synthetic = 0
+                has_synthetic = record["caption_synthetic"] is not None
+                rows = {
+                    "shard": shard,
+                    "text_row": i,
+                    "text_row_synthetic": synthetic_row if has_synthetic else -1,
+                }
+                index.append({**record, **rows})
+                synthetic_row += has_synthetic
             rejected += [
                 Rejection(r["id"], STAGE, reasons.ENCODE_FAILED, detail=r["detail"])
                 for r in meta["rejected"]
@@ -377,6 +354,7 @@ class _Run:
         )  # fmt: skip
         writer.extra["info"] = self.info()
         writer.extra["bytes"] = storage_bytes(shards, kept)
+        writer.extra["timings_s"] = {k: round(v, 3) for k, v in self.timings.items()}
 
     def info(self) -> dict[str, Any]:
         c = self.config
@@ -386,38 +364,3 @@ class _Run:
             "latent_mode": LATENT_MODE, "num_shards": self.num_shards, "shard_size": c.shard_size,
             "fields": {k: list(v) for k, v in FIELDS.items()}, **self.dims,
         }  # fmt: skip
-
-
-def tensor_bytes(path: Path) -> int:
-    """Raw bytes of every tensor in a safetensors file (read from its header, nothing loaded)."""
-    total = 0
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            piece = f.get_slice(key)
-            n = 1
-            for d in piece.get_shape():
-                n *= d
-            total += n * _ITEMSIZE[piece.get_dtype()]
-    return total
-
-
-_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "BOOL": 1, "U8": 1, "I64": 8}
-
-
-def storage_bytes(shards: Path, kept: int) -> dict[str, Any]:
-    """Bytes on disk vs raw tensor bytes, per sample and per encoder."""
-    per_encoder: dict[str, dict[str, int]] = {}
-    for path in sorted(shards.glob("*.safetensors")):
-        encoder = path.name.split(".")[1]
-        entry = per_encoder.setdefault(encoder, {"file_bytes": 0, "tensor_bytes": 0})
-        entry["file_bytes"] += path.stat().st_size
-        entry["tensor_bytes"] += tensor_bytes(path)
-    files = sum(e["file_bytes"] for e in per_encoder.values())
-    tensors = sum(e["tensor_bytes"] for e in per_encoder.values())
-    denom = max(kept, 1)
-    return {
-        "file_bytes": files, "tensor_bytes": tensors,
-        "per_sample": round(files / denom, 1), "tensor_per_sample": round(tensors / denom, 1),
-        "overhead": round(files / tensors - 1, 5) if tensors else 0.0,
-        "per_encoder_per_sample": {k: round(v["file_bytes"] / denom, 1) for k, v in per_encoder.items()},
-    }  # fmt: skip
