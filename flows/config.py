@@ -28,7 +28,7 @@ CHAIN = (
     ("sample", "sample"),
 )
 # Fields the chain fills from earlier stages when left empty.
-CHAINED_FIELDS = ("model", "captioner", "lora", "out", "base_model", "reference")
+CHAINED_FIELDS = ("model", "captioner", "lora", "out", "source")
 
 # The offline tiny kit: small enough that the whole chain runs in minutes on 2 CPU cores.
 # Keys a stage's config does not have are ignored.
@@ -36,26 +36,27 @@ TINY_KIT: dict[str, dict[str, Any]] = {
     "demo_data": {"format": "folder"},
     "init_model": {"preset": "tiny"},
     "init_captioner": {"preset": "tiny"},
-    "caption": {"max_new_tokens": 16, "batch_size": 8},
+    "caption": {"max_new_tokens": 8, "batch_size": 8},
     "precompute": {"resolution": 64, "batch_size": 8},
     "train": {
         "max_steps": 20,
-        "steps": 20,
         "batch_size": 4,
-        "checkpoint_every": 10,
-        "sample_every": 10,
-        "log_every": 2,
         "warmup_steps": 2,
-        "preset": "tiny",
+        "log_every": 2,
+        "val_every": 10,
+        "sample_every": 10,
+        "sample_count": 2,
+        "sample_steps": 4,
+        "checkpoint_every": 10,
     },  # fmt: skip
-    "make_prefs": {"pairs": 8, "num_pairs": 8, "steps": 4, "resolution": 64},
+    "make_prefs": {"pairs_per_image": 1},
     "dpo": {
-        "max_steps": 10,
         "steps": 10,
-        "batch_size": 2,
+        "batch": 2,
+        "rank": 8,
+        "alpha": 8.0,
         "log_every": 2,
         "checkpoint_every": 5,
-        "rank": 8,
     },
     "sample": {
         "prompt": ["a photo of a red cat", "a rocket on a launch pad"],

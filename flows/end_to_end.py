@@ -82,12 +82,10 @@ def plan(config: BaseModel) -> list[tuple[str, dict[str, str], BaseModel]]:
             model = add("train", {"encoded": encoded, "output": out("train")}, {"model": base})
     lora = None
     if "make-prefs" in sections and "dpo" in sections:
-        prefs = add("make-prefs", {"output": out("make-prefs")}, {"model": model})
+        prefs = add("make-prefs", {"output": out("make-prefs")}, {"source": raw})
         lora = add("dpo", {"prefs": prefs, "output": out("dpo")}, {"model": model})
-    samples = Path(out("sample"))
-    add("sample", {}, {"model": model, "out": str(samples / "base")})
-    if lora is not None:
-        add("sample", {}, {"model": model, "out": str(samples / "lora"), "lora": lora})
+    # With a LoRA, sampling writes base/ and lora/ images for the same seeds and a grid.
+    add("sample", {}, {"model": model, "out": out("sample"), "lora": lora})
     return steps
 
 

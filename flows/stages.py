@@ -76,7 +76,11 @@ class Stage:
 
 def stages() -> dict[str, Stage]:
     """The stage commands of every package that has landed, by command name."""
-    return {c.name: Stage(c) for c in stage_commands() if not c.run.startswith("flows.")}
+    return {
+        c.name: Stage(c)
+        for c in stage_commands()
+        if not c.run.startswith("flows.") and not c.name.startswith("serve")  # services, not stages
+    }
 
 
 def stage(name: str) -> Stage:
@@ -201,7 +205,7 @@ def run_sample_shards(
     arguments: dict[str, str], config: BaseModel, label: str = ""
 ) -> dict[str, Any]:
     """Sampling mapped over seeds, one task per seed writing OUT/seed-N, on the flow's task runner."""
-    label = label or ("sample-lora" if getattr(config, "lora", None) else "sample")
+    label = label or "sample"
     seeds = list(getattr(config, "seed", []) or [])
     if len(seeds) <= 1:
         return call_stage("sample", arguments, config.model_dump(mode="json"), label=label)

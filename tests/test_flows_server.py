@@ -35,10 +35,9 @@ def services(tmp_path_factory):
 def expected_artifacts(parameters: dict) -> set[str]:
     """Artifact keys a completed end_to_end run must have made, from its plan and its outputs."""
     keys = {"end-to-end-progress", "end-to-end-outputs"}
-    for name, arguments, config in plan(EndToEndConfig.model_validate(parameters)):
+    for name, arguments, _ in plan(EndToEndConfig.model_validate(parameters)):
         if name == "sample":
-            label = "sample-lora" if getattr(config, "lora", None) else "sample"
-            keys.add(f"{label}-gallery")
+            keys.add("sample-gallery")
             continue
         keys.add(f"{name}-report")
         output = Path(arguments["output"])
