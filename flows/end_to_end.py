@@ -11,7 +11,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -120,7 +120,7 @@ def end_to_end(**parameters: Any) -> dict[str, Any]:
         else:
             result = call_stage(name, arguments, cfg.model_dump(mode="json"), label=name)
         results.append(result)
-        print(describe(result))
+        get_run_logger().info(describe(result))
         update_progress_artifact(
             progress,
             100.0 * (index + 1) / len(steps),
@@ -160,5 +160,5 @@ end_to_end = flow(
         "DPO LoRA -> samples with and without the LoRA. Finished stages are skipped by manifest."
     ),
     validate_parameters=True,
-    log_prints=True,
+    log_prints=False,  # stage libraries print freely; the run log keeps our own lines
 )

@@ -298,7 +298,7 @@ def stage_flow(name: str):
         name=spec.name,
         description=spec.command.description,
         validate_parameters=True,
-        log_prints=True,
+        log_prints=False,
     )
     return _FLOWS[name]
 
