@@ -87,6 +87,7 @@ def test_end_to_end_triggered_from_the_dashboard_completes_and_is_screenshotted(
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{services.url}/deployments")
+        page.get_by_placeholder("Search deployments").fill("end_to_end", timeout=90_000)  # one page of 10
         page.locator("tr", has_text="end_to_end").get_by_role("link", name="t2i").click(
             timeout=90_000
         )
