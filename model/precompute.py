@@ -21,7 +21,7 @@ encoder in a work directory beside OUT, so a killed run resumes at the first mis
                                 tensors, plus the empty prompt once (layout: model/shards.py)
 
 A caption's rows in a shard: its originals first, then the synthetic captions, in input order.
-`extra.timings_s` holds each encoder's wall time in this run. Read the set back with
+`extra.timings_s` holds each encoder's load and encode seconds and items encoded in this run. Read the set back with
 `model.encoded.EncodedDataset`.
 """
 
@@ -144,9 +144,8 @@ class _Run:
                  buckets: list[tuple[int, int]], parts: Path) -> None:  # fmt: skip
         self.config, self.dims, self.table = config, dims, table
         self.buckets, self.parts = buckets, parts
-        self.timings: dict[
-            str, float
-        ] = {}  # encoder -> seconds spent in this run, loading included
+        # encoder -> {"load": s, "encode": s, "items": images or captions encoded in this run}
+        self.timings: dict[str, dict[str, float]] = {}
         self.num_shards = (table.num_rows + config.shard_size - 1) // config.shard_size
         self.store_dtype = parse_dtype(config.dtype)
         self.encoder_kwargs = {"device": config.device, "dtype": parse_dtype(config.compute_dtype),
@@ -169,22 +168,21 @@ class _Run:
             return
         start = time.monotonic()
         encoder = Encoder(self.config.model, "vae", **self.encoder_kwargs)
+        loaded, size = time.monotonic(), self.config.shard_size
+        rows = {s: min(size, self.table.num_rows - s * size) for s in range(self.num_shards)}
         try:
-            size = self.config.shard_size
             with tqdm(total=self.table.num_rows, desc="vae", unit="image") as bar:
-                bar.update(
-                    sum(
-                        min(size, self.table.num_rows - s * size)
-                        for s in range(self.num_shards)
-                        if s not in todo
-                    )
-                )
+                bar.update(sum(n for s, n in rows.items() if s not in todo))
                 for shard in todo:
                     self._encode_image_shard(encoder, shard)
-                    bar.update(min(size, self.table.num_rows - shard * size))
+                    bar.update(rows[shard])
         finally:
             encoder.release()
-            self.timings["vae"] = time.monotonic() - start
+            self._timed("vae", start, loaded, sum(rows[s] for s in todo))
+
+    def _timed(self, name: str, start: float, loaded: float, items: int) -> None:
+        self.timings[name] = {"load": round(loaded - start, 3), "encode": round(time.monotonic() - loaded, 3),
+                              "items": items}  # fmt: skip
 
     def _encode_image_shard(self, encoder: Encoder, shard: int) -> None:
         size = self.config.shard_size
@@ -285,12 +283,13 @@ class _Run:
         todo = [s for s in range(self.num_shards) if not self._part(s, name).is_file()]
         if not todo and self._part(EMPTY, name).is_file():
             return
+        counts = {s: len(self._captions(s)) for s in range(self.num_shards)}
         start = time.monotonic()
         encoder = Encoder(self.config.model, name, **self.encoder_kwargs)
+        loaded = time.monotonic()
         try:
             if not self._part(EMPTY, name).is_file():
                 self._save_text(encoder, name, [""], self._part(EMPTY, name))
-            counts = {s: len(self._captions(s)) for s in range(self.num_shards)}
             with tqdm(total=sum(counts.values()), desc=name, unit="caption") as bar:
                 bar.update(sum(n for s, n in counts.items() if s not in todo))
                 for shard in todo:
@@ -298,7 +297,7 @@ class _Run:
                     bar.update(counts[shard])
         finally:
             encoder.release()
-            self.timings[name] = time.monotonic() - start
+            self._timed(name, start, loaded, sum(n for s, n in counts.items() if s in todo))
 
     def _save_text(self, encoder: Encoder, name: str, captions: list[str], path: Path) -> None:
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -354,7 +353,7 @@ class _Run:
         )  # fmt: skip
         writer.extra["info"] = self.info()
         writer.extra["bytes"] = storage_bytes(shards, kept)
-        writer.extra["timings_s"] = {k: round(v, 3) for k, v in self.timings.items()}
+        writer.extra["timings_s"] = self.timings
 
     def info(self) -> dict[str, Any]:
         c = self.config
