@@ -188,8 +188,10 @@ def test_rerunning_with_the_same_parameters_is_skipped(encoded, captioned_store,
 
 @pytest.fixture(scope="module")
 def bucketed(captioned_store, tiny_model_dir, tmp_path_factory) -> Path:
-    """Aspect-ratio buckets at 64^2, 512 T5 tokens, one shard: a T5 file of a few MB."""
-    config = config_for(tiny_model_dir, resolution=64, buckets=True, t5_length=512, shard_size=32)
+    """Aspect-ratio buckets at 64^2, bf16, 512 T5 tokens, one shard: a T5 file of a few MB."""
+    config = config_for(
+        tiny_model_dir, resolution=64, buckets=True, t5_length=512, shard_size=32, dtype="bf16"
+    )
     return run_precompute(captioned_store, tmp_path_factory.mktemp("bucketed") / "encoded", config)
 
 
@@ -239,6 +241,7 @@ def test_aspect_ratio_buckets_keep_the_area_and_patchify_exactly(bucketed, tiny_
     for i, row in enumerate(index):
         h, w = ds.bucket(i)
         assert ds[i]["latents"].shape == (dims["latent_channels"], h, w)
+        assert ds[i]["latents"].dtype == ds[i]["text"].clip_g.dtype == torch.bfloat16
         assert abs((w / h) / (row["width"] / row["height"]) - 1) < 0.35
         assert row["resized_w"] >= w * f and row["resized_h"] >= h * f
 
