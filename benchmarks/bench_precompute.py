@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -145,7 +144,12 @@ def build_store(out: Path, samples: int) -> Path:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that over from
+    the parent across fork + exec, so a worker would report the benchmark driver's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (peak RSS needs Linux)")
 
 
 def worker(mode: str, model: str, store: str, out: str, resolution: int, batch: int) -> dict:
