@@ -234,42 +234,43 @@ class _Run:
         save_atomic({k: torch.stack(v) for k, v in tensors.items()}, self._part(shard, "vae"))
 
     def _encode_image_batch(self, encoder, rows, items, bucket, latents, failed) -> None:
-        pixels, ok = [], []
+        """Encode one same-bucket batch into `latents` {pos: tensor}; failures go to `failed`."""
+        ids = {pos: record["id"] for pos, record, _ in items}
+        pixels: dict[int, torch.Tensor] = {}
         for pos, record, _ in items:
             try:
                 image = _open_image(rows[pos]["image"])
                 image.load()
                 crop, record["_crop"] = center_crop_resize(image.convert("RGB"), bucket)
-                pixels.append(to_pixels(crop))
-                ok.append(pos)
-            except Exception as error:
-                failed[pos] = (record["id"], _reason("could not decode image", error))
-        if not ok:
+                pixels[pos] = to_pixels(crop)
+            except Exception as error:  # truncated or corrupt pixel data
+                failed[pos] = (ids[pos], _reason("could not decode image", error))
+        if not pixels:
             return
         try:
-            out = encoder(torch.stack(pixels))["latents"]
-        except Exception:
-            if len(ok) == 1:
-                raise
-            for p, pos in zip(pixels, ok, strict=True):  # isolate the failing image
-                try:
-                    self._keep_latent(pos, encoder(p[None])["latents"][0], items, latents, failed)
-                except Exception as error:
-                    failed[pos] = (rows[pos]["id"], _reason("VAE encode failed", error))
-            return
-        for pos, z in zip(ok, out, strict=True):
-            self._keep_latent(pos, z, items, latents, failed)
-
-    def _keep_latent(self, pos, z, items, latents, failed) -> None:
-        stored = z.to("cpu", self.store_dtype)
-        if not torch.isfinite(stored).all():
-            record_id = next(r["id"] for p, r, _ in items if p == pos)
-            failed[pos] = (
-                record_id,
-                f"non-finite latents in {self.config.dtype} (try --dtype bf16)",
+            out = dict(
+                zip(pixels, encoder(torch.stack(list(pixels.values())))["latents"], strict=True)
             )
-            return
-        latents[pos] = stored
+        except Exception as batch_error:  # isolate the failing image, one at a time
+            out, errors = {}, {}
+            for pos, p in pixels.items():
+                try:
+                    out[pos] = encoder(p[None])["latents"][0]
+                except Exception as error:
+                    errors[pos] = error
+            if len(errors) == len(pixels):
+                raise batch_error  # every image fails: the device or model, not the data
+            for pos, error in errors.items():
+                failed[pos] = (ids[pos], _reason("VAE encode failed", error))
+        for pos, z in out.items():
+            stored = z.to("cpu", self.store_dtype)
+            if torch.isfinite(stored).all():
+                latents[pos] = stored
+            else:
+                failed[pos] = (
+                    ids[pos],
+                    f"non-finite latents in {self.config.dtype} (try --dtype bf16)",
+                )
 
     # -- captions -------------------------------------------------------------------------------
 
