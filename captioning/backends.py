@@ -77,7 +77,9 @@ class TransformersBackend:
     """A local VLM, fed `batch_size` requests per generate() call."""
 
     def __init__(self, config: CaptionConfig) -> None:
-        self.vlm = LocalVLM(config.model, config.device, config.dtype, config.trust_remote_code, config.model_class)
+        self.vlm = LocalVLM(
+            config.model, config.device, config.dtype, config.trust_remote_code, config.model_class
+        )
         self.settings = settings_from(config)
         self.batch_size = config.batch_size
 

@@ -39,9 +39,13 @@ class CaptionConfig(BaseModel):
         5, ge=0, description="retries of a request answered 429 or 5xx, or cut off (backend openai)"
     )
     retry_backoff_s: float = Field(
-        1.0, ge=0.0, description="first retry delay in seconds; doubles on each retry (backend openai)"
+        1.0,
+        ge=0.0,
+        description="first retry delay in seconds; doubles on each retry (backend openai)",
     )
-    timeout_s: float = Field(120.0, gt=0, description="seconds to wait for one response (backend openai)")
+    timeout_s: float = Field(
+        120.0, gt=0, description="seconds to wait for one response (backend openai)"
+    )
     prompt: Literal["detailed", "hint"] = Field(
         "detailed",
         description="'detailed': a plain detailed-description prompt; 'hint': PixArt-style, "
@@ -52,9 +56,12 @@ class CaptionConfig(BaseModel):
         description="text file with your own prompt template (overrides --prompt); "
         "{caption} is replaced with the original caption",
     )
-    max_new_tokens: int = Field(120, ge=1, description="most tokens the VLM may generate per caption")
+    max_new_tokens: int = Field(
+        120, ge=1, description="most tokens the VLM may generate per caption"
+    )
     do_sample: bool = Field(
-        False, description="sample instead of greedy decoding (greedy is deterministic and resumable)"
+        False,
+        description="sample instead of greedy decoding (greedy is deterministic and resumable)",
     )
     temperature: float = Field(0.7, gt=0, description="sampling temperature, with --do-sample")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass, with --do-sample")
@@ -70,8 +77,12 @@ class CaptionConfig(BaseModel):
         description="tokenizer that counts the budget: a tokenizer folder or an SD3 model folder "
         "(its T5 tokenizer_3 is used); unset = whitespace-separated words",
     )
-    batch_size: int = Field(8, ge=1, description="images per generate() call (backend transformers)")
-    device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1 (backend transformers)")
+    batch_size: int = Field(
+        8, ge=1, description="images per generate() call (backend transformers)"
+    )
+    device: str = Field(
+        "cpu", description="torch device, e.g. cuda or cuda:1 (backend transformers)"
+    )
     dtype: str = Field("fp32", description="fp32, fp16 or bf16 (backend transformers)")
     trust_remote_code: bool = Field(
         False,
@@ -107,7 +118,8 @@ class ServeCaptionerConfig(BaseModel):
         False, description="allow the model folder's own Python code; only for folders you trust"
     )
     model_class: str | None = Field(
-        None, description="transformers class to load the model with (default: AutoModelForImageTextToText)"
+        None,
+        description="transformers class to load the model with (default: AutoModelForImageTextToText)",
     )
     fail_first: int = Field(
         0, ge=0, description="answer the first N chat requests with an error (client retry drills)"

@@ -78,14 +78,18 @@ def answer_text(payload: Any) -> str:
 class OpenAIBackend:
     def __init__(self, config: CaptionConfig) -> None:
         if not config.endpoint:
-            raise ValueError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
+            raise ValueError(
+                "--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)"
+            )
         self.config = config
         self.endpoint = config.endpoint.rstrip("/")
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(config.api_key_env, "")
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+        limits = httpx.Limits(
+            max_connections=config.concurrency, max_keepalive_connections=config.concurrency
+        )
         self.client = httpx.Client(headers=headers, timeout=config.timeout_s, limits=limits)
         self._stop = threading.Event()
         self.check_reachable()
@@ -119,7 +123,9 @@ class OpenAIBackend:
         attempts = self.config.max_retries + 1
         for attempt in range(attempts):
             if self._stop.is_set():
-                raise EndpointError(f"the server at {self.endpoint} stopped answering; rerun to resume")
+                raise EndpointError(
+                    f"the server at {self.endpoint} stopped answering; rerun to resume"
+                )
             retry_after = None
             try:
                 response = self.client.post(f"{self.endpoint}/chat/completions", json=body)

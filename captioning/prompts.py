@@ -48,7 +48,9 @@ def _check_fields(template: str, source: str) -> None:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as error:
-        raise ValueError(f"{source}: not a valid template ({error}); write literal braces as {{{{ }}}}") from None
+        raise ValueError(
+            f"{source}: not a valid template ({error}); write literal braces as {{{{ }}}}"
+        ) from None
     unknown = fields - FIELDS
     if unknown:
         raise ValueError(

@@ -45,13 +45,17 @@ def parse_chat(body: dict[str, Any]) -> tuple[Image.Image, str, GenerationSettin
     if not isinstance(parts, list):
         raise RequestError(400, "the last message has no content")
     texts = [p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
-    urls = [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
+    urls = [
+        p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"
+    ]
     if len(urls) != 1:
         raise RequestError(400, f"send exactly one image_url part, got {len(urls)}")
     url = urls[0].get("url", "") if isinstance(urls[0], dict) else str(urls[0])
     image = decode_data_url(url)
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 120
-    temperature = 1.0 if body.get("temperature") is None else float(body["temperature"])  # OpenAI's default
+    temperature = (
+        1.0 if body.get("temperature") is None else float(body["temperature"])
+    )  # OpenAI's default
     settings = GenerationSettings(
         max_new_tokens=int(max_tokens),
         do_sample=temperature > 0,
@@ -77,7 +81,9 @@ class CaptionServer:
     """A threaded HTTP server around one LocalVLM; generation is serialised by a lock."""
 
     def __init__(self, folder: str | Path, config: ServeCaptionerConfig = ServeCaptionerConfig(), api_key: str | None = None) -> None:  # fmt: skip
-        self.vlm = LocalVLM(folder, config.device, config.dtype, config.trust_remote_code, config.model_class)
+        self.vlm = LocalVLM(
+            folder, config.device, config.dtype, config.trust_remote_code, config.model_class
+        )
         self.name = config.served_name or Path(folder).resolve().name
         self.api_key = api_key
         self.failures_left = config.fail_first
@@ -125,7 +131,10 @@ class CaptionServer:
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("model") not in (None, self.name):
-            raise RequestError(404, f"model {body.get('model')!r} is not served here; this server serves {self.name!r}")
+            raise RequestError(
+                404,
+                f"model {body.get('model')!r} is not served here; this server serves {self.name!r}",
+            )
         image, prompt, settings = parse_chat(body)
         with self._generate_lock:
             text = self.vlm.generate([image], [prompt], settings, seed=settings.seed)[0]
@@ -134,7 +143,13 @@ class CaptionServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
         }
 
 
@@ -162,7 +177,13 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, f"no route {self.path}")
             if not server.authorised(self.headers.get("Authorization")):
                 return self._error(401, "missing or wrong API key")
-            self._send(200, {"object": "list", "data": [{"id": server.name, "object": "model", "owned_by": "t2i"}]})
+            self._send(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": server.name, "object": "model", "owned_by": "t2i"}],
+                },
+            )
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)

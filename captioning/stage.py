@@ -28,7 +28,14 @@ import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
-from captioning.backends import Answer, Backend, Request, make_backend, model_identity, settings_from
+from captioning.backends import (
+    Answer,
+    Backend,
+    Request,
+    make_backend,
+    model_identity,
+    settings_from,
+)
 from captioning.cleaning import TokenBudget, clean_caption, make_budget
 from captioning.config import CaptionConfig
 from captioning.prompts import load_template, render
@@ -77,7 +84,9 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     samples = load_samples(source)
     missing = [c for c in REQUIRED_COLUMNS if c not in samples.column_names]
     if missing:
-        raise ValueError(f"{source} has no column(s) {missing}; the caption stage needs id and image")
+        raise ValueError(
+            f"{source} has no column(s) {missing}; the caption stage needs id and image"
+        )
 
     template = load_template(config.prompt, config.prompt_file)
     budget = make_budget(config.max_caption_tokens, config.budget_tokenizer)
@@ -86,10 +95,17 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     parameters = {**config.model_dump(), "captioner": captioner, "captioner_spec": spec}
     input_fp = fingerprint(source)
     finished = Manifest.read(out)
-    if finished is not None and finished.matches(STAGE, parameters, input_fp) and not finished.counts.get("failed"):
+    if (
+        finished is not None
+        and finished.matches(STAGE, parameters, input_fp)
+        and not finished.counts.get("failed")
+    ):
         return out
 
-    log = WorkLog(out, params_hash({"captioner": captioner, "input": input_fp, "chunk_size": config.chunk_size}))
+    log = WorkLog(
+        out,
+        params_hash({"captioner": captioner, "input": input_fp, "chunk_size": config.chunk_size}),
+    )
     table = samples.with_format("arrow")
     chunks = [(f"chunk-{k:06d}", k * config.chunk_size, min(len(samples), (k + 1) * config.chunk_size))
               for k in range(math.ceil(len(samples) / config.chunk_size))]  # fmt: skip
@@ -103,8 +119,15 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
                     worker.resumed += len(previous)
                     bar.update(len(previous))
                     continue
-                rows = table[start:stop].select(_present(samples, ("id", "image", "caption", *NEW_COLUMNS)))
-                log.write(name, pa.Table.from_pylist(worker.chunk(rows.to_pylist(), previous), schema=CHUNK_SCHEMA))
+                rows = table[start:stop].select(
+                    _present(samples, ("id", "image", "caption", *NEW_COLUMNS))
+                )
+                log.write(
+                    name,
+                    pa.Table.from_pylist(
+                        worker.chunk(rows.to_pylist(), previous), schema=CHUNK_SCHEMA
+                    ),
+                )
     finally:
         worker.close()
 
@@ -117,16 +140,16 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     with StageWriter(out, STAGE, parameters, input_fp) as writer:
         rows = _merged(table, chunks, log, failures, stats, examples)
         writer.write_samples(rows, features)
-        writer.counts.update(
-            {"in": len(samples), "kept": len(samples), "rejected": 0, **stats}
-        )
+        writer.counts.update({"in": len(samples), "kept": len(samples), "rejected": 0, **stats})
         writer.extra.update(
             captioner=captioner,
             this_run={"resumed_rows": worker.resumed, "captioned_rows": worker.captioned,
                       "reused_from_input": worker.passthrough},
         )  # fmt: skip
         (writer.path / "failures.json").write_text(json.dumps(failures, indent=1))
-        (writer.path / "report.md").write_text(_report(source, captioner, template, stats, failures, examples))
+        (writer.path / "report.md").write_text(
+            _report(source, captioner, template, stats, failures, examples)
+        )
     if not failures:
         log.clear()
     return out
@@ -149,13 +172,22 @@ def _locked(update: Callable[[int], Any]) -> Callable[[int], None]:
 class _ChunkWorker:
     """Captions the rows of one chunk that still need it; the backend is loaded on first need."""
 
-    def __init__(self, config: CaptionConfig, template: str, budget: TokenBudget, captioner: str) -> None:
-        self.config, self.template, self.budget, self.captioner = config, template, budget, captioner
+    def __init__(
+        self, config: CaptionConfig, template: str, budget: TokenBudget, captioner: str
+    ) -> None:
+        self.config, self.template, self.budget, self.captioner = (
+            config,
+            template,
+            budget,
+            captioner,
+        )
         self.backend: Backend | None = None
         self.progress: Callable[[int], None] = lambda n: None
         self.resumed = self.captioned = self.passthrough = 0
 
-    def chunk(self, rows: list[dict[str, Any]], previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def chunk(
+        self, rows: list[dict[str, Any]], previous: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         done = {r["id"]: r for r in previous if r["error"] is None}
         results: list[dict[str, Any] | None] = []
         pending: list[tuple[int, Request]] = []
@@ -164,13 +196,19 @@ class _ChunkWorker:
                 results.append(done[row["id"]])
                 self.resumed += 1
             elif row.get("captioner") == self.captioner and row.get("caption_synthetic"):
-                results.append(_result(row["id"], caption=row["caption_synthetic"], captioner=self.captioner))
+                results.append(
+                    _result(row["id"], caption=row["caption_synthetic"], captioner=self.captioner)
+                )
                 self.passthrough += 1
             else:
                 try:
                     request = self._request(row)
                 except Exception as error:  # noqa: BLE001 - recorded as the row's failure
-                    results.append(_result(row["id"], error=f"undecodable image: {type(error).__name__}: {error}"))
+                    results.append(
+                        _result(
+                            row["id"], error=f"undecodable image: {type(error).__name__}: {error}"
+                        )
+                    )
                 else:
                     pending.append((len(results), request))
                     results.append(None)
@@ -206,9 +244,15 @@ class _ChunkWorker:
             return _result(key, error=answer.error or "no answer")
         cleaned = clean_caption(answer.text)
         if not cleaned:
-            return _result(key, error=f"empty caption after cleaning (raw answer {answer.text[:200]!r})", raw=answer.text)
+            return _result(
+                key,
+                error=f"empty caption after cleaning (raw answer {answer.text[:200]!r})",
+                raw=answer.text,
+            )
         caption, truncated = self.budget.fit(cleaned)
-        return _result(key, caption=caption, captioner=self.captioner, truncated=truncated, raw=answer.text)
+        return _result(
+            key, caption=caption, captioner=self.captioner, truncated=truncated, raw=answer.text
+        )
 
     def close(self) -> None:
         if self.backend is not None:
@@ -221,13 +265,17 @@ def _result(key: str, caption: str | None = None, captioner: str | None = None, 
             "truncated": truncated, "raw": raw}  # fmt: skip
 
 
-def _merged(table, chunks, log: WorkLog, failures: list, stats: dict, examples: list) -> Iterator[dict[str, Any]]:
+def _merged(
+    table, chunks, log: WorkLog, failures: list, stats: dict, examples: list
+) -> Iterator[dict[str, Any]]:
     """Input rows in order, each with its chunk's result; failures and stats collected on the way."""
     for name, start, stop in chunks:
         results = log.read(name).to_pylist()
         for row, result in zip(table[start:stop].to_pylist(), results, strict=True):
             if row["id"] != result["id"]:
-                raise RuntimeError(f"work log {log.path} does not match the input at row {row['id']}; delete it and rerun")
+                raise RuntimeError(
+                    f"work log {log.path} does not match the input at row {row['id']}; delete it and rerun"
+                )
             row["caption_synthetic"] = result["caption_synthetic"]
             row["captioner"] = result["captioner"]
             if result["error"] is not None:
@@ -241,7 +289,9 @@ def _merged(table, chunks, log: WorkLog, failures: list, stats: dict, examples: 
             yield row
 
 
-def _report(source: Path, captioner: str, template: str, stats: dict, failures: list, examples: list) -> str:
+def _report(
+    source: Path, captioner: str, template: str, stats: dict, failures: list, examples: list
+) -> str:
     lines = [
         "# Caption stage report", "",
         f"- input: `{source}`", f"- captioner: `{captioner}`",
@@ -251,7 +301,12 @@ def _report(source: Path, captioner: str, template: str, stats: dict, failures: 
         "## Examples", "", "| id | original | raw answer | synthetic |", "| --- | --- | --- | --- |",
     ]  # fmt: skip
     for ex in examples:
-        cells = [ex["id"][:12], ex.get("caption") or "", ex.get("raw") or "", ex["caption_synthetic"] or ""]
+        cells = [
+            ex["id"][:12],
+            ex.get("caption") or "",
+            ex.get("raw") or "",
+            ex["caption_synthetic"] or "",
+        ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", f"## Failed rows ({len(failures)})", ""]
     if failures:

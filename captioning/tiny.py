@@ -29,7 +29,7 @@ grass rock water sea mountain snow sun night day standing sitting holding wearin
 near behind under above left right center describe detail detailed description paragraph
 main subject what it doing setting composition style very manner original caption which may
 be incomplete or inaccurate keep names facts only where agrees them user assistant shows
-""".split()
+""".split()  # noqa: SIM905
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | upper }}: "
@@ -61,7 +61,9 @@ def build_tokenizer():
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=100))
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     backend.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -89,7 +91,9 @@ def build_tiny_captioner(seed: int = 0):
 
     tokenizer = build_tokenizer()
     side = TINY["image_size"]
-    image_processor = LlavaImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -104,7 +108,9 @@ def build_tiny_captioner(seed: int = 0):
         "pad_token_id": tokenizer.pad_token_id,
     }
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TINY["vision"], image_size=side, patch_size=TINY["patch_size"]),
+        vision_config=CLIPVisionConfig(
+            **TINY["vision"], image_size=side, patch_size=TINY["patch_size"]
+        ),
         text_config=LlamaConfig(**TINY["text"], vocab_size=len(tokenizer), **special),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",

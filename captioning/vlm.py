@@ -82,10 +82,18 @@ class LocalVLM:
             if cls is None:
                 raise ValueError(f"transformers has no class {model_class!r} (--model-class)")
         try:
-            self.processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-            self.model = cls.from_pretrained(str(path), dtype=self.dtype, trust_remote_code=trust_remote_code)
+            self.processor = transformers.AutoProcessor.from_pretrained(
+                str(path), trust_remote_code=trust_remote_code
+            )
+            self.model = cls.from_pretrained(
+                str(path), dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
         except (OSError, ValueError, KeyError) as error:
-            hint = "" if trust_remote_code else "; if the folder ships its own code, add --trust-remote-code"
+            hint = (
+                ""
+                if trust_remote_code
+                else "; if the folder ships its own code, add --trust-remote-code"
+            )
             raise ValueError(f"cannot load a VLM from {path}: {error}{hint}") from None
         self.model.to(device).eval()
         tokenizer = getattr(self.processor, "tokenizer", None)
@@ -94,11 +102,17 @@ class LocalVLM:
 
     def prompt_text(self, prompt: str) -> str:
         if getattr(self.processor, "chat_template", None):
-            return self.processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True)
+            return self.processor.apply_chat_template(
+                chat_messages(prompt), add_generation_prompt=True
+            )
         return prompt
 
     def generate(
-        self, images: list[Image.Image], prompts: list[str], settings: GenerationSettings, seed: int = 0
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        settings: GenerationSettings,
+        seed: int = 0,
     ) -> list[str]:
         """Raw answers, one per (image, prompt)."""
         import torch
@@ -106,10 +120,15 @@ class LocalVLM:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         texts = [self.prompt_text(p) for p in prompts]
-        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.device)
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(
+            self.device
+        )
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": settings.do_sample,
+        }
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
             torch.manual_seed(seed)
