@@ -42,6 +42,7 @@ from captioning.prompts import load_template, render
 from curate.store import (
     Manifest,
     StageWriter,
+    StoreError,
     WorkLog,
     fingerprint,
     load_samples,
@@ -76,7 +77,10 @@ def captioner_id(spec: dict[str, Any]) -> str:
 
 def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) -> Path:
     source, out = Path(input), Path(output)
-    require_store(source)
+    try:
+        require_store(source)
+    except StoreError as error:  # a usage error: say it the way the command line reports them
+        raise ValueError(str(error)) from None
     if out.resolve() == source.resolve():
         raise ValueError(f"output {out} is the input; the caption stage never modifies its input")
     if config.backend == "openai" and not config.endpoint:
