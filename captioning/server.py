@@ -88,7 +88,8 @@ class CaptionServer:
         self.api_key = api_key
         self.failures_left = config.fail_first
         self.fail_status = config.fail_status
-        self.chat_requests = 0
+        self.chat_requests = 0  # every chat request answered, failures included
+        self.in_flight = self.max_in_flight = 0  # concurrent chat requests: now, and the most seen
         self._lock = threading.Lock()
         self._generate_lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((config.host, config.port), _handler_for(self))
@@ -121,9 +122,14 @@ class CaptionServer:
     def authorised(self, header: str | None) -> bool:
         return self.api_key is None or header == f"Bearer {self.api_key}"
 
+    def enter(self, delta: int) -> None:
+        with self._lock:
+            self.chat_requests += max(delta, 0)
+            self.in_flight += delta
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
     def next_failure(self) -> bool:
         with self._lock:
-            self.chat_requests += 1
             if self.failures_left > 0:
                 self.failures_left -= 1
                 return True
@@ -190,11 +196,12 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length)
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self._error(404, f"no route {self.path}")
-            if not server.authorised(self.headers.get("Authorization")):
-                return self._error(401, "missing or wrong API key")
-            if server.next_failure():
-                return self._error(server.fail_status, "simulated overload (fail_first)")
+            server.enter(+1)
             try:
+                if not server.authorised(self.headers.get("Authorization")):
+                    return self._error(401, "missing or wrong API key")
+                if server.next_failure():
+                    return self._error(server.fail_status, "simulated overload (fail_first)")
                 self._send(200, server.complete(json.loads(raw or b"{}")))
             except json.JSONDecodeError as error:
                 self._error(400, f"body is not JSON: {error}")
@@ -202,6 +209,8 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                 self._error(error.status, str(error))
             except Exception as error:  # noqa: BLE001 - a failed generation is the client's 500
                 self._error(500, f"generation failed: {type(error).__name__}: {error}")
+            finally:
+                server.enter(-1)
 
     return Handler
 
