@@ -36,8 +36,19 @@ def real_images(n: int) -> list[Image.Image]:
     """Photographs scikit-image ships, cropped at shifting offsets to make n distinct images."""
     import skimage.data
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "coins", "immunohistochemistry"]
-    base = [np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("RGB")) for name in names]
+    names = [
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "camera",
+        "horse",
+        "coins",
+        "immunohistochemistry",
+    ]
+    base = [
+        np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("RGB")) for name in names
+    ]
     images = []
     for i in range(n):
         array = base[i % len(base)]
@@ -52,9 +63,15 @@ def write_store(out: Path, images: list[Image.Image]) -> Path:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         data = buffer.getvalue()
-        rows.append({"id": sample_id(data), "image": {"bytes": data, "path": None}, "caption": "a photo"})
+        rows.append(
+            {"id": sample_id(data), "image": {"bytes": data, "path": None}, "caption": "a photo"}
+        )
     features = datasets.Features(
-        {"id": datasets.Value("string"), "image": datasets.Image(), "caption": datasets.Value("string")}
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+        }
     )
     with StageWriter(out, "curate", {}, "bench") as writer:
         writer.write_samples(rows, features)
@@ -69,8 +86,12 @@ def time_generate(vlm: LocalVLM, images, batch: int, settings: GenerationSetting
     return len(images) / (time.perf_counter() - start)
 
 
-def time_stage(store: Path, work: Path, model: str, batch: int, max_new_tokens: int, device: str) -> float:
-    config = CaptionConfig(model=model, batch_size=batch, max_new_tokens=max_new_tokens, device=device)
+def time_stage(
+    store: Path, work: Path, model: str, batch: int, max_new_tokens: int, device: str
+) -> float:
+    config = CaptionConfig(
+        model=model, batch_size=batch, max_new_tokens=max_new_tokens, device=device
+    )
     start = time.perf_counter()
     out = run_caption(store, work / f"out-{time.monotonic_ns()}", config)
     elapsed = time.perf_counter() - start
@@ -79,7 +100,9 @@ def time_stage(store: Path, work: Path, model: str, batch: int, max_new_tokens: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="VLM folder (default: build the tiny random LLaVA)")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -99,9 +122,12 @@ def main() -> None:
         rows = []
         for batch in args.batches:
             time_generate(vlm, images[: 2 * batch], batch, settings)  # warm-up
-            generate = statistics.median(time_generate(vlm, images, batch, settings) for _ in range(args.repeats))
+            generate = statistics.median(
+                time_generate(vlm, images, batch, settings) for _ in range(args.repeats)
+            )
             stage = statistics.median(
-                time_stage(store, work, model, batch, args.max_new_tokens, args.device) for _ in range(args.repeats)
+                time_stage(store, work, model, batch, args.max_new_tokens, args.device)
+                for _ in range(args.repeats)
             )
             rows.append((batch, generate, stage))
     print(f"model: {args.model or 'tiny random LLaVA (t2i init-captioner --preset tiny)'}; "

@@ -9,6 +9,8 @@ at the last sentence end that fits, else the last whole word.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,10 +98,13 @@ def tokenizer_budget(max_tokens: int, folder: str) -> TokenBudget:
             f"{path} holds no tokenizer that transformers can load ({error}); point "
             "--budget-tokenizer at a tokenizer folder or an SD3 model folder"
         ) from None
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[
+        :12
+    ]
     return TokenBudget(
         max_tokens,
         lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"]),
-        f"{type(tokenizer).__name__}:{path}",
+        f"{type(tokenizer).__name__}:{len(tokenizer)}:{vocab}",  # the same tokenizer anywhere on disk
     )
 
 

@@ -12,6 +12,7 @@ from captioning.config import CaptionConfig
 from captioning.stage import captioner_id, captioner_spec, run_caption
 from curate.store import Manifest, load_samples
 from flows.cli import main as t2i
+from model.tokenizers import build_t5_tokenizer
 
 # Small chunks and batches so that a run has many chunks to resume from.
 FAST = {"max_new_tokens": 24, "max_caption_tokens": 12, "chunk_size": 4, "batch_size": 4}
@@ -87,15 +88,24 @@ def test_rerunning_a_run_with_failures_retries_only_the_failed_rows(
     assert _captions(captioned) == before
 
 
-def test_a_finished_run_without_failures_is_skipped(
+def test_the_command_line_run_fits_t5_tokens_and_a_finished_run_is_skipped(
     make_caption_store, tiny_captioner_dir, tmp_path
 ):
     store = make_caption_store(tmp_path / "store", ["astronaut", "coffee"])
-    out = run_caption(store, tmp_path / "out", _config(tiny_captioner_dir))
-    written = (out / "manifest.json").stat().st_mtime_ns
-    assert run_caption(store, out, _config(tiny_captioner_dir)) == out
-    assert (out / "manifest.json").stat().st_mtime_ns == written
-    assert not (tmp_path / ".out.work").exists()  # the work log is gone once everything succeeded
+    t5 = build_t5_tokenizer()
+    t5.save_pretrained(tmp_path / "sd3" / "tokenizer_3")
+    argv = ["caption", str(store), str(tmp_path / "out"), "--model", tiny_captioner_dir, "--prompt", "hint",
+            "--budget-tokenizer", str(tmp_path / "sd3"), "--max-caption-tokens", "10", "--max-new-tokens", "24"]  # fmt: skip
+    assert t2i(argv) == 0
+    captions = [c for c, _ in _captions(tmp_path / "out").values()]
+    assert all(c and len(t5(c)["input_ids"]) <= 10 for c in captions)
+    spec = Manifest.read(tmp_path / "out").parameters["captioner_spec"]
+    assert "{caption}" in spec["prompt"] and spec["budget"]["counter"].startswith("T5")
+    assert not (tmp_path / ".out.work").exists()  # the work log is gone once every row succeeded
+
+    written = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
+    assert t2i(argv) == 0
+    assert (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == written  # skipped
 
 
 def test_a_store_captioned_by_the_same_captioner_is_not_captioned_again(
