@@ -15,14 +15,22 @@ from flows.cli import main as t2i
 
 SECRET = "sk-test-4f1d2c9a7b"
 KEY_ENV = "T2I_TEST_CAPTION_KEY"
-# Real images of every decoded kind (JPEG, CMYK JPEG, palette and 16-bit PNG, EXIF) + one broken file.
-KEYS = ["astronaut", "coffee", "cmyk", "palette", "sixteen_bit", "exif_rotated", "retina_truncated"]
-FAST = {"max_new_tokens": 24, "max_caption_tokens": 12, "chunk_size": 4}
+# Real images of every stored kind (RGB JPEG sent as-is; CMYK JPEG, palette and 16-bit PNG
+# re-encoded as PNG) and one broken file.
+KEYS = ["astronaut", "cmyk", "palette", "sixteen_bit", "retina_truncated"]
+FAST = {"max_new_tokens": 16, "max_caption_tokens": 12, "chunk_size": 4}
 
 
 @pytest.fixture(scope="module")
 def store(make_caption_store, tmp_path_factory):
     return make_caption_store(tmp_path_factory.mktemp("openai-store") / "curated", KEYS)
+
+
+@pytest.fixture(scope="module")
+def pair(make_caption_store, tmp_path_factory):
+    return make_caption_store(
+        tmp_path_factory.mktemp("openai-pair") / "curated", ["astronaut", "coffee"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,22 +92,18 @@ def test_a_missing_api_key_fails_the_rows_with_the_servers_reason(
 
 
 @pytest.mark.parametrize("status", [429, 503])
-def test_overloaded_answers_are_retried_with_backoff(
-    make_caption_store, tiny_captioner_dir, tmp_path, status
-):
-    store = make_caption_store(tmp_path / "store", ["astronaut", "coffee"])
+def test_overloaded_answers_are_retried_with_backoff(pair, tiny_captioner_dir, tmp_path, status):
     with _serve(tiny_captioner_dir, fail_first=3, fail_status=status) as flaky:
-        out = run_caption(store, tmp_path / "out", _openai(flaky.url, concurrency=1, max_retries=3))
+        out = run_caption(pair, tmp_path / "out", _openai(flaky.url, concurrency=1, max_retries=3))
         assert flaky.chat_requests == 2 + 3
     assert _failures(out) == [] and all(_captions(out).values())
 
 
 def test_a_request_still_failing_after_its_retries_fails_only_its_row(
-    make_caption_store, tiny_captioner_dir, tmp_path
+    pair, tiny_captioner_dir, tmp_path
 ):
-    store = make_caption_store(tmp_path / "store", ["astronaut", "coffee"])
     with _serve(tiny_captioner_dir, fail_first=2) as flaky:
-        out = run_caption(store, tmp_path / "out", _openai(flaky.url, concurrency=1, max_retries=1))
+        out = run_caption(pair, tmp_path / "out", _openai(flaky.url, concurrency=1, max_retries=1))
     [failure] = _failures(out)
     assert "HTTP 503" in failure["reason"] and "after 2 attempts" in failure["reason"]
     assert sum(c is not None for c in _captions(out).values()) == 1
