@@ -106,13 +106,12 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     ):
         return out
 
-    log = WorkLog(
-        out,
-        params_hash({"captioner": captioner, "input": input_fp, "chunk_size": config.chunk_size}),
-    )
+    # Caption chunk by chunk; each finished chunk is saved before the next starts.
+    key = {"captioner": captioner, "input": input_fp, "chunk_size": config.chunk_size}
+    log = WorkLog(out, params_hash(key))
     table = samples.with_format("arrow")
-    chunks = [(f"chunk-{k:06d}", k * config.chunk_size, min(len(samples), (k + 1) * config.chunk_size))
-              for k in range(math.ceil(len(samples) / config.chunk_size))]  # fmt: skip
+    chunks = _chunks(len(samples), config.chunk_size)
+    columns = [c for c in ("id", "image", "caption", *NEW_COLUMNS) if c in samples.column_names]
     worker = _ChunkWorker(config, template, budget, captioner)
     try:
         with tqdm(total=len(samples), unit="row", desc=f"caption ({config.backend})") as bar:
@@ -123,18 +122,12 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
                     worker.resumed += len(previous)
                     bar.update(len(previous))
                     continue
-                rows = table[start:stop].select(
-                    _present(samples, ("id", "image", "caption", *NEW_COLUMNS))
-                )
-                log.write(
-                    name,
-                    pa.Table.from_pylist(
-                        worker.chunk(rows.to_pylist(), previous), schema=CHUNK_SCHEMA
-                    ),
-                )
+                results = worker.chunk(table[start:stop].select(columns).to_pylist(), previous)
+                log.write(name, pa.Table.from_pylist(results, schema=CHUNK_SCHEMA))
     finally:
         worker.close()
 
+    # Assemble the output: every input row with its result, a report, the manifest.
     features = samples.features.copy()
     for column in NEW_COLUMNS:
         features[column] = datasets.Value("string")
@@ -142,25 +135,27 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     stats = {"captioned": 0, "failed": 0, "truncated": 0}
     examples: list[dict[str, Any]] = []
     with StageWriter(out, STAGE, parameters, input_fp) as writer:
-        rows = _merged(table, chunks, log, failures, stats, examples)
-        writer.write_samples(rows, features)
+        writer.write_samples(_merged(table, chunks, log, failures, stats, examples), features)
         writer.counts.update({"in": len(samples), "kept": len(samples), "rejected": 0, **stats})
-        writer.extra.update(
-            captioner=captioner,
-            this_run={"resumed_rows": worker.resumed, "captioned_rows": worker.captioned,
-                      "reused_from_input": worker.passthrough},
-        )  # fmt: skip
+        writer.extra["captioner"] = captioner
+        writer.extra["this_run"] = {
+            "resumed_rows": worker.resumed,
+            "captioned_rows": worker.captioned,
+            "reused_from_input": worker.passthrough,
+        }
+        report = _report(source, captioner, template, stats, failures, examples)
+        (writer.path / "report.md").write_text(report)
         (writer.path / "failures.json").write_text(json.dumps(failures, indent=1))
-        (writer.path / "report.md").write_text(
-            _report(source, captioner, template, stats, failures, examples)
-        )
-    if not failures:
+    if not failures:  # with failures the log stays, so that a rerun retries only those rows
         log.clear()
     return out
 
 
-def _present(samples: datasets.Dataset, columns: tuple[str, ...]) -> list[str]:
-    return [c for c in columns if c in samples.column_names]
+def _chunks(rows: int, size: int) -> list[tuple[str, int, int]]:
+    return [
+        (f"chunk-{k:06d}", k * size, min(rows, (k + 1) * size))
+        for k in range(math.ceil(rows / size))
+    ]
 
 
 def _locked(update: Callable[[int], Any]) -> Callable[[int], None]:
