@@ -71,3 +71,12 @@ def test_batched_greedy_generation_matches_one_image_at_a_time(tiny_captioner_di
     ]
     assert batched == single
     assert len(set(batched)) > 1  # different images and prompts, different answers
+
+
+def test_sampling_is_reproducible_from_its_seed(tiny_captioner_dir):
+    vlm = LocalVLM(tiny_captioner_dir)
+    settings = GenerationSettings(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=1.0)
+    images, prompts = _images(2), ["Describe this image."] * 2
+    first = vlm.generate(images, prompts, settings, seed=3)
+    assert vlm.generate(images, prompts, settings, seed=3) == first
+    assert vlm.generate(images, prompts, settings, seed=4) != first
