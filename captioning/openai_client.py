@@ -97,10 +97,18 @@ class OpenAIBackend:
     def check_reachable(self) -> None:
         """Fail fast, before any work, when nothing answers at the endpoint."""
         try:
-            self.client.get(f"{self.endpoint}/models", timeout=min(self.config.timeout_s, 10.0))
+            response = self.client.get(
+                f"{self.endpoint}/models", timeout=min(self.config.timeout_s, 10.0)
+            )
         except httpx.TransportError as error:
             self.client.close()
             raise EndpointError(self._unreachable(error)) from None
+        if response.status_code == 404:
+            self.client.close()
+            raise EndpointError(
+                f"{self.endpoint}/models answered 404: the endpoint is not an OpenAI-compatible API "
+                "base URL; it usually ends in /v1 (e.g. http://127.0.0.1:8000/v1)"
+            )
 
     def _unreachable(self, error: Exception) -> str:
         return (

@@ -91,9 +91,8 @@ def test_a_missing_api_key_fails_the_rows_with_the_servers_reason(
     assert server.chat_requests == before + len(KEYS) - 1  # one request per row: 401 is not retried
 
 
-@pytest.mark.parametrize("status", [429, 503])
-def test_overloaded_answers_are_retried_with_backoff(pair, tiny_captioner_dir, tmp_path, status):
-    with _serve(tiny_captioner_dir, fail_first=3, fail_status=status) as flaky:
+def test_rate_limited_requests_are_retried_with_backoff(pair, tiny_captioner_dir, tmp_path):
+    with _serve(tiny_captioner_dir, fail_first=3, fail_status=429) as flaky:
         out = run_caption(pair, tmp_path / "out", _openai(flaky.url, concurrency=1, max_retries=3))
         assert flaky.chat_requests == 2 + 3
     assert _failures(out) == [] and all(_captions(out).values())
@@ -102,7 +101,9 @@ def test_overloaded_answers_are_retried_with_backoff(pair, tiny_captioner_dir, t
 def test_a_request_still_failing_after_its_retries_fails_only_its_row(
     pair, tiny_captioner_dir, tmp_path
 ):
-    with _serve(tiny_captioner_dir, fail_first=2) as flaky:
+    with _serve(
+        tiny_captioner_dir, fail_first=2, fail_status=503
+    ) as flaky:  # retried once, then given up
         out = run_caption(pair, tmp_path / "out", _openai(flaky.url, concurrency=1, max_retries=1))
     [failure] = _failures(out)
     assert "HTTP 503" in failure["reason"] and "after 2 attempts" in failure["reason"]
@@ -135,6 +136,11 @@ def test_an_unreachable_server_is_a_clear_error(store, tmp_path, capsys):
     ]
     assert t2i(argv) == 1 and "serve-captioner" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_endpoint_without_the_api_path_is_a_clear_error(store, server, tmp_path):
+    with pytest.raises(EndpointError, match="usually ends in /v1"):
+        run_caption(store, tmp_path / "out", _openai(server.url.removesuffix("/v1")))
 
 
 def test_the_server_answers_bad_requests_in_the_openai_error_format(server):
