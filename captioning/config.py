@@ -124,4 +124,9 @@ class ServeCaptionerConfig(BaseModel):
     fail_first: int = Field(
         0, ge=0, description="answer the first N chat requests with an error (client retry drills)"
     )
-    fail_status: int = Field(503, description="HTTP status of those failures, e.g. 429 or 503")
+    fail_status: int = Field(
+        503,
+        ge=400,
+        le=599,
+        description="HTTP status of those failures, e.g. 429 (sent with Retry-After: 0) or 503",
+    )

@@ -166,17 +166,26 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # quiet; never logs headers
             pass
 
-        def _send(self, status: int, payload: dict[str, Any]) -> None:
+        def _send(
+            self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+        ) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
-        def _error(self, status: int, message: str) -> None:
-            kind = HTTPStatus(status).phrase.lower().replace(" ", "_")
-            self._send(status, {"error": {"message": message, "type": kind, "code": status}})
+        def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+            try:
+                kind = HTTPStatus(status).phrase.lower().replace(" ", "_")
+            except ValueError:
+                kind = "error"
+            self._send(
+                status, {"error": {"message": message, "type": kind, "code": status}}, headers
+            )
 
         def do_GET(self) -> None:
             if self.path.rstrip("/") != "/v1/models":
@@ -201,7 +210,8 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                 if not server.authorised(self.headers.get("Authorization")):
                     return self._error(401, "missing or wrong API key")
                 if server.next_failure():
-                    return self._error(server.fail_status, "simulated overload (fail_first)")
+                    retry = {"Retry-After": "0"} if server.fail_status == 429 else None
+                    return self._error(server.fail_status, "simulated overload (fail_first)", retry)
                 self._send(200, server.complete(json.loads(raw or b"{}")))
             except json.JSONDecodeError as error:
                 self._error(400, f"body is not JSON: {error}")
