@@ -72,7 +72,12 @@ def table7(out: Path, resolution: int) -> dict:
     side = resolution // dims["vae_scale_factor"]
     ours = caption_and_latent_bytes(dims, (side, side), 77)
     ours_fp32_vae = caption_and_latent_bytes(dims, (side, side), 77, itemsize=4)["vae"]
-    return {"dims": dims, "ours_bytes": ours, "vae_fp32_bytes": ours_fp32_vae, "table7_kb": TABLE7_KB}
+    return {
+        "dims": dims,
+        "ours_bytes": ours,
+        "vae_fp32_bytes": ours_fp32_vae,
+        "table7_kb": TABLE7_KB,
+    }
 
 
 def build_medium_model(folder: Path) -> Path:
@@ -130,7 +135,9 @@ def build_store(out: Path, samples: int) -> Path:
         for n in range(samples):
             key, t = kept[n % len(kept)]
             buffer = io.BytesIO()
-            Image.open(demo / f"{key}.{t['ext']}").convert("RGB").save(buffer, "JPEG", quality=95 - n // len(kept))
+            Image.open(demo / f"{key}.{t['ext']}").convert("RGB").save(
+                buffer, "JPEG", quality=95 - n // len(kept)
+            )
             data = buffer.getvalue()
             synthetic = f"a detailed photo showing {t['caption']}" if n % 2 else None
             yield {"id": sample_id(data), "image": {"bytes": data, "path": None}, "caption": t["caption"],
@@ -168,7 +175,9 @@ def worker(mode: str, model: str, store: str, out: str, resolution: int, batch: 
         return {"peak_rss_mb": peak_rss_mb()}
     if mode == "sequential":
         start = time.monotonic()
-        config = PrecomputeConfig(model=model, resolution=resolution, batch_size=batch, shard_size=256)
+        config = PrecomputeConfig(
+            model=model, resolution=resolution, batch_size=batch, shard_size=256
+        )
         run_precompute(store, out, config)
         manifest = json.loads((Path(out) / "manifest.json").read_text())
         return {"peak_rss_mb": peak_rss_mb(), "wall_s": time.monotonic() - start, "counts": manifest["counts"],
@@ -199,7 +208,9 @@ def report(results: dict) -> str:
              "clip_l": "77x768 states + 768 pooled; Table 7 = 79 rows of 768", "clip_g": "77x1280 + 1280 pooled; Table 7 = 79 rows",
              "t5": "77x4096 + 77-byte mask"}  # fmt: skip
     for name, kb in TABLE7_KB.items():
-        lines.append(f"| {name} | {t7['ours_bytes'][name] / 1000:.1f} kB | {kb} kB | {notes[name]} |")
+        lines.append(
+            f"| {name} | {t7['ours_bytes'][name] / 1000:.1f} kB | {kb} kB | {notes[name]} |"
+        )
     lines += ["", "### Throughput and memory (one thread, random weights)", "",
               "| scale | samples | vae img/s | clip_l cap/s | clip_g cap/s | t5 cap/s | end to end samples/s | bytes/sample on disk (overhead) | peak RSS one-at-a-time | peak RSS all loaded | RSS after imports |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -217,18 +228,26 @@ def report(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--scales", nargs="+", default=["tiny", "medium"], choices=["tiny", "medium"])
+    parser.add_argument(
+        "--scales", nargs="+", default=["tiny", "medium"], choices=["tiny", "medium"]
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from model.build import init_model
 
     store = build_store(args.out, args.samples)
-    results = {"table7": table7(args.out, args.resolution), "scales": {}, "args": vars(args) | {"out": str(args.out)}}
+    results = {
+        "table7": table7(args.out, args.resolution),
+        "scales": {},
+        "args": vars(args) | {"out": str(args.out)},
+    }
     for scale in args.scales:
         model = args.out / f"model-{scale}"
         if scale == "tiny" and not (model / "model_index.json").is_file():
@@ -241,7 +260,9 @@ def main() -> None:
 
             shutil.rmtree(encoded)
         common = (model, store, encoded, args.resolution, args.batch_size)
-        results["scales"][scale] = {mode: measure(mode, *common) for mode in ("imports", "sequential", "all_loaded")}
+        results["scales"][scale] = {
+            mode: measure(mode, *common) for mode in ("imports", "sequential", "all_loaded")
+        }
         print(f"{scale}: {json.dumps(results['scales'][scale])}", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     text = report(results)
