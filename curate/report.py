@@ -1,0 +1,130 @@
+"""The curation report: report.md, contact sheets (kept; rejected by reason) and score histograms.
+
+Thumbnails come from the work chunks (160 px, NSFW ones blurred), so the report never decodes
+the full images again. Contact sheets hold at most `contact_sheet_max` images each, taken in id
+order so that they are the same on every run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CELL = 170
+
+
+def contact_sheet(thumbs: list[tuple[bytes, str]], path: Path, columns: int = 8) -> None:
+    """A grid of thumbnails, each with a short label under it."""
+    rows = max(1, math.ceil(len(thumbs) / columns))
+    sheet = Image.new("RGB", (columns * CELL, rows * (CELL + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (data, label) in enumerate(thumbs):
+        x, y = (index % columns) * CELL, (index // columns) * (CELL + 14)
+        thumb = Image.open(io.BytesIO(data)).convert("RGB")
+        sheet.paste(thumb, (x + (CELL - thumb.width) // 2, y + (CELL - thumb.height) // 2))
+        draw.text((x + 4, y + CELL), label[:26], fill="black")
+    sheet.save(path, "PNG")
+
+
+def histogram(values: np.ndarray, threshold: float | None, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
+    finite = values[np.isfinite(values)]
+    if len(finite):
+        axis.hist(finite, bins=min(50, max(5, len(finite) // 2)), color="#4c72b0")
+    if threshold is not None:
+        axis.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:g}")
+        axis.legend()
+    axis.set_title(title)
+    axis.set_ylabel("images")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _label(row: dict[str, Any]) -> str:
+    source = (row["source"] or "").rsplit("/", 1)[-1]
+    return source
+
+
+def write_report(out: Path, work, removed: dict, resolved, counts: dict[str, int], extra: dict[str, Any]) -> None:
+    config = resolved.config
+    limit = config.contact_sheet_max
+    kept: list[tuple[str, bytes, str]] = []
+    by_reason: dict[str, list[tuple[str, bytes, str]]] = {}
+    reason_counts: Counter = Counter()
+    nsfw, quality = [], []
+    listing: list[str] = []
+    for name in work.names():
+        for row in work.read(name).select(["id", "status", "reason", "score", "thumb", "source", "nsfw_score", "aesthetic_score"]).to_pylist():
+            if row["nsfw_score"] is not None:
+                nsfw.append(row["nsfw_score"])
+            if row["aesthetic_score"] is not None:
+                quality.append(row["aesthetic_score"])
+            reason = row["reason"] if row["status"] == "rejected" else ("near_duplicate" if row["id"] in removed else None)
+            if reason is None:
+                kept.append((row["id"], row["thumb"], _label(row)))
+                continue
+            reason_counts[reason] += 1
+            if row["thumb"] is not None:
+                by_reason.setdefault(reason, []).append((row["id"], row["thumb"], _label(row)))
+            if len(listing) < 200:
+                score = f"{row['score']:.4g}" if row["score"] is not None else ""
+                extra_detail = f" dup_of `{removed[row['id']][0][:12]}`" if row["id"] in removed else ""
+                listing.append(f"| `{row['source']}` | {reason} | {score} |{extra_detail} |")
+    sheets = []
+    if limit and kept:
+        contact_sheet([(t, label) for _, t, label in sorted(kept)[:limit]], out / "contact_kept.png")
+        sheets.append(("kept", "contact_kept.png", len(kept)))
+    for reason, items in sorted(by_reason.items()):
+        if limit:
+            contact_sheet([(t, label) for _, t, label in sorted(items)[:limit]], out / f"contact_rejected_{reason}.png")
+            sheets.append((f"rejected: {reason}", f"contact_rejected_{reason}.png", len(items)))
+    histogram(np.array(nsfw, dtype=float), config.nsfw_threshold if config.nsfw_detector != "none" else None, f"NSFW score ({config.nsfw_detector})", out / "hist_nsfw.png")
+    histogram(np.array(quality, dtype=float), resolved.aesthetic_threshold, f"{resolved.aesthetic_kind} score", out / "hist_aesthetic.png")
+
+    lines = [
+        "# Curation report",
+        "",
+        f"{counts.get('input', 0)} inputs: {counts.get('kept', 0)} kept, {counts.get('rejected', 0)} rejected.",
+        "",
+        "| reason | rejected |",
+        "| --- | --- |",
+        *[f"| {reason} | {count} |" for reason, count in sorted(reason_counts.items())],
+        "",
+        "## Settings",
+        "",
+        f"- NSFW: `{config.nsfw_detector}`, reject at >= {config.nsfw_threshold}",
+        f"- Aesthetic: `{resolved.aesthetic_kind}`"
+        + (f", reject below {resolved.aesthetic_threshold}" if resolved.aesthetic_threshold is not None else "")
+        + (" (100 - BRISQUE: a technical-quality score, not an aesthetic one)" if resolved.aesthetic_kind == "brisque_quality" else ""),
+        f"- Near-duplicates: `{config.embedder}` embeddings, cosine >= {resolved.similarity_threshold}, "
+        f"{extra.get('clusters', 0)} k-means clusters, top-{config.cluster_assign} assignment; pHash distance <= {config.phash_distance}",
+        f"- Pairs found: {extra.get('phash_pairs', 0)} by pHash, {extra.get('embedding_pairs', 0)} by embedding; dedup took {extra.get('dedup_s', 0)} s",
+        f"- Scoring: {extra.get('images_per_s')} images/s with {config.workers} workers",
+        "",
+        "## Figures",
+        "",
+        "![NSFW scores](hist_nsfw.png)",
+        "![aesthetic scores](hist_aesthetic.png)",
+        "",
+        *[f"- {title} ({count}): ![{title}]({file})" for title, file, count in sheets],
+        "",
+        "## Rejections" + (" (first 200)" if sum(reason_counts.values()) > 200 else ""),
+        "",
+        "| source | reason | score | |",
+        "| --- | --- | --- | --- |",
+        *listing,
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
