@@ -114,11 +114,13 @@ def check(data: bytes, min_side: int, max_aspect: float, max_pixels: int) -> Dec
     except Exception as error:
         raise Invalid(reasons.UNDECODABLE, f"cannot convert mode {image.mode}: {error}") from error
     width, height = upright.size
-    if min(width, height) < min_side:
-        raise Invalid(reasons.TOO_SMALL, f"{width}x{height}", float(min(width, height)), float(min_side))
+    if min(width, height) == 0:
+        raise Invalid(reasons.UNDECODABLE, f"{width}x{height} has no pixels")
     aspect = max(width, height) / min(width, height)
     if aspect > max_aspect:
         raise Invalid(reasons.ASPECT_RATIO, f"{width}x{height}", round(aspect, 4), float(max_aspect))
+    if min(width, height) < min_side:
+        raise Invalid(reasons.TOO_SMALL, f"{width}x{height}", float(min(width, height)), float(min_side))
     if plain:
         return Decoded(upright, data, False)
     return Decoded(upright, _png(upright), True)
