@@ -141,12 +141,21 @@ def embedding_pairs(embeddings: np.ndarray, labels: np.ndarray, threshold: float
     return _unique(np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s), n)
 
 
-def select(pairs: Pairs, scores: np.ndarray, ids: list[str]) -> dict[int, tuple[int, float]]:
-    """Algorithm 1's greedy pass: {removed index: (index it duplicates, similarity)}."""
+def select(pairs: Pairs, scores: np.ndarray, ids: list[str], pixels: np.ndarray | None = None, sizes: np.ndarray | None = None) -> dict[int, tuple[int, float]]:
+    """Algorithm 1's greedy pass: {removed index: (index it duplicates, similarity)}.
+
+    Best first: highest score; ties (or no score) by more pixels, then the larger original file, then id.
+    """
     if len(pairs) == 0:
         return {}
     nodes = np.unique(np.concatenate([pairs.i, pairs.j]))
-    rank = {int(node): r for r, node in enumerate(sorted(nodes.tolist(), key=lambda x: (-_finite(scores[x]), ids[x])))}
+    pixels = np.zeros(len(ids)) if pixels is None else pixels
+    sizes = np.zeros(len(ids)) if sizes is None else sizes
+
+    def order(x: int) -> tuple:
+        return (-_finite(scores[x]), -float(pixels[x]), -float(sizes[x]), ids[x])
+
+    rank = {int(node): r for r, node in enumerate(sorted(nodes.tolist(), key=order))}
     neighbours: dict[int, list[tuple[int, float]]] = {}
     for a, b, s in zip(pairs.i.tolist(), pairs.j.tolist(), pairs.similarity.tolist(), strict=True):
         neighbours.setdefault(a, []).append((b, s))

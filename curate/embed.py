@@ -57,7 +57,7 @@ class SSCD:
         file = require_folder(path, "embedder_model", "the SSCD embedder (a TorchScript .pt file)")
         self.model = torch.jit.load(str(file), map_location=device).eval()
         self.device, self.size = device, size
-        self.dim = int(self(([Image.new("RGB", (size, size))]))[0].shape[-1])
+        self.dim = int(self([Image.new("RGB", (size, size))])[0].shape[-1])
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> np.ndarray:

@@ -17,14 +17,21 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
 from curate import reasons
 from curate.config import CurateConfig
 from curate.ingest import Record, read_records
-from curate.store import Rejection, StageWriter, WorkLog, fingerprint, is_done, params_hash, sample_id
+from curate.store import (
+    Rejection,
+    StageWriter,
+    WorkLog,
+    fingerprint,
+    is_done,
+    params_hash,
+    sample_id,
+)
 
 STAGE = "curate"
 # Options that change how fast the work runs, never what it produces.
@@ -107,17 +114,19 @@ def _score_all(inp: Path, work: WorkLog, resolved, workers: int) -> int:
     return total
 
 
-def _candidates(work: WorkLog) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """ids, aesthetic scores, pHashes and embeddings (a disk-backed array) of the candidates."""
+def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+    """ids, per-candidate columns (scores, pHashes, pixels, bytes) and embeddings (a disk-backed array)."""
     ids: list[str] = []
-    scores, hashes = [], []
+    scores, hashes, pixels, sizes = [], [], [], []
     dim, count = 0, 0
     for name in work.names():
-        table = work.read(name).select(["status", "id", "aesthetic_score", "phash", "embedding"])
+        table = work.read(name).select(["status", "id", "aesthetic_score", "phash", "width", "height", "nbytes", "embedding"])
         table = table.filter(pc.equal(table["status"], "candidate"))
         ids += table["id"].to_pylist()
-        scores.append(table["aesthetic_score"].to_numpy(zero_copy_only=False))
+        scores.append(table["aesthetic_score"].fill_null(float("nan")).to_numpy(zero_copy_only=False))
         hashes.append(table["phash"].to_numpy(zero_copy_only=False))
+        pixels.append(pc.multiply(table["width"], table["height"]).to_numpy(zero_copy_only=False))
+        sizes.append(table["nbytes"].to_numpy(zero_copy_only=False))
         if table.num_rows:
             dim = len(table["embedding"][0])
         count += table.num_rows
@@ -131,8 +140,12 @@ def _candidates(work: WorkLog) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
             values = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
             matrix[row : row + table.num_rows] = values.reshape(table.num_rows, dim)
             row += table.num_rows
-    concat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
-    return ids, concat(scores, np.float64), concat(hashes, np.uint64), matrix
+
+    def concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    columns = {"score": concat(scores, np.float64), "phash": concat(hashes, np.uint64), "pixels": concat(pixels, np.int64), "nbytes": concat(sizes, np.int64)}
+    return ids, columns, matrix
 
 
 def deduplicate(work: WorkLog, resolved, threads: int) -> tuple[dict[str, tuple[str, float, str]], dict[str, int], dict[str, Any]]:
@@ -140,7 +153,8 @@ def deduplicate(work: WorkLog, resolved, threads: int) -> tuple[dict[str, tuple[
     from curate import dedup
 
     config = resolved.config
-    ids, scores, hashes, embeddings = _candidates(work)
+    ids, columns, embeddings = _candidates(work)
+    scores, hashes = columns["score"], columns["phash"]
     n = len(ids)
     started = time.monotonic()
     by_hash = dedup.phash_pairs(hashes, config.phash_distance)
@@ -150,7 +164,7 @@ def deduplicate(work: WorkLog, resolved, threads: int) -> tuple[dict[str, tuple[
     pairs = dedup.merge(by_hash, by_embedding, max(n, 1))
     hash_codes = set((by_hash.i * max(n, 1) + by_hash.j).tolist())
     removed = {}
-    for index, (kept, similarity) in dedup.select(pairs, scores, ids).items():
+    for index, (kept, similarity) in dedup.select(pairs, scores, ids, columns["pixels"], columns["nbytes"]).items():
         lo, hi = min(index, kept), max(index, kept)
         how = "phash" if lo * max(n, 1) + hi in hash_codes else "embedding"
         removed[ids[index]] = (ids[kept], similarity, how)

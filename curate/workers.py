@@ -37,6 +37,7 @@ ROW_SCHEMA_FIELDS = [
     ("nsfw_score", pa.float64()),
     ("aesthetic_score", pa.float64()),
     ("phash", pa.uint64()),
+    ("nbytes", pa.int64()),
 ]
 
 
@@ -170,27 +171,30 @@ def process_chunk(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np
         except Invalid as invalid:
             row.update(reason=invalid.reason, score=invalid.score, threshold=invalid.threshold, detail=f"source={item['key']} {invalid.detail}".strip())
             continue
-        row.update(image=decoded.stored, width=decoded.image.width, height=decoded.image.height)
+        row.update(image=decoded.stored, width=decoded.image.width, height=decoded.image.height, nbytes=len(item["data"]))
         images.append(decoded.image)
         positions.append(len(rows) - 1)
 
     clip_embeddings = scorers.batched(scorers.clip, images, None) if scorers.clip is not None and images else None
-    nsfw = scorers.batched(scorers.nsfw, images, clip_embeddings) if scorers.nsfw is not None else np.full(len(images), np.nan)
+    nsfw = scorers.batched(scorers.nsfw, images, clip_embeddings) if scorers.nsfw is not None else None
     alive = []
     for k, position in enumerate(positions):
         row = rows[position]
-        row["nsfw_score"] = float(nsfw[k])
-        if scorers.nsfw is not None and nsfw[k] >= config.nsfw_threshold:
+        row["nsfw_score"] = float(nsfw[k]) if nsfw is not None else None
+        if nsfw is not None and nsfw[k] >= config.nsfw_threshold:
             row.update(reason=reasons.NSFW, score=float(nsfw[k]), threshold=config.nsfw_threshold, image=None, thumb=_thumbnail(images[k], blur=True))
         else:
             alive.append(k)
-    quality = scorers.batched(scorers.aesthetic, [images[k] for k in alive], clip_embeddings[alive] if clip_embeddings is not None else None) if scorers.aesthetic is not None else np.full(len(alive), np.nan)
+    if scorers.aesthetic is not None:
+        quality = scorers.batched(scorers.aesthetic, [images[k] for k in alive], clip_embeddings[alive] if clip_embeddings is not None else None)
+    else:
+        quality = [None] * len(alive)
     candidates = []
     for q, k in zip(quality, alive, strict=True):
         row = rows[positions[k]]
-        row["aesthetic_score"] = float(q)
+        row["aesthetic_score"] = float(q) if q is not None else None
         row["thumb"] = _thumbnail(images[k], blur=False)
-        if resolved.aesthetic_threshold is not None and scorers.aesthetic is not None and not q >= resolved.aesthetic_threshold:
+        if q is not None and resolved.aesthetic_threshold is not None and not q >= resolved.aesthetic_threshold:
             row.update(reason=reasons.LOW_AESTHETIC, score=float(q), threshold=resolved.aesthetic_threshold, image=None)
         else:
             row.update(status="candidate", detail="", phash=_phash(images[k]))
