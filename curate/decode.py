@@ -21,6 +21,9 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 EXIF_ORIENTATION = 0x0112
+TRUNCATION_HINTS = ("truncated", "not enough data", "broken data stream", "premature end")
+# Signatures of image formats: bytes that start like one but do not open are undecodable, not "not an image".
+MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00")
 
 
 class Invalid(Exception):
@@ -46,7 +49,13 @@ def _open(data: bytes) -> Image.Image:
             warnings.simplefilter("ignore")
             return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
+        if data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise Invalid(reasons.UNDECODABLE, f"starts like an image but cannot be parsed: {error}") from error
         raise Invalid(reasons.NOT_AN_IMAGE, f"no image format recognised ({len(data)} bytes)") from error
+    except OSError as error:
+        if any(hint in str(error).lower() for hint in TRUNCATION_HINTS):
+            raise Invalid(reasons.TRUNCATED, str(error)) from error
+        raise Invalid(reasons.UNDECODABLE, f"{type(error).__name__}: {error}") from error
     except Exception as error:  # a malformed header of a recognised format
         raise Invalid(reasons.UNDECODABLE, f"{type(error).__name__}: {error}") from error
 
@@ -58,7 +67,7 @@ def _load(image: Image.Image) -> None:
             image.load()
     except OSError as error:
         message = str(error)
-        if "truncated" in message or "not enough data" in message or "broken data stream" in message:
+        if any(hint in message.lower() for hint in TRUNCATION_HINTS):
             raise Invalid(reasons.TRUNCATED, message) from error
         raise Invalid(reasons.UNDECODABLE, message) from error
     except Exception as error:
