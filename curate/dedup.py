@@ -4,8 +4,7 @@
    hashing (split into max_distance+1 bands: by pigeonhole, a close pair agrees on one band).
 2. Embedding pairs: L2-normalised embeddings, spherical FAISS k-means into K clusters, each
    vector assigned to its `assign` nearest centroids (top-2 recovers pairs split by a boundary),
-   then inside every cluster the exact cosine similarity of all members (a BLAS range search at
-   `threshold`).
+   then per cluster an exact FAISS range search (BLAS inner products) at `threshold`.
 3. Selection (Algorithm 1): visit images best first (highest aesthetic score, ties by id); an
    image not yet removed is kept and removes every neighbour still standing, recording `dup_of`.
 """
@@ -87,13 +86,30 @@ def phash_pairs(hashes: np.ndarray, max_distance: int) -> Pairs:
     return _unique(i, j, 1.0 - distance / 64.0, n)
 
 
+EXACT_UP_TO = 2000  # below this many images one cluster (exact all-pairs) is cheaper than k-means
+
+
 def default_clusters(n: int) -> int:
-    """K grows with N (about sqrt N, which balances k-means cost against per-cluster search); SD3: 16,000."""
-    return int(max(1, min(16_000, round(math.sqrt(n)))))
+    """K grows with N: one cluster up to 2,000 images, then 2 sqrt(N) (balancing k-means and search cost), at most SD3's 16,000."""
+    if n <= EXACT_UP_TO:
+        return 1
+    return int(min(16_000, round(2 * math.sqrt(n))))
 
 
-def cluster(embeddings: np.ndarray, k: int, assign: int, iterations: int, seed: int, threads: int | None = None) -> np.ndarray:
-    """Spherical k-means; returns each vector's `assign` nearest centroids, [N, assign] int64 (column 0 = own cluster)."""
+def cluster(
+    embeddings: np.ndarray,
+    k: int,
+    assign: int,
+    iterations: int,
+    seed: int,
+    threads: int | None = None,
+    pca_dim: int | None = None,
+) -> np.ndarray:
+    """Spherical k-means; each vector's `assign` nearest centroids, [N, assign] int64 (column 0 = own cluster).
+
+    With `pca_dim` (default: 128 when D > 256 and N > 100,000) the clustering runs on a PCA
+    projection fitted on the training sample; similarities are always computed in full D later.
+    """
     import faiss
 
     if threads:
@@ -102,40 +118,66 @@ def cluster(embeddings: np.ndarray, k: int, assign: int, iterations: int, seed: 
     k = max(1, min(k, n))
     if k == 1:
         return np.zeros((n, 1), np.int64)
-    kmeans = faiss.Kmeans(d, k, niter=iterations, spherical=True, seed=seed, verbose=False, max_points_per_centroid=64, min_points_per_centroid=1)
-    kmeans.train(np.ascontiguousarray(embeddings, dtype=np.float32))
-    index = faiss.IndexFlatIP(d)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, min(n, k * 32), replace=False))  # 32 training points per centroid
+    train = np.ascontiguousarray(embeddings[sample], dtype=np.float32)
+    if pca_dim is None and d > 256 and n > 100_000:
+        pca_dim = 128
+    project = None
+    if pca_dim and pca_dim < d:
+        pca = faiss.PCAMatrix(d, pca_dim)
+        pca.train(train)
+        project = pca.apply_py
+        train = project(train)
+    kmeans = faiss.Kmeans(train.shape[1], k, niter=iterations, spherical=True, seed=seed, verbose=False, min_points_per_centroid=1)
+    kmeans.train(train)
+    index = faiss.IndexFlatIP(train.shape[1])
     index.add(kmeans.centroids)
     labels = np.empty((n, min(assign, k)), np.int64)
     for start in range(0, n, 65536):
         block = np.ascontiguousarray(embeddings[start : start + 65536], dtype=np.float32)
+        if project is not None:
+            block = project(block)
         labels[start : start + len(block)] = index.search(block, labels.shape[1])[1]
     return labels
 
 
 def embedding_pairs(embeddings: np.ndarray, labels: np.ndarray, threshold: float) -> Pairs:
-    """Inside every cluster, all member pairs with cosine similarity >= THRESHOLD (exact)."""
-    n = len(embeddings)
+    """Per cluster, an exact range search at THRESHOLD: its own members against everything assigned to it.
+
+    The database of cluster c holds the vectors whose nearest centroid is c; the queries are those
+    plus the vectors that have c among their other top-`assign` centroids. A pair is found when one
+    image's own cluster is among the other's nearest clusters.
+    """
+    import faiss
+
+    n, d = embeddings.shape
     members = labels.reshape(-1)
     owners = np.repeat(np.arange(n), labels.shape[1])
-    order = np.argsort(members, kind="stable")
-    members, owners = members[order], owners[order]
+    primary = np.tile(np.arange(labels.shape[1]) == 0, n)
+    order = np.lexsort((~primary, members))
+    members, owners, primary = members[order], owners[order], primary[order]
     starts = np.flatnonzero(np.r_[True, members[1:] != members[:-1]])
     ends = np.r_[starts[1:], len(members)]
     found_i, found_j, found_s = [], [], []
     for start, end in zip(starts, ends, strict=True):
         if end - start < 2:
             continue
-        ids = np.sort(owners[start:end])
-        vectors = np.ascontiguousarray(embeddings[ids], dtype=np.float32)
-        for row in range(0, len(ids), BLOCK):
-            sims = vectors[row : row + BLOCK] @ vectors.T
-            a, b = np.nonzero(sims >= threshold)
-            a_global = a + row
-            upper = b > a_global
-            found_i.append(ids[a_global[upper]])
-            found_j.append(ids[b[upper]])
-            found_s.append(sims[a[upper], b[upper]])
+        base = owners[start:end][primary[start:end]]
+        if len(base) == 0:
+            continue
+        queries = owners[start:end]
+        index = faiss.IndexFlatIP(d)
+        index.add(np.ascontiguousarray(embeddings[base], dtype=np.float32))
+        for row in range(0, len(queries), BLOCK):
+            batch = queries[row : row + BLOCK]
+            lims, sims, hits = index.range_search(np.ascontiguousarray(embeddings[batch], dtype=np.float32), threshold)
+            query = np.repeat(batch, np.diff(lims.astype(np.int64)))
+            other = base[hits]
+            keep = query != other
+            found_i.append(query[keep])
+            found_j.append(other[keep])
+            found_s.append(sims[keep])
     if not found_i:
         return Pairs.empty()
     return _unique(np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s), n)

@@ -72,8 +72,12 @@ def _chunks(records: Iterator[Record], size: int) -> Iterator[list[dict[str, Any
         yield chunk
 
 
-def _score_all(inp: Path, work: WorkLog, resolved, workers: int) -> int:
-    """Fill the WorkLog with one chunk per `chunk_size` records; returns the number of records."""
+def _score_all(inp: Path, work: WorkLog, resolved, workers: int, timing: dict[str, float]) -> int:
+    """Fill the WorkLog with one chunk per `chunk_size` records; returns the number of records.
+
+    TIMING receives when the first chunk finished (start-up: workers spawned, models loaded) and
+    how many images were scored after it, for a steady-state rate.
+    """
     from curate.workers import chunk_table, ensure_worker, init_worker, process_chunk
 
     config = resolved.config
@@ -88,6 +92,12 @@ def _score_all(inp: Path, work: WorkLog, resolved, workers: int) -> int:
             rows, embeddings = result.get() if pool is not None else result
             work.write(name, chunk_table(rows, embeddings))
             progress.update(size)
+            now = time.monotonic()
+            if "first_chunk" not in timing:
+                timing["first_chunk"] = now
+            else:
+                timing["after_first"] = timing.get("after_first", 0) + size
+            timing["last_chunk"] = now
 
     try:
         for index, chunk in enumerate(_chunks(read_records(inp), config.chunk_size)):
@@ -217,9 +227,13 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
     work_key = params_hash({"stage": STAGE, "input": input_fingerprint, **{k: v for k, v in parameters.items() if k not in NOT_IN_WORK_KEY}})
     work = WorkLog(out, work_key)
     started = time.monotonic()
-    total = _score_all(inp, work, resolved, config.workers)
+    timing: dict[str, float] = {}
+    total = _score_all(inp, work, resolved, config.workers, timing)
     scored_s = time.monotonic() - started
-    removed, clusters, figures = deduplicate(work, resolved, config.workers)
+    steady = None
+    if timing.get("after_first") and timing["last_chunk"] > timing["first_chunk"]:
+        steady = round(timing["after_first"] / (timing["last_chunk"] - timing["first_chunk"]), 3)
+    removed, clusters, figures = deduplicate(work, resolved, threads=1)  # FAISS with 2 threads contends badly on 2 cores
     with StageWriter(out, STAGE, parameters, input_fingerprint) as writer:
         kept = writer.write_samples(_sample_rows(work, removed, clusters, resolved.aesthetic_kind), SAMPLE_FEATURES)
         rejected = writer.write_rejected(_rejections(work, removed, resolved.similarity_threshold))
@@ -227,7 +241,8 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
         writer.extra.update(
             aesthetic_kind=resolved.aesthetic_kind, aesthetic_threshold=resolved.aesthetic_threshold,
             similarity_threshold=resolved.similarity_threshold, scoring_s=round(scored_s, 3),
-            images_per_s=round(total / scored_s, 3) if scored_s else None, **figures,
+            images_per_s=round(total / scored_s, 3) if scored_s else None, steady_images_per_s=steady,
+            startup_s=round(timing["first_chunk"] - started, 3) if "first_chunk" in timing else None, **figures,
         )  # fmt: skip
         write_report(writer.path, work, removed, resolved, writer.counts, writer.extra)
     work.clear()
