@@ -98,7 +98,9 @@ def scorer_alone(kind: str, paths: list[Path], workers: int, batch: int = 16) ->
         started = time.monotonic()
         done = sum(_score(c) for c in chunks)
         return done / (time.monotonic() - started)
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init, initargs=(kind,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        workers, initializer=_init, initargs=(kind,)
+    ) as pool:
         pool.map(_score, [chunks[0][:1]] * workers)  # models loaded in every worker
         started = time.monotonic()
         done = sum(pool.map(_score, chunks, chunksize=1))
@@ -106,9 +108,12 @@ def scorer_alone(kind: str, paths: list[Path], workers: int, batch: int = 16) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=160)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=16, help="curate's chunk size (small, so both workers stay busy on a short run)")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
 
@@ -119,11 +124,11 @@ def main() -> None:
         slowest = min(single, key=single.get)
         parallel = round(scorer_alone(slowest, paths, args.workers), 2)
         started = time.monotonic()
-        out = run_curate(root / "in", root / "out", CurateConfig(workers=args.workers))
+        out = run_curate(root / "in", root / "out", CurateConfig(workers=args.workers, chunk_size=args.chunk_size))
         curate_wall = time.monotonic() - started
         manifest = json.loads((out / "manifest.json").read_text())
         figures = {
-            "n": args.n, "workers": args.workers,
+            "n": args.n, "workers": args.workers, "chunk_size": args.chunk_size,
             "scorer_alone_1proc_img_s": single, "slowest": slowest,
             f"{slowest}_alone_{args.workers}proc_img_s": parallel,
             "curate_end_to_end_img_s": round(args.n / curate_wall, 2),

@@ -57,7 +57,9 @@ def synthetic(n: int, dim: int, groups: int, seed: int) -> tuple[np.ndarray, np.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--groups", type=int, default=20_000, help="planted near-duplicate groups")
@@ -66,7 +68,12 @@ def main() -> None:
     parser.add_argument("--assign", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=1, help="FAISS threads (1: two contend badly on 2 shared cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="FAISS threads (1: two contend badly on 2 shared cores)",
+    )
     parser.add_argument("--json", type=str, default=None, help="write the figures here too")
     args = parser.parse_args()
 
@@ -80,13 +87,24 @@ def main() -> None:
     t1 = time.monotonic()
     pairs = dedup.embedding_pairs(vectors, labels, args.threshold)
     t2 = time.monotonic()
-    removed = dedup.select(pairs, np.zeros(args.n), [f"{i:08d}" for i in range(args.n)]) if len(pairs) < 5_000_000 else {}
+    removed = (
+        dedup.select(pairs, np.zeros(args.n), [f"{i:08d}" for i in range(args.n)])
+        if len(pairs) < 5_000_000
+        else {}
+    )
     t3 = time.monotonic()
 
     # Exact ground truth for sampled queries against all N.
     rng = np.random.default_rng(1)
     planted = np.flatnonzero(group >= 0)
-    queries = np.unique(np.concatenate([rng.choice(planted, args.queries // 2, replace=False), rng.choice(args.n, args.queries // 2, replace=False)]))
+    queries = np.unique(
+        np.concatenate(
+            [
+                rng.choice(planted, args.queries // 2, replace=False),
+                rng.choice(args.n, args.queries // 2, replace=False),
+            ]
+        )
+    )
     truth = set()
     for start in range(0, len(queries), 256):
         block = queries[start : start + 256]
@@ -96,7 +114,11 @@ def main() -> None:
             if q != other:
                 truth.add((min(q, other), max(q, other)))
     query_set = set(queries.tolist())
-    found = {(i, j) for i, j in zip(pairs.i.tolist(), pairs.j.tolist(), strict=True) if i in query_set or j in query_set}
+    found = {
+        (i, j)
+        for i, j in zip(pairs.i.tolist(), pairs.j.tolist(), strict=True)
+        if i in query_set or j in query_set
+    }
     hits = len(found & truth)
     figures = {
         "n": args.n, "dim": args.dim, "clusters": k, "assign": args.assign, "threshold": args.threshold,

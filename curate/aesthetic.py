@@ -47,7 +47,9 @@ def _brisque_class():
 
         def calculate_brisque_features(self, image, kernel_size=7, sigma=7 / 6):
             features = super().calculate_brisque_features(image, kernel_size, sigma)
-            return np.array([float(np.asarray(f).reshape(-1)[0]) for f in features], dtype=np.float64)
+            return np.array(
+                [float(np.asarray(f).reshape(-1)[0]) for f in features], dtype=np.float64
+            )
 
     return Brisque
 
@@ -76,13 +78,25 @@ class BrisqueQuality:
 class LaionAestheticV2:
     kind = "laion_v2"
 
-    def __init__(self, clip_folder: str | None, mlp_path: str | None, device: str = "cpu", clip: ClipImageEmbedder | None = None) -> None:
+    def __init__(
+        self,
+        clip_folder: str | None,
+        mlp_path: str | None,
+        device: str = "cpu",
+        clip: ClipImageEmbedder | None = None,
+    ) -> None:
         if not mlp_path:
-            raise ValueError("the LAION aesthetic predictor needs its MLP weights: pass --aesthetic-model FILE")
+            raise ValueError(
+                "the LAION aesthetic predictor needs its MLP weights: pass --aesthetic-model FILE"
+            )
         self.clip = clip or ClipImageEmbedder(clip_folder, device)
-        self.head = load_head(mlp_path, activation="none", output="linear", expect_dim=self.clip.dim)
+        self.head = load_head(
+            mlp_path, activation="none", output="linear", expect_dim=self.clip.dim
+        )
 
     @torch.no_grad()
-    def __call__(self, images: list[Image.Image], embeddings: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self, images: list[Image.Image], embeddings: np.ndarray | None = None
+    ) -> np.ndarray:
         embeddings = self.clip(images) if embeddings is None else embeddings
         return self.head(torch.from_numpy(embeddings)).numpy().astype(np.float64)

@@ -28,7 +28,10 @@ def image_processor(folder: Path, fallback_size: int):
 
     if (folder / "preprocessor_config.json").is_file():
         return AutoImageProcessor.from_pretrained(str(folder))
-    return CLIPImageProcessor(size={"shortest_edge": fallback_size}, crop_size={"height": fallback_size, "width": fallback_size})
+    return CLIPImageProcessor(
+        size={"shortest_edge": fallback_size},
+        crop_size={"height": fallback_size, "width": fallback_size},
+    )
 
 
 class ClipImageEmbedder:

@@ -23,13 +23,28 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 EXIF_ORIENTATION = 0x0112
 TRUNCATION_HINTS = ("truncated", "not enough data", "broken data stream", "premature end")
 # Signatures of image formats: bytes that start like one but do not open are undecodable, not "not an image".
-MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00")
+MAGIC = (
+    b"\xff\xd8\xff",
+    b"\x89PNG",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"\x00\x00\x01\x00",
+)
 
 
 class Invalid(Exception):
     """An input that cannot become a sample, with the reason it is rejected."""
 
-    def __init__(self, reason: str, detail: str = "", score: float | None = None, threshold: float | None = None):
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        score: float | None = None,
+        threshold: float | None = None,
+    ):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail, self.score, self.threshold = reason, detail, score, threshold
 
@@ -50,8 +65,12 @@ def _open(data: bytes) -> Image.Image:
             return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
         if data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-            raise Invalid(reasons.UNDECODABLE, f"starts like an image but cannot be parsed: {error}") from error
-        raise Invalid(reasons.NOT_AN_IMAGE, f"no image format recognised ({len(data)} bytes)") from error
+            raise Invalid(
+                reasons.UNDECODABLE, f"starts like an image but cannot be parsed: {error}"
+            ) from error
+        raise Invalid(
+            reasons.NOT_AN_IMAGE, f"no image format recognised ({len(data)} bytes)"
+        ) from error
     except OSError as error:
         if any(hint in str(error).lower() for hint in TRUNCATION_HINTS):
             raise Invalid(reasons.TRUNCATED, str(error)) from error
@@ -89,11 +108,15 @@ def normalise(image: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if array.max() > 255 or mode.startswith("I;16") else 255.0
-        return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(
+            np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L"
+        ).convert("RGB")
     if mode == "F":
         array = np.asarray(image, dtype=np.float64)
         scale = 255.0 if array.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8), "L").convert(
+            "RGB"
+        )
     if mode == "1":
         return image.convert("L").convert("RGB")
     return image.convert("RGB")
@@ -115,7 +138,12 @@ def check(data: bytes, min_side: int, max_aspect: float, max_pixels: int) -> Dec
     image = _open(data)
     width, height = image.size
     if width * height > max_pixels:
-        raise Invalid(reasons.DECOMPRESSION_BOMB, f"declares {width}x{height} pixels", float(width * height), float(max_pixels))
+        raise Invalid(
+            reasons.DECOMPRESSION_BOMB,
+            f"declares {width}x{height} pixels",
+            float(width * height),
+            float(max_pixels),
+        )
     plain = _is_plain(image)
     _load(image)
     try:
@@ -127,9 +155,13 @@ def check(data: bytes, min_side: int, max_aspect: float, max_pixels: int) -> Dec
         raise Invalid(reasons.UNDECODABLE, f"{width}x{height} has no pixels")
     aspect = max(width, height) / min(width, height)
     if aspect > max_aspect:
-        raise Invalid(reasons.ASPECT_RATIO, f"{width}x{height}", round(aspect, 4), float(max_aspect))
+        raise Invalid(
+            reasons.ASPECT_RATIO, f"{width}x{height}", round(aspect, 4), float(max_aspect)
+        )
     if min(width, height) < min_side:
-        raise Invalid(reasons.TOO_SMALL, f"{width}x{height}", float(min(width, height)), float(min_side))
+        raise Invalid(
+            reasons.TOO_SMALL, f"{width}x{height}", float(min(width, height)), float(min_side)
+        )
     if plain:
         return Decoded(upright, data, False)
     return Decoded(upright, _png(upright), True)

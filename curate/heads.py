@@ -34,25 +34,37 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 class MLPHead(nn.Module):
     """Linear layers at the indices the weight file names (gaps are eval-time dropout)."""
 
-    def __init__(self, state: dict[str, torch.Tensor], activation: str, output: str, source: str) -> None:
+    def __init__(
+        self, state: dict[str, torch.Tensor], activation: str, output: str, source: str
+    ) -> None:
         super().__init__()
-        indices = sorted({int(m.group(1)) for k in state if (m := re.fullmatch(r"layers\.(\d+)\.weight", k))})
+        indices = sorted(
+            {int(m.group(1)) for k in state if (m := re.fullmatch(r"layers\.(\d+)\.weight", k))}
+        )
         if not indices:
-            raise ValueError(f"{source} holds no `layers.N.weight` tensors; it is not an MLP head file")
+            raise ValueError(
+                f"{source} holds no `layers.N.weight` tensors; it is not an MLP head file"
+            )
         modules: list[nn.Module] = []
         for index in range(indices[-1] + 1):
             if index in indices:
                 out_features, in_features = state[f"layers.{index}.weight"].shape
-                modules.append(nn.Linear(in_features, out_features, bias=f"layers.{index}.bias" in state))
+                modules.append(
+                    nn.Linear(in_features, out_features, bias=f"layers.{index}.bias" in state)
+                )
             else:
                 modules.append(nn.Identity())
         self.layers = nn.Sequential(*modules)
-        self.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items() if k.startswith("layers.")})
+        self.layers.load_state_dict(
+            {k.removeprefix("layers."): v for k, v in state.items() if k.startswith("layers.")}
+        )
         self.activation, self.output = activation, output
         self.in_features = int(state[f"layers.{indices[0]}.weight"].shape[1])
         mean, variance = state.get("norm.mean"), state.get("norm.variance")
         self.register_buffer("mean", mean.float().reshape(-1) if mean is not None else None)
-        self.register_buffer("variance", variance.float().reshape(-1) if variance is not None else None)
+        self.register_buffer(
+            "variance", variance.float().reshape(-1) if variance is not None else None
+        )
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         x = embeddings

@@ -39,7 +39,9 @@ def detect_layout(root: Path) -> str:
             return "webdataset"
         if root.suffix == ".parquet":
             return "parquet"
-        raise ValueError(f"input file {root} is neither a .tar shard nor a .parquet file; pass a folder of them")
+        raise ValueError(
+            f"input file {root} is neither a .tar shard nor a .parquet file; pass a folder of them"
+        )
     if (root / MANIFEST).is_file() and (root / SAMPLES).is_dir():
         return "store"
     if (root / "dataset_info.json").is_file() or (root / "state.json").is_file():
@@ -57,7 +59,13 @@ def read_records(root: str | Path) -> Iterator[Record]:
     if not root.exists():
         raise FileNotFoundError(f"input {root} does not exist")
     layout = detect_layout(root)
-    reader = {"folder": _folder, "webdataset": _webdataset, "parquet": _parquet, "datasets": _datasets, "store": _store}[layout]
+    reader = {
+        "folder": _folder,
+        "webdataset": _webdataset,
+        "parquet": _parquet,
+        "datasets": _datasets,
+        "store": _store,
+    }[layout]
     yield from reader(root)
 
 
@@ -77,7 +85,11 @@ def _caption_from(name: str, payload: bytes) -> str:
 
 
 def _folder(root: Path) -> Iterator[Record]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     stems: dict[Path, list[Path]] = {}
     for path in files:
         stems.setdefault(path.with_suffix(""), []).append(path)
@@ -119,9 +131,19 @@ def _webdataset(root: Path) -> Iterator[Record]:
                     continue
                 source = f"{shard_name}/{member.name}"
                 if _unsafe(member.name) or not member.isfile():
-                    kind = "absolute or parent-relative path" if _unsafe(member.name) else f"{'link' if member.issym() or member.islnk() else 'special'} member"
-                    payload = tar.extractfile(member).read() if member.isfile() else (member.linkname or member.name).encode()
-                    yield Record(source, payload, "", reasons.UNSAFE_PATH, f"refused {kind}: {member.name!r}")
+                    kind = (
+                        "absolute or parent-relative path"
+                        if _unsafe(member.name)
+                        else f"{'link' if member.issym() or member.islnk() else 'special'} member"
+                    )
+                    payload = (
+                        tar.extractfile(member).read()
+                        if member.isfile()
+                        else (member.linkname or member.name).encode()
+                    )
+                    yield Record(
+                        source, payload, "", reasons.UNSAFE_PATH, f"refused {kind}: {member.name!r}"
+                    )
                     continue
                 key, extension = _sample_key(member.name)
                 if key not in pending:
@@ -173,7 +195,9 @@ def _parquet(root: Path) -> Iterator[Record]:
         columns = parquet.schema_arrow.names
         image_column = _pick(columns, IMAGE_COLUMNS)
         if image_column is None:
-            raise ValueError(f"{file} has no image column; expected one of {', '.join(IMAGE_COLUMNS)} (found {', '.join(columns)})")
+            raise ValueError(
+                f"{file} has no image column; expected one of {', '.join(IMAGE_COLUMNS)} (found {', '.join(columns)})"
+            )
         caption_column, key_column = _pick(columns, CAPTION_COLUMNS), _pick(columns, KEY_COLUMNS)
         row = 0
         for batch in parquet.iter_batches(batch_size=256):
@@ -181,7 +205,9 @@ def _parquet(root: Path) -> Iterator[Record]:
             for i, value in enumerate(table[image_column]):
                 key = table[key_column][i] if key_column else None
                 caption = table[caption_column][i] if caption_column else ""
-                yield Record(f"{name}:{key if key is not None else row}", _image_bytes(value), caption or "")
+                yield Record(
+                    f"{name}:{key if key is not None else row}", _image_bytes(value), caption or ""
+                )
                 row += 1
 
 
@@ -191,14 +217,20 @@ def _dataset_rows(dataset, label: str) -> Iterator[Record]:
     columns = dataset.column_names
     image_column = _pick(columns, IMAGE_COLUMNS)
     if image_column is None:
-        raise ValueError(f"{label} has no image column; expected one of {', '.join(IMAGE_COLUMNS)} (found {', '.join(columns)})")
+        raise ValueError(
+            f"{label} has no image column; expected one of {', '.join(IMAGE_COLUMNS)} (found {', '.join(columns)})"
+        )
     if isinstance(dataset.features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     caption_column = _pick(columns, CAPTION_COLUMNS)
     key_column = "source" if "source" in columns else _pick(columns, KEY_COLUMNS)
     for row, item in enumerate(dataset):
         key = item[key_column] if key_column else row
-        yield Record(f"{key}", _image_bytes(item[image_column]), (item[caption_column] if caption_column else "") or "")
+        yield Record(
+            f"{key}",
+            _image_bytes(item[image_column]),
+            (item[caption_column] if caption_column else "") or "",
+        )
 
 
 def _datasets(root: Path) -> Iterator[Record]:

@@ -42,7 +42,9 @@ class HFImageClassifierNSFW:
         self.model = AutoModelForImageClassification.from_pretrained(str(path)).to(device).eval()
         self.processor = AutoImageProcessor.from_pretrained(str(path))
         labels = {int(i): str(name).lower() for i, name in self.model.config.id2label.items()}
-        self.nsfw_ids = [i for i, name in labels.items() if any(word in name for word in NSFW_LABELS)]
+        self.nsfw_ids = [
+            i for i, name in labels.items() if any(word in name for word in NSFW_LABELS)
+        ]
         if not self.nsfw_ids:
             raise ValueError(
                 f"{path}: none of its labels {sorted(labels.values())} looks like an NSFW class "
@@ -60,13 +62,25 @@ class HFImageClassifierNSFW:
 class LaionClipNSFW:
     kind = "laion_clip"
 
-    def __init__(self, clip_folder: str | None, head_path: str | None, device: str = "cpu", clip: ClipImageEmbedder | None = None) -> None:
+    def __init__(
+        self,
+        clip_folder: str | None,
+        head_path: str | None,
+        device: str = "cpu",
+        clip: ClipImageEmbedder | None = None,
+    ) -> None:
         if not head_path:
-            raise ValueError("the 'laion_clip' NSFW detector needs its head weights: pass --nsfw-model FILE")
+            raise ValueError(
+                "the 'laion_clip' NSFW detector needs its head weights: pass --nsfw-model FILE"
+            )
         self.clip = clip or ClipImageEmbedder(clip_folder, device)
-        self.head = load_head(head_path, activation="relu", output="sigmoid", expect_dim=self.clip.dim)
+        self.head = load_head(
+            head_path, activation="relu", output="sigmoid", expect_dim=self.clip.dim
+        )
 
     @torch.no_grad()
-    def __call__(self, images: list[Image.Image], embeddings: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self, images: list[Image.Image], embeddings: np.ndarray | None = None
+    ) -> np.ndarray:
         embeddings = self.clip(images) if embeddings is None else embeddings
         return self.head(torch.from_numpy(embeddings)).numpy().astype(np.float64)

@@ -57,7 +57,9 @@ def _label(row: dict[str, Any]) -> str:
     return source
 
 
-def write_report(out: Path, work, removed: dict, resolved, counts: dict[str, int], extra: dict[str, Any]) -> None:
+def write_report(
+    out: Path, work, removed: dict, resolved, counts: dict[str, int], extra: dict[str, Any]
+) -> None:
     config = resolved.config
     limit = config.contact_sheet_max
     kept: list[tuple[str, bytes, str]] = []
@@ -66,12 +68,31 @@ def write_report(out: Path, work, removed: dict, resolved, counts: dict[str, int
     nsfw, quality = [], []
     listing: list[str] = []
     for name in work.names():
-        for row in work.read(name).select(["id", "status", "reason", "score", "thumb", "source", "nsfw_score", "aesthetic_score"]).to_pylist():
+        for row in (
+            work.read(name)
+            .select(
+                [
+                    "id",
+                    "status",
+                    "reason",
+                    "score",
+                    "thumb",
+                    "source",
+                    "nsfw_score",
+                    "aesthetic_score",
+                ]
+            )
+            .to_pylist()
+        ):
             if row["nsfw_score"] is not None:
                 nsfw.append(row["nsfw_score"])
             if row["aesthetic_score"] is not None:
                 quality.append(row["aesthetic_score"])
-            reason = row["reason"] if row["status"] == "rejected" else ("near_duplicate" if row["id"] in removed else None)
+            reason = (
+                row["reason"]
+                if row["status"] == "rejected"
+                else ("near_duplicate" if row["id"] in removed else None)
+            )
             if reason is None:
                 kept.append((row["id"], row["thumb"], _label(row)))
                 continue
@@ -80,18 +101,35 @@ def write_report(out: Path, work, removed: dict, resolved, counts: dict[str, int
                 by_reason.setdefault(reason, []).append((row["id"], row["thumb"], _label(row)))
             if len(listing) < 200:
                 score = f"{row['score']:.4g}" if row["score"] is not None else ""
-                extra_detail = f" dup_of `{removed[row['id']][0][:12]}`" if row["id"] in removed else ""
+                extra_detail = (
+                    f" dup_of `{removed[row['id']][0][:12]}`" if row["id"] in removed else ""
+                )
                 listing.append(f"| `{row['source']}` | {reason} | {score} |{extra_detail} |")
     sheets = []
     if limit and kept:
-        contact_sheet([(t, label) for _, t, label in sorted(kept)[:limit]], out / "contact_kept.png")
+        contact_sheet(
+            [(t, label) for _, t, label in sorted(kept)[:limit]], out / "contact_kept.png"
+        )
         sheets.append(("kept", "contact_kept.png", len(kept)))
     for reason, items in sorted(by_reason.items()):
         if limit:
-            contact_sheet([(t, label) for _, t, label in sorted(items)[:limit]], out / f"contact_rejected_{reason}.png")
+            contact_sheet(
+                [(t, label) for _, t, label in sorted(items)[:limit]],
+                out / f"contact_rejected_{reason}.png",
+            )
             sheets.append((f"rejected: {reason}", f"contact_rejected_{reason}.png", len(items)))
-    histogram(np.array(nsfw, dtype=float), config.nsfw_threshold if config.nsfw_detector != "none" else None, f"NSFW score ({config.nsfw_detector})", out / "hist_nsfw.png")
-    histogram(np.array(quality, dtype=float), resolved.aesthetic_threshold, f"{resolved.aesthetic_kind} score", out / "hist_aesthetic.png")
+    histogram(
+        np.array(nsfw, dtype=float),
+        config.nsfw_threshold if config.nsfw_detector != "none" else None,
+        f"NSFW score ({config.nsfw_detector})",
+        out / "hist_nsfw.png",
+    )
+    histogram(
+        np.array(quality, dtype=float),
+        resolved.aesthetic_threshold,
+        f"{resolved.aesthetic_kind} score",
+        out / "hist_aesthetic.png",
+    )
 
     lines = [
         "# Curation report",
@@ -106,8 +144,16 @@ def write_report(out: Path, work, removed: dict, resolved, counts: dict[str, int
         "",
         f"- NSFW: `{config.nsfw_detector}`, reject at >= {config.nsfw_threshold}",
         f"- Aesthetic: `{resolved.aesthetic_kind}`"
-        + (f", reject below {resolved.aesthetic_threshold}" if resolved.aesthetic_threshold is not None else "")
-        + (" (100 - BRISQUE: a technical-quality score, not an aesthetic one)" if resolved.aesthetic_kind == "brisque_quality" else ""),
+        + (
+            f", reject below {resolved.aesthetic_threshold}"
+            if resolved.aesthetic_threshold is not None
+            else ""
+        )
+        + (
+            " (100 - BRISQUE: a technical-quality score, not an aesthetic one)"
+            if resolved.aesthetic_kind == "brisque_quality"
+            else ""
+        ),
         f"- Near-duplicates: `{config.embedder}` embeddings, cosine >= {resolved.similarity_threshold}, "
         f"{extra.get('clusters', 0)} k-means clusters, top-{config.cluster_assign} assignment; pHash distance <= {config.phash_distance}",
         f"- Pairs found: {extra.get('phash_pairs', 0)} by pHash, {extra.get('embedding_pairs', 0)} by embedding; dedup took {extra.get('dedup_s', 0)} s",

@@ -58,12 +58,21 @@ def _chunks(records: Iterator[Record], size: int) -> Iterator[list[dict[str, Any
     seen: dict[str, str] = {}
     chunk: list[dict[str, Any]] = []
     for record in records:
-        item = {"key": record.key, "data": record.data, "caption": record.caption, "refused": record.refused, "detail": record.detail}
+        item = {
+            "key": record.key,
+            "data": record.data,
+            "caption": record.caption,
+            "refused": record.refused,
+            "detail": record.detail,
+        }
         item["id"] = sample_id(record.data)
         if not record.refused and len(record.data) > 0:
             original = seen.setdefault(item["id"], record.key)
             if original != record.key:
-                item.update(refused=reasons.EXACT_DUPLICATE, detail=f"dup_of={item['id']} original={original}")
+                item.update(
+                    refused=reasons.EXACT_DUPLICATE,
+                    detail=f"dup_of={item['id']} original={original}",
+                )
         chunk.append(item)
         if len(chunk) == size:
             yield chunk
@@ -130,10 +139,14 @@ def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.nda
     scores, hashes, pixels, sizes = [], [], [], []
     dim, count = 0, 0
     for name in work.names():
-        table = work.read(name).select(["status", "id", "aesthetic_score", "phash", "width", "height", "nbytes", "embedding"])
+        table = work.read(name).select(
+            ["status", "id", "aesthetic_score", "phash", "width", "height", "nbytes", "embedding"]
+        )
         table = table.filter(pc.equal(table["status"], "candidate"))
         ids += table["id"].to_pylist()
-        scores.append(table["aesthetic_score"].fill_null(float("nan")).to_numpy(zero_copy_only=False))
+        scores.append(
+            table["aesthetic_score"].fill_null(float("nan")).to_numpy(zero_copy_only=False)
+        )
         hashes.append(table["phash"].to_numpy(zero_copy_only=False))
         pixels.append(pc.multiply(table["width"], table["height"]).to_numpy(zero_copy_only=False))
         sizes.append(table["nbytes"].to_numpy(zero_copy_only=False))
@@ -141,7 +154,9 @@ def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.nda
             dim = len(table["embedding"][0])
         count += table.num_rows
     path = work.path / "embeddings.f32"
-    matrix = np.memmap(path, dtype=np.float32, mode="w+", shape=(max(count, 1), max(dim, 1)))[:count]
+    matrix = np.memmap(path, dtype=np.float32, mode="w+", shape=(max(count, 1), max(dim, 1)))[
+        :count
+    ]
     row = 0
     for name in work.names():
         table = work.read(name).select(["status", "embedding"])
@@ -154,11 +169,18 @@ def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.nda
     def concat(parts: list[np.ndarray], dtype) -> np.ndarray:
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
-    columns = {"score": concat(scores, np.float64), "phash": concat(hashes, np.uint64), "pixels": concat(pixels, np.int64), "nbytes": concat(sizes, np.int64)}
+    columns = {
+        "score": concat(scores, np.float64),
+        "phash": concat(hashes, np.uint64),
+        "pixels": concat(pixels, np.int64),
+        "nbytes": concat(sizes, np.int64),
+    }
     return ids, columns, matrix
 
 
-def deduplicate(work: WorkLog, resolved, threads: int) -> tuple[dict[str, tuple[str, float, str]], dict[str, int], dict[str, Any]]:
+def deduplicate(
+    work: WorkLog, resolved, threads: int
+) -> tuple[dict[str, tuple[str, float, str]], dict[str, int], dict[str, Any]]:
     """{removed id: (kept id, similarity, how)}, {id: cluster}, and figures for the manifest."""
     from curate import dedup
 
@@ -169,22 +191,50 @@ def deduplicate(work: WorkLog, resolved, threads: int) -> tuple[dict[str, tuple[
     started = time.monotonic()
     by_hash = dedup.phash_pairs(hashes, config.phash_distance)
     k = config.clusters or dedup.default_clusters(n)
-    labels = dedup.cluster(embeddings, k, config.cluster_assign, config.kmeans_iterations, config.seed, threads) if n else np.zeros((0, 1), np.int64)
-    by_embedding = dedup.embedding_pairs(embeddings, labels, resolved.similarity_threshold) if n else dedup.Pairs.empty()
+    labels = (
+        dedup.cluster(
+            embeddings, k, config.cluster_assign, config.kmeans_iterations, config.seed, threads
+        )
+        if n
+        else np.zeros((0, 1), np.int64)
+    )
+    by_embedding = (
+        dedup.embedding_pairs(embeddings, labels, resolved.similarity_threshold)
+        if n
+        else dedup.Pairs.empty()
+    )
     pairs = dedup.merge(by_hash, by_embedding, max(n, 1))
     hash_codes = set((by_hash.i * max(n, 1) + by_hash.j).tolist())
     removed = {}
-    for index, (kept, similarity) in dedup.select(pairs, scores, ids, columns["pixels"], columns["nbytes"]).items():
+    for index, (kept, similarity) in dedup.select(
+        pairs, scores, ids, columns["pixels"], columns["nbytes"]
+    ).items():
         lo, hi = min(index, kept), max(index, kept)
         how = "phash" if lo * max(n, 1) + hi in hash_codes else "embedding"
         removed[ids[index]] = (ids[kept], similarity, how)
     clusters = {ids[i]: int(labels[i, 0]) for i in range(n)}
-    figures = {"candidates": n, "clusters": int(min(k, n)) if n else 0, "phash_pairs": len(by_hash), "embedding_pairs": len(by_embedding), "dedup_s": round(time.monotonic() - started, 3)}
+    figures = {
+        "candidates": n,
+        "clusters": int(min(k, n)) if n else 0,
+        "phash_pairs": len(by_hash),
+        "embedding_pairs": len(by_embedding),
+        "dedup_s": round(time.monotonic() - started, 3),
+    }
     return removed, clusters, figures
 
 
 def _sample_rows(work: WorkLog, removed, clusters, kind: str) -> Iterator[dict[str, Any]]:
-    columns = ["status", "id", "image", "caption", "source", "width", "height", "nsfw_score", "aesthetic_score"]
+    columns = [
+        "status",
+        "id",
+        "image",
+        "caption",
+        "source",
+        "width",
+        "height",
+        "nsfw_score",
+        "aesthetic_score",
+    ]
     for name in work.names():
         for row in work.read(name).select(columns).to_pylist():
             if row["status"] != "candidate" or row["id"] in removed:
@@ -199,12 +249,30 @@ def _sample_rows(work: WorkLog, removed, clusters, kind: str) -> Iterator[dict[s
 
 def _rejections(work: WorkLog, removed, threshold: float) -> Iterator[Rejection]:
     for name in work.names():
-        for row in work.read(name).select(["status", "id", "reason", "score", "threshold", "detail", "source"]).to_pylist():
+        for row in (
+            work.read(name)
+            .select(["status", "id", "reason", "score", "threshold", "detail", "source"])
+            .to_pylist()
+        ):
             if row["status"] == "rejected":
-                yield Rejection(row["id"], STAGE, row["reason"], row["score"], row["threshold"], row["detail"] or "")
+                yield Rejection(
+                    row["id"],
+                    STAGE,
+                    row["reason"],
+                    row["score"],
+                    row["threshold"],
+                    row["detail"] or "",
+                )
             elif row["id"] in removed:
                 kept, similarity, how = removed[row["id"]]
-                yield Rejection(row["id"], STAGE, reasons.NEAR_DUPLICATE, float(similarity), threshold, f"source={row['source']} dup_of={kept} by={how}")
+                yield Rejection(
+                    row["id"],
+                    STAGE,
+                    reasons.NEAR_DUPLICATE,
+                    float(similarity),
+                    threshold,
+                    f"source={row['source']} dup_of={kept} by={how}",
+                )
 
 
 def run_curate(input: str | Path, output: str | Path, config: CurateConfig | None = None) -> Path:
@@ -217,14 +285,22 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
     if not inp.exists():
         raise FileNotFoundError(f"curate: input {inp} does not exist")
     if out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents:
-        raise ValueError(f"curate: output {out} must not be inside the input {inp} (stages never modify their input)")
+        raise ValueError(
+            f"curate: output {out} must not be inside the input {inp} (stages never modify their input)"
+        )
     resolved = resolve(config)
     parameters = config.model_dump()
     input_fingerprint = fingerprint(inp)
     if is_done(out, STAGE, parameters, input_fingerprint):
         print(f"curate: {out} is already curated from this input with these parameters; skipped")
         return out
-    work_key = params_hash({"stage": STAGE, "input": input_fingerprint, **{k: v for k, v in parameters.items() if k not in NOT_IN_WORK_KEY}})
+    work_key = params_hash(
+        {
+            "stage": STAGE,
+            "input": input_fingerprint,
+            **{k: v for k, v in parameters.items() if k not in NOT_IN_WORK_KEY},
+        }
+    )
     work = WorkLog(out, work_key)
     started = time.monotonic()
     timing: dict[str, float] = {}
@@ -233,9 +309,13 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
     steady = None
     if timing.get("after_first") and timing["last_chunk"] > timing["first_chunk"]:
         steady = round(timing["after_first"] / (timing["last_chunk"] - timing["first_chunk"]), 3)
-    removed, clusters, figures = deduplicate(work, resolved, threads=1)  # FAISS with 2 threads contends badly on 2 cores
+    removed, clusters, figures = deduplicate(
+        work, resolved, threads=1
+    )  # FAISS with 2 threads contends badly on 2 cores
     with StageWriter(out, STAGE, parameters, input_fingerprint) as writer:
-        kept = writer.write_samples(_sample_rows(work, removed, clusters, resolved.aesthetic_kind), SAMPLE_FEATURES)
+        kept = writer.write_samples(
+            _sample_rows(work, removed, clusters, resolved.aesthetic_kind), SAMPLE_FEATURES
+        )
         rejected = writer.write_rejected(_rejections(work, removed, resolved.similarity_threshold))
         writer.counts.update(input=total, kept=kept, rejected=rejected)
         writer.extra.update(

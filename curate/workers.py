@@ -58,7 +58,11 @@ def resolve(config: CurateConfig) -> Resolved:
     if scorer == "auto":
         scorer = "laion_v2" if config.clip_model and config.aesthetic_model else "brisque"
     kind = {"laion_v2": "laion_v2", "brisque": "brisque_quality", "none": "none"}[scorer]
-    threshold = config.aesthetic_threshold if config.aesthetic_threshold is not None else DEFAULT_THRESHOLDS.get(kind)
+    threshold = (
+        config.aesthetic_threshold
+        if config.aesthetic_threshold is not None
+        else DEFAULT_THRESHOLDS.get(kind)
+    )
     similarity = config.similarity_threshold
     if similarity is None:
         similarity = {"sscd": 0.5, "efficientnet_lite0": 0.8}.get(config.embedder, 0.95)
@@ -73,7 +77,11 @@ class Scorers:
         config = resolved.config
         self.resolved = resolved
         clip = None
-        needs_clip = resolved.aesthetic_kind == "laion_v2" or config.nsfw_detector == "laion_clip" or config.embedder == "clip"
+        needs_clip = (
+            resolved.aesthetic_kind == "laion_v2"
+            or config.nsfw_detector == "laion_clip"
+            or config.embedder == "clip"
+        )
         if needs_clip:
             from curate.clip import ClipImageEmbedder
 
@@ -83,7 +91,13 @@ class Scorers:
         self.aesthetic = self._aesthetic(resolved, clip)
         from curate.embed import build_embedder
 
-        self.embedder = clip if config.embedder == "clip" else build_embedder(config.embedder, config.embedder_model, config.clip_model, config.device)
+        self.embedder = (
+            clip
+            if config.embedder == "clip"
+            else build_embedder(
+                config.embedder, config.embedder_model, config.clip_model, config.device
+            )
+        )
 
     @staticmethod
     def _nsfw(config: CurateConfig, clip):
@@ -94,7 +108,9 @@ class Scorers:
         if config.nsfw_detector == "hf":
             return nsfw.HFImageClassifierNSFW(config.nsfw_model, config.device)
         if config.nsfw_detector == "laion_clip":
-            return nsfw.LaionClipNSFW(config.clip_model, config.nsfw_model, config.device, clip=clip)
+            return nsfw.LaionClipNSFW(
+                config.clip_model, config.nsfw_model, config.device, clip=clip
+            )
         return None
 
     @staticmethod
@@ -103,12 +119,16 @@ class Scorers:
 
         if resolved.aesthetic_kind == "laion_v2":
             config = resolved.config
-            return aesthetic.LaionAestheticV2(config.clip_model, config.aesthetic_model, config.device, clip=clip)
+            return aesthetic.LaionAestheticV2(
+                config.clip_model, config.aesthetic_model, config.device, clip=clip
+            )
         if resolved.aesthetic_kind == "brisque_quality":
             return aesthetic.BrisqueQuality()
         return None
 
-    def batched(self, model, images: list[Image.Image], clip_embeddings: np.ndarray | None) -> np.ndarray:
+    def batched(
+        self, model, images: list[Image.Image], clip_embeddings: np.ndarray | None
+    ) -> np.ndarray:
         size = self.resolved.config.batch_size
         takes_clip = clip_embeddings is not None and getattr(model, "clip", None) is self.clip
         parts = []
@@ -161,32 +181,64 @@ def process_chunk(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np
     positions: list[int] = []
     for item in items:
         row = {name: None for name, _ in ROW_SCHEMA_FIELDS}
-        row.update(id=item["id"], source=item["key"], caption=item["caption"], status="rejected", detail=f"source={item['key']}")
+        row.update(
+            id=item["id"],
+            source=item["key"],
+            caption=item["caption"],
+            status="rejected",
+            detail=f"source={item['key']}",
+        )
         rows.append(row)
         if item["refused"]:
-            row.update(reason=item["refused"], detail=f"source={item['key']} {item['detail']}".strip())
+            row.update(
+                reason=item["refused"], detail=f"source={item['key']} {item['detail']}".strip()
+            )
             continue
         try:
             decoded = check(item["data"], config.min_side, config.max_aspect, config.max_pixels)
         except Invalid as invalid:
-            row.update(reason=invalid.reason, score=invalid.score, threshold=invalid.threshold, detail=f"source={item['key']} {invalid.detail}".strip())
+            row.update(
+                reason=invalid.reason,
+                score=invalid.score,
+                threshold=invalid.threshold,
+                detail=f"source={item['key']} {invalid.detail}".strip(),
+            )
             continue
-        row.update(image=decoded.stored, width=decoded.image.width, height=decoded.image.height, nbytes=len(item["data"]))
+        row.update(
+            image=decoded.stored,
+            width=decoded.image.width,
+            height=decoded.image.height,
+            nbytes=len(item["data"]),
+        )
         images.append(decoded.image)
         positions.append(len(rows) - 1)
 
-    clip_embeddings = scorers.batched(scorers.clip, images, None) if scorers.clip is not None and images else None
-    nsfw = scorers.batched(scorers.nsfw, images, clip_embeddings) if scorers.nsfw is not None else None
+    clip_embeddings = (
+        scorers.batched(scorers.clip, images, None) if scorers.clip is not None and images else None
+    )
+    nsfw = (
+        scorers.batched(scorers.nsfw, images, clip_embeddings) if scorers.nsfw is not None else None
+    )
     alive = []
     for k, position in enumerate(positions):
         row = rows[position]
         row["nsfw_score"] = float(nsfw[k]) if nsfw is not None else None
         if nsfw is not None and nsfw[k] >= config.nsfw_threshold:
-            row.update(reason=reasons.NSFW, score=float(nsfw[k]), threshold=config.nsfw_threshold, image=None, thumb=_thumbnail(images[k], blur=True))
+            row.update(
+                reason=reasons.NSFW,
+                score=float(nsfw[k]),
+                threshold=config.nsfw_threshold,
+                image=None,
+                thumb=_thumbnail(images[k], blur=True),
+            )
         else:
             alive.append(k)
     if scorers.aesthetic is not None:
-        quality = scorers.batched(scorers.aesthetic, [images[k] for k in alive], clip_embeddings[alive] if clip_embeddings is not None else None)
+        quality = scorers.batched(
+            scorers.aesthetic,
+            [images[k] for k in alive],
+            clip_embeddings[alive] if clip_embeddings is not None else None,
+        )
     else:
         quality = [None] * len(alive)
     candidates = []
@@ -194,8 +246,17 @@ def process_chunk(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np
         row = rows[positions[k]]
         row["aesthetic_score"] = float(q) if q is not None else None
         row["thumb"] = _thumbnail(images[k], blur=False)
-        if q is not None and resolved.aesthetic_threshold is not None and not q >= resolved.aesthetic_threshold:
-            row.update(reason=reasons.LOW_AESTHETIC, score=float(q), threshold=resolved.aesthetic_threshold, image=None)
+        if (
+            q is not None
+            and resolved.aesthetic_threshold is not None
+            and not q >= resolved.aesthetic_threshold
+        ):
+            row.update(
+                reason=reasons.LOW_AESTHETIC,
+                score=float(q),
+                threshold=resolved.aesthetic_threshold,
+                image=None,
+            )
         else:
             row.update(status="candidate", detail="", phash=_phash(images[k]))
             candidates.append(k)

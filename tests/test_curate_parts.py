@@ -27,7 +27,9 @@ def test_plain_rgb_bytes_are_stored_as_they_are_and_others_become_png():
     exif[0x0112] = 8
     rotated = check(_jpeg(exif=exif.tobytes()), 64, 3.0, 10**8)
     assert rotated.normalised and rotated.image.size == (150, 200)
-    assert Image.open(io.BytesIO(rotated.stored)).format == "PNG" and to_rgb(rotated.stored).size == (150, 200)
+    assert Image.open(io.BytesIO(rotated.stored)).format == "PNG" and to_rgb(
+        rotated.stored
+    ).size == (150, 200)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +52,11 @@ def test_each_broken_input_gets_its_own_reason(data, reason):
 def test_a_pixel_count_over_the_cap_is_a_decompression_bomb_even_before_decoding():
     with pytest.raises(Invalid) as caught:
         check(_jpeg((400, 400)), 64, 3.0, max_pixels=100_000)
-    assert (caught.value.reason, caught.value.score, caught.value.threshold) == (reasons.DECOMPRESSION_BOMB, 160_000, 100_000)
+    assert (caught.value.reason, caught.value.score, caught.value.threshold) == (
+        reasons.DECOMPRESSION_BOMB,
+        160_000,
+        100_000,
+    )
 
 
 def test_to_rgb_names_the_problem_for_bad_bytes():
@@ -62,7 +68,12 @@ def test_tar_members_that_climb_out_or_are_absolute_are_refused_and_never_extrac
     shard = tmp_path / "in" / "evil.tar"
     shard.parent.mkdir()
     with tarfile.open(shard, "w") as tar:
-        for name, payload in [("../escape.jpg", _jpeg()), ("/etc/abs.jpg", _jpeg(color=(1, 2, 3))), ("ok.jpg", _jpeg()), ("ok.txt", b"a red square")]:
+        for name, payload in [
+            ("../escape.jpg", _jpeg()),
+            ("/etc/abs.jpg", _jpeg(color=(1, 2, 3))),
+            ("ok.jpg", _jpeg()),
+            ("ok.txt", b"a red square"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -71,7 +82,11 @@ def test_tar_members_that_climb_out_or_are_absolute_are_refused_and_never_extrac
         tar.addfile(link)
     records = list(read_records(shard.parent))
     refused = {r.key: r.refused for r in records if r.refused}
-    assert refused == {"evil.tar/../escape.jpg": reasons.UNSAFE_PATH, "evil.tar//etc/abs.jpg": reasons.UNSAFE_PATH, "evil.tar/link.jpg": reasons.UNSAFE_PATH}
+    assert refused == {
+        "evil.tar/../escape.jpg": reasons.UNSAFE_PATH,
+        "evil.tar//etc/abs.jpg": reasons.UNSAFE_PATH,
+        "evil.tar/link.jpg": reasons.UNSAFE_PATH,
+    }
     (ok,) = [r for r in records if not r.refused]
     assert (ok.key, ok.caption) == ("evil.tar/ok.jpg", "a red square")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["evil.tar", "in"]
@@ -79,7 +94,9 @@ def test_tar_members_that_climb_out_or_are_absolute_are_refused_and_never_extrac
 
 def test_a_saved_datasets_dir_is_read_with_its_captions(tmp_path):
     data = [_jpeg(color=(i * 40, 0, 0)) for i in range(3)]
-    dataset = datasets.Dataset.from_dict({"image": [{"bytes": d, "path": None} for d in data], "text": ["a", "b", "c"]})
+    dataset = datasets.Dataset.from_dict(
+        {"image": [{"bytes": d, "path": None} for d in data], "text": ["a", "b", "c"]}
+    )
     dataset.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
     records = list(read_records(tmp_path / "ds"))
     assert [sample_id(r.data) for r in records] == [sample_id(d) for d in data]
@@ -89,13 +106,19 @@ def test_a_saved_datasets_dir_is_read_with_its_captions(tmp_path):
 def test_phash_pairs_match_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 300, dtype=np.uint64)
-    flips = np.array([np.uint64(1) << np.uint64(b) for b in rng.integers(0, 64, 300)], dtype=np.uint64)
-    hashes = np.concatenate([base, base[:100] ^ flips[:100], base[:50] ^ flips[100:150] ^ flips[150:200]])
+    flips = np.array(
+        [np.uint64(1) << np.uint64(b) for b in rng.integers(0, 64, 300)], dtype=np.uint64
+    )
+    hashes = np.concatenate(
+        [base, base[:100] ^ flips[:100], base[:50] ^ flips[100:150] ^ flips[150:200]]
+    )
     found = dedup.phash_pairs(hashes, 4)
     bits = np.unpackbits(hashes.view(np.uint8).reshape(-1, 8), axis=1).astype(np.int16)
     distance = (bits[:, None, :] != bits[None, :, :]).sum(-1)
     i, j = np.nonzero(np.triu(distance <= 4, k=1))
-    assert set(zip(found.i.tolist(), found.j.tolist(), strict=True)) == set(zip(i.tolist(), j.tolist(), strict=True))
+    assert set(zip(found.i.tolist(), found.j.tolist(), strict=True)) == set(
+        zip(i.tolist(), j.tolist(), strict=True)
+    )
 
 
 def test_clustered_search_finds_every_planted_pair_and_algorithm_1_keeps_one_per_group():
@@ -106,7 +129,9 @@ def test_clustered_search_finds_every_planted_pair_and_algorithm_1_keeps_one_per
     groups = {}
     for g, o in enumerate(originals[:50]):  # 50 groups of three near-copies
         for _ in range(2):
-            vectors = np.vstack([vectors, vectors[o] + 0.05 * rng.normal(size=d).astype(np.float32)])
+            vectors = np.vstack(
+                [vectors, vectors[o] + 0.05 * rng.normal(size=d).astype(np.float32)]
+            )
             groups.setdefault(g, [int(o)]).append(len(vectors) - 1)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     labels = dedup.cluster(vectors, dedup.default_clusters(len(vectors)), 2, 10, 0, threads=1)
