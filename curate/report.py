@@ -7,6 +7,7 @@ order so that they are the same on every run.
 
 from __future__ import annotations
 
+import heapq
 import io
 import math
 from collections import Counter
@@ -52,6 +53,42 @@ def histogram(values: np.ndarray, threshold: float | None, title: str, path: Pat
     plt.close(figure)
 
 
+class _FirstById:
+    """The LIMIT thumbnails with the smallest ids seen so far (memory bounded, same on every run)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.heap, self.count = limit, [], 0
+
+    def add(self, sample_id: str, thumb: bytes | None, label: str) -> None:
+        self.count += 1
+        if thumb is None or self.limit == 0:
+            return
+        entry = (_Reversed(sample_id), thumb, label)
+        if len(self.heap) < self.limit:
+            heapq.heappush(self.heap, entry)
+        elif sample_id < self.heap[0][0].value:
+            heapq.heapreplace(self.heap, entry)
+
+    def items(self) -> list[tuple[str, bytes, str]]:
+        return sorted((r.value, t, label) for r, t, label in self.heap)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
+class _Reversed:
+    """Orders strings backwards, so that heapq's min-heap keeps the largest id on top."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __lt__(self, other: _Reversed) -> bool:
+        return self.value > other.value
+
+
 def _label(row: dict[str, Any]) -> str:
     source = (row["source"] or "").rsplit("/", 1)[-1]
     return source
@@ -62,8 +99,8 @@ def write_report(
 ) -> None:
     config = resolved.config
     limit = config.contact_sheet_max
-    kept: list[tuple[str, bytes, str]] = []
-    by_reason: dict[str, list[tuple[str, bytes, str]]] = {}
+    kept = _FirstById(limit)
+    by_reason: dict[str, _FirstById] = {}
     reason_counts: Counter = Counter()
     nsfw, quality = [], []
     listing: list[str] = []
@@ -94,11 +131,11 @@ def write_report(
                 else ("near_duplicate" if row["id"] in removed else None)
             )
             if reason is None:
-                kept.append((row["id"], row["thumb"], _label(row)))
+                kept.add(row["id"], row["thumb"], _label(row))
                 continue
             reason_counts[reason] += 1
             if row["thumb"] is not None:
-                by_reason.setdefault(reason, []).append((row["id"], row["thumb"], _label(row)))
+                by_reason.setdefault(reason, _FirstById(limit)).add(row["id"], row["thumb"], _label(row))
             if len(listing) < 200:
                 score = f"{row['score']:.4g}" if row["score"] is not None else ""
                 extra_detail = (
@@ -108,13 +145,13 @@ def write_report(
     sheets = []
     if limit and kept:
         contact_sheet(
-            [(t, label) for _, t, label in sorted(kept)[:limit]], out / "contact_kept.png"
+            [(t, label) for _, t, label in kept.items()], out / "contact_kept.png"
         )
         sheets.append(("kept", "contact_kept.png", len(kept)))
     for reason, items in sorted(by_reason.items()):
         if limit:
             contact_sheet(
-                [(t, label) for _, t, label in sorted(items)[:limit]],
+                [(t, label) for _, t, label in items.items()],
                 out / f"contact_rejected_{reason}.png",
             )
             sheets.append((f"rejected: {reason}", f"contact_rejected_{reason}.png", len(items)))
