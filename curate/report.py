@@ -135,7 +135,9 @@ def write_report(
                 continue
             reason_counts[reason] += 1
             if row["thumb"] is not None:
-                by_reason.setdefault(reason, _FirstById(limit)).add(row["id"], row["thumb"], _label(row))
+                by_reason.setdefault(reason, _FirstById(limit)).add(
+                    row["id"], row["thumb"], _label(row)
+                )
             if len(listing) < 200:
                 score = f"{row['score']:.4g}" if row["score"] is not None else ""
                 extra_detail = (
@@ -144,9 +146,7 @@ def write_report(
                 listing.append(f"| `{row['source']}` | {reason} | {score} |{extra_detail} |")
     sheets = []
     if limit and kept:
-        contact_sheet(
-            [(t, label) for _, t, label in kept.items()], out / "contact_kept.png"
-        )
+        contact_sheet([(t, label) for _, t, label in kept.items()], out / "contact_kept.png")
         sheets.append(("kept", "contact_kept.png", len(kept)))
     for reason, items in sorted(by_reason.items()):
         if limit:

@@ -14,7 +14,7 @@ from curate.config import CurateConfig
 from curate.decode import to_rgb
 from curate.demo_data import TRUTH_FILE
 from curate.stage import run_curate
-from curate.store import Manifest, fingerprint, load_rejected, load_samples
+from curate.store import Manifest, load_rejected, load_samples
 
 # Scorers off: the resume test checks bookkeeping, not models, and should stay quick.
 CHEAP = {"nsfw_detector": "none", "aesthetic_scorer": "none", "workers": 1}
@@ -54,7 +54,10 @@ def curated(demo_root, tmp_path_factory):
 
 def _snapshot(root):
     """Every file under ROOT with its bytes and modification time."""
-    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.mark.parametrize("fmt", ["folder", "webdataset", "parquet"])
