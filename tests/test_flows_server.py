@@ -63,6 +63,10 @@ def test_end_to_end_run_created_through_the_rest_api_completes_with_all_artifact
     missing = expected_artifacts(deployment["parameters"]) - set(artifacts)
     assert not missing, f"artifacts missing: {sorted(missing)}"
     assert float(artifacts["end-to-end-progress"]["data"]) == 100.0
+    stage_progress = [
+        k for k, a in artifacts.items() if a["type"] == "progress" and k != "end-to-end-progress"
+    ]
+    assert stage_progress, "no progress artifact fed by a stage's progress bar"
     assert "data:image/jpeg;base64," in artifacts["sample-gallery"]["data"]
     if "train-metrics" in artifacts:
         assert "loss curve" in artifacts["train-report"]["data"]
@@ -87,7 +91,9 @@ def test_end_to_end_triggered_from_the_dashboard_completes_and_is_screenshotted(
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{services.url}/deployments")
-        page.get_by_placeholder("Search deployments").fill("end_to_end", timeout=90_000)  # one page of 10
+        page.get_by_placeholder("Search deployments").fill(
+            "end_to_end", timeout=90_000
+        )  # one page of 10
         page.locator("tr", has_text="end_to_end").get_by_role("link", name="t2i").click(
             timeout=90_000
         )
