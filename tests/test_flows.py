@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.config import CHAIN, EndToEndConfig, installed_chain, tiny_kit
 from flows.end_to_end import end_to_end, plan
-from flows.stages import stage_flow, stages
+from flows.stages import is_transient, run_stage, stage_flow, stages
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,3 +127,13 @@ def test_sample_flow_maps_seed_shards_over_a_local_dask_cluster(tmp_path, tiny_m
         "seed-1",
     ]
     assert "data:image/jpeg;base64," in artifact("sample-gallery").data
+
+
+def test_only_transient_io_errors_are_retried():
+    assert is_transient(OSError(errno.EIO, "input/output error"))
+    assert is_transient(OSError(errno.EBUSY, "device busy"))
+    assert is_transient(TimeoutError("NFS read timed out"))
+    assert not is_transient(FileNotFoundError(errno.ENOENT, "no such file"))
+    assert not is_transient(PermissionError(errno.EACCES, "denied"))
+    assert not is_transient(ValueError("bad parameter"))
+    assert run_stage.retries == 2
