@@ -55,6 +55,7 @@ TINY_KIT: dict[str, dict[str, Any]] = {
         "batch": 2,
         "rank": 8,
         "alpha": 8.0,
+        "lr": 1e-3,
         "log_every": 2,
         "checkpoint_every": 5,
     },

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import socket
 import threading
 from dataclasses import dataclass
@@ -216,6 +217,11 @@ def run_sample_shards(
         )
         for s in seeds
     ]
+    for shard in shards:  # a shard that is not finished starts from an empty folder
+        shard_spec = stage("sample")
+        shard_cfg = shard_spec.config_model.model_validate(shard)
+        if not is_finished("sample", Path(shard["out"]), shard_cfg, []):
+            shutil.rmtree(shard["out"], ignore_errors=True)
     futures = run_stage.map(
         unmapped("sample"), unmapped(arguments), shards, [f"{label}-seed-{s}" for s in seeds]
     )
