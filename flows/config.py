@@ -134,6 +134,15 @@ class ServeConfig(BaseModel):
         "tiny",
         description="defaults of the end_to_end form: 'tiny' = the offline tiny kit (minutes on CPU); 'stage-defaults' = every stage's own defaults",
     )
+    source: str = Field(
+        "", description="default raw collection of the end_to_end form; empty: the demo collection"
+    )
+    base_model: str = Field(
+        "", description="default SD3 folder of the end_to_end form; empty: a random-weight tiny one"
+    )
+    captioner: str = Field(
+        "", description="default VLM folder of the end_to_end form; empty: a random-weight tiny one"
+    )
     name: str = Field(
         "t2i", description="deployment name; deployments are FLOW/NAME, e.g. end_to_end/t2i"
     )

@@ -43,11 +43,14 @@ def deployments(config: ServeConfig) -> list:
     flows = {**stage_flows(), "end_to_end": end_to_end}
     result = []
     for name, flow in flows.items():
-        parameters = (
-            end_to_end_defaults(str(Path(config.workdir).resolve()), config.kit)
-            if name == "end_to_end"
-            else None
-        )
+        parameters = None
+        if name == "end_to_end":
+            top = {
+                "source": config.source,
+                "base_model": config.base_model,
+                "captioner": config.captioner,
+            }
+            parameters = end_to_end_defaults(str(Path(config.workdir).resolve()), config.kit, **top)
         result.append(
             with_runner(flow, config.dask_address).to_deployment(
                 name=config.name, parameters=parameters, tags=["t2i"], description=flow.description

@@ -79,7 +79,7 @@ def stop(process: subprocess.Popen) -> None:
 class PrefectServices:
     """`prefect server start` on 127.0.0.1 at a free port (fresh database), then `t2i serve`."""
 
-    def __init__(self, home: Path, workdir: Path) -> None:
+    def __init__(self, home: Path, workdir: Path, serve_options: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.url}/api"
@@ -96,6 +96,7 @@ class PrefectServices:
             "PYTHONPATH": str(ROOT),
             "HF_HUB_OFFLINE": "1",
         }
+        self.serve_options = list(serve_options)
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> PrefectServices:
@@ -125,6 +126,7 @@ class PrefectServices:
                 str(self.workdir),
                 "--name",
                 "t2i",
+                *self.serve_options,
             ],
             self.env,
             serve_log,

@@ -26,9 +26,13 @@ RUN_TIMEOUT = 420
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory):
+def services(tmp_path_factory, tiny_model_dir):
     home = tmp_path_factory.mktemp("prefect-home")
-    with PrefectServices(home, tmp_path_factory.mktemp("runs") / "work") as running:
+    options = (
+        "--base-model",
+        tiny_model_dir,
+    )  # the session's tiny SD3 kit, built once for all tests
+    with PrefectServices(home, tmp_path_factory.mktemp("runs") / "work", options) as running:
         yield running
 
 
