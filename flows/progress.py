@@ -37,13 +37,12 @@ class _Reporter:
         self.artifact_id = None
         self.last = 0.0
 
-    def report(self, bar: Any) -> None:
+    def report(self, bar: Any, final: bool = False) -> None:
         total = getattr(bar, "total", None)
-        if not total:
+        if not total or getattr(bar, "disable", False):
             return
         now = time.monotonic()
-        done = bar.n >= total
-        if now - self.last < self.interval and not done:
+        if now - self.last < self.interval and not final and bar.n < total:
             return
         self.last = now
         percent = min(100.0, 100.0 * bar.n / total)
@@ -66,16 +65,22 @@ def _patch_tqdm() -> None:
         return
     import tqdm.std
 
-    original = tqdm.std.tqdm.update
+    original_update, original_close = tqdm.std.tqdm.update, tqdm.std.tqdm.close
 
     def update(self, n=1):
-        result = original(self, n)
+        result = original_update(self, n)
         reporter = _reporter.get()
         if reporter is not None:
             reporter.report(self)
         return result
 
-    tqdm.std.tqdm.update = update
+    def close(self):  # bars driven by iteration report their last count only here
+        reporter = _reporter.get()
+        if reporter is not None and not getattr(self, "disable", True):
+            reporter.report(self, final=True)
+        return original_close(self)
+
+    tqdm.std.tqdm.update, tqdm.std.tqdm.close = update, close
     _patched = True
 
 
