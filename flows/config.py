@@ -35,6 +35,7 @@ CHAINED_FIELDS = ("model", "captioner", "lora", "out", "source")
 TINY_KIT: dict[str, dict[str, Any]] = {
     "demo_data": {"format": "folder"},
     "init_model": {"preset": "tiny"},
+    "curate": {"workers": 1},  # 31 images: a second worker process costs more than it saves
     "init_captioner": {"preset": "tiny"},
     "caption": {"max_new_tokens": 8, "batch_size": 8},
     "precompute": {"resolution": 64, "batch_size": 8},
