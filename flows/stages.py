@@ -18,11 +18,12 @@ import os
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task, unmapped
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from pydantic import BaseModel
@@ -158,6 +159,22 @@ def is_finished(stage_name: str, output: Path, config: BaseModel, inputs: list[s
         return False
 
 
+def set_aside(output: Path) -> Path | None:
+    """Move a finished output of other inputs or parameters out of the way, so the stage starts
+    fresh (a trainer refuses to mix a new run into old checkpoints). Kept, never deleted; an
+    output without a record (a killed run) stays, so the stage can resume it."""
+    record = _flow_record_path(output)
+    if not (output.exists() and record.is_file()):
+        return None
+    aside = output.with_name(f"{output.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(output, aside)
+    record.unlink()
+    get_run_logger().warning(
+        f"{output} was written for other inputs or parameters; moved to {aside}"
+    )
+    return aside
+
+
 def remember(stage_name: str, output: Path, config: BaseModel, inputs: list[str]) -> None:
     if not output.exists():
         return
@@ -194,6 +211,7 @@ def _run_stage(
         return Completed(
             message=f"{stage_name}: {output} is already finished", name="Skipped", data=result
         )
+    set_aside(output)
     positionals = [arguments[name] for name in spec.positionals]
     with _STAGE_LOCK, tqdm_progress(label):
         written = Path(_load(spec.command.run)(*positionals, config=cfg) or output)
