@@ -123,3 +123,23 @@ def shapes_set(pipe, n: int, size: int = 32, seed: int = 0, colours=tuple(COLOUR
         )
         labels.append(colours.index(colour))
     return StandInEncodedSet(pipe, images, captions, synthetic), labels
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python tests/encoded_stand_in.py MODEL OUT CONFIG_JSON N`: train on a stand-in shapes set
+    in a process of its own (the SIGKILL-and-resume test kills it)."""
+    import json
+    import sys
+
+    torch.set_num_threads(1)
+    from model.build import load_pipeline
+    from model.config import TrainConfig
+    from model.train import train
+
+    model, out, config_json, n = argv or sys.argv[1:]
+    reader, _ = shapes_set(load_pipeline(model), int(n))
+    train(reader, out, TrainConfig(**json.loads(config_json)))
+
+
+if __name__ == "__main__":
+    main()
