@@ -9,10 +9,15 @@ contract: ids, len, has_synthetic(i), sample(i, variant), empty_text(), bucket(i
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from model.conditioning import TextEncoding
 
@@ -52,9 +57,9 @@ def encode_images(pipe, images: list[Image.Image]) -> torch.Tensor:
 class StandInEncodedSet:
     """The EncodedDataset contract over tensors held in memory (test helper)."""
 
-    def __init__(
-        self, pipe, images, captions, synthetic=None, t5_length: int = 32, batch: int = 64
-    ):
+    def __init__(self, pipe=None, images=(), captions=(), synthetic=None, t5_length=32, batch=64):
+        if pipe is None:  # filled in by `load`
+            return
         self.ids = [
             hashlib.sha256(np.asarray(im).tobytes() + c.encode()).hexdigest()
             for im, c in zip(images, captions, strict=True)
@@ -82,6 +87,42 @@ class StandInEncodedSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def save(self, path: Path) -> Path:
+        """One safetensors file, so a subprocess can read the set without loading the encoders."""
+        tensors = {"latents": self.latents.contiguous()}
+        for name, texts in (
+            ("original", self.original),
+            ("synthetic", self.synthetic),
+            ("empty", [self.empty]),
+        ):
+            for k, text in enumerate(texts):
+                for field, value in (vars(text) if text is not None else {}).items():
+                    tensors[f"{name}.{k}.{field}"] = value.contiguous()
+        meta = {"ids": self.ids, "captions": self.captions, "info": self.info}
+        save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> StandInEncodedSet:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        self = cls()
+        self.ids, self.captions, self.info = meta["ids"], meta["captions"], meta["info"]
+        self.latents = tensors["latents"]
+
+        def text(name: str, k: int) -> TextEncoding | None:
+            if f"{name}.{k}.t5" not in tensors:
+                return None
+            return TextEncoding(
+                **{f.name: tensors[f"{name}.{k}.{f.name}"] for f in fields(TextEncoding)}
+            )
+
+        self.original = [text("original", k) for k in range(len(self.ids))]
+        self.synthetic = [text("synthetic", k) for k in range(len(self.ids))]
+        self.empty = text("empty", 0)
+        return self
 
     def has_synthetic(self, i: int) -> bool:
         return self.synthetic[i] is not None
@@ -126,19 +167,16 @@ def shapes_set(pipe, n: int, size: int = 32, seed: int = 0, colours=tuple(COLOUR
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python tests/encoded_stand_in.py MODEL OUT CONFIG_JSON N`: train on a stand-in shapes set
-    in a process of its own (the SIGKILL-and-resume test kills it)."""
-    import json
+    """`python tests/encoded_stand_in.py SET.safetensors OUT CONFIG_JSON`: train on a saved stand-in
+    set in a process of its own (the SIGKILL-and-resume test kills it)."""
     import sys
 
     torch.set_num_threads(1)
-    from model.build import load_pipeline
     from model.config import TrainConfig
     from model.train import train
 
-    model, out, config_json, n = argv or sys.argv[1:]
-    reader, _ = shapes_set(load_pipeline(model), int(n))
-    train(reader, out, TrainConfig(**json.loads(config_json)))
+    saved, out, config_json = argv or sys.argv[1:]
+    train(StandInEncodedSet.load(Path(saved)), out, TrainConfig(**json.loads(config_json)))
 
 
 if __name__ == "__main__":

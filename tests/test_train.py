@@ -45,7 +45,9 @@ def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
-def test_training_writes_a_loadable_sd3_folder_with_ema_weights_and_its_shift(tmp_path, shapes, tiny_model_dir):
+def test_training_writes_a_loadable_sd3_folder_with_ema_weights_and_its_shift(
+    tmp_path, shapes, tiny_model_dir
+):
     config = quick(tiny_model_dir, shift=2.5, checkpoint_every=2, checkpoints_total_limit=2)
     out = train(shapes, tmp_path / "run", config)
 
@@ -67,15 +69,17 @@ def test_training_writes_a_loadable_sd3_folder_with_ema_weights_and_its_shift(tm
     assert list((out / "training" / "logs").glob("events.out.tfevents.*"))
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_weights(tmp_path, shapes, tiny_model_dir):
+def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_weights(
+    tmp_path, shapes, tiny_model_dir
+):
     config = quick(tiny_model_dir, max_steps=12, checkpoint_every=3, grad_accum=2, batch_size=3)
     reference = train(shapes, tmp_path / "reference", config)
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "encoded_stand_in.py"), tiny_model_dir, str(killed),
-         config.model_dump_json(), "24"],
+        [sys.executable, str(ROOT / "tests" / "encoded_stand_in.py"), str(shapes.save(tmp_path / "set.safetensors")),
+         str(killed), config.model_dump_json()],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 60
@@ -90,8 +94,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_weights(tmp_pa
     resumed = train(shapes, killed, config.model_copy(update={"resume": "latest"}))
     expected, got = transformer_weights(reference), transformer_weights(resumed)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    raw_expected = load_file(reference / "training" / "checkpoints" / "step-00000012" / "model.safetensors")
-    raw_got = load_file(resumed / "training" / "checkpoints" / "step-00000012" / "model.safetensors")
+    raw_expected = load_file(
+        reference / "training" / "checkpoints" / "step-00000012" / "model.safetensors"
+    )
+    raw_got = load_file(
+        resumed / "training" / "checkpoints" / "step-00000012" / "model.safetensors"
+    )
     assert all(torch.equal(raw_expected[k], raw_got[k]) for k in raw_expected)
 
 
@@ -115,9 +123,13 @@ class PoisonedSet:
         return item
 
 
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, shapes, tiny_model_dir):
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    tmp_path, shapes, tiny_model_dir
+):
     config = quick(tiny_model_dir, max_steps=20, checkpoint_every=1)
-    train_idx, _ = split_indices(shapes.ids, config.val_fraction, config.val_max_samples, config.seed)
+    train_idx, _ = split_indices(
+        shapes.ids, config.val_fraction, config.val_max_samples, config.seed
+    )
     plan = BatchPlan.for_reader(shapes, train_idx, config.batch_size, config.seed)
     poisoned = plan.micro_batch(2)[0]  # first seen at step 3
     with pytest.raises(NonFiniteLossError, match="step 3") as error:
@@ -128,8 +140,12 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     assert not (tmp_path / "run" / "model_index.json").exists()
 
 
-def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(tmp_path, shapes, tiny_model_dir):
-    config = quick(tiny_model_dir, max_steps=2, checkpoint_every=1, val_fraction=0.0, sample_count=0)
+def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(
+    tmp_path, shapes, tiny_model_dir
+):
+    config = quick(
+        tiny_model_dir, max_steps=2, checkpoint_every=1, val_fraction=0.0, sample_count=0
+    )
     train(shapes, tmp_path / "run", config)
     with pytest.raises(FileExistsError, match="--resume latest"):
         train(shapes, tmp_path / "run", config)
@@ -140,7 +156,10 @@ def test_the_batch_plan_visits_every_training_sample_once_per_epoch_within_one_b
     plan = BatchPlan(buckets, list(range(12)), batch_size=3, seed=1)
     assert plan.batches_per_epoch == 3 + 2
     for epoch in range(3):
-        batches = [plan.micro_batch(epoch * plan.batches_per_epoch + k) for k in range(plan.batches_per_epoch)]
+        batches = [
+            plan.micro_batch(epoch * plan.batches_per_epoch + k)
+            for k in range(plan.batches_per_epoch)
+        ]
         assert sorted(i for b in batches for i in b) == list(range(12))
         assert all(len({buckets[i] for i in b}) == 1 for b in batches)
     again = BatchPlan(buckets, list(range(12)), batch_size=3, seed=1)
