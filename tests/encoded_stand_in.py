@@ -140,8 +140,14 @@ class StandInEncodedSet:
         return tuple(self.latents.shape[-2:])
 
 
-def shape_image(colour: str, shape: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """A coloured circle or square at a random place and size on a dark background."""
+def shape_image(
+    colour: str, shape: str, size: int, rng: np.random.Generator, solid: bool = False
+) -> Image.Image:
+    """A coloured circle or square at a random place and size on a dark background; `solid`: the
+    whole image in the colour with pixel noise (the easiest conditional task)."""
+    if solid:
+        pixels = np.asarray(COLOURS[colour], dtype=np.float32) + rng.normal(0, 25, (size, size, 3))
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
     image = Image.new("RGB", (size, size), (20, 20, 20))
     draw = ImageDraw.Draw(image)
     r = rng.integers(size // 5, size // 3)
@@ -151,13 +157,15 @@ def shape_image(colour: str, shape: str, size: int, rng: np.random.Generator) ->
     return image
 
 
-def shapes_set(pipe, n: int, size: int = 32, seed: int = 0, colours=tuple(COLOURS)):
+def shapes_set(
+    pipe, n: int, size: int = 32, seed: int = 0, colours=tuple(COLOURS), solid: bool = False
+):
     """n images whose captions name their colour and shape; labels are the colour indices."""
     rng = np.random.default_rng(seed)
     images, captions, synthetic, labels = [], [], [], []
     for k in range(n):
         colour, shape = colours[k % len(colours)], SHAPES[(k // len(colours)) % len(SHAPES)]
-        images.append(shape_image(colour, shape, size, rng))
+        images.append(shape_image(colour, shape, size, rng, solid))
         captions.append(f"a {colour} {shape}")
         synthetic.append(
             f"a photo of a {shape} in {colour} on a dark background" if k % 3 else None
