@@ -50,6 +50,7 @@ def colour_classifier(reader, labels: list[int]):
 
 def conditioning_accuracy(
     transformer,
+    colours: tuple[str, ...],
     pipe,
     reader,
     classifier,
@@ -59,7 +60,6 @@ def conditioning_accuracy(
     shift: float,
 ) -> float:
     """Share of samples (every colour x shape caption x held-out seed) classified as their caption's colour."""
-    colours = list(COLOURS)
     captions = [(c, f"a {colour} {shape}") for c, colour in enumerate(colours) for shape in SHAPES]
     texts = encode_texts(pipe, [text for _, text in captions], reader.info["t5_length"])
     shape = tuple(reader.latents.shape[1:])
@@ -75,41 +75,58 @@ def conditioning_accuracy(
     return correct / total
 
 
-def measure(preset: str = "tiny-d4", steps: int = 600, n: int = 256, batch: int = 16, lr: float = 1e-3,
-            seeds: int = 16, sample_steps: int = 16, guidance: float = 4.0, size: int = 32, solid: bool = False, warmup: int | None = None, work: Path | None = None) -> dict:  # fmt: skip
+def measure(
+    preset: str = "tiny-d4",
+    steps: int = 1000,
+    n: int = 256,
+    batch: int = 16,
+    lr: float = 1e-3,
+    seeds: int = 16,
+    sample_steps: int = 16,
+    guidance: float = 4.0,
+    size: int = 32,
+    solid: bool = False,
+    colours: tuple[str, ...] = tuple(COLOURS),
+    warmup: int | None = None,
+    work: Path | None = None,
+) -> dict:
+    """Train from scratch on the shapes set and compare colour accuracy before and after."""
     torch.set_num_threads(1)
     work = Path(work or tempfile.mkdtemp(prefix="bench-learning-"))
     model = init_model(work / "model", "tiny")
     pipe = load_pipeline(model)
-    reader, labels = shapes_set(pipe, n, size=size, solid=solid)
-    held_out, held_labels = shapes_set(pipe, 64, size=size, seed=99, solid=solid)
+    reader, labels = shapes_set(pipe, n, size=size, solid=solid, colours=colours)
+    held_out, held_labels = shapes_set(pipe, 64, size=size, seed=99, solid=solid, colours=colours)
     classifier = colour_classifier(reader, labels)
-    real_accuracy = float(
-        (classifier.predict(latent_features(held_out.latents)) == np.array(held_labels)).mean()
-    )
+    real = classifier.predict(latent_features(held_out.latents)) == np.array(held_labels)
     config = TrainConfig(
         model=str(model), preset=preset, device="cpu", max_steps=steps, batch_size=batch, lr=lr,
-        warmup_steps=min(100, steps // 10) if warmup is None else warmup, shift=1.0, ema_decay=0.99, val_fraction=0.0,
-        log_every=max(1, steps // 5), val_every=0, sample_every=0, sample_count=0, checkpoint_every=0,
+        warmup_steps=min(100, steps // 10) if warmup is None else warmup, shift=1.0, ema_decay=0.99,
+        val_fraction=0.0, log_every=max(1, steps // 5), val_every=0, sample_every=0, sample_count=0,
+        checkpoint_every=0,
     )  # fmt: skip
-    sample_seeds = list(range(1000, 1000 + seeds))
-    untrained = build_or_load_transformer(config).eval()
-    untrained_acc = conditioning_accuracy(
-        untrained, pipe, reader, classifier, sample_seeds, sample_steps, guidance, 1.0
+    evaluate = lambda model: conditioning_accuracy(  # noqa: E731
+        model,
+        colours,
+        pipe,
+        reader,
+        classifier,
+        list(range(1000, 1000 + seeds)),
+        sample_steps,
+        guidance,
+        1.0,
     )
+    untrained_accuracy = evaluate(build_or_load_transformer(config).eval())
     started = time.time()
     out = train(reader, work / "trained", config)
     train_s = time.time() - started
     trained = load_pipeline(out).transformer.eval()
-    trained_acc = conditioning_accuracy(
-        trained, pipe, reader, classifier, sample_seeds, sample_steps, guidance, 1.0
-    )
     return {
-        "preset": preset, "image_size": size, "solid": solid, "params": sum(p.numel() for p in trained.parameters()), "steps": steps,
-        "batch": batch, "lr": lr, "train_samples": n, "train_s": round(train_s, 1),
-        "chance": 1 / len(COLOURS), "classifier_on_real_latents": real_accuracy,
-        "untrained_accuracy": untrained_acc, "trained_accuracy": trained_acc,
-        "samples_per_model": len(COLOURS) * len(SHAPES) * seeds,
+        "preset": preset, "params": sum(p.numel() for p in trained.parameters()), "image_size": size,
+        "solid": solid, "colours": len(colours), "steps": steps, "batch": batch, "lr": lr,
+        "train_samples": n, "train_s": round(train_s, 1), "chance": 1 / len(colours),
+        "classifier_on_real_latents": float(real.mean()), "untrained_accuracy": untrained_accuracy,
+        "trained_accuracy": evaluate(trained), "samples_per_model": len(colours) * len(SHAPES) * seeds,
     }  # fmt: skip
 
 
