@@ -18,13 +18,9 @@ class SampleConfig(BaseModel):
     model: str = Field(..., description="local diffusers SD3 folder to sample from")
     prompt: list[str] = Field(default_factory=list, description="one or more prompts")
     prompts: str | None = Field(None, description="text file with one prompt per line")
-    seed: list[int] = Field(
-        default_factory=lambda: [0], description="one image per prompt and seed"
-    )
+    seed: list[int] = Field(default_factory=lambda: [0], description="one image per prompt and seed")
     steps: int = Field(28, ge=1, description="Euler steps (SD3 default 28)")
-    guidance_scale: float = Field(
-        7.0, ge=0.0, description="classifier-free guidance scale (SD3 default 7.0)"
-    )
+    guidance_scale: float = Field(7.0, ge=0.0, description="classifier-free guidance scale (SD3 default 7.0)")
     height: int | None = Field(None, description="image height; default: the model's native size")
     width: int | None = Field(None, description="image width; default: the model's native size")
     out: str = Field("samples", description="directory for the PNGs")
