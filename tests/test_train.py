@@ -13,23 +13,28 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from encoded_stand_in import shapes_set
 from safetensors.torch import load_file
+from train_sets import shapes_encoded
 
-from model.build import load_pipeline
 from model.checkpoint import list_checkpoints
 from model.config import TrainConfig
 from model.ema import EMA
-from model.train import NonFiniteLossError, train
+from model.encoded import EncodedDataset
+from model.train import NonFiniteLossError, run_train, train
 from model.train_data import BatchPlan, split_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shapes(tiny_model_dir):
-    reader, _ = shapes_set(load_pipeline(tiny_model_dir), 24)
-    return reader
+def encoded(tiny_model_dir, tmp_path_factory) -> Path:
+    """24 coloured shapes at 32x32, through a captioned store and `t2i precompute` (tiny kit)."""
+    return shapes_encoded(tiny_model_dir, tmp_path_factory.mktemp("shapes"), 24)[0]
+
+
+@pytest.fixture(scope="module")
+def shapes(encoded) -> EncodedDataset:
+    return EncodedDataset(encoded)
 
 
 def quick(model: str, **overrides) -> TrainConfig:
@@ -70,36 +75,37 @@ def test_training_writes_a_loadable_sd3_folder_with_ema_weights_and_its_shift(
 
 
 def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_weights(
-    tmp_path, shapes, tiny_model_dir
+    tmp_path, encoded, tiny_model_dir
 ):
     config = quick(tiny_model_dir, max_steps=12, checkpoint_every=3, grad_accum=2, batch_size=3)
-    reference = train(shapes, tmp_path / "reference", config)
+    reference = run_train(str(encoded), str(tmp_path / "reference"), config)
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    flags = ["--model", tiny_model_dir, "--device", "cpu", "--batch-size", "3", "--grad-accum", "2",
+             "--max-steps", "12", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "2",
+             "--val-every", "0", "--sample-every", "0", "--sample-count", "2", "--sample-steps", "3",
+             "--checkpoint-every", "3", "--val-fraction", "0.2", "--ema-decay", "0.9"]  # fmt: skip
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "encoded_stand_in.py"), str(shapes.save(tmp_path / "set.safetensors")),
-         str(killed), config.model_dump_json()],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "flows.cli", "train", str(encoded), str(killed), *flags],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.time() + 60
+    deadline = time.time() + 90
     while not list_checkpoints(killed / "training" / "checkpoints") and time.time() < deadline:
+        assert process.poll() is None, "`t2i train` exited before writing a checkpoint"
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "model_index.json").exists(), "the run finished before it could be killed"
-    saved = list_checkpoints(killed / "training" / "checkpoints")
-    assert saved, "no checkpoint was written before the kill"
+    assert list_checkpoints(killed / "training" / "checkpoints"), (
+        "no checkpoint was written before the kill"
+    )
 
-    resumed = train(shapes, killed, config.model_copy(update={"resume": "latest"}))
+    resumed = run_train(str(encoded), str(killed), config.model_copy(update={"resume": "latest"}))
     expected, got = transformer_weights(reference), transformer_weights(resumed)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    raw_expected = load_file(
-        reference / "training" / "checkpoints" / "step-00000012" / "model.safetensors"
-    )
-    raw_got = load_file(
-        resumed / "training" / "checkpoints" / "step-00000012" / "model.safetensors"
-    )
+    final = Path("training") / "checkpoints" / "step-00000012" / "model.safetensors"
+    raw_expected, raw_got = load_file(reference / final), load_file(resumed / final)
     assert all(torch.equal(raw_expected[k], raw_got[k]) for k in raw_expected)
 
 
