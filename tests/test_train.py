@@ -50,47 +50,67 @@ def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
-def test_training_writes_a_loadable_sd3_folder_with_ema_weights_and_its_shift(
-    tmp_path, shapes, tiny_model_dir
-):
-    config = quick(tiny_model_dir, shift=2.5, checkpoint_every=2, checkpoints_total_limit=2)
-    out = train(shapes, tmp_path / "run", config)
+REFERENCE = dict(max_steps=12, checkpoint_every=3, checkpoints_total_limit=2, grad_accum=2, batch_size=3,
+                 shift=2.5, sample_every=6)  # fmt: skip
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True)
+
+def cli_flags(config: TrainConfig) -> list[str]:
+    """`t2i train` flags for every option that differs from its default."""
+    flags = []
+    for name, value in config.model_dump(exclude_defaults=True).items():
+        flag = "--" + name.replace("_", "-")
+        flags += (
+            ([flag] if value else ["--no-" + name.replace("_", "-")])
+            if isinstance(value, bool)
+            else [flag, str(value)]
+        )
+    return flags
+
+
+@pytest.fixture(scope="module")
+def reference(encoded, tiny_model_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run through `run_train` (the `t2i train` runner)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    return run_train(str(encoded), str(out), quick(tiny_model_dir, **REFERENCE))
+
+
+def test_training_writes_a_loadable_sd3_folder_with_ema_weights_and_its_shift(
+    reference, tiny_model_dir
+):
+    pipe = StableDiffusion3Pipeline.from_pretrained(reference, local_files_only=True)
     assert pipe.scheduler.config.shift == 2.5
     image = pipe(prompt="a red circle", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
-    trained, initial = transformer_weights(out), transformer_weights(Path(tiny_model_dir))
+    trained, initial = transformer_weights(reference), transformer_weights(Path(tiny_model_dir))
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)
-    # EMA by default: the exported weights are the checkpoint's raw weights averaged, not equal to them.
-    checkpoints = list_checkpoints(out / "training" / "checkpoints")
-    assert [p.name for p in checkpoints] == ["step-00000004", "step-00000006"]  # retention limit 2
+    # EMA by default: the exported weights average the raw ones, so they differ from the last checkpoint's.
+    checkpoints = list_checkpoints(reference / "training" / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-00000009", "step-00000012"]  # retention limit 2
     raw = load_file(checkpoints[-1] / "model.safetensors")
     assert any(not torch.equal(raw[k], trained[k]) for k in trained)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["stage"] == "train" and manifest["counts"]["validation"] == 5
-    assert list((out / "training" / "samples").glob("*.png"))
-    assert list((out / "training" / "logs").glob("events.out.tfevents.*"))
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["counts"] == {
+        "train": 19,
+        "validation": 5,
+        "steps": 12,
+    }
+    assert sorted(p.name for p in (reference / "training" / "samples").glob("*.png")) == [
+        "step-00000006.png", "step-00000012.png"]  # fmt: skip
+    assert list((reference / "training" / "logs").glob("events.out.tfevents.*"))
 
 
 def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_weights(
-    tmp_path, encoded, tiny_model_dir
+    tmp_path, encoded, reference, tiny_model_dir
 ):
-    config = quick(tiny_model_dir, max_steps=12, checkpoint_every=3, grad_accum=2, batch_size=3)
-    reference = run_train(str(encoded), str(tmp_path / "reference"), config)
-
+    config = quick(tiny_model_dir, **REFERENCE)
     killed = tmp_path / "killed"
-    flags = ["--model", tiny_model_dir, "--device", "cpu", "--batch-size", "3", "--grad-accum", "2",
-             "--max-steps", "12", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "2",
-             "--val-every", "0", "--sample-every", "0", "--sample-count", "2", "--sample-steps", "3",
-             "--checkpoint-every", "3", "--val-fraction", "0.2", "--ema-decay", "0.9"]  # fmt: skip
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "train", str(encoded), str(killed), *flags],
+        [sys.executable, "-m", "flows.cli", "train", str(encoded), str(killed), *cli_flags(config)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.time() + 90
+    deadline = time.time() + 120
     while not list_checkpoints(killed / "training" / "checkpoints") and time.time() < deadline:
         assert process.poll() is None, "`t2i train` exited before writing a checkpoint"
         time.sleep(0.02)
