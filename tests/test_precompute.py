@@ -1,8 +1,8 @@
 """`t2i precompute`: what a pre-encoded set holds, and that it equals what SD3 computes."""
 
 import io
-import math
 import json
+import math
 import os
 import pickle
 import signal
