@@ -1,0 +1,314 @@
+"""`t2i dpo`: rank-128 LoRA Diffusion-DPO on a rectified-flow SD3 transformer.
+
+Recipe (step comments read top to bottom):
+  1. ingest the preferences (unless PREFS already is a preference table) and pre-encode every pair;
+  2. freeze the transformer and attach the LoRA; the reference is the same network, adapter off;
+  3. each step: draw pairs, one t (training density) and one noise per pair shared by winner and
+     loser, the velocity errors with and without the adapter, the DPO loss (dpo/loss.py);
+  4. log metrics, checkpoint (resume is exact: every step's randomness is a function of seed and
+     step), stop cleanly on a non-finite loss;
+  5. report held-out implicit accuracy and export the LoRA in diffusers' format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from curate.store import (
+    Manifest,
+    StageWriter,
+    fingerprint,
+    is_done,
+    load_rejected,
+    load_samples,
+    params_hash,
+)
+from dpo.config import DPOConfig, IngestPrefsConfig
+from dpo.encode import EncodedPairs, encode_pairs, native_resolution
+from dpo.ingest import STAGE as PREFS_STAGE
+from dpo.ingest import ingest_prefs
+from dpo.lora import (
+    LORA_FILE,
+    add_lora,
+    export_lora,
+    load_lora_state,
+    lora_parameters,
+    save_lora_state,
+)
+from dpo.loss import DPOTerms, diffusion_dpo_loss, per_sample_mse
+from model.build import load_pipeline, parse_dtype
+from model.conditioning import joint_condition
+from model.rectified_flow import interpolate, model_timestep, sample_timesteps, velocity_target
+
+STAGE = "dpo"
+METRICS = "metrics.jsonl"
+# Settings that change neither the trajectory nor the result: a rerun that differs only in
+# these continues from the same checkpoints.
+NOT_IN_RUN_KEY = ("steps", "log_every", "checkpoint_every", "resume")
+
+
+class NonFiniteLoss(ValueError):
+    """The DPO loss became NaN or infinite; training stopped before applying that step."""
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def velocity_errors(transformer, latents, noise, t, hidden, pooled) -> torch.Tensor:
+    """[B] per-sample velocity MSE of `transformer` at z_t (rectified flow, SD3 Eq. 2)."""
+    z = interpolate(latents, noise, t)
+    dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
+    prediction = transformer(
+        hidden_states=z.to(dtype),
+        encoder_hidden_states=hidden.to(dtype),
+        pooled_projections=pooled.to(dtype),
+        timestep=model_timestep(t).to(dtype),
+        return_dict=False,
+    )[0]
+    return per_sample_mse(prediction, velocity_target(latents, noise))
+
+
+def dpo_terms(transformer, pairs: EncodedPairs, t, noise, beta: float, reference=None) -> DPOTerms:
+    """Winner and loser in one forward batch with shared t and noise; reference = adapter off (or a copy)."""
+    device = next(transformer.parameters()).device
+    hidden, pooled = joint_condition(pairs.text.to(device))
+    latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
+    args = (latents, torch.cat([noise, noise]).to(device), torch.cat([t, t]).to(device),
+            torch.cat([hidden, hidden]), torch.cat([pooled, pooled]))  # fmt: skip
+    errors = velocity_errors(transformer, *args)
+    with torch.no_grad():
+        if reference is None:
+            transformer.disable_adapters()
+            try:
+                ref_errors = velocity_errors(transformer, *args)
+            finally:
+                transformer.enable_adapters()
+        else:
+            ref_errors = velocity_errors(reference, *args)
+    n = len(pairs)
+    return diffusion_dpo_loss(errors[:n], errors[n:], ref_errors[:n], ref_errors[n:], beta)
+
+
+def draw(
+    pairs: EncodedPairs, batch: int, generator: torch.Generator, config: DPOConfig, shift: float
+):
+    """One step's pairs, timesteps and noise, all from this step's generator."""
+    n = len(pairs)
+    index = (
+        torch.randperm(n, generator=generator)[:batch]
+        if n >= batch
+        else torch.randint(n, (batch,), generator=generator)
+    )
+    chosen = pairs.select(index)
+    t = sample_timesteps(batch, config.density, m=config.logit_mean, s=config.logit_std,
+                         mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
+    noise = torch.randn(chosen.latents_w.shape, generator=generator)
+    return chosen, t, noise
+
+
+def split_heldout(
+    pairs: EncodedPairs, fraction: float, seed: int
+) -> tuple[EncodedPairs, EncodedPairs | None]:
+    """Hold out pairs by a hash of (seed, id): stable under reordering and across runs."""
+
+    def score(pair_id: str) -> float:
+        return int(hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest()[:8], 16) / 2**32
+
+    held = [i for i, pid in enumerate(pairs.ids) if score(pid) < fraction]
+    train = [i for i in range(len(pairs)) if i not in set(held)]
+    if not train:
+        raise ValueError(
+            f"--heldout-fraction {fraction} leaves no training pair out of {len(pairs)}"
+        )
+    return pairs.select(train), (pairs.select(held) if held else None)
+
+
+@torch.no_grad()
+def implicit_accuracy(
+    transformer, pairs: EncodedPairs, config: DPOConfig, shift: float, draws: int = 4
+) -> float:
+    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference does."""
+    correct, total = 0, 0
+    for d in range(draws):
+        generator = step_generator(config.seed + 7919, d)
+        for start in range(0, len(pairs), config.batch):
+            chunk = pairs.select(list(range(start, min(start + config.batch, len(pairs)))))
+            t = sample_timesteps(len(chunk), config.density, m=config.logit_mean, s=config.logit_std,
+                                 mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
+            noise = torch.randn(chunk.latents_w.shape, generator=generator)
+            margin = dpo_terms(transformer, chunk, t, noise, config.beta).margin
+            correct += int((margin > 0).sum())
+            total += len(chunk)
+    return correct / total
+
+
+def _latest_checkpoint(work: Path) -> Path | None:
+    done = sorted(
+        work.glob("checkpoint-*/state.json"), key=lambda p: int(p.parent.name.split("-")[1])
+    )
+    return done[-1].parent if done else None
+
+
+def _save_checkpoint(work: Path, step: int, transformer, optimizer) -> None:
+    tmp = work / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora_state(transformer, tmp / "lora.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    os.replace(tmp, work / f"checkpoint-{step}")
+    for old in work.glob("checkpoint-*"):
+        if old.name != f"checkpoint-{step}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def train_lora(
+    transformer,
+    pairs: EncodedPairs,
+    config: DPOConfig,
+    work: Path,
+    shift: float,
+    start_step: int = 0,
+    optimizer=None,
+):
+    """The DPO loop over pre-encoded pairs; writes metrics and checkpoints under WORK."""
+    optimizer = optimizer or torch.optim.AdamW(
+        lora_parameters(transformer), lr=config.lr, weight_decay=config.weight_decay
+    )
+    metrics_path = work / METRICS
+    window: list[dict[str, float]] = []
+    transformer.train()
+    for step in tqdm(
+        range(start_step, config.steps),
+        desc="dpo",
+        unit="step",
+        initial=start_step,
+        total=config.steps,
+    ):
+        chosen, t, noise = draw(
+            pairs, config.batch, step_generator(config.seed, step), config, shift
+        )
+        terms = dpo_terms(transformer, chosen, t, noise, config.beta)
+        if not torch.isfinite(terms.loss):
+            raise NonFiniteLoss(
+                f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
+                f"before applying it. The last checkpoint in {work} is intact: lower --lr or --beta "
+                "(or use --dtype fp32) and rerun"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(transformer), config.grad_clip)
+        optimizer.step()
+        window.append({**terms.metrics(), "grad_norm": float(grad_norm)})
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            row = {
+                "step": step + 1,
+                **{k: sum(m[k] for m in window) / len(window) for k in window[0]},
+            }
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            window = []
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(work, step + 1, transformer, optimizer)
+    transformer.eval()
+    return optimizer
+
+
+def _metrics_until(path: Path, step: int) -> None:
+    """Drop metric rows logged after STEP (they belong to a run killed after its last checkpoint)."""
+    if path.is_file():
+        rows = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step
+        ]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def resolve_prefs(prefs: Path, work: Path) -> Path:
+    """PREFS itself when it is a finished preference table, else its ingest into WORK/prefs."""
+    manifest = Manifest.read(prefs) if prefs.is_dir() else None
+    if manifest is not None and manifest.stage == PREFS_STAGE:
+        return prefs
+    return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
+
+
+def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConfig) -> Path:
+    """Train a Diffusion-DPO LoRA on PREFS; OUTPUT gets pytorch_lora_weights.safetensors and metrics."""
+    prefs, output = Path(prefs), Path(output).resolve()
+    if not prefs.exists():
+        raise FileNotFoundError(f"preference input {prefs} does not exist")
+    params = config.model_dump()
+    fp = fingerprint(prefs) + ":" + fingerprint(config.model)
+    if is_done(output, STAGE, params, fp):
+        return output
+    run_key = params_hash(
+        {k: v for k, v in params.items() if k not in NOT_IN_RUN_KEY} | {"input": fp}
+    )
+    work = output.parent / f".{output.name}.work" / run_key
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    # 1. Preferences and their encodings
+    table_dir = resolve_prefs(prefs, work)
+    pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
+    resolution = config.resolution or native_resolution(pipe)
+    pairs = encode_pairs(pipe, load_samples(table_dir), resolution, config.max_sequence_length)
+    train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
+    shift = (
+        config.shift if config.shift is not None else float(pipe.scheduler.config.get("shift", 1.0))
+    )
+
+    # 2. LoRA on the frozen transformer; encoders are no longer needed
+    transformer = pipe.transformer
+    lora_config = add_lora(
+        transformer, config.rank, config.alpha, config.target_modules, config.seed
+    )
+    del pipe
+
+    # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
+    start, optimizer = 0, None
+    checkpoint = _latest_checkpoint(work) if config.resume else None
+    if checkpoint is not None:
+        start = json.loads((checkpoint / "state.json").read_text())["step"]
+        load_lora_state(transformer, checkpoint / "lora.safetensors")
+        optimizer = torch.optim.AdamW(
+            lora_parameters(transformer), lr=config.lr, weight_decay=config.weight_decay
+        )
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        _metrics_until(work / METRICS, start)
+    elif (work / METRICS).exists():
+        (work / METRICS).unlink()
+    if start < config.steps:
+        train_lora(transformer, train, config, work, shift, start, optimizer)
+
+    # 5. Held-out accuracy and the diffusers-format LoRA
+    summary = {"train_pairs": len(train), "heldout_pairs": len(heldout) if heldout else 0,
+               "heldout_implicit_acc": implicit_accuracy(transformer, heldout, config, shift) if heldout else None,
+               "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
+               "resolution": resolution, "shift": shift, "resumed_from_step": start,
+               "lora_parameters": sum(p.numel() for p in lora_parameters(transformer))}  # fmt: skip
+    with StageWriter(output, STAGE, params, fp) as writer:
+        export_lora(transformer, lora_config, writer.path)
+        shutil.copy(work / METRICS, writer.path / METRICS)
+        (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        writer.write_rejected(load_rejected(table_dir))
+        writer.counts.update(
+            {
+                "pairs": len(pairs),
+                "train": summary["train_pairs"],
+                "heldout": summary["heldout_pairs"],
+            }
+        )
+        writer.extra.update(summary)
+    shutil.rmtree(work.parent, ignore_errors=True)
+    assert (output / LORA_FILE).is_file()
+    return output
