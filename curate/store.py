@@ -16,6 +16,7 @@ stage, its parameters and its input, and is reused by the next run with the same
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -118,10 +119,8 @@ class Manifest:
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 
