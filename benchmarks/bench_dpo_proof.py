@@ -26,11 +26,19 @@ from model.build import init_model, load_pipeline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="init-model preset of the base (tiny, tiny-d4)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", default="tiny", help="init-model preset of the base (tiny, tiny-d4)"
+    )
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
-    parser.add_argument("--pairs", type=int, default=64, help="preference pairs (a quarter held out)")
-    parser.add_argument("--base-images", type=int, default=64, help="images the base model is fitted to")
+    parser.add_argument(
+        "--pairs", type=int, default=64, help="preference pairs (a quarter held out)"
+    )
+    parser.add_argument(
+        "--base-images", type=int, default=64, help="images the base model is fitted to"
+    )
     parser.add_argument("--base-steps", type=int, default=600)
     parser.add_argument("--base-lr", type=float, default=4e-3)
     parser.add_argument("--dpo-steps", type=int, default=100)

@@ -60,7 +60,13 @@ class ProofData:
 
 
 def make_proof_data(
-    pipe, n_base: int, n_pairs: int, size: int, caption: str = "a picture", seed: int = 0, strength: float = 0.5
+    pipe,
+    n_base: int,
+    n_pairs: int,
+    size: int,
+    caption: str = "a picture",
+    seed: int = 0,
+    strength: float = 0.5,
 ) -> ProofData:
     text = encode_captions(pipe, [caption], max_sequence_length=8)
     grey = textures(n_base + n_pairs, size, seed)

@@ -35,7 +35,6 @@ from dpo.encode import EncodedPairs, encode_pairs, native_resolution
 from dpo.ingest import STAGE as PREFS_STAGE
 from dpo.ingest import ingest_prefs
 from dpo.lora import (
-    LORA_FILE,
     add_lora,
     export_lora,
     load_lora_state,
@@ -49,8 +48,9 @@ from model.rectified_flow import interpolate, model_timestep, sample_timesteps, 
 
 STAGE = "dpo"
 METRICS = "metrics.jsonl"
-# Settings that change neither the trajectory nor the result: a rerun that differs only in
-# these continues from the same checkpoints.
+# Settings that change neither the trajectory nor the result: a rerun that differs only in these
+# continues from the latest checkpoint (a killed run resumes; a finished one extended to more
+# steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
 NOT_IN_RUN_KEY = ("steps", "log_every", "checkpoint_every", "resume")
 
 
@@ -200,7 +200,7 @@ def train_lora(
         if not torch.isfinite(terms.loss):
             raise NonFiniteLoss(
                 f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
-                f"before applying it. The last checkpoint in {work} is intact: lower --lr or --beta "
+                f"before applying it. Checkpoints in {work} hold the last good state: lower --lr or --beta "
                 "(or use --dtype fp32) and rerun"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -288,7 +288,8 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
     elif (work / METRICS).exists():
         (work / METRICS).unlink()
     if start < config.steps:
-        train_lora(transformer, train, config, work, shift, start, optimizer)
+        optimizer = train_lora(transformer, train, config, work, shift, start, optimizer)
+        _save_checkpoint(work, config.steps, transformer, optimizer)
 
     # 5. Held-out accuracy and the diffusers-format LoRA
     summary = {"train_pairs": len(train), "heldout_pairs": len(heldout) if heldout else 0,
@@ -309,6 +310,4 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
             }
         )
         writer.extra.update(summary)
-    shutil.rmtree(work.parent, ignore_errors=True)
-    assert (output / LORA_FILE).is_file()
     return output
