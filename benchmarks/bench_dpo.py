@@ -3,7 +3,8 @@
 Both modes run the same LoRA Diffusion-DPO step (dpo.trainer.dpo_terms, backward, AdamW) on the
 same MMDiT (depth d of the SD3 family, SD3's text widths) and batch of random pre-encoded pairs;
 only the reference differs. Each mode runs in its own process so peak memory is its own:
-CUDA reports torch.cuda.max_memory_allocated, CPU the process's peak resident set size.
+CUDA reports torch.cuda.max_memory_allocated, CPU the process's peak resident set size above
+what it held after the imports (the model, the step's activations and the optimizer state).
 
     python benchmarks/bench_dpo.py --depth 8 --latent 32 --batch 2 --steps 5 [--device cuda]
 """
@@ -21,6 +22,13 @@ import time
 import torch
 
 
+def resident_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def one_mode(args: argparse.Namespace) -> dict:
     from dpo.config import ALL_BLOCK_LINEARS, DPOConfig
     from dpo.encode import EncodedPairs
@@ -32,6 +40,7 @@ def one_mode(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    baseline_mb = resident_mb()  # torch, diffusers and peft imported, nothing built yet
     device = torch.device(args.device)
     config = mmdit_config(args.depth)
     transformer = build_transformer(config, device).eval()
@@ -70,7 +79,7 @@ def one_mode(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mb
     params = sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n)
     return {
         "mode": args.mode,
