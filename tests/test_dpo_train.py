@@ -14,20 +14,8 @@ from dpo.config import DPOConfig
 from dpo.trainer import NonFiniteLoss, run_dpo
 from flows.cli import main as t2i
 
-FAST = [
-    "--rank",
-    "4",
-    "--alpha",
-    "8",
-    "--batch",
-    "2",
-    "--beta",
-    "1000",
-    "--lr",
-    "1e-3",
-    "--log-every",
-    "2",
-]
+FAST = ["--rank", "4", "--alpha", "8", "--batch", "2", "--beta", "1000", "--lr", "1e-3"]
+FAST += ["--log-every", "2", "--heldout-fraction", "0.3"]
 
 
 @pytest.fixture(scope="module")
