@@ -23,4 +23,24 @@ COMMANDS = [
         "config": "model.config:SampleConfig",
         "run": "model.sampling:run_sample",
     },
+    {
+        "name": "precompute",
+        "summary": "pre-encode VAE latents and CLIP-L/CLIP-G/T5 embeddings of a captioned set (16-bit, memory-mapped)",
+        "description": (
+            "Reads a curated or captioned store (id, image, caption, optional caption_synthetic) and "
+            "encodes every image (square center crop at --resolution, or aspect-ratio buckets) with the "
+            "VAE of --model (latents after its shift and scaling factors), and the original caption, the "
+            "synthetic caption when present and the empty prompt with CLIP-L, CLIP-G (penultimate states "
+            "+ pooled projections) and T5 (last hidden states, --t5-length tokens, with the mask), exactly "
+            "as StableDiffusion3Pipeline.encode_prompt does (SD3 section 5.3.1). One encoder is loaded at "
+            "a time; output is safetensors shards plus an index, resumable per shard. Images that fail "
+            "are listed in OUTPUT/rejected. Read the result with model.encoded.EncodedDataset."
+        ),
+        "config": "model.config:PrecomputeConfig",
+        "run": "model.precompute:run_precompute",
+        "positionals": [
+            ("input", "a curated or captioned store (a stage output directory)"),
+            ("output", "directory for the pre-encoded set"),
+        ],
+    },
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -30,3 +32,24 @@ class SampleConfig(BaseModel):
         "lora/ PNGs for the same seeds and a side-by-side grid.png",
     )
     lora_scale: float = Field(1.0, description="LoRA strength: 0 gives the base model, 1 the trained LoRA")
+
+
+class PrecomputeConfig(BaseModel):
+    model: str = Field(..., description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set")
+    resolution: int = Field(
+        256, ge=8, description="square crop side in pixels, or sqrt of the bucket area with --buckets (SD3 pre-trains at 256^2)"
+    )
+    buckets: bool = Field(
+        False, description="aspect-ratio buckets of about resolution^2 pixels instead of square center crops (SD3 section 5.3.2)"
+    )
+    bucket_max_ratio: float = Field(2.0, ge=1.0, description="widest bucket aspect ratio (long side / short side)")
+    t5_length: int = Field(
+        77, ge=1, le=512, description="T5 tokens per caption (SD3 pre-training uses 77; 256 for long captions)"
+    )
+    dtype: Literal["fp16", "bf16"] = Field("fp16", description="16-bit storage type of every stored tensor")
+    compute_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="dtype the encoders run in (fp16/bf16 on GPUs to save memory)"
+    )
+    device: str = Field("cpu", description="torch device for the encoders, e.g. cuda or cuda:1")
+    batch_size: int = Field(16, ge=1, description="images or captions per encoder call")
+    shard_size: int = Field(512, ge=1, description="input rows per shard (the unit of resumption)")
