@@ -22,7 +22,7 @@ import torch
 
 from dpo.config import DPOConfig
 from dpo.proof import run_proof
-from model.build import init_model, load_pipeline
+from model.build import init_model
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
         config = DPOConfig(model=str(model), beta=args.beta, lr=args.lr, rank=args.rank, alpha=args.rank,
                            steps=args.dpo_steps, batch=8, log_every=10)  # fmt: skip
         start = time.monotonic()
-        result = run_proof(load_pipeline(model), Path(tmp) / "work", size=args.size, n_base=args.base_images,
+        result = run_proof(model, Path(tmp) / "work", size=args.size, n_base=args.base_images,
                            n_pairs=args.pairs, base_steps=args.base_steps, base_lr=args.base_lr, dpo=config,
                            seeds=args.seeds)  # fmt: skip
     report = {"args": vars(args), **asdict(result), "total_s": round(time.monotonic() - start, 1)}

@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from dpo.config import DPOConfig
-from dpo.encode import EncodedPairs, encode_captions, encode_images
+from dpo.encode import EncodedPairs
 from dpo.synthetic import edit
 from model.conditioning import TextEncoding, joint_condition
+from model.encoders import encode_images, encode_texts
 from model.rectified_flow import (
     euler_sample,
     interpolate,
@@ -41,11 +42,6 @@ def textures(n: int, size: int, seed: int) -> list[Image.Image]:
     return images
 
 
-def to_batch(images: list[Image.Image]) -> torch.Tensor:
-    arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 127.5 - 1 for i in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
 @dataclass
 class ProofData:
     base_latents: torch.Tensor  # fitting set for the base model, warm and cool mixed
@@ -60,7 +56,7 @@ class ProofData:
 
 
 def make_proof_data(
-    pipe,
+    model_dir,
     n_base: int,
     n_pairs: int,
     size: int,
@@ -68,10 +64,14 @@ def make_proof_data(
     seed: int = 0,
     strength: float = 0.5,
 ) -> ProofData:
-    text = encode_captions(pipe, [caption], max_sequence_length=8)
+    text = encode_texts(model_dir, [caption], t5_length=8, progress=False)
     grey = textures(n_base + n_pairs, size, seed)
-    warm = encode_images(pipe, to_batch([edit(g, "warm", strength, True) for g in grey]))
-    cool = encode_images(pipe, to_batch([edit(g, "warm", strength, False) for g in grey]))
+    warm = encode_images(
+        model_dir, [edit(g, "warm", strength, True) for g in grey], size, progress=False
+    )
+    cool = encode_images(
+        model_dir, [edit(g, "warm", strength, False) for g in grey], size, progress=False
+    )
     half = n_base // 2
     base = torch.cat([warm[:half], cool[half:n_base]])
     pair_text = TextEncoding(
@@ -165,7 +165,7 @@ class ProofResult:
 
 
 def run_proof(
-    pipe,
+    model_dir,
     work,
     *,
     size: int = 32,
@@ -183,16 +183,16 @@ def run_proof(
     from pathlib import Path
 
     from dpo.lora import add_lora
-    from dpo.trainer import implicit_accuracy, split_heldout, train_lora
+    from dpo.trainer import implicit_accuracy, load_transformer, split_heldout, train_lora
 
     dpo = dpo or DPOConfig(
         model="-", beta=1000.0, lr=1e-3, rank=8, alpha=8, steps=60, batch=8, log_every=10
     )
     clock = time.monotonic()
     seconds: dict[str, float] = {}
-    data = make_proof_data(pipe, n_base, n_pairs, size)
-    other = encode_captions(pipe, ["zebra stripes at night"], max_sequence_length=8)
-    base = copy.deepcopy(pipe.transformer)
+    data = make_proof_data(model_dir, n_base, n_pairs, size)
+    other = encode_texts(model_dir, ["zebra stripes at night"], t5_length=8, progress=False)
+    base = load_transformer(model_dir, "cpu", torch.float32).requires_grad_(True)
     fit_base(base, data.base_latents, data.caption, base_steps, 8, base_lr)
     seconds["base_fit"] = time.monotonic() - clock
     held_seeds = list(range(10_000, 10_000 + seeds))

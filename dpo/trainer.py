@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
 from curate.store import (
@@ -42,7 +43,7 @@ from dpo.lora import (
     save_lora_state,
 )
 from dpo.loss import DPOTerms, diffusion_dpo_loss, per_sample_mse
-from model.build import load_pipeline, parse_dtype
+from model.build import parse_dtype
 from model.conditioning import joint_condition
 from model.rectified_flow import interpolate, model_timestep, sample_timesteps, velocity_target
 
@@ -56,6 +57,22 @@ NOT_IN_RUN_KEY = ("steps", "log_every", "checkpoint_every", "resume")
 
 class NonFiniteLoss(ValueError):
     """The DPO loss became NaN or infinite; training stopped before applying that step."""
+
+
+def load_transformer(
+    model_dir: str | os.PathLike, device: str, dtype: torch.dtype
+) -> SD3Transformer2DModel:
+    """The base MMDiT of a local diffusers folder, frozen (the encoders are not loaded)."""
+    transformer = SD3Transformer2DModel.from_pretrained(
+        model_dir, subfolder="transformer", dtype=dtype, local_files_only=True
+    )
+    return transformer.to(device).requires_grad_(False)
+
+
+def scheduler_shift(model_dir: str | os.PathLike) -> float:
+    """The sampling scheduler's timestep shift (SD3 Eq. 23); 1.0 when the folder names none."""
+    path = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    return float(json.loads(path.read_text()).get("shift", 1.0)) if path.is_file() else 1.0
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -257,22 +274,21 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
 
-    # 1. Preferences and their encodings
+    # 1. Preferences and their encodings (the pre-encoding stage's encoders, one at a time)
     table_dir = resolve_prefs(prefs, work)
-    pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
-    resolution = config.resolution or native_resolution(pipe)
-    pairs = encode_pairs(pipe, load_samples(table_dir), resolution, config.max_sequence_length)
-    train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
-    shift = (
-        config.shift if config.shift is not None else float(pipe.scheduler.config.get("shift", 1.0))
+    dtype = parse_dtype(config.dtype)
+    resolution = config.resolution or native_resolution(config.model)
+    pairs = encode_pairs(
+        config.model, load_samples(table_dir), resolution, config.max_sequence_length, config.device
     )
+    train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
+    shift = config.shift if config.shift is not None else scheduler_shift(config.model)
 
-    # 2. LoRA on the frozen transformer; encoders are no longer needed
-    transformer = pipe.transformer
+    # 2. The frozen transformer with a trainable LoRA
+    transformer = load_transformer(config.model, config.device, dtype)
     lora_config = add_lora(
         transformer, config.rank, config.alpha, config.target_modules, config.seed
     )
-    del pipe
 
     # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
     start, optimizer = 0, None

@@ -8,14 +8,19 @@ import pytest
 
 from dpo.config import DPOConfig
 from dpo.proof import run_proof
-from model.build import load_pipeline
 
 
 @pytest.fixture(scope="module")
 def proof(tiny_model_dir, tmp_path_factory):
     dpo = DPOConfig(model=tiny_model_dir, beta=1000.0, lr=2e-3, rank=8, alpha=8, steps=60, batch=8)
-    pipe = load_pipeline(tiny_model_dir)
-    return run_proof(pipe, tmp_path_factory.mktemp("proof"), base_steps=150, base_lr=4e-3, dpo=dpo, seeds=64)
+    return run_proof(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("proof"),
+        base_steps=150,
+        base_lr=4e-3,
+        dpo=dpo,
+        seeds=64,
+    )
 
 
 def test_dpo_raises_the_preferred_attributes_rate_in_samples_for_held_out_seeds(proof):

@@ -22,11 +22,28 @@ FAST += ["--log-every", "2", "--heldout-fraction", "0.3"]
 def pairs(demo_folder, tmp_path_factory):
     """Warm-tinted crop beats blue-tinted crop, for six demo images (two crops each) and one broken file."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("astronaut.jpg", "coffee.jpg", "chelsea.jpg", "china.jpg", "flower.jpg", "hopper.jpg", "bomb.png"):
+    for name in (
+        "astronaut.jpg",
+        "coffee.jpg",
+        "chelsea.jpg",
+        "china.jpg",
+        "flower.jpg",
+        "hopper.jpg",
+        "bomb.png",
+    ):
         for file in (demo_folder / name, (demo_folder / name).with_suffix(".txt")):
             (source / file.name).write_bytes(file.read_bytes())
     out = tmp_path_factory.mktemp("pairs") / "pairs"
-    argv = ["make-prefs", str(out), "--source", str(source), "--strength", "0.4", "--pairs-per-image", "2"]
+    argv = [
+        "make-prefs",
+        str(out),
+        "--source",
+        str(source),
+        "--strength",
+        "0.4",
+        "--pairs-per-image",
+        "2",
+    ]
     assert t2i(argv) == 0
     assert json.loads((out / "PAIRS.json").read_text())["skipped_sources"] == ["bomb.png"]
     # one planted tie-like pair: the same image on both sides must be rejected, not trained on
