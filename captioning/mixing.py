@@ -22,8 +22,12 @@ def caption_variant(
     p_synthetic: float = SYNTHETIC_PROBABILITY,
     has_synthetic: bool = True,
 ) -> Variant:
-    """"synthetic" with probability p_synthetic, else "original"; always "original" when
-    the sample has no synthetic caption (its captioning failed or it was never captioned)."""
+    """Which caption sample `sample_id` trains on at `step`: "synthetic" or "original".
+
+    "synthetic" with probability p_synthetic, else "original"; always "original" when the
+    sample has no synthetic caption (pass `has_synthetic=row["caption_synthetic"] is not None`:
+    the caption stage leaves it null where captioning failed).
+    """
     if not 0.0 <= p_synthetic <= 1.0:
         raise ValueError(f"p_synthetic must be in [0, 1], got {p_synthetic}")
     if not has_synthetic:

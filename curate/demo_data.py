@@ -78,7 +78,7 @@ SOURCES: list[tuple[str, Callable[[], np.ndarray], str]] = [
     ("rocket", _skimage("rocket"), "a rocket standing on the launch pad under a blue sky"),
     ("hubble", _skimage("hubble_deep_field"), "a deep field telescope image of many small galaxies in space"),
     ("retina", _skimage("retina"), "a medical scan of a retina of a human eye"),
-    ("horse", _skimage("horse"), "a black horse shape on a white background"),
+    ("text", _skimage("text"), "a grey photo of handwritten maths formulas on a sheet of paper"),
     ("coins", _skimage("coins"), "a grey photo of old coins on a dark table"),
     ("page", _skimage("page"), "a scan of a page of text from an old book"),
     ("immuno", _skimage("immunohistochemistry"), "a medical image of brown and blue stained cells"),
@@ -91,7 +91,7 @@ SOURCES: list[tuple[str, Callable[[], np.ndarray], str]] = [
 
 # Sources re-used to build valid edge cases that curation must decode and keep.
 EDGE_SOURCES = {
-    "cmyk": (_skimage("colorwheel"), "a colour wheel with bright colours", "keep"),
+    "cmyk": (lambda: _skimage("stereo_motorcycle")()[0], "a red motorcycle parked in a garage", "keep"),
     "palette": (_skimage("logo"), "a logo with a transparent background", "keep"),
     "sixteen_bit": (_skimage("moon"), "a grey photo of the surface of the moon", "keep"),
     "exif_rotated": (_skimage("clock"), "a photo of a clock on a wall", "keep"),

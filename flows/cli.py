@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         config = config_model(**args)
     except Exception as error:  # pydantic.ValidationError: show it the way argparse would
         parser.exit(2, f"t2i {command.name}: invalid options:\n{error}\n")
+    from curate.store import StoreError
+
     try:
         result = _load(command.run)(*positionals, config=config)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, StoreError) as error:
         print(f"t2i {command.name}: error: {error}", file=sys.stderr)
         return 1
     _report(command.name, result)

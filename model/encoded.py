@@ -112,7 +112,9 @@ class EncodedDataset(torch.utils.data.Dataset):
         return TextEncoding(**fields)
 
     def _row(self, file: str, tensor: str, row: int) -> torch.Tensor:
-        return self._handle(file).get_slice(tensor)[row : row + 1][0]
+        # get_slice gives a view into the mapped file; clone copies just this row's pages, so a
+        # returned tensor never pins (or ships to another process) a whole shard.
+        return self._handle(file).get_slice(tensor)[row : row + 1][0].clone()
 
     def _handle(self, file: str) -> Any:
         handle = self._handles.get(file)

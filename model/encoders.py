@@ -141,6 +141,7 @@ class Encoder:
                 Path(model_dir) / tokenizer_name, local_files_only=True
             )
         if name == "vae":
+            del self.module.decoder  # encoding needs only the encoder half
             config = self.module.config
             self.scaling_factor = config.scaling_factor
             self.shift_factor = (

@@ -21,7 +21,7 @@ encoder in a work directory beside OUT, so a killed run resumes at the first mis
                                 tensors, plus the empty prompt once (layout: model/shards.py)
 
 A caption's rows in a shard: its originals first, then the synthetic captions, in input order.
-`extra.timings_s` holds each encoder's wall time in this run. Read the set back with
+`extra.timings_s` holds each encoder's load and encode seconds and items encoded in this run. Read the set back with
 `model.encoded.EncodedDataset`.
 """
 
@@ -144,9 +144,8 @@ class _Run:
                  buckets: list[tuple[int, int]], parts: Path) -> None:  # fmt: skip
         self.config, self.dims, self.table = config, dims, table
         self.buckets, self.parts = buckets, parts
-        self.timings: dict[
-            str, float
-        ] = {}  # encoder -> seconds spent in this run, loading included
+        # encoder -> {"load": s, "encode": s, "items": images or captions encoded in this run}
+        self.timings: dict[str, dict[str, float]] = {}
         self.num_shards = (table.num_rows + config.shard_size - 1) // config.shard_size
         self.store_dtype = parse_dtype(config.dtype)
         self.encoder_kwargs = {"device": config.device, "dtype": parse_dtype(config.compute_dtype),
@@ -169,22 +168,21 @@ class _Run:
             return
         start = time.monotonic()
         encoder = Encoder(self.config.model, "vae", **self.encoder_kwargs)
+        loaded, size = time.monotonic(), self.config.shard_size
+        rows = {s: min(size, self.table.num_rows - s * size) for s in range(self.num_shards)}
         try:
-            size = self.config.shard_size
             with tqdm(total=self.table.num_rows, desc="vae", unit="image") as bar:
-                bar.update(
-                    sum(
-                        min(size, self.table.num_rows - s * size)
-                        for s in range(self.num_shards)
-                        if s not in todo
-                    )
-                )
+                bar.update(sum(n for s, n in rows.items() if s not in todo))
                 for shard in todo:
                     self._encode_image_shard(encoder, shard)
-                    bar.update(min(size, self.table.num_rows - shard * size))
+                    bar.update(rows[shard])
         finally:
             encoder.release()
-            self.timings["vae"] = time.monotonic() - start
+            self._timed("vae", start, loaded, sum(rows[s] for s in todo))
+
+    def _timed(self, name: str, start: float, loaded: float, items: int) -> None:
+        self.timings[name] = {"load": round(loaded - start, 3), "encode": round(time.monotonic() - loaded, 3),
+                              "items": items}  # fmt: skip
 
     def _encode_image_shard(self, encoder: Encoder, shard: int) -> None:
         size = self.config.shard_size
@@ -236,42 +234,43 @@ class _Run:
         save_atomic({k: torch.stack(v) for k, v in tensors.items()}, self._part(shard, "vae"))
 
     def _encode_image_batch(self, encoder, rows, items, bucket, latents, failed) -> None:
-        pixels, ok = [], []
+        """Encode one same-bucket batch into `latents` {pos: tensor}; failures go to `failed`."""
+        ids = {pos: record["id"] for pos, record, _ in items}
+        pixels: dict[int, torch.Tensor] = {}
         for pos, record, _ in items:
             try:
                 image = _open_image(rows[pos]["image"])
                 image.load()
                 crop, record["_crop"] = center_crop_resize(image.convert("RGB"), bucket)
-                pixels.append(to_pixels(crop))
-                ok.append(pos)
-            except Exception as error:
-                failed[pos] = (record["id"], _reason("could not decode image", error))
-        if not ok:
+                pixels[pos] = to_pixels(crop)
+            except Exception as error:  # truncated or corrupt pixel data
+                failed[pos] = (ids[pos], _reason("could not decode image", error))
+        if not pixels:
             return
         try:
-            out = encoder(torch.stack(pixels))["latents"]
-        except Exception:
-            if len(ok) == 1:
-                raise
-            for p, pos in zip(pixels, ok, strict=True):  # isolate the failing image
-                try:
-                    self._keep_latent(pos, encoder(p[None])["latents"][0], items, latents, failed)
-                except Exception as error:
-                    failed[pos] = (rows[pos]["id"], _reason("VAE encode failed", error))
-            return
-        for pos, z in zip(ok, out, strict=True):
-            self._keep_latent(pos, z, items, latents, failed)
-
-    def _keep_latent(self, pos, z, items, latents, failed) -> None:
-        stored = z.to("cpu", self.store_dtype)
-        if not torch.isfinite(stored).all():
-            record_id = next(r["id"] for p, r, _ in items if p == pos)
-            failed[pos] = (
-                record_id,
-                f"non-finite latents in {self.config.dtype} (try --dtype bf16)",
+            out = dict(
+                zip(pixels, encoder(torch.stack(list(pixels.values())))["latents"], strict=True)
             )
-            return
-        latents[pos] = stored
+        except Exception as batch_error:  # isolate the failing image, one at a time
+            out, errors = {}, {}
+            for pos, p in pixels.items():
+                try:
+                    out[pos] = encoder(p[None])["latents"][0]
+                except Exception as error:
+                    errors[pos] = error
+            if len(errors) == len(pixels):
+                raise batch_error  # every image fails: the device or model, not the data
+            for pos, error in errors.items():
+                failed[pos] = (ids[pos], _reason("VAE encode failed", error))
+        for pos, z in out.items():
+            stored = z.to("cpu", self.store_dtype)
+            if torch.isfinite(stored).all():
+                latents[pos] = stored
+            else:
+                failed[pos] = (
+                    ids[pos],
+                    f"non-finite latents in {self.config.dtype} (try --dtype bf16)",
+                )
 
     # -- captions -------------------------------------------------------------------------------
 
@@ -285,12 +284,13 @@ class _Run:
         todo = [s for s in range(self.num_shards) if not self._part(s, name).is_file()]
         if not todo and self._part(EMPTY, name).is_file():
             return
+        counts = {s: len(self._captions(s)) for s in range(self.num_shards)}
         start = time.monotonic()
         encoder = Encoder(self.config.model, name, **self.encoder_kwargs)
+        loaded = time.monotonic()
         try:
             if not self._part(EMPTY, name).is_file():
                 self._save_text(encoder, name, [""], self._part(EMPTY, name))
-            counts = {s: len(self._captions(s)) for s in range(self.num_shards)}
             with tqdm(total=sum(counts.values()), desc=name, unit="caption") as bar:
                 bar.update(sum(n for s, n in counts.items() if s not in todo))
                 for shard in todo:
@@ -298,7 +298,7 @@ class _Run:
                     bar.update(counts[shard])
         finally:
             encoder.release()
-            self.timings[name] = time.monotonic() - start
+            self._timed(name, start, loaded, sum(n for s, n in counts.items() if s in todo))
 
     def _save_text(self, encoder: Encoder, name: str, captions: list[str], path: Path) -> None:
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -354,7 +354,7 @@ class _Run:
         )  # fmt: skip
         writer.extra["info"] = self.info()
         writer.extra["bytes"] = storage_bytes(shards, kept)
-        writer.extra["timings_s"] = {k: round(v, 3) for k, v in self.timings.items()}
+        writer.extra["timings_s"] = self.timings
 
     def info(self) -> dict[str, Any]:
         c = self.config

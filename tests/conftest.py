@@ -34,3 +34,58 @@ def demo_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_folder(demo_root):
     return demo_root / "folder"
+
+
+# --- captioning: a tiny VLM and small curated stores (tests/test_caption_*.py) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner_dir(tmp_path_factory) -> str:
+    """A random-weight LLaVA folder (`t2i init-captioner DIR --preset tiny`)."""
+    from captioning.tiny import init_captioner
+
+    return str(init_captioner(tmp_path_factory.mktemp("tiny-vlm") / "vlm"))
+
+
+@pytest.fixture(scope="session")
+def make_caption_store(demo_folder):
+    """make(out, keys=None): a curated-store-shaped stage output built from demo images.
+
+    Columns as `t2i curate` writes them. Default keys: every demo image curation keeps, plus
+    `retina_truncated`, whose bytes cannot be decoded (a row the caption stage must report).
+    """
+    import json
+
+    import datasets
+
+    from curate.store import StageWriter, sample_id
+
+    truth = json.loads((demo_folder / "DEMO_TRUTH.json").read_text())
+    features = datasets.Features(
+        {"id": datasets.Value("string"), "image": datasets.Image(), "caption": datasets.Value("string"),
+         "source": datasets.Value("string"), "width": datasets.Value("int32"), "height": datasets.Value("int32"),
+         "nsfw_score": datasets.Value("float32"), "aesthetic_score": datasets.Value("float32"),
+         "aesthetic_kind": datasets.Value("string"), "cluster_id": datasets.Value("int64")}
+    )  # fmt: skip
+    default = [k for k, t in truth.items() if t["expect"] in ("keep", "truncated")]
+
+    def make(out, keys=None):
+        rows = []
+        for index, key in enumerate(keys or default):
+            name = f"{key}.{truth[key]['ext']}"
+            data = (demo_folder / name).read_bytes()
+            rows.append({"id": sample_id(data), "image": {"bytes": data, "path": None},
+                         "caption": truth[key]["caption"], "source": name, "width": 64 + index,
+                         "height": 48 + index, "nsfw_score": 0.01 * index, "aesthetic_score": 5.0 + 0.1 * index,
+                         "aesthetic_kind": "demo", "cluster_id": index % 3})  # fmt: skip
+        with StageWriter(out, "curate", {"keys": keys}, "demo") as writer:
+            writer.write_samples(rows, features)
+            writer.counts.update(kept=len(rows))
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def caption_store(make_caption_store, tmp_path_factory):
+    return make_caption_store(tmp_path_factory.mktemp("caption-store") / "curated")

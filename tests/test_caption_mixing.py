@@ -4,7 +4,9 @@ from captioning.mixing import caption_variant
 
 
 def _draws(seed, n=10_000, p=0.5):
-    return [caption_variant(f"id-{i % 500}", step=i // 500, seed=seed, p_synthetic=p) for i in range(n)]
+    return [
+        caption_variant(f"id-{i % 500}", step=i // 500, seed=seed, p_synthetic=p) for i in range(n)
+    ]
 
 
 def test_synthetic_fraction_is_half_and_reproducible():

@@ -188,8 +188,10 @@ def test_rerunning_with_the_same_parameters_is_skipped(encoded, captioned_store,
 
 @pytest.fixture(scope="module")
 def bucketed(captioned_store, tiny_model_dir, tmp_path_factory) -> Path:
-    """Aspect-ratio buckets at 64^2, 512 T5 tokens, one shard: a T5 file of a few MB."""
-    config = config_for(tiny_model_dir, resolution=64, buckets=True, t5_length=512, shard_size=32)
+    """Aspect-ratio buckets at 64^2, bf16, 512 T5 tokens, one shard: a T5 file of a few MB."""
+    config = config_for(
+        tiny_model_dir, resolution=64, buckets=True, t5_length=512, shard_size=32, dtype="bf16"
+    )
     return run_precompute(captioned_store, tmp_path_factory.mktemp("bucketed") / "encoded", config)
 
 
@@ -197,11 +199,13 @@ def test_random_access_maps_the_shard_and_reads_only_the_requested_rows(bucketed
     ds = EncodedDataset(bucketed)
     ds.empty_text()  # warm up: imports, and handles of the empty-prompt files
     shard = bucketed / "shards" / "00000.t5.safetensors"
-    text = ds.sample(7)["text"]
+    t5 = ds.sample(7)["text"].t5
+    row_bytes = t5.numel() * t5.element_size()
     resident = _mapped_rss(shard)
     assert resident is not None, "the shard is not memory-mapped"
-    assert text.t5.shape[0] == 512 and shard.stat().st_size >= 25 * text.t5.numel() * 2
-    assert resident <= shard.stat().st_size / 4, (resident, shard.stat().st_size)
+    assert t5.untyped_storage().nbytes() == row_bytes  # the sample owns its row, not the shard
+    assert t5.shape[0] == 512 and shard.stat().st_size >= 25 * row_bytes
+    assert row_bytes <= resident <= shard.stat().st_size / 4, (resident, shard.stat().st_size)
 
 
 def _mapped_rss(path: Path) -> int | None:
@@ -239,6 +243,7 @@ def test_aspect_ratio_buckets_keep_the_area_and_patchify_exactly(bucketed, tiny_
     for i, row in enumerate(index):
         h, w = ds.bucket(i)
         assert ds[i]["latents"].shape == (dims["latent_channels"], h, w)
+        assert ds[i]["latents"].dtype == ds[i]["text"].clip_g.dtype == torch.bfloat16
         assert abs((w / h) / (row["width"] / row["height"]) - 1) < 0.35
         assert row["resized_w"] >= w * f and row["resized_h"] >= h * f
 

@@ -1,0 +1,117 @@
+"""Captioning backends: what turns (image, prompt) requests into raw answers.
+
+`transformers` runs a local VLM folder in this process, in batches; `openai` sends each request
+to an OpenAI-compatible chat-completions server (captioning/openai_client.py). A backend answers
+every request, with text or with the reason it failed; one bad row never sinks its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from captioning.config import CaptionConfig
+from captioning.vlm import GenerationSettings, LocalVLM, batch_seed
+
+
+@dataclass
+class Request:
+    key: str  # the row's id
+    image: Image.Image  # decoded, RGB
+    prompt: str
+    source_bytes: bytes = b""  # the stored image file, sent as-is where the format allows
+    source_format: str | None = None  # PIL's name for it: JPEG, PNG, ...
+
+
+@dataclass
+class Answer:
+    text: str | None = None
+    error: str | None = None
+
+
+Progress = Callable[[int], None]
+
+
+class Backend(Protocol):
+    def caption(self, requests: list[Request], progress: Progress) -> list[Answer]: ...
+
+    def close(self) -> None: ...
+
+
+def settings_from(config: CaptionConfig) -> GenerationSettings:
+    return GenerationSettings(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+    )
+
+
+def model_identity(config: CaptionConfig) -> dict[str, str]:
+    """What names the model in the captioner id: a served name, or a local folder's content.
+
+    A folder is identified by its config.json and the names and sizes of its files (cheap for
+    multi-GB weights, and unchanged by copying the folder elsewhere).
+    """
+    if config.backend == "openai":
+        return {"name": config.model}
+    folder = Path(config.model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a transformers model folder (no config.json); pass a local VLM "
+            "folder, e.g. one written by `t2i init-captioner`"
+        )
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{file.stat().st_size}\n".encode())
+    return {"name": folder.resolve().name, "content": digest.hexdigest()[:16]}
+
+
+class TransformersBackend:
+    """A local VLM, fed `batch_size` requests per generate() call."""
+
+    def __init__(self, config: CaptionConfig) -> None:
+        self.vlm = LocalVLM(
+            config.model, config.device, config.dtype, config.trust_remote_code, config.model_class
+        )
+        self.settings = settings_from(config)
+        self.batch_size = config.batch_size
+
+    def caption(self, requests: list[Request], progress: Progress) -> list[Answer]:
+        answers: list[Answer] = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start : start + self.batch_size]
+            answers.extend(self._batch(batch))
+            progress(len(batch))
+        return answers
+
+    def _batch(self, batch: list[Request]) -> list[Answer]:
+        try:
+            texts = self.vlm.generate(
+                [r.image for r in batch],
+                [r.prompt for r in batch],
+                self.settings,
+                seed=batch_seed(self.settings.seed, [r.key for r in batch]),
+            )
+            return [Answer(text=t) for t in texts]
+        except Exception as error:  # noqa: BLE001 - isolate the row that broke the batch
+            if len(batch) == 1:
+                return [Answer(error=f"generation failed: {type(error).__name__}: {error}")]
+            return [a for r in batch for a in self._batch([r])]
+
+    def close(self) -> None:
+        pass
+
+
+def make_backend(config: CaptionConfig) -> Backend:
+    if config.backend == "openai":
+        from captioning.openai_client import OpenAIBackend
+
+        return OpenAIBackend(config)
+    return TransformersBackend(config)

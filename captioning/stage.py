@@ -1,0 +1,321 @@
+"""`t2i caption IN OUT`: recaption a curated store with a VLM (SD3 Sec. 5.2.2, PixArt-Sigma).
+
+OUT holds every row of IN, all columns kept, plus `caption_synthetic` (the cleaned VLM
+caption, or null) and `captioner` (who wrote it: `<model>@<hash>`, the hash covering the
+model, prompt, decoding settings, token budget and cleaning rules). A row whose captioning
+fails keeps its original caption, gets nulls, and is listed with its reason in `report.md`
+and `failures.json`; rows are never dropped.
+
+Work is done in chunks of `chunk_size` rows, each saved to a WorkLog as soon as it is finished,
+so a killed run loses at most the chunk in flight and a rerun continues where it stopped. A
+rerun skips ids already captioned by the same captioner (in the work log, or in IN itself when
+IN was captioned before); a finished run that left failures keeps its work log, and rerunning
+it retries only the failed rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+from PIL import Image
+from tqdm.auto import tqdm
+
+from captioning.backends import (
+    Answer,
+    Backend,
+    Request,
+    make_backend,
+    model_identity,
+    settings_from,
+)
+from captioning.cleaning import TokenBudget, clean_caption, make_budget
+from captioning.config import CaptionConfig
+from captioning.prompts import load_template, render
+from curate.store import (
+    Manifest,
+    StageWriter,
+    StoreError,
+    WorkLog,
+    fingerprint,
+    load_samples,
+    params_hash,
+    require_store,
+)
+
+STAGE = "caption"
+CLEANING_VERSION = 1  # bump when clean_caption/TokenBudget change what they produce
+REQUIRED_COLUMNS = ("id", "image")
+NEW_COLUMNS = ("caption_synthetic", "captioner")
+CHUNK_SCHEMA = pa.schema(
+    [("id", pa.string()), ("caption_synthetic", pa.string()), ("captioner", pa.string()),
+     ("error", pa.string()), ("truncated", pa.bool_()), ("raw", pa.string())]
+)  # fmt: skip
+
+
+def captioner_spec(config: CaptionConfig, template: str, budget: TokenBudget) -> dict[str, Any]:
+    """Everything that decides what caption a row gets; its hash is the captioner id."""
+    return {
+        "model": model_identity(config),
+        "prompt": template,
+        "generation": settings_from(config).as_dict(),
+        "budget": {"max_tokens": budget.max_tokens, "counter": budget.name},
+        "cleaning": CLEANING_VERSION,
+    }
+
+
+def captioner_id(spec: dict[str, Any]) -> str:
+    return f"{spec['model']['name']}@{params_hash(spec)}"
+
+
+def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) -> Path:
+    source, out = Path(input), Path(output)
+    try:
+        require_store(source)
+    except StoreError as error:  # a usage error: say it the way the command line reports them
+        raise ValueError(str(error)) from None
+    if out.resolve() == source.resolve():
+        raise ValueError(f"output {out} is the input; the caption stage never modifies its input")
+    if config.backend == "openai" and not config.endpoint:
+        raise ValueError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
+    samples = load_samples(source)
+    missing = [c for c in REQUIRED_COLUMNS if c not in samples.column_names]
+    if missing:
+        raise ValueError(
+            f"{source} has no column(s) {missing}; the caption stage needs id and image"
+        )
+
+    template = load_template(config.prompt, config.prompt_file)
+    budget = make_budget(config.max_caption_tokens, config.budget_tokenizer)
+    spec = captioner_spec(config, template, budget)
+    captioner = captioner_id(spec)
+    parameters = {**config.model_dump(), "captioner": captioner, "captioner_spec": spec}
+    input_fp = fingerprint(source)
+    finished = Manifest.read(out)
+    if (
+        finished is not None
+        and finished.matches(STAGE, parameters, input_fp)
+        and not finished.counts.get("failed")
+    ):
+        return out
+
+    # Caption chunk by chunk; each finished chunk is saved before the next starts.
+    key = {"captioner": captioner, "input": input_fp, "chunk_size": config.chunk_size}
+    log = WorkLog(out, params_hash(key))
+    table = samples.with_format("arrow")
+    chunks = _chunks(len(samples), config.chunk_size)
+    columns = [c for c in ("id", "image", "caption", *NEW_COLUMNS) if c in samples.column_names]
+    worker = _ChunkWorker(config, template, budget, captioner)
+    try:
+        with tqdm(total=len(samples), unit="row", desc=f"caption ({config.backend})") as bar:
+            worker.progress = _locked(bar.update)
+            for name, start, stop in chunks:
+                previous = log.read(name).to_pylist() if log.has(name) else []
+                if previous and all(r["error"] is None for r in previous):
+                    worker.resumed += len(previous)
+                    bar.update(len(previous))
+                    continue
+                results = worker.chunk(table[start:stop].select(columns).to_pylist(), previous)
+                log.write(name, pa.Table.from_pylist(results, schema=CHUNK_SCHEMA))
+    finally:
+        worker.close()
+
+    # Assemble the output: every input row with its result, a report, the manifest.
+    features = samples.features.copy()
+    for column in NEW_COLUMNS:
+        features[column] = datasets.Value("string")
+    failures: list[dict[str, str]] = []
+    stats = {"captioned": 0, "failed": 0, "truncated": 0}
+    examples: list[dict[str, Any]] = []
+    with StageWriter(out, STAGE, parameters, input_fp) as writer:
+        writer.write_samples(_merged(table, chunks, log, failures, stats, examples), features)
+        writer.counts.update({"in": len(samples), "kept": len(samples), "rejected": 0, **stats})
+        writer.extra["captioner"] = captioner
+        writer.extra["this_run"] = {
+            "resumed_rows": worker.resumed,
+            "captioned_rows": worker.captioned,
+            "reused_from_input": worker.passthrough,
+        }
+        report = _report(source, captioner, template, stats, failures, examples)
+        (writer.path / "report.md").write_text(report)
+        (writer.path / "failures.json").write_text(json.dumps(failures, indent=1))
+    if not failures:  # with failures the log stays, so that a rerun retries only those rows
+        log.clear()
+    return out
+
+
+def _chunks(rows: int, size: int) -> list[tuple[str, int, int]]:
+    return [
+        (f"chunk-{k:06d}", k * size, min(rows, (k + 1) * size))
+        for k in range(math.ceil(rows / size))
+    ]
+
+
+def _locked(update: Callable[[int], Any]) -> Callable[[int], None]:
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:
+            update(n)
+
+    return progress
+
+
+class _ChunkWorker:
+    """Captions the rows of one chunk that still need it; the backend is loaded on first need."""
+
+    def __init__(
+        self, config: CaptionConfig, template: str, budget: TokenBudget, captioner: str
+    ) -> None:
+        self.config, self.template, self.budget, self.captioner = (
+            config,
+            template,
+            budget,
+            captioner,
+        )
+        self.backend: Backend | None = None
+        self.progress: Callable[[int], None] = lambda n: None
+        self.resumed = self.captioned = self.passthrough = 0
+
+    def chunk(
+        self, rows: list[dict[str, Any]], previous: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        done = {r["id"]: r for r in previous if r["error"] is None}
+        results: list[dict[str, Any] | None] = []
+        pending: list[tuple[int, Request]] = []
+        for row in rows:
+            if row["id"] in done:
+                results.append(done[row["id"]])
+                self.resumed += 1
+            elif row.get("captioner") == self.captioner and row.get("caption_synthetic"):
+                results.append(
+                    _result(row["id"], caption=row["caption_synthetic"], captioner=self.captioner)
+                )
+                self.passthrough += 1
+            else:
+                try:
+                    request = self._request(row)
+                except Exception as error:  # noqa: BLE001 - recorded as the row's failure
+                    results.append(
+                        _result(
+                            row["id"], error=f"undecodable image: {type(error).__name__}: {error}"
+                        )
+                    )
+                else:
+                    pending.append((len(results), request))
+                    results.append(None)
+                    continue
+            self.progress(1)
+        if pending:
+            if self.backend is None:
+                self.backend = make_backend(self.config)
+            answers = self.backend.caption([r for _, r in pending], self.progress)
+            for (index, request), answer in zip(pending, answers):
+                results[index] = self._finish(request.key, answer)
+            self.captioned += len(pending)
+        return results  # type: ignore[return-value]
+
+    def _request(self, row: dict[str, Any]) -> Request:
+        image_field = row["image"] or {}
+        data = image_field.get("bytes")
+        if data is None and image_field.get("path"):
+            data = Path(image_field["path"]).read_bytes()
+        if not data:
+            raise ValueError("the row has no image bytes")
+        image = Image.open(io.BytesIO(data))
+        return Request(
+            key=row["id"],
+            image=image.convert("RGB"),
+            prompt=render(self.template, row.get("caption")),
+            source_bytes=data,
+            source_format=image.format if image.mode == "RGB" else None,
+        )
+
+    def _finish(self, key: str, answer: Answer) -> dict[str, Any]:
+        if answer.error is not None or answer.text is None:
+            return _result(key, error=answer.error or "no answer")
+        cleaned = clean_caption(answer.text)
+        if not cleaned:
+            return _result(
+                key,
+                error=f"empty caption after cleaning (raw answer {answer.text[:200]!r})",
+                raw=answer.text,
+            )
+        caption, truncated = self.budget.fit(cleaned)
+        return _result(
+            key, caption=caption, captioner=self.captioner, truncated=truncated, raw=answer.text
+        )
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+
+def _result(key: str, caption: str | None = None, captioner: str | None = None, error: str | None = None,
+            truncated: bool = False, raw: str | None = None) -> dict[str, Any]:  # fmt: skip
+    return {"id": key, "caption_synthetic": caption, "captioner": captioner, "error": error,
+            "truncated": truncated, "raw": raw}  # fmt: skip
+
+
+def _merged(
+    table, chunks, log: WorkLog, failures: list, stats: dict, examples: list
+) -> Iterator[dict[str, Any]]:
+    """Input rows in order, each with its chunk's result; failures and stats collected on the way."""
+    for name, start, stop in chunks:
+        results = log.read(name).to_pylist()
+        for row, result in zip(table[start:stop].to_pylist(), results, strict=True):
+            if row["id"] != result["id"]:
+                raise RuntimeError(
+                    f"work log {log.path} does not match the input at row {row['id']}; delete it and rerun"
+                )
+            row["caption_synthetic"] = result["caption_synthetic"]
+            row["captioner"] = result["captioner"]
+            if result["error"] is not None:
+                failures.append({"id": row["id"], "reason": result["error"]})
+                stats["failed"] += 1
+            else:
+                stats["captioned"] += 1
+                stats["truncated"] += int(result["truncated"])
+                if len(examples) < 5:
+                    examples.append({"caption": row.get("caption"), **result})
+            yield row
+
+
+def _report(
+    source: Path, captioner: str, template: str, stats: dict, failures: list, examples: list
+) -> str:
+    lines = [
+        "# Caption stage report", "",
+        f"- input: `{source}`", f"- captioner: `{captioner}`",
+        f"- captioned: {stats['captioned']}, failed: {stats['failed']}, "
+        f"cut to the token budget: {stats['truncated']}", "",
+        "## Prompt template", "", "```", template, "```", "",
+        "## Examples", "", "| id | original | raw answer | synthetic |", "| --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for ex in examples:
+        cells = [
+            ex["id"][:12],
+            ex.get("caption") or "",
+            ex.get("raw") or "",
+            ex["caption_synthetic"] or "",
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", f"## Failed rows ({len(failures)})", ""]
+    if failures:
+        lines += ["These rows keep their original caption and have no synthetic one.", "",
+                  "| id | reason |", "| --- | --- |"]  # fmt: skip
+        lines += [f"| {f['id']} | {_cell(f['reason'])} |" for f in failures]
+    else:
+        lines.append("none")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:300]

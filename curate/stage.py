@@ -1,0 +1,329 @@
+"""`t2i curate IN OUT`: validate, score, deduplicate, and write the sample table with every drop recorded.
+
+Recipe (SD3 section 5.3.1 and appendix E): decode and validate every file, drop exact byte
+copies, score NSFW and aesthetics, then remove near-duplicates with Algorithm 1. Work is done
+in resumable chunks by parallel workers (one intra-op thread each); a killed run picks up the
+chunks already finished, and the committed tables do not depend on where it was killed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from curate import reasons
+from curate.config import CurateConfig
+from curate.ingest import Record, read_records
+from curate.store import (
+    Rejection,
+    StageWriter,
+    WorkLog,
+    fingerprint,
+    is_done,
+    params_hash,
+    sample_id,
+)
+
+STAGE = "curate"
+# Options that change how fast the work runs, never what it produces.
+NOT_IN_WORK_KEY = ("workers", "batch_size", "device", "contact_sheet_max")
+
+SAMPLE_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "caption": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+        "nsfw_score": datasets.Value("float32"),
+        "aesthetic_score": datasets.Value("float32"),
+        "aesthetic_kind": datasets.Value("string"),
+        "cluster_id": datasets.Value("int32"),
+    }
+)
+
+
+def _chunks(records: Iterator[Record], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Fixed-size chunks in input order; exact byte copies are refused here (they share the id)."""
+    seen: dict[str, str] = {}
+    chunk: list[dict[str, Any]] = []
+    for record in records:
+        item = {
+            "key": record.key,
+            "data": record.data,
+            "caption": record.caption,
+            "refused": record.refused,
+            "detail": record.detail,
+        }
+        item["id"] = sample_id(record.data)
+        if not record.refused and len(record.data) > 0:
+            original = seen.setdefault(item["id"], record.key)
+            if original != record.key:
+                item.update(
+                    refused=reasons.EXACT_DUPLICATE,
+                    detail=f"dup_of={item['id']} original={original}",
+                )
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _score_all(inp: Path, work: WorkLog, resolved, workers: int, timing: dict[str, float]) -> int:
+    """Fill the WorkLog with one chunk per `chunk_size` records; returns the number of records.
+
+    TIMING receives when the first chunk finished (start-up: workers spawned, models loaded) and
+    how many images were scored after it, for a steady-state rate.
+    """
+    from curate.workers import chunk_table, ensure_worker, init_worker, process_chunk
+
+    config = resolved.config
+    total = 0
+    progress = tqdm(desc="curate: scoring", unit="img")
+    pool = None
+    pending: deque = deque()
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            name, size, result = pending.popleft()
+            rows, embeddings = result.get() if pool is not None else result
+            work.write(name, chunk_table(rows, embeddings))
+            progress.update(size)
+            now = time.monotonic()
+            if "first_chunk" not in timing:
+                timing["first_chunk"] = now
+            else:
+                timing["after_first"] = timing.get("after_first", 0) + size
+            timing["last_chunk"] = now
+
+    try:
+        for index, chunk in enumerate(_chunks(read_records(inp), config.chunk_size)):
+            total += len(chunk)
+            name = f"chunk-{index:08d}"
+            if work.has(name):
+                progress.update(len(chunk))
+                continue
+            if workers <= 1:
+                ensure_worker(resolved)
+                pending.append((name, len(chunk), process_chunk(chunk)))
+            else:
+                if pool is None:
+                    context = multiprocessing.get_context("spawn")
+                    pool = context.Pool(workers, initializer=init_worker, initargs=(resolved,))
+                pending.append((name, len(chunk), pool.apply_async(process_chunk, (chunk,))))
+            drain(2 * workers)  # bounded: memory stays flat in the number of inputs
+        drain(0)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return total
+
+
+def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+    """ids, per-candidate columns (scores, pHashes, pixels, bytes) and embeddings (a disk-backed array)."""
+    ids: list[str] = []
+    scores, hashes, pixels, sizes = [], [], [], []
+    dim, count = 0, 0
+    for name in work.names():
+        table = work.read(name).select(
+            ["status", "id", "aesthetic_score", "phash", "width", "height", "nbytes", "embedding"]
+        )
+        table = table.filter(pc.equal(table["status"], "candidate"))
+        ids += table["id"].to_pylist()
+        scores.append(
+            table["aesthetic_score"].fill_null(float("nan")).to_numpy(zero_copy_only=False)
+        )
+        hashes.append(table["phash"].to_numpy(zero_copy_only=False))
+        pixels.append(pc.multiply(table["width"], table["height"]).to_numpy(zero_copy_only=False))
+        sizes.append(table["nbytes"].to_numpy(zero_copy_only=False))
+        if table.num_rows:
+            dim = len(table["embedding"][0])
+        count += table.num_rows
+    path = work.path / "embeddings.f32"
+    matrix = np.memmap(path, dtype=np.float32, mode="w+", shape=(max(count, 1), max(dim, 1)))[
+        :count
+    ]
+    row = 0
+    for name in work.names():
+        table = work.read(name).select(["status", "embedding"])
+        table = table.filter(pc.equal(table["status"], "candidate"))
+        if table.num_rows:
+            values = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            matrix[row : row + table.num_rows] = values.reshape(table.num_rows, dim)
+            row += table.num_rows
+
+    def concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    columns = {
+        "score": concat(scores, np.float64),
+        "phash": concat(hashes, np.uint64),
+        "pixels": concat(pixels, np.int64),
+        "nbytes": concat(sizes, np.int64),
+    }
+    return ids, columns, matrix
+
+
+def deduplicate(
+    work: WorkLog, resolved, threads: int
+) -> tuple[dict[str, tuple[str, float, str]], dict[str, int], dict[str, Any]]:
+    """{removed id: (kept id, similarity, how)}, {id: cluster}, and figures for the manifest."""
+    from curate import dedup
+
+    config = resolved.config
+    ids, columns, embeddings = _candidates(work)
+    scores, hashes = columns["score"], columns["phash"]
+    n = len(ids)
+    started = time.monotonic()
+    by_hash = dedup.phash_pairs(hashes, config.phash_distance)
+    k = config.clusters or dedup.default_clusters(n)
+    labels = (
+        dedup.cluster(
+            embeddings, k, config.cluster_assign, config.kmeans_iterations, config.seed, threads
+        )
+        if n
+        else np.zeros((0, 1), np.int64)
+    )
+    by_embedding = (
+        dedup.embedding_pairs(embeddings, labels, resolved.similarity_threshold)
+        if n
+        else dedup.Pairs.empty()
+    )
+    pairs = dedup.merge(by_hash, by_embedding, max(n, 1))
+    hash_codes = set((by_hash.i * max(n, 1) + by_hash.j).tolist())
+    removed = {}
+    for index, (kept, similarity) in dedup.select(
+        pairs, scores, ids, columns["pixels"], columns["nbytes"]
+    ).items():
+        lo, hi = min(index, kept), max(index, kept)
+        how = "phash" if lo * max(n, 1) + hi in hash_codes else "embedding"
+        removed[ids[index]] = (ids[kept], similarity, how)
+    clusters = {ids[i]: int(labels[i, 0]) for i in range(n)}
+    figures = {
+        "candidates": n,
+        "clusters": int(min(k, n)) if n else 0,
+        "phash_pairs": len(by_hash),
+        "embedding_pairs": len(by_embedding),
+        "dedup_s": round(time.monotonic() - started, 3),
+    }
+    return removed, clusters, figures
+
+
+def _sample_rows(work: WorkLog, removed, clusters, kind: str) -> Iterator[dict[str, Any]]:
+    columns = [
+        "status",
+        "id",
+        "image",
+        "caption",
+        "source",
+        "width",
+        "height",
+        "nsfw_score",
+        "aesthetic_score",
+    ]
+    for name in work.names():
+        for row in work.read(name).select(columns).to_pylist():
+            if row["status"] != "candidate" or row["id"] in removed:
+                continue
+            yield {
+                "id": row["id"], "image": {"bytes": row["image"], "path": None}, "caption": row["caption"],
+                "source": row["source"], "width": row["width"], "height": row["height"],
+                "nsfw_score": row["nsfw_score"], "aesthetic_score": row["aesthetic_score"],
+                "aesthetic_kind": kind, "cluster_id": clusters.get(row["id"], -1),
+            }  # fmt: skip
+
+
+def _rejections(work: WorkLog, removed, threshold: float) -> Iterator[Rejection]:
+    for name in work.names():
+        for row in (
+            work.read(name)
+            .select(["status", "id", "reason", "score", "threshold", "detail", "source"])
+            .to_pylist()
+        ):
+            if row["status"] == "rejected":
+                yield Rejection(
+                    row["id"],
+                    STAGE,
+                    row["reason"],
+                    row["score"],
+                    row["threshold"],
+                    row["detail"] or "",
+                )
+            elif row["id"] in removed:
+                kept, similarity, how = removed[row["id"]]
+                yield Rejection(
+                    row["id"],
+                    STAGE,
+                    reasons.NEAR_DUPLICATE,
+                    float(similarity),
+                    threshold,
+                    f"source={row['source']} dup_of={kept} by={how}",
+                )
+
+
+def run_curate(input: str | Path, output: str | Path, config: CurateConfig | None = None) -> Path:
+    """Curate INPUT into OUTPUT (see the module docstring); skipped when OUTPUT is already this run's result."""
+    from curate.report import write_report
+    from curate.workers import resolve
+
+    config = config or CurateConfig()
+    inp, out = Path(input), Path(output)
+    if not inp.exists():
+        raise FileNotFoundError(f"curate: input {inp} does not exist")
+    if out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents:
+        raise ValueError(
+            f"curate: output {out} must not be inside the input {inp} (stages never modify their input)"
+        )
+    resolved = resolve(config)
+    parameters = config.model_dump()
+    input_fingerprint = fingerprint(inp)
+    if is_done(out, STAGE, parameters, input_fingerprint):
+        print(f"curate: {out} is already curated from this input with these parameters; skipped")
+        return out
+    work_key = params_hash(
+        {
+            "stage": STAGE,
+            "input": input_fingerprint,
+            **{k: v for k, v in parameters.items() if k not in NOT_IN_WORK_KEY},
+        }
+    )
+    work = WorkLog(out, work_key)
+    started = time.monotonic()
+    timing: dict[str, float] = {}
+    total = _score_all(inp, work, resolved, config.workers, timing)
+    scored_s = time.monotonic() - started
+    steady = None
+    if timing.get("after_first") and timing["last_chunk"] > timing["first_chunk"]:
+        steady = round(timing["after_first"] / (timing["last_chunk"] - timing["first_chunk"]), 3)
+    removed, clusters, figures = deduplicate(
+        work, resolved, threads=1
+    )  # FAISS with 2 threads contends badly on 2 cores
+    with StageWriter(out, STAGE, parameters, input_fingerprint) as writer:
+        kept = writer.write_samples(
+            _sample_rows(work, removed, clusters, resolved.aesthetic_kind), SAMPLE_FEATURES
+        )
+        rejected = writer.write_rejected(_rejections(work, removed, resolved.similarity_threshold))
+        writer.counts.update(input=total, kept=kept, rejected=rejected)
+        writer.extra.update(
+            aesthetic_kind=resolved.aesthetic_kind, aesthetic_threshold=resolved.aesthetic_threshold,
+            similarity_threshold=resolved.similarity_threshold, scoring_s=round(scored_s, 3),
+            images_per_s=round(total / scored_s, 3) if scored_s else None, steady_images_per_s=steady,
+            startup_s=round(timing["first_chunk"] - started, 3) if "first_chunk" in timing else None, **figures,
+        )  # fmt: skip
+        write_report(writer.path, work, removed, resolved, writer.counts, writer.extra)
+    work.clear()
+    return out
