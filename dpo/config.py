@@ -91,7 +91,7 @@ class DPOConfig(BaseModel):
         True, description="continue from the latest checkpoint of an identical earlier run"
     )
     device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
-    dtype: str = Field(
+    dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="dtype of the frozen base weights: fp32, fp16 or bf16 (LoRA stays fp32)"
     )
     seed: int = Field(0, description="seed for batches, timesteps, noise and the LoRA init")
