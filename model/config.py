@@ -31,7 +31,9 @@ class SampleConfig(BaseModel):
         description="folder with pytorch_lora_weights.safetensors (e.g. `t2i dpo` output): writes base/ and "
         "lora/ PNGs for the same seeds and a side-by-side grid.png",
     )
-    lora_scale: float = Field(1.0, description="LoRA strength: 0 gives the base model, 1 the trained LoRA")
+    lora_scale: float = Field(
+        1.0, description="LoRA strength: 0 gives the base model, 1 the trained LoRA"
+    )
 
 
 class PrecomputeConfig(BaseModel):

@@ -58,7 +58,9 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
-def side_by_side(base: Sequence[Image.Image], adapted: Sequence[Image.Image], gap: int = 4) -> Image.Image:
+def side_by_side(
+    base: Sequence[Image.Image], adapted: Sequence[Image.Image], gap: int = 4
+) -> Image.Image:
     """One row per prompt and seed: the base model's image left, the LoRA's right."""
     width = max(i.width for i in base) * 2 + gap
     height = sum(i.height for i in base) + gap * (len(base) - 1)
@@ -74,7 +76,9 @@ def side_by_side(base: Sequence[Image.Image], adapted: Sequence[Image.Image], ga
 def load_lora(pipe: StableDiffusion3Pipeline, lora_dir: str, scale: float) -> None:
     """Load a diffusers-format LoRA folder into the pipeline with the stock API, at SCALE."""
     if not (Path(lora_dir) / LORA_FILE).is_file():
-        raise FileNotFoundError(f"--lora {lora_dir} has no {LORA_FILE}; pass a `t2i dpo` output folder")
+        raise FileNotFoundError(
+            f"--lora {lora_dir} has no {LORA_FILE}; pass a `t2i dpo` output folder"
+        )
     pipe.load_lora_weights(lora_dir, weight_name=LORA_FILE, adapter_name=LORA_ADAPTER)
     pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
 
