@@ -99,7 +99,9 @@ class DPOConfig(BaseModel):
 
 class MakePrefsConfig(BaseModel):
     source: str = Field(
-        ..., description="folder of images (e.g. `t2i demo-data OUT --format folder`)"
+        ...,
+        description="folder of images with .txt captions (e.g. `t2i demo-data OUT --format folder`) or a "
+        "stage output with image and caption columns (e.g. `t2i curate` output)",
     )
     attribute: Literal["warm", "bright"] = Field(
         "warm",

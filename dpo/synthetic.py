@@ -8,6 +8,7 @@ have it and, after DPO, whether samples have more of it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from curate.store import Manifest, load_samples
 from dpo.config import MakePrefsConfig
 from dpo.ingest import IMAGE_SUFFIXES
 
@@ -51,8 +53,24 @@ def random_crop(image: Image.Image, rng: random.Random) -> Image.Image:
     return image.crop((left, top, left + crop, top + crop))
 
 
+def store_images(store: Path) -> tuple[list[tuple[str, Image.Image, str]], list[str]]:
+    """(id prefix, image, caption) for every row of a stage output with `image` and `caption` columns."""
+    usable = []
+    for row in load_samples(store):
+        data = row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"]
+        if not isinstance(data, (bytes, bytearray)):  # datasets may decode Image columns to PIL
+            image = data.convert("RGB")
+        else:
+            with Image.open(io.BytesIO(data)) as opened:
+                image = ImageOps.exif_transpose(opened).convert("RGB")
+        usable.append((row["id"][:16], image, (row.get("caption") or "").strip() or "an image"))
+    return usable, []
+
+
 def source_images(folder: Path) -> tuple[list[tuple[str, Image.Image, str]], list[str]]:
-    """(name, image, caption) for every decodable image in FOLDER; names of those that did not decode."""
+    """(name, image, caption) for every decodable image in FOLDER (or stage output); names that did not decode."""
+    if Manifest.read(folder) is not None:
+        return store_images(folder)
     usable, skipped = [], []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
@@ -73,7 +91,7 @@ def source_images(folder: Path) -> tuple[list[tuple[str, Image.Image, str]], lis
 def make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
     source, output = Path(config.source), Path(output)
     if not source.is_dir():
-        raise FileNotFoundError(f"--source {source} is not a folder of images")
+        raise FileNotFoundError(f"--source {source} is not a folder of images or a stage output")
     images, skipped = source_images(source)
     if not images:
         raise ValueError(f"no decodable image in {source}")

@@ -108,3 +108,38 @@ def test_unknown_columns_give_an_error_that_names_the_expected_layouts(tmp_path)
     pq.write_table(pa.Table.from_pylist([{"prompt": "x", "a": RED}]), path)
     with pytest.raises(ValueError, match="Pick-a-Pic v2"):
         ingest_prefs(path, tmp_path / "prefs", IngestPrefsConfig())
+
+
+def test_make_prefs_from_a_stage_output_gives_winners_the_attribute_the_losers_lack(tmp_path):
+    from curate.store import StageWriter, sample_id
+    from dpo.config import MakePrefsConfig
+    from dpo.synthetic import attribute_score, make_prefs
+
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Value("binary"),
+                                  "caption": datasets.Value("string")})  # fmt: skip
+    with StageWriter(tmp_path / "store", "curate", {}, "fp") as writer:
+        writer.write_samples([{"id": sample_id(png(c)), "image": png(c), "caption": f"a {c} square"}
+                              for c in ["gray", "olive"]], features)  # fmt: skip
+    for attribute in ("warm", "bright"):
+        out = make_prefs(
+            tmp_path / attribute,
+            MakePrefsConfig(source=str(tmp_path / "store"), attribute=attribute),
+        )
+        pairs = sorted(p for p in out.iterdir() if p.is_dir())
+        assert sorted((p / "caption.txt").read_text().strip() for p in pairs) == [
+            "a gray square",
+            "a olive square",
+        ]
+        for pair in pairs:
+            winner, loser = (
+                attribute_score(Image.open(pair / f"{r}.png"), attribute)
+                for r in ("winner", "loser")
+            )
+            assert winner > loser + 0.2
+    swapped = make_prefs(
+        tmp_path / "swap", MakePrefsConfig(source=str(tmp_path / "store"), swap=True)
+    )
+    pair = sorted(p for p in swapped.iterdir() if p.is_dir())[0]
+    assert attribute_score(Image.open(pair / "winner.png"), "warm") < attribute_score(
+        Image.open(pair / "loser.png"), "warm"
+    )
