@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--repeats", type=int, default=1, help="alternate the two modes this many times"
+    )
+    parser.add_argument(
         "--mode", choices=["adapter-disabled", "frozen-copy"], help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -114,10 +117,11 @@ def main() -> None:
         print(json.dumps(one_mode(args)))
         return
     results = []
-    for mode in ("adapter-disabled", "frozen-copy"):
-        argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        done = subprocess.run(argv, capture_output=True, text=True, check=True)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for _ in range(args.repeats):  # alternate, so load changes on a shared machine hit both modes
+        for mode in ("adapter-disabled", "frozen-copy"):
+            argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
+            done = subprocess.run(argv, capture_output=True, text=True, check=True)
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
