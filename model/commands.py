@@ -43,4 +43,23 @@ COMMANDS = [
             ("output", "directory for the pre-encoded set"),
         ],
     },
+    {
+        "name": "train",
+        "summary": "train the SD3 MMDiT with rectified flow on a pre-encoded set",
+        "description": (
+            "Reads ENCODED (output of `t2i precompute`) and trains --model's transformer, or a fresh "
+            "one from --preset, with the SD3 recipe: logit-normal(0, 1) timesteps with the resolution "
+            "shift, velocity loss eps - x0, each text encoder dropped with p = 0.464, original or "
+            "synthetic caption with p = 0.5, AdamW (lr 1e-4, eps 1e-15, 1000 warmup steps), EMA. "
+            "Writes OUTPUT as a diffusers SD3 folder (EMA weights, training shift in the scheduler) and "
+            "OUTPUT/training/{checkpoints,logs,samples}. Resume with --resume latest. Multi-GPU/FSDP: "
+            "`accelerate launch -m flows.cli train ...` with accelerate's own config."
+        ),
+        "config": "model.config:TrainConfig",
+        "run": "model.train:run_train",
+        "positionals": [
+            ("encoded", "pre-encoded set written by `t2i precompute`"),
+            ("output", "directory for the trained diffusers pipeline folder"),
+        ],
+    },
 ]

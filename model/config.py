@@ -55,3 +55,127 @@ class PrecomputeConfig(BaseModel):
     device: str = Field("cpu", description="torch device for the encoders, e.g. cuda or cuda:1")
     batch_size: int = Field(16, ge=1, description="images or captions per encoder call")
     shard_size: int = Field(512, ge=1, description="input rows per shard (the unit of resumption)")
+
+
+class TrainConfig(BaseModel):
+    """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
+
+    model: str = Field(
+        ...,
+        description="local diffusers SD3 folder: its VAE, encoders, tokenizers and scheduler are copied "
+        "to the output; its transformer is trained further unless --preset starts a fresh one",
+    )
+    preset: str | None = Field(
+        None,
+        description="random-init the MMDiT from a depth preset (d2..d38: hidden 64*d, d heads, QK "
+        "RMS-norm; tiny, tiny-d4) instead of continuing --model's transformer; widths come from --model's encoders",
+    )
+    init_from: str | None = Field(
+        None,
+        description="diffusers transformer folder to start from instead of --model/transformer",
+    )
+    # optimisation (SD3 section 5.1 / 5.3.3)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (SD3: 1e-4)")
+    warmup_steps: int = Field(
+        1000, ge=0, description="linear learning-rate warmup steps, then constant (SD3: 1000)"
+    )
+    adam_beta1: float = Field(0.9, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, description="AdamW beta2")
+    adam_eps: float = Field(
+        1e-15, gt=0, description="AdamW epsilon (SD3 uses 1e-15 together with QK RMS-norm)"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(
+        1.0, ge=0, description="clip the global gradient norm to this (0: no clipping)"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="micro-batch size per device (SD3 pretrains with a global batch of 4096)",
+    )
+    max_steps: int = Field(1000, ge=1, description="optimizer steps to train for")
+    ema_decay: float = Field(
+        0.9999,
+        ge=0,
+        lt=1,
+        description="EMA decay of the weights, warmed up as min(decay, (1+n)/(10+n))",
+    )
+    export_ema: bool = Field(
+        True, description="write the EMA weights (not the raw ones) as the output transformer"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory"
+    )
+    # rectified flow (sections 2-3, Eq. 19-23)
+    density: Literal["logit_normal", "mode", "cosmap", "uniform"] = Field(
+        "logit_normal", description="training timestep density (SD3: logit_normal)"
+    )
+    logit_mean: float = Field(0.0, description="logit-normal location m (SD3: 0.0)")
+    logit_std: float = Field(1.0, gt=0, description="logit-normal scale s (SD3: 1.0)")
+    mode_scale: float = Field(1.29, description="scale s of the mode(s) density (SD3 table: 1.29)")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none",
+        description="extra loss weight per timestep (SD3: none; the density does the weighting)",
+    )
+    shift: float | None = Field(
+        None,
+        gt=0,
+        description="resolution shift alpha of Eq. 23, used for training and stored in the scheduler for "
+        "sampling; default max(1, sqrt(pixels / 256^2)) from the encoded set (Eq. 23: 4.0 at 1024^2, where SD3 "
+        "picked 3.0 by human preference; 1.0 at 256^2 and below)",
+    )
+    encoder_drop: float = Field(
+        0.464,
+        ge=0,
+        le=1,
+        description="drop each of CLIP-L, CLIP-G, T5 independently with this p (SD3: 0.464)",
+    )
+    synthetic_caption_p: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="probability of the synthetic caption per sample per step (SD3: 0.5)",
+    )
+    # validation, logging, samples
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of samples held out for validation"
+    )
+    val_max_samples: int = Field(256, ge=0, description="at most this many held-out samples")
+    val_timesteps: list[float] = Field(
+        default_factory=lambda: [(i + 0.5) / 8 for i in range(8)],
+        description="fixed timestep grid of the validation loss (the paper finds it tracks sample quality)",
+    )
+    val_every: int = Field(
+        500, ge=0, description="validation loss every N steps (0: only at the end)"
+    )
+    log_every: int = Field(
+        50, ge=1, description="console line and TensorBoard scalars every N steps"
+    )
+    sample_every: int = Field(
+        1000,
+        ge=0,
+        description="sample grid PNG every N steps (0: only at the end; needs --sample-count > 0)",
+    )
+    sample_count: int = Field(4, ge=0, description="held-out captions in the sample grid")
+    sample_steps: int = Field(28, ge=1, description="Euler steps for sample grids (SD3: 28)")
+    sample_guidance: float = Field(
+        7.0, ge=0, description="classifier-free guidance for sample grids (SD3: 7.0)"
+    )
+    # checkpoints
+    checkpoint_every: int = Field(
+        500, ge=0, description="save the full training state every N steps (0: never)"
+    )
+    checkpoints_total_limit: int = Field(3, ge=1, description="keep only the newest N checkpoints")
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from")
+    # execution
+    device: str | None = Field(
+        None,
+        description="cpu, cuda, ...; default: what accelerate picks (use `accelerate launch` for multi-GPU)",
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="autocast precision; auto = bf16 on GPUs that support it, else fp32"
+    )
+    seed: int = Field(
+        0, description="seed for weights, data order, timesteps, noise, encoder drop and captions"
+    )

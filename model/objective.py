@@ -1,0 +1,117 @@
+"""The rectified-flow training objective on pre-encoded batches (SD3 sections 2-3).
+
+`draw_noise_and_time` makes every random draw of a micro-batch a pure function of
+(seed, micro-batch index), so resumed runs repeat them exactly and no RNG state needs saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model import rectified_flow as rf
+from model.conditioning import TextEncoding, drop_encoders, joint_condition, sample_encoder_keep
+from model.train_data import hash_seed
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    density: rf.Density = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0
+    weighting: rf.Weighting = "none"
+    encoder_drop: float = 0.464
+
+
+@dataclass
+class Draws:
+    t: torch.Tensor  # [B] in (0, 1), shifted
+    noise: torch.Tensor  # like the latents
+    keep: torch.Tensor  # [B, 3] keep CLIP-L, CLIP-G, T5
+
+
+def draw_noise_and_time(latents: torch.Tensor, settings: FlowSettings, seed: int, j: int) -> Draws:
+    """Timesteps (the configured density, then the Eq. 23 shift), noise and encoder-drop masks
+    for micro-batch j; drawn on the CPU so every device and resume sees the same numbers."""
+    generator = torch.Generator().manual_seed(hash_seed(seed, "draws", j))
+    batch = latents.shape[0]
+    t = rf.sample_timesteps(
+        batch,
+        settings.density,
+        m=settings.logit_mean,
+        s=settings.logit_std,
+        mode_scale=settings.mode_scale,
+        shift=settings.shift,
+        generator=generator,
+    )
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    keep = sample_encoder_keep(batch, settings.encoder_drop, generator=generator)
+    device = latents.device
+    return Draws(t.to(device), noise.to(device), keep.to(device))
+
+
+def predict_velocity(
+    transformer: torch.nn.Module, z_t: torch.Tensor, t: torch.Tensor, text: TextEncoding
+) -> torch.Tensor:
+    """The MMDiT's velocity for noisy latents z_t at times t (in [0, 1]) under the SD3 condition."""
+    sequence, pooled = joint_condition(text)
+    return transformer(
+        hidden_states=z_t,
+        encoder_hidden_states=sequence,
+        pooled_projections=pooled,
+        timestep=rf.model_timestep(t),
+        return_dict=False,
+    )[0]
+
+
+def flow_loss(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    text: TextEncoding,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    weighting: rf.Weighting = "none",
+) -> torch.Tensor:
+    """Per-sample weighted MSE between predicted and target velocity eps - x0 (Eq. 2-3), shape [B]."""
+    z_t = rf.interpolate(latents, noise, t)
+    prediction = predict_velocity(transformer, z_t, t, text).float()
+    target = rf.velocity_target(latents, noise)
+    mse = ((prediction - target) ** 2).flatten(1).mean(dim=1)
+    return mse * rf.loss_weight(t, weighting)
+
+
+def training_loss(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    text: TextEncoding,
+    draws: Draws,
+    settings: FlowSettings,
+) -> torch.Tensor:
+    """Mean loss of a micro-batch with its encoders dropped per sample (p = 0.464 each)."""
+    text = drop_encoders(text, draws.keep)
+    return flow_loss(transformer, latents, text, draws.t, draws.noise, settings.weighting).mean()
+
+
+@torch.no_grad()
+def validation_loss(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    text: TextEncoding,
+    ids: list[str],
+    timesteps: list[float],
+    seed: int = 0,
+) -> torch.Tensor:
+    """Loss at each fixed timestep of the grid, [len(timesteps)], with each sample's noise fixed by
+    its id: the same numbers at every evaluation, so changes come from the weights alone."""
+    noise = torch.stack(
+        [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(hash_seed(seed, "val", i)))
+         for i in ids]
+    ).to(latents.device)  # fmt: skip
+    losses = []
+    for value in timesteps:
+        t = torch.full((latents.shape[0],), float(value), device=latents.device)
+        losses.append(flow_loss(transformer, latents, text, t, noise).mean())
+    return torch.stack(losses)

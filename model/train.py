@@ -1,0 +1,357 @@
+"""`t2i train`: rectified-flow training of an SD3 MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5).
+
+The recipe reads top to bottom in `train`: data, model, optimizer, resume, loop, export. Every
+random draw is a pure function of (seed, micro-batch index) (`model.train_data`,
+`model.objective`), so a run killed at any point and resumed from its last checkpoint reaches
+the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from tqdm.auto import tqdm
+
+from curate.store import Manifest, fingerprint, is_done, library_versions
+from model import rectified_flow as rf
+from model.build import build_transformer, text_dims, transformer_config_for
+from model.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from model.config import TrainConfig
+from model.ema import EMA
+from model.export import export_pipeline
+from model.latent_sampling import decode_latents, sample_latents, save_grid
+from model.objective import FlowSettings, draw_noise_and_time, training_loss, validation_loss
+from model.train_data import BatchPlan, EncodedReader, load_batch, split_indices
+
+STAGE = "train"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss was NaN or infinite; the weights were not updated with it."""
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    precision = config.mixed_precision
+    if precision == "auto":
+        gpu_bf16 = (
+            torch.cuda.is_available() and torch.cuda.is_bf16_supported() and config.device != "cpu"
+        )
+        precision = "bf16" if gpu_bf16 else "no"
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=config.device == "cpu",
+    )
+
+
+def _encoder_dims(model_dir: Path) -> dict[str, int]:
+    """Encoder widths from --model's configs, without loading any encoder weights."""
+    from transformers import CLIPTextConfig, T5Config
+
+    parts = {
+        "text_encoder": CLIPTextConfig.from_pretrained(model_dir / "text_encoder"),
+        "text_encoder_2": CLIPTextConfig.from_pretrained(model_dir / "text_encoder_2"),
+        "text_encoder_3": T5Config.from_pretrained(model_dir / "text_encoder_3"),
+    }
+    return text_dims({name: SimpleNamespace(config=c) for name, c in parts.items()})
+
+
+def build_or_load_transformer(config: TrainConfig) -> SD3Transformer2DModel:
+    """A fresh MMDiT from --preset (widths read from --model's encoders and VAE), or the
+    transformer to continue: --init-from, else --model/transformer."""
+    model_dir = Path(config.model)
+    if config.preset:
+        spec = transformer_config_for(config.preset, _encoder_dims(model_dir))
+        vae = AutoencoderKL.load_config(model_dir / "vae")
+        spec["in_channels"] = spec["out_channels"] = vae["latent_channels"]
+        torch.manual_seed(config.seed)
+        return build_transformer(spec)
+    source = Path(config.init_from) if config.init_from else model_dir / "transformer"
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"no transformer at {source}; pass --preset to start a fresh one")
+    return SD3Transformer2DModel.from_pretrained(source, torch_dtype=torch.float32)
+
+
+def check_compatible(transformer: SD3Transformer2DModel, sample: dict) -> None:
+    """Fail before training when the encoded set was made with other encoders or another VAE."""
+    cfg = transformer.config
+    latents, text = sample["latents"], sample["text"]
+    problems = []
+    if latents.shape[0] != cfg.in_channels:
+        problems.append(
+            f"latents have {latents.shape[0]} channels, the transformer takes {cfg.in_channels}"
+        )
+    if text.t5.shape[-1] != cfg.joint_attention_dim:
+        problems.append(
+            f"T5 width {text.t5.shape[-1]} != joint_attention_dim {cfg.joint_attention_dim}"
+        )
+    pooled = text.clip_l_pooled.shape[-1] + text.clip_g_pooled.shape[-1]
+    if pooled != cfg.pooled_projection_dim:
+        problems.append(
+            f"pooled CLIP width {pooled} != pooled_projection_dim {cfg.pooled_projection_dim}"
+        )
+    patches = max(latents.shape[1:]) // cfg.patch_size
+    if cfg.pos_embed_max_size and patches > cfg.pos_embed_max_size:
+        problems.append(
+            f"latents of {tuple(latents.shape[1:])} need {patches} positions > pos_embed_max_size"
+        )
+    if problems:
+        raise ValueError(
+            "the encoded set does not fit the model: " + "; ".join(problems)
+            + ". Pre-encode with the same --model, or pick a matching --preset."
+        )  # fmt: skip
+
+
+def training_shift(config: TrainConfig, model_dir: Path, latents: torch.Tensor) -> float:
+    """--shift, else alpha = sqrt(pixels / 256^2) for the set's resolution (Eq. 23), never below 1
+    (the paper's base schedule is 256^2; smaller sets keep it unshifted)."""
+    if config.shift is not None:
+        return config.shift
+    vae = AutoencoderKL.load_config(Path(model_dir) / "vae")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return max(1.0, rf.resolution_shift(latents.shape[1] * factor * latents.shape[2] * factor))
+
+
+def warmup_schedule(warmup_steps: int):
+    """Linear warmup to the full learning rate, then constant (SD3 section 5.1)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    transformer, reader: EncodedReader, val: list[int], config: TrainConfig, device
+) -> torch.Tensor:
+    """Validation loss at the fixed timestep grid, averaged over the held-out samples."""
+    plan = BatchPlan.for_reader(reader, val, config.batch_size, config.seed)
+    totals, count = torch.zeros(len(config.val_timesteps)), 0
+    for indices in plan.epoch_batches(0):
+        batch = load_batch(reader, indices, 0, config.seed, p_synthetic=0.0).to(device)
+        losses = validation_loss(
+            transformer, batch.latents, batch.text, batch.ids, config.val_timesteps, config.seed
+        )
+        totals += losses.float().cpu() * len(indices)
+        count += len(indices)
+    return totals / count
+
+
+def sample_grid(
+    transformer, vae, reader: EncodedReader, indices: list[int], config: TrainConfig, shift, path
+):
+    """PNG grid: the same held-out captions and seeds at every call."""
+    batch = load_batch(reader, indices, 0, config.seed, p_synthetic=0.0)
+    latents = sample_latents(
+        transformer, batch.text, reader.empty_text(), list(range(len(indices))), tuple(batch.latents.shape[1:]),
+        steps=config.sample_steps, shift=shift, guidance=config.sample_guidance,
+    )  # fmt: skip
+    return save_grid(decode_latents(vae, latents), path)
+
+
+def ema_copy(transformer: torch.nn.Module, ema: EMA) -> torch.nn.Module:
+    shadow = copy.deepcopy(transformer)
+    ema.copy_to(shadow)
+    return shadow.eval()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    reader: EncodedReader, output: str | Path, config: TrainConfig, input_fingerprint: str = ""
+) -> Path:
+    """Train on READER's samples and write OUTPUT as a diffusers SD3 folder; returns OUTPUT."""
+    try:
+        return _train(reader, Path(output), config, input_fingerprint)
+    finally:
+        # accelerate keeps a process-wide singleton; clear it so a later stage (DPO) can build its own.
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(
+    reader: EncodedReader, output: Path, config: TrainConfig, input_fingerprint: str
+) -> Path:
+    started = time.time()
+    work = output / "training"
+    checkpoints = work / "checkpoints"
+    resume_from = resolve_resume(checkpoints, config.resume)
+    if config.resume is None and list_checkpoints(checkpoints):
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints of an earlier run; pass --resume latest to "
+            "continue it, or choose a new output folder"
+        )
+    accelerator = make_accelerator(config)
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # Data: a held-out split by id hash, and a deterministic batch plan for the rest.
+    train_idx, val_idx = split_indices(
+        reader.ids, config.val_fraction, config.val_max_samples, config.seed
+    )
+    plan = BatchPlan.for_reader(reader, train_idx, config.batch_size, config.seed)
+    first = reader.sample(train_idx[0])
+
+    # Model, EMA, optimizer (AdamW, eps 1e-15 with QK-norm) and warmup.
+    transformer = build_or_load_transformer(config)
+    check_compatible(transformer, first)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    ema = EMA(transformer, config.ema_decay)
+    optimizer = torch.optim.AdamW(
+        transformer.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps, weight_decay=config.weight_decay,
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    accelerator.register_for_checkpointing(scheduler, ema)
+    shift = training_shift(config, Path(config.model), first["latents"])
+    settings = FlowSettings(
+        config.density, config.logit_mean, config.logit_std, config.mode_scale, shift, config.weighting,
+        config.encoder_drop,
+    )  # fmt: skip
+
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(accelerator, resume_from)["step"]
+        accelerator.print(f"resumed from {resume_from} at step {start}")
+    last_good = str(resume_from) if resume_from else "none (no checkpoint written yet)"
+
+    writer, vae = None, None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(work / "logs"), purge_step=start + 1 if start else None)
+        if config.sample_count > 0:
+            vae = AutoencoderKL.from_pretrained(Path(config.model) / "vae").to(device).eval()
+    grid_idx = (val_idx or train_idx)[: config.sample_count]
+    grid_idx = (
+        [i for i in grid_idx if tuple(reader.bucket(i)) == tuple(reader.bucket(grid_idx[0]))]
+        if grid_idx
+        else []
+    )
+
+    def evaluate_and_sample(step: int) -> None:
+        model = accelerator.unwrap_model(transformer)
+        model.eval()
+        if val_idx:
+            losses = evaluate(model, reader, val_idx, config, device)
+            if writer is not None:
+                writer.add_scalar("val/loss", losses.mean().item(), step)
+                for t, value in zip(config.val_timesteps, losses.tolist(), strict=True):
+                    writer.add_scalar(f"val/loss_t{t:.3f}", value, step)
+            accelerator.print(
+                f"step {step}: validation loss {losses.mean().item():.4f} over {len(val_idx)} samples"
+            )
+        if vae is not None and grid_idx:
+            path = sample_grid(
+                ema_copy(model, ema),
+                vae,
+                reader,
+                grid_idx,
+                config,
+                shift,
+                work / "samples" / f"step-{step:08d}.png",
+            )
+            accelerator.print(f"step {step}: sample grid {path}")
+        model.train()
+
+    window_loss, window_start, window_steps = 0.0, time.time(), 0
+    progress = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="train",
+                    unit="step", disable=not accelerator.is_main_process)  # fmt: skip
+    for step in progress:
+        for k in range(config.grad_accum):
+            j = (step * config.grad_accum + k) * world + rank  # this process's micro-batch
+            batch = load_batch(
+                reader, plan.micro_batch(j), j, config.seed, config.synthetic_caption_p
+            ).to(device)
+            draws = draw_noise_and_time(batch.latents, settings, config.seed, j)
+            with accelerator.accumulate(transformer):
+                with accelerator.autocast():
+                    loss = training_loss(transformer, batch.latents, batch.text, draws, settings)
+                finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
+                if not finite:
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} at step {step + 1} (micro-batch {j}, samples "
+                        f"{batch.ids[:4]}); the weights were not updated with it. The last good "
+                        f"checkpoint is {last_good}. Lower --lr, check the encoded set for NaN/inf, "
+                        "or try --mixed-precision no, then --resume latest."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    accelerator.clip_grad_norm_(transformer.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.item() / config.grad_accum
+        scheduler.step()
+        ema.update(accelerator.unwrap_model(transformer))
+        done = step + 1
+        window_steps += 1
+
+        if done % config.log_every == 0 or done == config.max_steps:
+            rate = window_steps / max(time.time() - window_start, 1e-9)
+            mean_loss, lr = window_loss / window_steps, scheduler.get_last_lr()[0]
+            if writer is not None:
+                writer.add_scalar("train/loss", mean_loss, done)
+                writer.add_scalar("train/lr", lr, done)
+                writer.add_scalar("train/steps_per_s", rate, done)
+            if accelerator.is_main_process:
+                progress.write(
+                    f"step {done}/{config.max_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s"
+                )
+            window_loss, window_start, window_steps = 0.0, time.time(), 0
+        if done < config.max_steps and (
+            (config.val_every and done % config.val_every == 0)
+            or (config.sample_every and done % config.sample_every == 0)
+        ):
+            evaluate_and_sample(done)
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            last_good = str(
+                save_checkpoint(
+                    accelerator, checkpoints, done, {"shift": shift}, config.checkpoints_total_limit
+                )
+            )
+    progress.close()
+
+    # Final evaluation and export (EMA weights by default).
+    evaluate_and_sample(config.max_steps)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(transformer)
+        final = ema_copy(model, ema) if config.export_ema else model
+        export_pipeline(Path(config.model), final, output, shift)
+        (work / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
+        Manifest(
+            stage=STAGE, parameters=config.model_dump(), input_fingerprint=input_fingerprint,
+            counts={"train": len(train_idx), "validation": len(val_idx), "steps": config.max_steps},
+            versions=library_versions(), wall_time_s=round(time.time() - started, 2),
+            extra={"shift": shift, "batches_per_epoch": plan.batches_per_epoch,
+                   "epochs": math.ceil(config.max_steps * config.grad_accum * world / plan.batches_per_epoch)},
+        ).write(output)  # fmt: skip
+        writer.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output
+
+
+def run_train(encoded: str, output: str, config: TrainConfig) -> Path:
+    """`t2i train ENCODED OUTPUT --model DIR`: see model/commands.py."""
+    from model.encoded import EncodedDataset
+
+    input_fp = fingerprint(encoded)
+    if config.resume is None and is_done(output, STAGE, config.model_dump(), input_fp):
+        print(f"{output} is already trained from {encoded} with these options; nothing to do")
+        return Path(output)
+    return train(EncodedDataset(encoded), output, config, input_fp)

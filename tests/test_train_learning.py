@@ -1,0 +1,31 @@
+"""Proof of learning, light: a model trained from scratch follows the colour its caption names.
+
+benchmarks/bench_learning.py runs the full version (four colours, shapes, a bigger model).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_learning", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_makes_samples_follow_the_caption_far_above_chance_and_the_untrained_model(
+    tmp_path,
+):
+    result = load_bench().measure(
+        preset="tiny", steps=120, n=32, batch=8, lr=5e-3, warmup=12, seeds=4, sample_steps=6,
+        solid=True, colours=("red", "blue"), held_out=0, work=tmp_path,
+    )  # fmt: skip
+    assert result["chance"] == 0.5
+    assert result["untrained_accuracy"] <= 0.75
+    assert result["trained_accuracy"] >= 0.9
+    assert result["trained_accuracy"] >= result["untrained_accuracy"] + 0.25
