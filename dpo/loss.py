@@ -1,7 +1,7 @@
 """Diffusion-DPO (Wallace et al. 2023, Eq. 14) on the rectified-flow velocity target.
 
 Winner and loser share the timestep t and the noise eps. For each, err = mean over latent
-elements of (v_pred - (eps - x0))^2, once with the LoRA (theta) and once without (ref). Then
+elements of (v_pred - (eps - x0))^2 (model/objective.py:flow_loss), once with the LoRA (theta) and once without (ref). Then
 
     loss = -log sigmoid(-beta/2 * ((err_w - ref_w) - (err_l - ref_l)))
 
@@ -15,11 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[B] mean squared error over every latent element of each sample, in fp32."""
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
 @dataclass

@@ -21,15 +21,11 @@ from PIL import Image
 from dpo.config import DPOConfig
 from dpo.encode import EncodedPairs
 from dpo.synthetic import edit
-from model.conditioning import TextEncoding, joint_condition
+from model import latent_sampling
+from model.conditioning import TextEncoding
 from model.encoders import encode_images, encode_texts
-from model.rectified_flow import (
-    euler_sample,
-    interpolate,
-    model_timestep,
-    sample_timesteps,
-    velocity_target,
-)
+from model.objective import flow_loss
+from model.rectified_flow import sample_timesteps
 
 
 def textures(n: int, size: int, seed: int) -> list[Image.Image]:
@@ -74,9 +70,7 @@ def make_proof_data(
     )
     half = n_base // 2
     base = torch.cat([warm[:half], cool[half:n_base]])
-    pair_text = TextEncoding(
-        **{k: v.expand(n_pairs, *v.shape[1:]).clone() for k, v in vars(text).items()}
-    )
+    pair_text = repeat(text, n_pairs)
     pairs = EncodedPairs(
         [f"pair-{i}" for i in range(n_pairs)], warm[n_base:], cool[n_base:], pair_text
     )
@@ -92,25 +86,28 @@ def fit_base(
     lr: float,
     seed: int = 0,
 ) -> None:
-    """Plain rectified-flow fitting (SD3 Eq. 2, logit-normal t) of the whole transformer."""
+    """Plain rectified-flow fitting (model/objective.py's loss, logit-normal t) of the whole transformer,
+    on one caption and no encoder dropout: the proof needs a base, not the full `t2i train` recipe."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr)
-    hidden, pooled = joint_condition(text)
+    texts = repeat(text, batch)
     transformer.train()
     for _ in range(steps):
         x0 = latents[torch.randint(len(latents), (batch,), generator=generator)]
         noise = torch.randn(x0.shape, generator=generator)
         t = sample_timesteps(batch, "logit_normal", generator=generator)
-        prediction = transformer(interpolate(x0, noise, t), hidden.expand(batch, -1, -1),
-                                 pooled.expand(batch, -1), model_timestep(t), return_dict=False)[0]  # fmt: skip
-        loss = (prediction - velocity_target(x0, noise)).pow(2).mean()
+        loss = flow_loss(transformer, x0, texts, t, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     transformer.eval()
 
 
-@torch.no_grad()
+def repeat(text: TextEncoding, n: int) -> TextEncoding:
+    """A batch-of-one encoding repeated n times."""
+    return TextEncoding(**{k: v.expand(n, *v.shape[1:]).clone() for k, v in vars(text).items()})
+
+
 def sample_latents(
     transformer,
     text: TextEncoding,
@@ -119,18 +116,18 @@ def sample_latents(
     steps: int = 10,
     shift: float = 1.0,
 ) -> torch.Tensor:
-    noise = torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    """Euler samples (model/latent_sampling.py) for one caption, no guidance."""
+    negative = TextEncoding(**{k: v[0] for k, v in vars(text).items()})  # unused at guidance 1
+    return latent_sampling.sample_latents(
+        transformer,
+        repeat(text, len(seeds)),
+        negative,
+        seeds,
+        shape,
+        steps=steps,
+        shift=shift,
+        guidance=1.0,
     )
-    hidden, pooled = joint_condition(text)
-    n = len(seeds)
-
-    def velocity(z, t):
-        return transformer(
-            z, hidden.expand(n, -1, -1), pooled.expand(n, -1), model_timestep(t), return_dict=False
-        )[0]
-
-    return euler_sample(velocity, noise, steps=steps, shift=shift)
 
 
 def warm_rate(latents: torch.Tensor, data: ProofData) -> float:

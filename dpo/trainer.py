@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -42,10 +43,11 @@ from dpo.lora import (
     lora_parameters,
     save_lora_state,
 )
-from dpo.loss import DPOTerms, diffusion_dpo_loss, per_sample_mse
+from dpo.loss import DPOTerms, diffusion_dpo_loss
 from model.build import parse_dtype
-from model.conditioning import joint_condition
-from model.rectified_flow import interpolate, model_timestep, sample_timesteps, velocity_target
+from model.conditioning import TextEncoding
+from model.objective import flow_loss
+from model.rectified_flow import sample_timesteps
 
 STAGE = "dpo"
 METRICS = "metrics.jsonl"
@@ -79,27 +81,23 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def velocity_errors(transformer, latents, noise, t, hidden, pooled) -> torch.Tensor:
-    """[B] per-sample velocity MSE of `transformer` at z_t (rectified flow, SD3 Eq. 2)."""
-    z = interpolate(latents, noise, t)
+def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
+    """[B] per-sample velocity MSE (model/objective.py), inputs cast to the frozen weights' dtype."""
     dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
-    prediction = transformer(
-        hidden_states=z.to(dtype),
-        encoder_hidden_states=hidden.to(dtype),
-        pooled_projections=pooled.to(dtype),
-        timestep=model_timestep(t).to(dtype),
-        return_dict=False,
-    )[0]
-    return per_sample_mse(prediction, velocity_target(latents, noise))
+    return flow_loss(
+        transformer, latents.to(dtype), text.to(dtype=dtype), t.to(dtype), noise.to(dtype)
+    )
 
 
 def dpo_terms(transformer, pairs: EncodedPairs, t, noise, beta: float, reference=None) -> DPOTerms:
     """Winner and loser in one forward batch with shared t and noise; reference = adapter off (or a copy)."""
     device = next(transformer.parameters()).device
-    hidden, pooled = joint_condition(pairs.text.to(device))
+    text = pairs.text.to(device)
+    both = TextEncoding(
+        **{f.name: torch.cat([getattr(text, f.name)] * 2) for f in fields(TextEncoding)}
+    )
     latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
-    args = (latents, torch.cat([noise, noise]).to(device), torch.cat([t, t]).to(device),
-            torch.cat([hidden, hidden]), torch.cat([pooled, pooled]))  # fmt: skip
+    args = (latents, torch.cat([noise, noise]).to(device), torch.cat([t, t]).to(device), both)
     errors = velocity_errors(transformer, *args)
     with torch.no_grad():
         if reference is None:
