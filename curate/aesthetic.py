@@ -10,11 +10,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
-from curate.clip import ClipImageEmbedder
-from curate.heads import load_head
+from curate.heads import ClipHeadScorer
 
 BRISQUE_SIDE = 512
 DEFAULT_THRESHOLDS = {"laion_v2": 4.5, "brisque_quality": 0.0}
@@ -75,28 +73,8 @@ class BrisqueQuality:
         return np.array([self.score_one(image) for image in images], dtype=np.float64)
 
 
-class LaionAestheticV2:
+class LaionAestheticV2(ClipHeadScorer):
     kind = "laion_v2"
-
-    def __init__(
-        self,
-        clip_folder: str | None,
-        mlp_path: str | None,
-        device: str = "cpu",
-        clip: ClipImageEmbedder | None = None,
-    ) -> None:
-        if not mlp_path:
-            raise ValueError(
-                "the LAION aesthetic predictor needs its MLP weights: pass --aesthetic-model FILE"
-            )
-        self.clip = clip or ClipImageEmbedder(clip_folder, device)
-        self.head = load_head(
-            mlp_path, activation="none", output="linear", expect_dim=self.clip.dim
-        )
-
-    @torch.no_grad()
-    def __call__(
-        self, images: list[Image.Image], embeddings: np.ndarray | None = None
-    ) -> np.ndarray:
-        embeddings = self.clip(images) if embeddings is None else embeddings
-        return self.head(torch.from_numpy(embeddings)).numpy().astype(np.float64)
+    activation = "none"
+    output = "linear"
+    weights_option = "--aesthetic-model"

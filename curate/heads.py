@@ -87,3 +87,33 @@ def load_head(path: str | Path, activation: str, output: str, expect_dim: int) -
             "pair the head with the CLIP it was trained on (ViT-L/14: 768)"
         )
     return head
+
+
+class ClipHeadScorer:
+    """A LAION head on a local CLIP's image embeddings; subclasses name the head's layout."""
+
+    kind: str
+    activation: str
+    output: str
+    weights_option: str
+
+    def __init__(
+        self, clip_folder: str | None, head_path: str | None, device: str = "cpu", clip=None
+    ) -> None:
+        from curate.clip import ClipImageEmbedder
+
+        if not head_path:
+            raise ValueError(
+                f"the {self.kind!r} scorer needs its head weights: pass {self.weights_option} FILE"
+            )
+        self.clip = clip or ClipImageEmbedder(clip_folder, device)
+        self.head = load_head(
+            head_path, activation=self.activation, output=self.output, expect_dim=self.clip.dim
+        )
+
+    @torch.no_grad()
+    def __call__(self, images, embeddings=None):
+        import numpy as np
+
+        embeddings = self.clip(images) if embeddings is None else embeddings
+        return self.head(torch.from_numpy(embeddings)).numpy().astype(np.float64)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from curate.clip import ClipImageEmbedder, require_folder
-from curate.heads import load_head
+from curate.clip import require_folder
+from curate.heads import ClipHeadScorer
 
 NSFW_LABELS = ("nsfw", "porn", "hentai", "sexy", "explicit", "unsafe", "nude", "nudity")
 
@@ -59,28 +59,8 @@ class HFImageClassifierNSFW:
         return probabilities[:, self.nsfw_ids].sum(-1).cpu().numpy().astype(np.float64)
 
 
-class LaionClipNSFW:
+class LaionClipNSFW(ClipHeadScorer):
     kind = "laion_clip"
-
-    def __init__(
-        self,
-        clip_folder: str | None,
-        head_path: str | None,
-        device: str = "cpu",
-        clip: ClipImageEmbedder | None = None,
-    ) -> None:
-        if not head_path:
-            raise ValueError(
-                "the 'laion_clip' NSFW detector needs its head weights: pass --nsfw-model FILE"
-            )
-        self.clip = clip or ClipImageEmbedder(clip_folder, device)
-        self.head = load_head(
-            head_path, activation="relu", output="sigmoid", expect_dim=self.clip.dim
-        )
-
-    @torch.no_grad()
-    def __call__(
-        self, images: list[Image.Image], embeddings: np.ndarray | None = None
-    ) -> np.ndarray:
-        embeddings = self.clip(images) if embeddings is None else embeddings
-        return self.head(torch.from_numpy(embeddings)).numpy().astype(np.float64)
+    activation = "relu"
+    output = "sigmoid"
+    weights_option = "--nsfw-model"

@@ -26,6 +26,14 @@ class SampleConfig(BaseModel):
     out: str = Field("samples", description="directory for the PNGs")
     device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
     dtype: str = Field("fp32", description="fp32, fp16 or bf16")
+    lora: str | None = Field(
+        None,
+        description="folder with pytorch_lora_weights.safetensors (e.g. `t2i dpo` output): writes base/ and "
+        "lora/ PNGs for the same seeds and a side-by-side grid.png",
+    )
+    lora_scale: float = Field(
+        1.0, description="LoRA strength: 0 gives the base model, 1 the trained LoRA"
+    )
 
 
 class PrecomputeConfig(BaseModel):

@@ -14,6 +14,9 @@ from tqdm.auto import tqdm
 from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
+LORA_ADAPTER = "lora"
+
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
     collected = list(prompts)
@@ -55,14 +58,49 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
+def side_by_side(
+    base: Sequence[Image.Image], adapted: Sequence[Image.Image], gap: int = 4
+) -> Image.Image:
+    """One row per prompt and seed: the base model's image left, the LoRA's right."""
+    width = max(i.width for i in base) * 2 + gap
+    height = sum(i.height for i in base) + gap * (len(base) - 1)
+    grid = Image.new("RGB", (width, height), "white")
+    top = 0
+    for left_image, right_image in zip(base, adapted):
+        grid.paste(left_image, (0, top))
+        grid.paste(right_image, (left_image.width + gap, top))
+        top += left_image.height + gap
+    return grid
+
+
+def load_lora(pipe: StableDiffusion3Pipeline, lora_dir: str, scale: float) -> None:
+    """Load a diffusers-format LoRA folder into the pipeline with the stock API, at SCALE."""
+    if not (Path(lora_dir) / LORA_FILE).is_file():
+        raise FileNotFoundError(
+            f"--lora {lora_dir} has no {LORA_FILE}; pass a `t2i dpo` output folder"
+        )
+    pipe.load_lora_weights(lora_dir, weight_name=LORA_FILE, adapter_name=LORA_ADAPTER)
+    pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
+
+
+def _save(results, folder: Path) -> list[Image.Image]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (prompt, seed, image) in enumerate(results):
+        image.save(folder / f"{index:03d}-{slug(prompt)}-seed{seed}.png")
+    return [image for _, _, image in results]
+
+
 def run_sample(config: SampleConfig) -> Path:
     pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
     pipe.set_progress_bar_config(disable=True)
     prompts = read_prompts(config.prompt, config.prompts)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for index, (prompt, seed, image) in enumerate(
-        generate(pipe, prompts, config.seed, config.steps, config.guidance_scale, config.height, config.width)
-    ):
-        image.save(out / f"{index:03d}-{slug(prompt)}-seed{seed}.png")
+    options = (config.steps, config.guidance_scale, config.height, config.width)
+    if config.lora is None:
+        _save(generate(pipe, prompts, config.seed, *options), out)
+        return out
+    base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
+    load_lora(pipe, config.lora, config.lora_scale)
+    adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
+    side_by_side(base, adapted).save(out / "grid.png")
     return out

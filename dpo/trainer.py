@@ -1,0 +1,327 @@
+"""`t2i dpo`: rank-128 LoRA Diffusion-DPO on a rectified-flow SD3 transformer.
+
+Recipe (step comments read top to bottom):
+  1. ingest the preferences (unless PREFS already is a preference table) and pre-encode every pair;
+  2. freeze the transformer and attach the LoRA; the reference is the same network, adapter off;
+  3. each step: draw pairs, one t (training density) and one noise per pair shared by winner and
+     loser, the velocity errors with and without the adapter, the DPO loss (dpo/loss.py);
+  4. log metrics, checkpoint (resume is exact: every step's randomness is a function of seed and
+     step), stop cleanly on a non-finite loss;
+  5. report held-out implicit accuracy and export the LoRA in diffusers' format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+from tqdm.auto import tqdm
+
+from curate.store import (
+    Manifest,
+    StageWriter,
+    fingerprint,
+    is_done,
+    load_rejected,
+    load_samples,
+    params_hash,
+)
+from dpo.config import DPOConfig, IngestPrefsConfig
+from dpo.encode import EncodedPairs, encode_pairs, native_resolution
+from dpo.ingest import STAGE as PREFS_STAGE
+from dpo.ingest import ingest_prefs
+from dpo.lora import (
+    add_lora,
+    export_lora,
+    load_lora_state,
+    lora_parameters,
+    save_lora_state,
+)
+from dpo.loss import DPOTerms, diffusion_dpo_loss
+from model.build import parse_dtype
+from model.conditioning import TextEncoding
+from model.objective import flow_loss
+from model.rectified_flow import sample_timesteps
+
+STAGE = "dpo"
+METRICS = "metrics.jsonl"
+# Settings that change neither the trajectory nor the result: a rerun that differs only in these
+# continues from the latest checkpoint (a killed run resumes; a finished one extended to more
+# steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
+NOT_IN_RUN_KEY = ("steps", "log_every", "checkpoint_every", "resume")
+
+
+class NonFiniteLoss(ValueError):
+    """The DPO loss became NaN or infinite; training stopped before applying that step."""
+
+
+def load_transformer(
+    model_dir: str | os.PathLike, device: str, dtype: torch.dtype
+) -> SD3Transformer2DModel:
+    """The base MMDiT of a local diffusers folder, frozen (the encoders are not loaded)."""
+    transformer = SD3Transformer2DModel.from_pretrained(
+        model_dir, subfolder="transformer", dtype=dtype, local_files_only=True
+    )
+    return transformer.to(device).requires_grad_(False)
+
+
+def scheduler_shift(model_dir: str | os.PathLike) -> float:
+    """The sampling scheduler's timestep shift (SD3 Eq. 23); 1.0 when the folder names none."""
+    path = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    return float(json.loads(path.read_text()).get("shift", 1.0)) if path.is_file() else 1.0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
+    """[B] per-sample velocity MSE (model/objective.py), inputs cast to the frozen weights' dtype."""
+    dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
+    return flow_loss(
+        transformer, latents.to(dtype), text.to(dtype=dtype), t.to(dtype), noise.to(dtype)
+    )
+
+
+def dpo_terms(transformer, pairs: EncodedPairs, t, noise, beta: float, reference=None) -> DPOTerms:
+    """Winner and loser in one forward batch with shared t and noise; reference = adapter off (or a copy)."""
+    device = next(transformer.parameters()).device
+    text = pairs.text.to(device)
+    both = TextEncoding(
+        **{f.name: torch.cat([getattr(text, f.name)] * 2) for f in fields(TextEncoding)}
+    )
+    latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
+    args = (latents, torch.cat([noise, noise]).to(device), torch.cat([t, t]).to(device), both)
+    errors = velocity_errors(transformer, *args)
+    with torch.no_grad():
+        if reference is None:
+            transformer.disable_adapters()
+            try:
+                ref_errors = velocity_errors(transformer, *args)
+            finally:
+                transformer.enable_adapters()
+        else:
+            ref_errors = velocity_errors(reference, *args)
+    n = len(pairs)
+    return diffusion_dpo_loss(errors[:n], errors[n:], ref_errors[:n], ref_errors[n:], beta)
+
+
+def draw(
+    pairs: EncodedPairs, batch: int, generator: torch.Generator, config: DPOConfig, shift: float
+):
+    """One step's pairs, timesteps and noise, all from this step's generator."""
+    n = len(pairs)
+    index = (
+        torch.randperm(n, generator=generator)[:batch]
+        if n >= batch
+        else torch.randint(n, (batch,), generator=generator)
+    )
+    chosen = pairs.select(index)
+    t = sample_timesteps(batch, config.density, m=config.logit_mean, s=config.logit_std,
+                         mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
+    noise = torch.randn(chosen.latents_w.shape, generator=generator)
+    return chosen, t, noise
+
+
+def split_heldout(
+    pairs: EncodedPairs, fraction: float, seed: int
+) -> tuple[EncodedPairs, EncodedPairs | None]:
+    """Hold out pairs by a hash of (seed, id): stable under reordering and across runs."""
+
+    def score(pair_id: str) -> float:
+        return int(hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest()[:8], 16) / 2**32
+
+    held = [i for i, pid in enumerate(pairs.ids) if score(pid) < fraction]
+    train = [i for i in range(len(pairs)) if i not in set(held)]
+    if not train:
+        raise ValueError(
+            f"--heldout-fraction {fraction} leaves no training pair out of {len(pairs)}"
+        )
+    return pairs.select(train), (pairs.select(held) if held else None)
+
+
+@torch.no_grad()
+def implicit_accuracy(
+    transformer, pairs: EncodedPairs, config: DPOConfig, shift: float, draws: int = 4
+) -> float:
+    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference does."""
+    correct, total = 0, 0
+    for d in range(draws):
+        generator = step_generator(config.seed + 7919, d)
+        for start in range(0, len(pairs), config.batch):
+            chunk = pairs.select(list(range(start, min(start + config.batch, len(pairs)))))
+            t = sample_timesteps(len(chunk), config.density, m=config.logit_mean, s=config.logit_std,
+                                 mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
+            noise = torch.randn(chunk.latents_w.shape, generator=generator)
+            margin = dpo_terms(transformer, chunk, t, noise, config.beta).margin
+            correct += int((margin > 0).sum())
+            total += len(chunk)
+    return correct / total
+
+
+def _latest_checkpoint(work: Path) -> Path | None:
+    done = sorted(
+        work.glob("checkpoint-*/state.json"), key=lambda p: int(p.parent.name.split("-")[1])
+    )
+    return done[-1].parent if done else None
+
+
+def _save_checkpoint(work: Path, step: int, transformer, optimizer) -> None:
+    tmp = work / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora_state(transformer, tmp / "lora.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    os.replace(tmp, work / f"checkpoint-{step}")
+    for old in work.glob("checkpoint-*"):
+        if old.name != f"checkpoint-{step}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def train_lora(
+    transformer,
+    pairs: EncodedPairs,
+    config: DPOConfig,
+    work: Path,
+    shift: float,
+    start_step: int = 0,
+    optimizer=None,
+):
+    """The DPO loop over pre-encoded pairs; writes metrics and checkpoints under WORK."""
+    optimizer = optimizer or torch.optim.AdamW(
+        lora_parameters(transformer), lr=config.lr, weight_decay=config.weight_decay
+    )
+    metrics_path = work / METRICS
+    window: list[dict[str, float]] = []
+    transformer.train()
+    for step in tqdm(
+        range(start_step, config.steps),
+        desc="dpo",
+        unit="step",
+        initial=start_step,
+        total=config.steps,
+    ):
+        chosen, t, noise = draw(
+            pairs, config.batch, step_generator(config.seed, step), config, shift
+        )
+        terms = dpo_terms(transformer, chosen, t, noise, config.beta)
+        if not torch.isfinite(terms.loss):
+            raise NonFiniteLoss(
+                f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
+                f"before applying it. Checkpoints in {work} hold the last good state: lower --lr or --beta "
+                "(or use --dtype fp32) and rerun"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(transformer), config.grad_clip)
+        optimizer.step()
+        window.append({**terms.metrics(), "grad_norm": float(grad_norm)})
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            row = {
+                "step": step + 1,
+                **{k: sum(m[k] for m in window) / len(window) for k in window[0]},
+            }
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            window = []
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(work, step + 1, transformer, optimizer)
+    transformer.eval()
+    return optimizer
+
+
+def _metrics_until(path: Path, step: int) -> None:
+    """Drop metric rows logged after STEP (they belong to a run killed after its last checkpoint)."""
+    if path.is_file():
+        rows = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step
+        ]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def resolve_prefs(prefs: Path, work: Path) -> Path:
+    """PREFS itself when it is a finished preference table, else its ingest into WORK/prefs."""
+    manifest = Manifest.read(prefs) if prefs.is_dir() else None
+    if manifest is not None and manifest.stage == PREFS_STAGE:
+        return prefs
+    return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
+
+
+def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConfig) -> Path:
+    """Train a Diffusion-DPO LoRA on PREFS; OUTPUT gets pytorch_lora_weights.safetensors and metrics."""
+    prefs, output = Path(prefs), Path(output).resolve()
+    if not prefs.exists():
+        raise FileNotFoundError(f"preference input {prefs} does not exist")
+    params = config.model_dump()
+    fp = fingerprint(prefs) + ":" + fingerprint(config.model)
+    if is_done(output, STAGE, params, fp):
+        return output
+    run_key = params_hash(
+        {k: v for k, v in params.items() if k not in NOT_IN_RUN_KEY} | {"input": fp}
+    )
+    work = output.parent / f".{output.name}.work" / run_key
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    # 1. Preferences and their encodings (the pre-encoding stage's encoders, one at a time)
+    table_dir = resolve_prefs(prefs, work)
+    dtype = parse_dtype(config.dtype)
+    resolution = config.resolution or native_resolution(config.model)
+    pairs = encode_pairs(
+        config.model, load_samples(table_dir), resolution, config.max_sequence_length, config.device
+    )
+    train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
+    shift = config.shift if config.shift is not None else scheduler_shift(config.model)
+
+    # 2. The frozen transformer with a trainable LoRA
+    transformer = load_transformer(config.model, config.device, dtype)
+    lora_config = add_lora(
+        transformer, config.rank, config.alpha, config.target_modules, config.seed
+    )
+
+    # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
+    start, optimizer = 0, None
+    checkpoint = _latest_checkpoint(work) if config.resume else None
+    if checkpoint is not None:
+        start = json.loads((checkpoint / "state.json").read_text())["step"]
+        load_lora_state(transformer, checkpoint / "lora.safetensors")
+        optimizer = torch.optim.AdamW(
+            lora_parameters(transformer), lr=config.lr, weight_decay=config.weight_decay
+        )
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        _metrics_until(work / METRICS, start)
+    elif (work / METRICS).exists():
+        (work / METRICS).unlink()
+    if start < config.steps:
+        optimizer = train_lora(transformer, train, config, work, shift, start, optimizer)
+        _save_checkpoint(work, config.steps, transformer, optimizer)
+
+    # 5. Held-out accuracy and the diffusers-format LoRA
+    summary = {"train_pairs": len(train), "heldout_pairs": len(heldout) if heldout else 0,
+               "heldout_implicit_acc": implicit_accuracy(transformer, heldout, config, shift) if heldout else None,
+               "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
+               "resolution": resolution, "shift": shift, "resumed_from_step": start,
+               "lora_parameters": sum(p.numel() for p in lora_parameters(transformer))}  # fmt: skip
+    with StageWriter(output, STAGE, params, fp) as writer:
+        export_lora(transformer, lora_config, writer.path)
+        shutil.copy(work / METRICS, writer.path / METRICS)
+        (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        writer.write_rejected(load_rejected(table_dir))
+        writer.counts.update(
+            {
+                "pairs": len(pairs),
+                "train": summary["train_pairs"],
+                "heldout": summary["heldout_pairs"],
+            }
+        )
+        writer.extra.update(summary)
+    return output

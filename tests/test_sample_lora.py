@@ -1,0 +1,95 @@
+"""`t2i sample --lora DIR --lora-scale S`: base and LoRA images for the same seeds, side by side."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpo.config import ALL_BLOCK_LINEARS
+from dpo.lora import add_lora, export_lora
+from flows.cli import main as t2i
+from model.build import load_pipeline
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir, tmp_path_factory):
+    transformer = load_pipeline(tiny_model_dir).transformer
+    config = add_lora(transformer, rank=4, alpha=4.0, suffixes=ALL_BLOCK_LINEARS)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("lora")
+    export_lora(transformer, config, out)
+    return out
+
+
+def sample(model, out, *extra):
+    argv = [
+        "sample",
+        "--model",
+        model,
+        "--prompt",
+        "a red cat",
+        "--seed",
+        "0",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert t2i([*argv, *extra]) == 0
+    return out
+
+
+def pixels(path):
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_lora_sampling_writes_base_and_lora_pngs_for_the_same_seeds_and_a_grid(
+    tiny_model_dir, lora_dir, tmp_path
+):
+    out = sample(tiny_model_dir, tmp_path / "s", "--lora", str(lora_dir))
+    base, lora = sorted((out / "base").glob("*.png")), sorted((out / "lora").glob("*.png"))
+    assert (
+        [p.name for p in base]
+        == [p.name for p in lora]
+        == ["000-a-red-cat-seed0.png", "001-a-red-cat-seed1.png"]
+    )
+    assert any(np.abs(pixels(b) - pixels(lo)).max() > 0 for b, lo in zip(base, lora))
+    plain = sample(tiny_model_dir, tmp_path / "plain")
+    assert np.array_equal(
+        pixels(plain / base[0].name), pixels(base[0])
+    )  # base/ is the model without LoRA
+    grid = Image.open(out / "grid.png")
+    width, height = Image.open(base[0]).size
+    assert grid.size == (2 * width + 4, 2 * height + 4)
+    assert np.array_equal(
+        np.asarray(grid.convert("RGB"))[:height, :width],
+        np.asarray(Image.open(base[0]).convert("RGB")),
+    )
+
+
+def test_lora_scale_zero_gives_the_base_models_images(tiny_model_dir, lora_dir, tmp_path):
+    out = sample(tiny_model_dir, tmp_path / "s", "--lora", str(lora_dir), "--lora-scale", "0")
+    for base in (out / "base").glob("*.png"):
+        assert np.array_equal(pixels(base), pixels(out / "lora" / base.name))
+
+
+def test_a_folder_without_lora_weights_is_refused_with_what_to_pass(
+    tiny_model_dir, tmp_path, capsys
+):
+    argv = [
+        "sample",
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert t2i([*argv, "--lora", str(tmp_path)]) == 1
+    assert "t2i dpo" in capsys.readouterr().err
