@@ -113,7 +113,12 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=160)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=16, help="curate's chunk size (small, so both workers stay busy on a short run)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=16,
+        help="curate's chunk size (small, so both workers stay busy on a short run)",
+    )
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
 
@@ -124,7 +129,11 @@ def main() -> None:
         slowest = min(single, key=single.get)
         parallel = round(scorer_alone(slowest, paths, args.workers), 2)
         started = time.monotonic()
-        out = run_curate(root / "in", root / "out", CurateConfig(workers=args.workers, chunk_size=args.chunk_size))
+        out = run_curate(
+            root / "in",
+            root / "out",
+            CurateConfig(workers=args.workers, chunk_size=args.chunk_size),
+        )
         curate_wall = time.monotonic() - started
         manifest = json.loads((out / "manifest.json").read_text())
         figures = {

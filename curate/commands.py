@@ -32,6 +32,9 @@ COMMANDS = [
         ),
         "config": "curate.config:CurateConfig",
         "run": "curate.stage:run_curate",
-        "positionals": [("input", "collection to curate (never modified)"), ("output", "directory to write")],
+        "positionals": [
+            ("input", "collection to curate (never modified)"),
+            ("output", "directory to write"),
+        ],
     },
 ]

@@ -18,8 +18,12 @@ class CurateConfig(BaseModel):
     """Options of `t2i curate` (validation limits, scorers, dedup, throughput)."""
 
     # Decode and validate
-    min_side: int = Field(128, ge=1, description="reject images whose shorter side is below this many pixels")
-    max_aspect: float = Field(3.0, ge=1.0, description="reject images whose long/short side ratio exceeds this")
+    min_side: int = Field(
+        128, ge=1, description="reject images whose shorter side is below this many pixels"
+    )
+    max_aspect: float = Field(
+        3.0, ge=1.0, description="reject images whose long/short side ratio exceeds this"
+    )
     max_pixels: int = Field(
         89_478_485,
         ge=1,
@@ -34,9 +38,14 @@ class CurateConfig(BaseModel):
             "(LAION's CLIP NSFW head, --nsfw-model file on the CLIP in --clip-model), 'none'"
         ),
     )
-    nsfw_model: str | None = Field(None, description="local folder (hf) or head weights file (laion_clip) for the NSFW scorer")
+    nsfw_model: str | None = Field(
+        None, description="local folder (hf) or head weights file (laion_clip) for the NSFW scorer"
+    )
     nsfw_threshold: float = Field(
-        0.8, ge=0.0, le=1.0, description="reject when the NSFW probability is at least this (open_nsfw's 'likely NSFW' band starts at 0.8)"
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="reject when the NSFW probability is at least this (open_nsfw's 'likely NSFW' band starts at 0.8)",
     )
     # Aesthetic / quality
     aesthetic_scorer: Literal["auto", "laion_v2", "brisque", "none"] = Field(
@@ -48,7 +57,10 @@ class CurateConfig(BaseModel):
             "paths are given, else brisque"
         ),
     )
-    aesthetic_model: str | None = Field(None, description="LAION aesthetic v2 MLP weights (.safetensors, or .pth read with weights_only)")
+    aesthetic_model: str | None = Field(
+        None,
+        description="LAION aesthetic v2 MLP weights (.safetensors, or .pth read with weights_only)",
+    )
     aesthetic_threshold: float | None = Field(
         None,
         description=(
@@ -56,7 +68,10 @@ class CurateConfig(BaseModel):
             "lower cut), brisque 0 (BRISQUE above 100, past the scale's nominal worst)"
         ),
     )
-    clip_model: str | None = Field(None, description="local CLIP folder (CLIPModel or CLIPVisionModelWithProjection) shared by laion_v2, laion_clip and the clip embedder")
+    clip_model: str | None = Field(
+        None,
+        description="local CLIP folder (CLIPModel or CLIPVisionModelWithProjection) shared by laion_v2, laion_clip and the clip embedder",
+    )
     # Near-duplicates (SD3 appendix E, Algorithm 1)
     embedder: Literal["efficientnet_lite0", "sscd", "clip", "hf"] = Field(
         "efficientnet_lite0",
@@ -66,7 +81,9 @@ class CurateConfig(BaseModel):
             "--embedder-model, as SD3 used), 'clip' (--clip-model), 'hf' (any local HF vision model folder)"
         ),
     )
-    embedder_model: str | None = Field(None, description="SSCD TorchScript file or HF vision model folder for the embedder")
+    embedder_model: str | None = Field(
+        None, description="SSCD TorchScript file or HF vision model folder for the embedder"
+    )
     similarity_threshold: float | None = Field(
         None,
         description=(
@@ -74,18 +91,33 @@ class CurateConfig(BaseModel):
             "embedder: sscd 0.5 (SD3 appendix E), efficientnet_lite0 0.8, clip/hf 0.95"
         ),
     )
-    phash_distance: int = Field(4, ge=-1, le=64, description="pHash Hamming distance at or below which images are duplicates (pre-pass; -1 turns it off)")
+    phash_distance: int = Field(
+        4,
+        ge=-1,
+        le=64,
+        description="pHash Hamming distance at or below which images are duplicates (pre-pass; -1 turns it off)",
+    )
     clusters: int | None = Field(
         None,
         ge=1,
         description="k-means clusters K; default grows with N: min(16000, max(1, round(sqrt(N)/2))) (SD3 used 16,000)",
     )
-    cluster_assign: int = Field(2, ge=1, description="clusters each image is searched in (top-k assignment; 2 recovers pairs split across a boundary)")
-    kmeans_iterations: int = Field(10, ge=1, description="FAISS spherical k-means iterations (on 32 sampled points per centroid)")
+    cluster_assign: int = Field(
+        2,
+        ge=1,
+        description="clusters each image is searched in (top-k assignment; 2 recovers pairs split across a boundary)",
+    )
+    kmeans_iterations: int = Field(
+        10,
+        ge=1,
+        description="FAISS spherical k-means iterations (on 32 sampled points per centroid)",
+    )
     # Throughput
     workers: int = Field(2, ge=1, description="worker processes, each with one intra-op thread")
     batch_size: int = Field(16, ge=1, description="images per model batch inside a worker")
     chunk_size: int = Field(64, ge=1, description="images per resumable work chunk")
     device: str = Field("cpu", description="torch device for the torch scorers and embedders")
     seed: int = Field(0, description="seed for k-means")
-    contact_sheet_max: int = Field(64, ge=0, description="thumbnails per contact sheet in the report")
+    contact_sheet_max: int = Field(
+        64, ge=0, description="thumbnails per contact sheet in the report"
+    )

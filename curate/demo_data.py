@@ -71,12 +71,24 @@ def _matplotlib(name: str) -> Callable[[], np.ndarray]:
 
 # (key, loader, caption): real photographs and scans, each a distinct image.
 SOURCES: list[tuple[str, Callable[[], np.ndarray], str]] = [
-    ("astronaut", _skimage("astronaut"), "a portrait of an astronaut in a white space suit in front of a flag"),
-    ("camera", _skimage("camera"), "a black and white photo of a cameraman standing behind a tripod camera"),
+    (
+        "astronaut",
+        _skimage("astronaut"),
+        "a portrait of an astronaut in a white space suit in front of a flag",
+    ),
+    (
+        "camera",
+        _skimage("camera"),
+        "a black and white photo of a cameraman standing behind a tripod camera",
+    ),
     ("coffee", _skimage("coffee"), "a close up photo of a cup of coffee on a table"),
     ("chelsea", _skimage("chelsea"), "a photo of a grey cat with green eyes looking to the right"),
     ("rocket", _skimage("rocket"), "a rocket standing on the launch pad under a blue sky"),
-    ("hubble", _skimage("hubble_deep_field"), "a deep field telescope image of many small galaxies in space"),
+    (
+        "hubble",
+        _skimage("hubble_deep_field"),
+        "a deep field telescope image of many small galaxies in space",
+    ),
     ("retina", _skimage("retina"), "a medical scan of a retina of a human eye"),
     ("text", _skimage("text"), "a grey photo of handwritten maths formulas on a sheet of paper"),
     ("coins", _skimage("coins"), "a grey photo of old coins on a dark table"),
@@ -91,7 +103,11 @@ SOURCES: list[tuple[str, Callable[[], np.ndarray], str]] = [
 
 # Sources re-used to build valid edge cases that curation must decode and keep.
 EDGE_SOURCES = {
-    "cmyk": (lambda: _skimage("stereo_motorcycle")()[0], "a red motorcycle parked in a garage", "keep"),
+    "cmyk": (
+        lambda: _skimage("stereo_motorcycle")()[0],
+        "a red motorcycle parked in a garage",
+        "keep",
+    ),
     "palette": (_skimage("logo"), "a logo with a transparent background", "keep"),
     "sixteen_bit": (_skimage("moon"), "a grey photo of the surface of the moon", "keep"),
     "exif_rotated": (_skimage("clock"), "a photo of a clock on a wall", "keep"),
@@ -120,10 +136,17 @@ def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares WIDTH x HEIGHT pixels but holds almost no data: a decompression bomb's header."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def build_samples() -> list[DemoSample]:
@@ -135,30 +158,81 @@ def build_samples() -> list[DemoSample]:
         if max(image.size) > 640:
             image.thumbnail((640, 640), Image.Resampling.LANCZOS)
         originals[key] = image.convert("RGB")
-        samples.append(DemoSample(key, "jpg", _encode(originals[key], quality=92), caption, "keep", group=key))
+        samples.append(
+            DemoSample(key, "jpg", _encode(originals[key], quality=92), caption, "keep", group=key)
+        )
 
     caption_of = {key: caption for key, _, caption in SOURCES}
     width, height = originals["astronaut"].size
     near = [
-        ("astronaut_resized", "astronaut", originals["astronaut"].resize((width // 2, height // 2), Image.Resampling.BICUBIC), {}),
+        (
+            "astronaut_resized",
+            "astronaut",
+            originals["astronaut"].resize((width // 2, height // 2), Image.Resampling.BICUBIC),
+            {},
+        ),
         ("coffee_reencoded", "coffee", originals["coffee"], {"quality": 35}),
         ("rocket_crop", "rocket", _crop(originals["rocket"], 0.94), {}),
-        ("chelsea_flip", "chelsea", originals["chelsea"].transpose(Image.Transpose.FLIP_LEFT_RIGHT), {}),
+        (
+            "chelsea_flip",
+            "chelsea",
+            originals["chelsea"].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+            {},
+        ),
     ]
     for key, group, image, options in near:
         data = _encode(image, quality=options.get("quality", 90))
-        samples.append(DemoSample(key, "jpg", data, caption_of[group], reasons.NEAR_DUPLICATE, group=group))
+        samples.append(
+            DemoSample(key, "jpg", data, caption_of[group], reasons.NEAR_DUPLICATE, group=group)
+        )
 
     hubble = next(s for s in samples if s.key == "hubble")
     retina = next(s for s in samples if s.key == "retina")
     samples += [
-        DemoSample("hubble_copy", "jpg", hubble.data, "another copy of a deep field image", reasons.EXACT_DUPLICATE, group="hubble"),
-        DemoSample("retina_truncated", "jpg", retina.data[: len(retina.data) // 2], "a truncated file", reasons.TRUNCATED),
+        DemoSample(
+            "hubble_copy",
+            "jpg",
+            hubble.data,
+            "another copy of a deep field image",
+            reasons.EXACT_DUPLICATE,
+            group="hubble",
+        ),
+        DemoSample(
+            "retina_truncated",
+            "jpg",
+            retina.data[: len(retina.data) // 2],
+            "a truncated file",
+            reasons.TRUNCATED,
+        ),
         DemoSample("empty", "jpg", b"", "a zero byte file", reasons.ZERO_BYTE),
-        DemoSample("notes", "jpg", b"these are my holiday notes, not a picture\n" * 4, "a text file", reasons.NOT_AN_IMAGE),
-        DemoSample("tiny", "png", _encode(originals["brick"].resize((16, 16)), "PNG"), "a tiny image", reasons.TOO_SMALL),
-        DemoSample("strip", "jpg", _encode(originals["grass"].resize((1200, 96))), "a very wide strip of grass", reasons.ASPECT_RATIO),
-        DemoSample("bomb", "png", _png_header_only(30_000, 30_000), "a decompression bomb", reasons.DECOMPRESSION_BOMB),
+        DemoSample(
+            "notes",
+            "jpg",
+            b"these are my holiday notes, not a picture\n" * 4,
+            "a text file",
+            reasons.NOT_AN_IMAGE,
+        ),
+        DemoSample(
+            "tiny",
+            "png",
+            _encode(originals["brick"].resize((16, 16)), "PNG"),
+            "a tiny image",
+            reasons.TOO_SMALL,
+        ),
+        DemoSample(
+            "strip",
+            "jpg",
+            _encode(originals["grass"].resize((1200, 96))),
+            "a very wide strip of grass",
+            reasons.ASPECT_RATIO,
+        ),
+        DemoSample(
+            "bomb",
+            "png",
+            _png_header_only(30_000, 30_000),
+            "a decompression bomb",
+            reasons.DECOMPRESSION_BOMB,
+        ),
     ]
     samples += _edge_cases()
     return samples
@@ -173,20 +247,36 @@ def _crop(image: Image.Image, keep: float) -> Image.Image:
 def _edge_cases() -> list[DemoSample]:
     out = []
     load, caption, expect = EDGE_SOURCES["cmyk"]
-    out.append(DemoSample("cmyk", "jpg", _encode(_to_pil(load()).convert("RGB").convert("CMYK"), quality=90), caption, expect))
+    out.append(
+        DemoSample(
+            "cmyk",
+            "jpg",
+            _encode(_to_pil(load()).convert("RGB").convert("CMYK"), quality=90),
+            caption,
+            expect,
+        )
+    )
     load, caption, expect = EDGE_SOURCES["palette"]
     rgba = _to_pil(load()).convert("RGBA")
     palette = rgba.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
     palette.info["transparency"] = 0
-    out.append(DemoSample("palette", "png", _encode(palette, "PNG", transparency=0), caption, expect))
+    out.append(
+        DemoSample("palette", "png", _encode(palette, "PNG", transparency=0), caption, expect)
+    )
     load, caption, expect = EDGE_SOURCES["sixteen_bit"]
     moon = load().astype(np.uint16) * 257
-    out.append(DemoSample("sixteen_bit", "png", _encode(Image.fromarray(moon), "PNG"), caption, expect))
+    out.append(
+        DemoSample("sixteen_bit", "png", _encode(Image.fromarray(moon), "PNG"), caption, expect)
+    )
     load, caption, expect = EDGE_SOURCES["exif_rotated"]
     clock = _to_pil(load()).transpose(Image.Transpose.ROTATE_90)  # stored sideways...
     exif = Image.Exif()
     exif[0x0112] = 6  # ...with the EXIF tag that tells viewers to turn it upright
-    out.append(DemoSample("exif_rotated", "jpg", _encode(clock, quality=90, exif=exif.tobytes()), caption, expect))
+    out.append(
+        DemoSample(
+            "exif_rotated", "jpg", _encode(clock, quality=90, exif=exif.tobytes()), caption, expect
+        )
+    )
     return out
 
 
@@ -204,7 +294,9 @@ def write_demo_data(output: str | Path, fmt: str = "folder", shard_size: int = 1
     {"folder": _write_folder, "webdataset": _write_webdataset, "parquet": _write_parquet}[fmt](
         output, samples, shard_size
     )
-    truth = {s.key: {**{k: v for k, v in asdict(s).items() if k != "data"}, "id": s.id} for s in samples}
+    truth = {
+        s.key: {**{k: v for k, v in asdict(s).items() if k != "data"}, "id": s.id} for s in samples
+    }
     (output / TRUTH_FILE).write_text(json.dumps(truth, indent=2))
     return output
 
@@ -219,7 +311,10 @@ def _write_webdataset(output: Path, samples: list[DemoSample], shard_size: int) 
     for start in range(0, len(samples), shard_size):
         with tarfile.open(output / f"demo-{start // shard_size:06d}.tar", "w") as tar:
             for s in samples[start : start + shard_size]:
-                for name, payload in ((f"{s.key}.{s.ext}", s.data), (f"{s.key}.txt", s.caption.encode())):
+                for name, payload in (
+                    (f"{s.key}.{s.ext}", s.data),
+                    (f"{s.key}.txt", s.caption.encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size, info.mtime, info.mode = len(payload), 0, 0o644
                     tar.addfile(info, io.BytesIO(payload))

@@ -113,7 +113,9 @@ class Manifest:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def write(self, directory: str | os.PathLike) -> None:
-        _write_text_atomic(Path(directory) / MANIFEST, json.dumps(asdict(self), indent=2, default=str))
+        _write_text_atomic(
+            Path(directory) / MANIFEST, json.dumps(asdict(self), indent=2, default=str)
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -149,7 +151,9 @@ def fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:32]
 
 
-def is_done(output: str | os.PathLike, stage: str, parameters: dict[str, Any], input_fingerprint: str) -> bool:
+def is_done(
+    output: str | os.PathLike, stage: str, parameters: dict[str, Any], input_fingerprint: str
+) -> bool:
     """True when OUTPUT is a finished output of this stage for these parameters and input."""
     manifest = Manifest.read(output)
     return manifest is not None and manifest.matches(stage, parameters, input_fingerprint)
@@ -231,7 +235,9 @@ class StageWriter:
         self.input_fingerprint = input_fingerprint
         self.counts: dict[str, int] = {}
         self.extra: dict[str, Any] = {}
-        self.path = self.output.parent / f".{self.output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = (
+            self.output.parent / f".{self.output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         self._start = time.monotonic()
 
     def __enter__(self) -> StageWriter:
@@ -301,7 +307,10 @@ class StageWriter:
         manifest.write(self.path)
         retired = None
         if self.output.exists():
-            retired = self.output.parent / f".{self.output.name}.tmp-{os.getpid()}-old{uuid.uuid4().hex[:8]}"
+            retired = (
+                self.output.parent
+                / f".{self.output.name}.tmp-{os.getpid()}-old{uuid.uuid4().hex[:8]}"
+            )
             os.replace(self.output, retired)
         os.replace(self.path, self.output)
         if retired is not None:

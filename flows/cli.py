@@ -83,14 +83,18 @@ def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel]) 
         else:
             default = info.get_default(call_default_factory=True)
             if default not in (None, "", []):
-                kwargs["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+                kwargs["help"] += (
+                    f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+                )
         origin = typing.get_origin(annotation)
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif origin is Literal:
             parser.add_argument(flag, choices=list(typing.get_args(annotation)), **kwargs)
         elif origin in (list, tuple):
-            parser.add_argument(flag, nargs="+", type=_scalar(typing.get_args(annotation)[0]), **kwargs)
+            parser.add_argument(
+                flag, nargs="+", type=_scalar(typing.get_args(annotation)[0]), **kwargs
+            )
         else:
             parser.add_argument(flag, type=_scalar(annotation), metavar=name.upper(), **kwargs)
 

@@ -27,7 +27,9 @@ from model.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 DEFAULT_SHIFT = 3.0
 
 
-def build_transformer(config: dict[str, Any], device: str | torch.device = "cpu") -> SD3Transformer2DModel:
+def build_transformer(
+    config: dict[str, Any], device: str | torch.device = "cpu"
+) -> SD3Transformer2DModel:
     """A randomly initialised MMDiT; pass device="meta" to check shapes without allocating."""
     with torch.device(device):
         return SD3Transformer2DModel(**config)
@@ -43,8 +45,16 @@ def transformer_config_for(depth_or_preset: str, text_dims: dict[str, int]) -> d
 
 def text_dims(pipe_or_components: Any) -> dict[str, int]:
     """Encoder widths read from the loaded encoders' configs (never from our presets)."""
-    get = (lambda n: getattr(pipe_or_components, n)) if not isinstance(pipe_or_components, dict) else pipe_or_components.__getitem__
-    clip_l, clip_g, t5 = get("text_encoder").config, get("text_encoder_2").config, get("text_encoder_3").config
+    get = (
+        (lambda n: getattr(pipe_or_components, n))
+        if not isinstance(pipe_or_components, dict)
+        else pipe_or_components.__getitem__
+    )
+    clip_l, clip_g, t5 = (
+        get("text_encoder").config,
+        get("text_encoder_2").config,
+        get("text_encoder_3").config,
+    )
     return {
         "clip_l": clip_l.hidden_size,
         "clip_g": clip_g.hidden_size,
@@ -66,7 +76,9 @@ def build_tiny_components(seed: int = 0, transformer_preset: str = "tiny") -> di
         "pad_token_id": clip_tokenizer.pad_token_id,
     }
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**presets.TINY_CLIP_L, **clip_common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**presets.TINY_CLIP_G, **clip_common))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**presets.TINY_CLIP_G, **clip_common)
+    )
     text_encoder_3 = T5EncoderModel(
         T5Config(**presets.TINY_T5, vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
                  eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=t5_tokenizer.pad_token_id)

@@ -29,11 +29,15 @@ class TextEncoding:
     t5_mask: torch.Tensor  # [..., L] 1 for real tokens
 
     def to(self, *args, **kwargs) -> TextEncoding:
-        return TextEncoding(**{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)})
+        return TextEncoding(
+            **{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)}
+        )
 
     @classmethod
     def stack(cls, items: list[TextEncoding]) -> TextEncoding:
-        return cls(**{f.name: torch.stack([getattr(i, f.name) for i in items]) for f in fields(cls)})
+        return cls(
+            **{f.name: torch.stack([getattr(i, f.name) for i in items]) for f in fields(cls)}
+        )
 
 
 def joint_condition(text: TextEncoding) -> tuple[torch.Tensor, torch.Tensor]:

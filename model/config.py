@@ -18,9 +18,13 @@ class SampleConfig(BaseModel):
     model: str = Field(..., description="local diffusers SD3 folder to sample from")
     prompt: list[str] = Field(default_factory=list, description="one or more prompts")
     prompts: str | None = Field(None, description="text file with one prompt per line")
-    seed: list[int] = Field(default_factory=lambda: [0], description="one image per prompt and seed")
+    seed: list[int] = Field(
+        default_factory=lambda: [0], description="one image per prompt and seed"
+    )
     steps: int = Field(28, ge=1, description="Euler steps (SD3 default 28)")
-    guidance_scale: float = Field(7.0, ge=0.0, description="classifier-free guidance scale (SD3 default 7.0)")
+    guidance_scale: float = Field(
+        7.0, ge=0.0, description="classifier-free guidance scale (SD3 default 7.0)"
+    )
     height: int | None = Field(None, description="image height; default: the model's native size")
     width: int | None = Field(None, description="image width; default: the model's native size")
     out: str = Field("samples", description="directory for the PNGs")
@@ -37,18 +41,31 @@ class SampleConfig(BaseModel):
 
 
 class PrecomputeConfig(BaseModel):
-    model: str = Field(..., description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set")
+    model: str = Field(
+        ...,
+        description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set",
+    )
     resolution: int = Field(
-        256, ge=8, description="square crop side in pixels, or sqrt of the bucket area with --buckets (SD3 pre-trains at 256^2)"
+        256,
+        ge=8,
+        description="square crop side in pixels, or sqrt of the bucket area with --buckets (SD3 pre-trains at 256^2)",
     )
     buckets: bool = Field(
-        False, description="aspect-ratio buckets of about resolution^2 pixels instead of square center crops (SD3 section 5.3.2)"
+        False,
+        description="aspect-ratio buckets of about resolution^2 pixels instead of square center crops (SD3 section 5.3.2)",
     )
-    bucket_max_ratio: float = Field(2.0, ge=1.0, description="widest bucket aspect ratio (long side / short side)")
+    bucket_max_ratio: float = Field(
+        2.0, ge=1.0, description="widest bucket aspect ratio (long side / short side)"
+    )
     t5_length: int = Field(
-        77, ge=1, le=512, description="T5 tokens per caption (SD3 pre-training uses 77; 256 for long captions)"
+        77,
+        ge=1,
+        le=512,
+        description="T5 tokens per caption (SD3 pre-training uses 77; 256 for long captions)",
     )
-    dtype: Literal["fp16", "bf16"] = Field("fp16", description="16-bit storage type of every stored tensor")
+    dtype: Literal["fp16", "bf16"] = Field(
+        "fp16", description="16-bit storage type of every stored tensor"
+    )
     compute_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="dtype the encoders run in (fp16/bf16 on GPUs to save memory)"
     )

@@ -87,8 +87,14 @@ def tiny_mmdit_config(num_layers: int = 2, heads: int = 4, head_dim: int = 8) ->
 # presets are the paper's family and expect SD3's real encoder widths.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"transformer": tiny_mmdit_config(), "encoders": "tiny"},
-    "tiny-d4": {"transformer": tiny_mmdit_config(num_layers=4, heads=4, head_dim=16), "encoders": "tiny"},
-    **{f"d{d}": {"transformer": mmdit_config(d), "encoders": "sd3"} for d in (2, 4, 8, 12, 15, 18, 24, 30, 38)},
+    "tiny-d4": {
+        "transformer": tiny_mmdit_config(num_layers=4, heads=4, head_dim=16),
+        "encoders": "tiny",
+    },
+    **{
+        f"d{d}": {"transformer": mmdit_config(d), "encoders": "sd3"}
+        for d in (2, 4, 8, 12, 15, 18, 24, 30, 38)
+    },
 }
 
 

@@ -80,7 +80,9 @@ def sample_timesteps(
         elif density == "uniform":
             t = u
         else:
-            raise ValueError(f"unknown timestep density {density!r}; choose one of {', '.join(DENSITIES)}")
+            raise ValueError(
+                f"unknown timestep density {density!r}; choose one of {', '.join(DENSITIES)}"
+            )
     return shift_timesteps(t, shift) if shift != 1.0 else t
 
 
@@ -113,7 +115,9 @@ def model_timestep(t: torch.Tensor) -> torch.Tensor:
 
 def sampling_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
     """steps + 1 times from 1 (noise) to 0 (data), shifted as in training (Eq. 23)."""
-    return torch.cat([shift_timesteps(torch.linspace(1.0, 0.0, steps + 1)[:-1], shift), torch.zeros(1)])
+    return torch.cat(
+        [shift_timesteps(torch.linspace(1.0, 0.0, steps + 1)[:-1], shift), torch.zeros(1)]
+    )
 
 
 @torch.no_grad()

@@ -33,7 +33,11 @@ SPECIAL_CLIP = ("<|startoftext|>", "<|endoftext|>")
 
 def byte_alphabet() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2's mapping)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = (b for b in range(256) if b not in printable)
     mapping = {b: chr(b) for b in printable}
     mapping.update({b: chr(256 + i) for i, b in enumerate(extra)})

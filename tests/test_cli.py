@@ -5,7 +5,9 @@ from flows.cli import build_parser, stage_commands
 
 
 def t2i(*args):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_help_lists_every_stage():

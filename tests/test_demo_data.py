@@ -38,7 +38,10 @@ def test_demo_has_twelve_distinct_real_images_and_every_planted_case(demo_folder
         assert min(image.size) >= 100
     assert {k: truth[k]["expect"] for k in PLANTED} == PLANTED
     assert (demo_folder / "empty.jpg").stat().st_size == 0
-    assert (demo_folder / "tiny.png").exists() and Image.open(demo_folder / "tiny.png").size == (16, 16)
+    assert (demo_folder / "tiny.png").exists() and Image.open(demo_folder / "tiny.png").size == (
+        16,
+        16,
+    )
     assert truth["hubble_copy"]["id"] == truth["hubble"]["id"]
     assert (demo_folder / "astronaut.txt").read_text().strip() == truth["astronaut"]["caption"]
 

@@ -91,7 +91,9 @@ KILLED_WRITER = textwrap.dedent(
 
 def test_a_killed_stage_leaves_nothing_that_looks_finished(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "written"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -103,7 +105,9 @@ def test_a_killed_stage_leaves_nothing_that_looks_finished(tmp_path):
         load_samples(out)
     # The next run of the stage clears the dead run's leftovers and commits normally.
     with StageWriter(out, "slow", {}, "fp") as writer:
-        writer.write_samples(({"id": str(i)} for i in range(3)), datasets.Features({"id": datasets.Value("string")}))
+        writer.write_samples(
+            ({"id": str(i)} for i in range(3)), datasets.Features({"id": datasets.Value("string")})
+        )
     assert is_done(out, "slow", {}, "fp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
