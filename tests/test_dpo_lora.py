@@ -3,9 +3,9 @@
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from lora_kit import random_trained_lora
 
-from dpo.config import ALL_BLOCK_LINEARS
-from dpo.lora import LORA_FILE, add_lora, export_lora, lora_parameters
+from dpo.lora import LORA_FILE, lora_parameters
 from model.build import load_pipeline
 
 # fp32 on CPU: the reloaded transformer computes the same ops in the same order; allow for
@@ -30,15 +30,7 @@ def inputs(transformer, seed=0):
 @pytest.fixture(scope="module")
 def trained_lora(tiny_model_dir, tmp_path_factory):
     """A rank-4, alpha-8 LoRA with non-zero B (as after training), exported to a folder."""
-    transformer = load_pipeline(tiny_model_dir).transformer
-    config = add_lora(transformer, rank=4, alpha=8.0, suffixes=ALL_BLOCK_LINEARS)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    out = tmp_path_factory.mktemp("lora")
-    export_lora(transformer, config, out)
-    return transformer, out
+    return random_trained_lora(tiny_model_dir, tmp_path_factory.mktemp("lora"), 4, 8.0, 0.05, 1)
 
 
 def test_lora_covers_attention_feed_forward_and_adaln_linears_of_both_streams(

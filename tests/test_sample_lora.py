@@ -2,26 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
+from lora_kit import random_trained_lora
 from PIL import Image
 
-from dpo.config import ALL_BLOCK_LINEARS
-from dpo.lora import add_lora, export_lora
 from flows.cli import main as t2i
-from model.build import load_pipeline
 
 
 @pytest.fixture(scope="module")
 def lora_dir(tiny_model_dir, tmp_path_factory):
-    transformer = load_pipeline(tiny_model_dir).transformer
-    config = add_lora(transformer, rank=4, alpha=4.0, suffixes=ALL_BLOCK_LINEARS)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
-    out = tmp_path_factory.mktemp("lora")
-    export_lora(transformer, config, out)
-    return out
+    return random_trained_lora(tiny_model_dir, tmp_path_factory.mktemp("lora"), 4, 4.0, 0.2, 0)[1]
 
 
 def sample(model, out, *extra):

@@ -1,0 +1,19 @@
+"""A LoRA as training leaves it (non-zero B), exported in diffusers format, for LoRA tests."""
+
+import torch
+
+from dpo.config import ALL_BLOCK_LINEARS
+from dpo.lora import add_lora, export_lora
+from model.build import load_pipeline
+
+
+def random_trained_lora(model_dir, out, rank: int, alpha: float, std: float, seed: int):
+    """(transformer with the adapter, OUT with pytorch_lora_weights.safetensors)."""
+    transformer = load_pipeline(model_dir).transformer
+    config = add_lora(transformer, rank=rank, alpha=alpha, suffixes=ALL_BLOCK_LINEARS)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std, generator=torch.Generator().manual_seed(seed))
+    export_lora(transformer, config, out)
+    return transformer, out
