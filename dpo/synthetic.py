@@ -8,15 +8,15 @@ have it and, after DPO, whether samples have more of it.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from curate.decode import normalise, to_rgb
 from curate.store import Manifest, load_samples
 from dpo.config import MakePrefsConfig
 from dpo.ingest import IMAGE_SUFFIXES
@@ -58,11 +58,8 @@ def store_images(store: Path) -> tuple[list[tuple[str, Image.Image, str]], list[
     usable = []
     for row in load_samples(store):
         data = row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"]
-        if not isinstance(data, (bytes, bytearray)):  # datasets may decode Image columns to PIL
-            image = data.convert("RGB")
-        else:
-            with Image.open(io.BytesIO(data)) as opened:
-                image = ImageOps.exif_transpose(opened).convert("RGB")
+        # datasets may decode Image columns to PIL
+        image = to_rgb(data) if isinstance(data, (bytes, bytearray)) else normalise(data)
         usable.append((row["id"][:16], image, (row.get("caption") or "").strip() or "an image"))
     return usable, []
 
@@ -74,9 +71,8 @@ def source_images(folder: Path) -> tuple[list[tuple[str, Image.Image, str]], lis
     usable, skipped = [], []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB")
-        except Exception:  # PIL raises many types for broken files
+            image = to_rgb(path.read_bytes())
+        except ValueError:  # to_rgb names every way a file can fail to decode
             skipped.append(path.name)
             continue
         if min(image.size) < 16:

@@ -108,13 +108,6 @@ def encoder_dims(model_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
-    return table[name]
-
-
 class Encoder:
     """One loaded encoder: `encoder(batch) -> {field: tensor}` (see the module docstring)."""
 

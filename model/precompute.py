@@ -53,6 +53,7 @@ from curate.store import (
     params_hash,
 )
 from model.buckets import center_crop_resize, make_buckets, nearest_bucket
+from model.build import parse_dtype
 from model.config import PrecomputeConfig
 from model.encoders import (
     FIELDS,
@@ -60,7 +61,6 @@ from model.encoders import (
     TEXT_ENCODERS,
     Encoder,
     encoder_dims,
-    parse_dtype,
     to_pixels,
 )
 from model.shards import (
