@@ -143,11 +143,13 @@ def fingerprint(path: str | os.PathLike) -> str:
         for state in sorted(root.glob("*/state.json")):
             digest.update(state.read_bytes())
         return digest.hexdigest()[:32]
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    # lstat: a link is fingerprinted as itself, never followed outside the input
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if not p.is_dir())
     for file in files:
-        stat = file.stat()
+        stat = file.lstat()
         rel = file.name if file == root else file.relative_to(root).as_posix()
-        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        line = f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+        digest.update(line.encode("utf-8", "surrogateescape"))  # non-UTF-8 names stay distinct
     return digest.hexdigest()[:32]
 
 
