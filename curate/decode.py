@@ -199,11 +199,32 @@ def check(data: bytes, min_side: int, max_aspect: float, max_pixels: int) -> Dec
     return Decoded(upright, _png(upright), True)
 
 
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image in DATA with only its header read (size, mode), refusing more than MAX_PIXELS.
+
+    `.load()` decodes the pixels (raising OSError on a truncated file); raises `Invalid` otherwise.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise Invalid(reasons.INVALID_CELL, f"image is {type(data).__name__}, not bytes")
+    return _open(bytes(data), max_pixels)
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Upright RGB from image bytes, refusing more than MAX_PIXELS; raises `Invalid` otherwise."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise Invalid(reasons.INVALID_CELL, f"image is {type(data).__name__}, not bytes")
     return _upright(_open(bytes(data), max_pixels))
+
+
+def plain_format(data: bytes) -> str | None:
+    """PIL's format name of DATA when its bytes show the image as decoded (RGB/L, upright), else None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            return image.format if image.mode == "RGB" and _is_plain(image) else None
+    except Exception:  # noqa: BLE001 - only a hint for passing bytes through unchanged
+        return None
 
 
 def to_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
