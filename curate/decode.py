@@ -81,7 +81,13 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as error:  # PIL's own guard, above twice its limit
         found = re.search(r"\((\d+) pixels\)", str(error))
         pixels = float(found.group(1)) if found else None
-        raise Invalid(reasons.DECOMPRESSION_BOMB, f"{error}", pixels, float(max_pixels)) from error
+        declared = f"{int(pixels)} pixels" if pixels is not None else "a size past PIL's own limit"
+        raise Invalid(
+            reasons.DECOMPRESSION_BOMB,
+            f"declares {declared}, over the cap of {max_pixels}",
+            pixels,
+            float(max_pixels),
+        ) from error
     except UnidentifiedImageError as error:
         if data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             raise Invalid(
