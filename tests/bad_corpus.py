@@ -184,7 +184,9 @@ def build(base: Path, demo_folder: Path) -> Corpus:
     expect["cells.parquet:good"] = "keep"
     for key in ("abs_path", "rel_path", "in_path"):
         expect[f"cells.parquet:{key}"] = reasons.UNSAFE_PATH
-    pq.write_table(pa.table({"key": ["s"], "image": ["not bytes at all"]}), root / "strings.parquet")
+    pq.write_table(
+        pa.table({"key": ["s"], "image": ["not bytes at all"]}), root / "strings.parquet"
+    )
     expect["strings.parquet:s"] = reasons.INVALID_CELL
     pq.write_table(pa.table({"key": ["n"], "image": [10**12]}), root / "ints.parquet")
     expect["ints.parquet:n"] = reasons.INVALID_CELL
