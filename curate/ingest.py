@@ -41,7 +41,10 @@ KEY_COLUMNS = ("key", "__key__", "source", "name", "id")
 LAYOUTS = ("folder", "webdataset", "parquet", "datasets", "store")
 FILES_PER_SHARD = 256  # loose files per shard of an image folder
 ROWS_PER_SHARD = 4096  # rows per shard of a saved dataset or stage output
-JSON_SIDECAR_MAX = 1 << 20  # a .json sidecar may carry other metadata besides the caption
+# a .json sidecar may carry other metadata besides the caption
+JSON_SIDECAR_MAX = 1 << 20
+# parquet rows are read in record batches of about this many bytes, whatever the image size
+BATCH_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -491,6 +494,14 @@ def _cell_record(key: str, image, caption, root: Path, options: IngestOptions) -
     return Record(key, data, text)
 
 
+def _batch_rows(parquet) -> int:
+    """Rows per record batch so that a batch holds about BATCH_BYTES, whatever the image size."""
+    meta = parquet.metadata
+    stored = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    per_row = stored / max(1, meta.num_rows)
+    return int(min(256, max(1, BATCH_BYTES // max(1.0, per_row))))
+
+
 def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
@@ -507,7 +518,10 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
             )
         caption_column, key_column = _pick(columns, CAPTION_COLUMNS), _pick(columns, KEY_COLUMNS)
         wanted = [c for c in (image_column, caption_column, key_column) if c]
-        for batch in parquet.iter_batches(batch_size=64, columns=list(dict.fromkeys(wanted))):
+        batches = parquet.iter_batches(
+            batch_size=_batch_rows(parquet), columns=list(dict.fromkeys(wanted))
+        )
+        for batch in batches:
             table = batch.to_pydict()
             for i, value in enumerate(table[image_column]):
                 key = table[key_column][i] if key_column else None
