@@ -173,25 +173,47 @@ def _diffusers_warnings():
         diffusers_logging.set_verbosity(level)
 
 
-def load_into_pipeline(pipe, path: str | os.PathLike, adapter_name: str, scale: float) -> None:
-    """Load a LoRA file or folder in any supported key style into a diffusers SD3 pipeline.
+def read_lora_for(path: str | os.PathLike, model_dir: str | os.PathLike) -> LoraWeights:
+    """Read a LoRA in any key style and check it against MODEL_DIR's transformer config (built on
+    the meta device: no weights are loaded), so a LoRA for another model fails in one line first."""
+    from diffusers import SD3Transformer2DModel
 
-    The file is read, converted and checked against the transformer before anything is loaded,
-    so a LoRA made for another model fails with one line instead of after sampling.
-    """
     weights = read_lora(path)
-    check_fits(weights, linear_shapes(pipe.transformer), str(path))
+    if not (Path(model_dir) / "transformer" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no transformer/config.json; pass a diffusers SD3 folder"
+        )
+    config = SD3Transformer2DModel.load_config(Path(model_dir) / "transformer")
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(config)
+    check_fits(weights, linear_shapes(transformer), str(path))
     if weights.ignored:
-        shown = ", ".join(weights.ignored[:3])
         print(
             f"LoRA {path}: ignoring {len(weights.ignored)} keys that are not SD3 transformer "
-            f"LoRA weights (e.g. {shown})",
+            f"LoRA weights (e.g. {', '.join(weights.ignored[:3])})",
             file=sys.stderr,
         )
+    return weights
+
+
+def load_into_pipeline(
+    pipe, lora: str | os.PathLike | LoraWeights, adapter_name: str, scale: float
+) -> None:
+    """Load a LoRA (a file or folder in any supported key style, or LoraWeights) into a diffusers
+    SD3 pipeline's transformer as ADAPTER_NAME at SCALE.
+
+    It is converted and checked against the transformer before anything is loaded; diffusers' own
+    loader warnings are let through.
+    """
+    source = "LoRA" if isinstance(lora, LoraWeights) else str(lora)
+    weights = lora if isinstance(lora, LoraWeights) else read_lora(lora)
+    check_fits(weights, linear_shapes(pipe.transformer), source)
     with _diffusers_warnings():
-        pipe.load_lora_weights(peft_state_dict(weights), adapter_name=adapter_name)
+        pipe.transformer.load_lora_adapter(
+            peft_state_dict(weights), prefix="transformer", adapter_name=adapter_name
+        )
     if adapter_name not in pipe.get_list_adapters().get("transformer", []):
-        raise LoraFormatError(f"diffusers loaded nothing from LoRA {path}; see its warning above")
+        raise LoraFormatError(f"diffusers loaded nothing from {source}; see its warning above")
     pipe.set_adapters([adapter_name], adapter_weights=[scale])
 
 
@@ -203,6 +225,7 @@ __all__ = [
     "init_lora_from",
     "load_into_pipeline",
     "load_lora_state",
+    "read_lora_for",
     "lora_parameters",
     "lora_state_dict",
     "lora_weights",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -413,7 +414,8 @@ def to_state_dict(
         for name, module in sorted(weights.modules.items(), key=lambda kv: _natural(kv[0])):
             tensors[f"transformer.{name}.lora_A.weight"] = cast(module.down)
             tensors[f"transformer.{name}.lora_B.weight"] = cast(module.up.float() * module.scale)
-        return tensors, {"lora_adapter_metadata": json.dumps(diffusers_adapter_config(weights))}
+        config = {f"transformer.{k}": v for k, v in diffusers_adapter_config(weights).items()}
+        return tensors, {"lora_adapter_metadata": json.dumps(config)}  # keyed as diffusers saves it
     if fmt not in ("kohya", "comfyui"):
         raise LoraFormatError(f"unknown LoRA format {fmt!r}; use one of {', '.join(FORMATS)}")
     tensors = {}
@@ -523,3 +525,15 @@ def peft_state_dict(weights: LoraWeights, prefix: str = "transformer.") -> dict[
         tensors[f"{prefix}{name}.lora_A.weight"] = module.down.float()
         tensors[f"{prefix}{name}.lora_B.weight"] = module.up.float() * module.scale
     return tensors
+
+
+def run_lora_convert(input: str, output: str, config) -> Path:
+    """`t2i lora-convert IN OUT --to FORMAT`: see model/commands.py."""
+    weights = read_lora(input)
+    if weights.ignored:
+        print(
+            f"{input}: left out {len(weights.ignored)} keys that are not SD3 transformer LoRA "
+            f"weights (e.g. {', '.join(weights.ignored[:3])})",
+            file=sys.stderr,
+        )
+    return save_lora(weights, output, config.to, config.save_dtype)
