@@ -54,7 +54,7 @@ METRICS = "metrics.jsonl"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
-NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume")
+NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume", "save_dtype")
 
 
 def load_transformer(
@@ -316,7 +316,7 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
                "resolution": resolution, "shift": shift, "resumed_from_step": start,
                "lora_parameters": sum(p.numel() for p in lora_parameters(transformer))}  # fmt: skip
     with StageWriter(output, STAGE, params, fp) as writer:
-        export_lora(transformer, lora_config, writer.path)
+        export_lora(transformer, lora_config, writer.path, config.save_dtype)
         shutil.copy(work / METRICS, writer.path / METRICS)
         (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
         writer.write_rejected(load_rejected(table_dir))
