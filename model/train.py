@@ -29,14 +29,11 @@ from model.config import TrainConfig
 from model.ema import EMA
 from model.export import export_pipeline
 from model.latent_sampling import decode_latents, sample_latents, save_grid
+from model.nonfinite import NonFiniteLossError
 from model.objective import FlowSettings, draw_noise_and_time, training_loss, validation_loss
 from model.train_data import BatchPlan, EncodedReader, load_batch, split_indices
 
 STAGE = "train"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss was NaN or infinite; the weights were not updated with it."""
 
 
 # ----------------------------------------------------------------------------- setup helpers
