@@ -112,6 +112,10 @@ def _open_input(input: Path) -> datasets.Dataset:
         table = load_samples(input)
     except StoreError as error:
         raise StoreError(f"{error}; `t2i precompute` reads a curated or captioned store") from None
+    if table.num_rows == 0:
+        raise ValueError(
+            f"{input} holds no samples to encode; see its report (every input may have been rejected)"
+        )
     missing = {"id", "image", "caption"} - set(table.column_names)
     if missing:
         raise ValueError(
