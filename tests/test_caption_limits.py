@@ -103,9 +103,15 @@ def _failures(out):
 )
 def test_a_slow_or_huge_answer_fails_its_row_and_the_run_finishes(store, tmp_path, mode, reason):
     config = CaptionConfig(
-        backend="openai", model="vlm", concurrency=1, max_retries=0, timeout_s=5.0,
-        request_deadline_s=1.0, max_response_bytes=65_536, chunk_size=4,
-    )  # fmt: skip
+        backend="openai",
+        model="vlm",
+        concurrency=1,
+        max_retries=0,
+        timeout_s=5.0,
+        request_deadline_s=1.0,
+        max_response_bytes=65_536,
+        chunk_size=4,
+    )
     with _Hostile(mode) as server:
         out = run_caption(
             store, tmp_path / "out", config.model_copy(update={"endpoint": server.url})
@@ -182,8 +188,19 @@ def test_bad_or_oversized_content_lengths_are_refused_unread(guarded, length, st
 def test_max_tokens_is_capped_and_a_bad_number_is_a_400(guarded):
     from captioning.server import RequestError
 
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}  # fmt: skip
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+                    }
+                ],
+            }
+        ]
+    }
     with pytest.raises(RequestError):  # that image is not decodable: 400 before generating
         parse_chat({**body, "max_tokens": 10**9}, 4)
     with pytest.raises(RequestError) as caught:
@@ -200,9 +217,18 @@ def test_max_tokens_above_the_limit_is_lowered(guarded):
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, "PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": "Describe."}]}],
-            "max_tokens": 10**9}  # fmt: skip
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe."},
+                ],
+            }
+        ],
+        "max_tokens": 10**9,
+    }
     _, _, settings = parse_chat(body, guarded.max_tokens_limit)
     assert settings.max_new_tokens == 4
     payload = json.dumps(body).encode()

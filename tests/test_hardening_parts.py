@@ -319,3 +319,48 @@ def test_ingest_streams_every_layout_without_holding_the_collection(tmp_path):
         assert (one["bytes_mb"], four["bytes_mb"]) == (pytest.approx(48.0), pytest.approx(192.0))
         assert four["held_mb"] < 1.25 * one["held_mb"] + 4, (layout, figures)
         assert four["held_mb"] < four["bytes_mb"] / 4, (layout, figures)
+
+
+PEAK_SCRIPT = (
+    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+    "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            "curate",
+            "{src}",
+            "{out}",
+            "--nsfw-detector",
+            "none",
+            "--aesthetic-scorer",
+            "none",
+            "--workers",
+            "1",
+        ],
+        ["make-prefs", "{out}", "--source", "{src}"],
+    ],
+    ids=["curate", "make-prefs"],
+)
+def test_whole_commands_on_bombs_stay_under_one_gigabyte_peak_rss(tmp_path, demo_folder, command):
+    """`t2i curate` and `t2i make-prefs` on a 900 MP and a 108 MP bomb beside one good image:
+    peak RSS of the command's process under 1 GB (decoding the first bomb alone takes 2.7 GB)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "bomb.png").write_bytes(bad_corpus.bomb_png())
+    (source / "bomb2.png").write_bytes(bad_corpus.bomb_png(12_000, 9_000))
+    (source / "good.jpg").write_bytes((demo_folder / "astronaut.jpg").read_bytes())
+    argv = [part.format(src=source, out=tmp_path / "out") for part in command]
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, sys.executable, "-m", "flows.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    code, peak_kb = (int(x) for x in done.stdout.strip().splitlines()[-1].split())
+    assert code == 0, done.stderr[-2000:]
+    assert peak_kb < 1024 * 1024, peak_kb
