@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- save / load
+
+
+class ModuleSubset:
+    """Some of a module's tensors (those whose name KEEP accepts) as a checkpointable object,
+    e.g. a LoRA's on a frozen base; loading demands exactly those names."""
+
+    def __init__(self, module: torch.nn.Module, keep: Callable[[str], bool]) -> None:
+        self.module, self.keep = module, keep
+
+    def _target(self) -> torch.nn.Module:
+        return getattr(self.module, "module", self.module)  # under DDP, the wrapped model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self._target().state_dict().items() if self.keep(k)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise CheckpointError(
+                f"the checkpoint holds {len(state)} tensors of this kind, the run has {len(expected)}: "
+                "was it written with other --lora-rank/--lora-targets?"
+            )
+        self._target().load_state_dict(state, strict=False)
 
 
 def _default_objects(accelerator: Accelerator) -> dict[str, Any]:

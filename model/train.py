@@ -24,19 +24,23 @@ from tqdm.auto import tqdm
 from curate.store import Manifest, fingerprint, is_done, library_versions
 from model import rectified_flow as rf
 from model.build import build_transformer, text_dims, transformer_config_for
-from model.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from model.checkpoint import (
+    ModuleSubset,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from model.config import TrainConfig
 from model.ema import EMA
 from model.export import export_pipeline
 from model.latent_sampling import decode_latents, sample_latents, save_grid
+from model.lora_train import attach_lora, export_trained_lora, make_optimizer
+from model.nonfinite import NonFiniteLossError
 from model.objective import FlowSettings, draw_noise_and_time, training_loss, validation_loss
 from model.train_data import BatchPlan, EncodedReader, load_batch, split_indices
 
 STAGE = "train"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss was NaN or infinite; the weights were not updated with it."""
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -144,19 +148,6 @@ def exported_shift(config: TrainConfig, shift: float) -> float | None:
     return shift if config.shift is not None or config.preset else None
 
 
-def make_optimizer(
-    transformer: torch.nn.Module, config: TrainConfig, device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW as SD3 trains (eps 1e-15 with QK-norm), as one fused kernel where torch has one
-    (CPU and CUDA): one pass over the weights, and a step it can skip without a host sync."""
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        transformer.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, weight_decay=config.weight_decay, fused=fused or None,
-        foreach=None if fused else True,
-    )  # fmt: skip
-
-
 def gradient_norm(
     accelerator: Accelerator, transformer: torch.nn.Module, clip: float
 ) -> torch.Tensor:
@@ -254,11 +245,15 @@ def _train(
     # Model, EMA, optimizer (AdamW, eps 1e-15 with QK-norm) and warmup.
     transformer = build_or_load_transformer(config)
     check_compatible(transformer, first)
+    lora = attach_lora(transformer, config, accelerator.mixed_precision)  # None unless --lora-rank
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     ema = EMA(transformer, config.ema_decay)
-    raw_optimizer = make_optimizer(transformer, config, device)
+    # AdamW (one fused kernel on CPU/CUDA) or 8-bit AdamW, then linear warmup.
+    raw_optimizer = make_optimizer(
+        transformer.parameters(), config, fused=device.type in ("cpu", "cuda")
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         raw_optimizer, warmup_schedule(config.warmup_steps)
     )
@@ -266,8 +261,16 @@ def _train(
     if config.compile:
         accelerator.unwrap_model(transformer).compile()
     # Skip a non-finite step inside the fused kernel (no host sync); fp16's GradScaler does its own.
-    skip_in_kernel = bool(raw_optimizer.defaults.get("fused")) and accelerator.scaler is None
-    objects = {"model": transformer, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
+    skip_in_kernel = (
+        isinstance(raw_optimizer, torch.optim.AdamW)
+        and bool(raw_optimizer.defaults.get("fused"))
+        and accelerator.scaler is None
+    )
+    # What a checkpoint holds: a LoRA run keeps the adapter's tensors only (the base is --model's).
+    weights = (
+        ModuleSubset(transformer, lambda key: "lora_" in key) if lora is not None else transformer
+    )
+    objects = {"model": weights, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
     shift = training_shift(config, Path(config.model), first["latents"])
     settings = FlowSettings(
         config.density, config.logit_mean, config.logit_std, config.mode_scale, shift, config.weighting,
@@ -416,7 +419,10 @@ def _train(
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(transformer)
         final = ema_copy(model, ema) if config.export_ema else model
-        export_pipeline(Path(config.model), final, output, exported_shift(config, shift))
+        if lora is not None:
+            export_trained_lora(final, output, config)
+        else:
+            export_pipeline(Path(config.model), final, output, exported_shift(config, shift))
         (work / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
         Manifest(
             stage=STAGE, parameters=config.model_dump(), input_fingerprint=input_fingerprint,
