@@ -241,8 +241,11 @@ def read_shard(
 # -- loose files ----------------------------------------------------------------------------------
 
 
-def _read_entry(root: Path, rel: str, limit: int | None = None) -> bytes:
-    """Bytes of a regular file (or a link to one inside ROOT); `Invalid` for anything else.
+def read_inside(root: Path, rel: str, limit: int | None = None) -> bytes:
+    """Bytes of ROOT/REL, a regular file or a link to one inside ROOT; `Invalid` for anything else.
+
+    Links out of ROOT, linked folders, pipes and devices are refused (`unsafe_path`) unopened;
+    other readers of input folders (e.g. preference pair folders) can use it the same way.
 
     With LIMIT, a file larger than it raises `Invalid(bad_caption)` before any byte is read.
     """
@@ -307,7 +310,7 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
         if name.lower().endswith(CAPTION_EXTENSIONS):
             continue  # a sidecar (read with its image) or collection metadata such as DEMO_TRUTH.json
         try:
-            data = _read_entry(root, rel)
+            data = read_inside(root, rel)
         except Invalid as invalid:
             yield _refused(key, invalid.reason, invalid.detail)
             continue
@@ -326,7 +329,7 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
             )
             try:
                 caption = _caption_from(
-                    sibling_name, _read_entry(root, sibling, limit), options.max_caption_bytes
+                    sibling_name, read_inside(root, sibling, limit), options.max_caption_bytes
                 )
             except Invalid as invalid:
                 refusal = (
