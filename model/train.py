@@ -425,7 +425,7 @@ def _train(
             export_pipeline(Path(config.model), final, output, exported_shift(config, shift))
         (work / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
         Manifest(
-            stage=STAGE, parameters=config.model_dump(), input_fingerprint=input_fingerprint,
+            stage=STAGE, parameters=run_parameters(config), input_fingerprint=input_fingerprint,
             counts={"train": len(train_idx), "validation": len(val_idx), "steps": config.max_steps},
             versions=library_versions(), wall_time_s=round(time.time() - started, 2),
             extra={"shift": shift, "t5_length": int(first["text"].t5.shape[-2]),
@@ -438,12 +438,18 @@ def _train(
     return output
 
 
+def run_parameters(config: TrainConfig) -> dict:
+    """The options a finished output is recorded (and recognised) by: all but --resume, which
+    changes how a run got there, not where (resume is exact)."""
+    return config.model_dump(exclude={"resume"})
+
+
 def run_train(encoded: str, output: str, config: TrainConfig) -> Path:
     """`t2i train ENCODED OUTPUT --model DIR`: see model/commands.py."""
     from model.encoded import EncodedDataset
 
     input_fp = fingerprint(encoded)
-    if config.resume is None and is_done(output, STAGE, config.model_dump(), input_fp):
+    if is_done(output, STAGE, run_parameters(config), input_fp):
         print(f"{output} is already trained from {encoded} with these options; nothing to do")
         return Path(output)
     return train(EncodedDataset(encoded), output, config, input_fp)

@@ -195,3 +195,14 @@ def test_sample_uses_the_t5_length_the_model_was_trained_with(
     sampling.run_sample(config.model_copy(update={"max_sequence_length": 20}))
     sampling.run_sample(config.model_copy(update={"model": tiny_model_dir}))
     assert seen == [32, 20, 256]
+
+
+def test_rerunning_the_original_command_after_a_resumed_run_finishes_skips_it(
+    tmp_path, encoded, tiny_model_dir, capsys
+):
+    config = quick(tiny_model_dir, max_steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    run_train(str(encoded), str(out), config.model_copy(update={"resume": "latest"}))
+    capsys.readouterr()
+    assert run_train(str(encoded), str(out), config) == out  # no FileExistsError
+    assert "nothing to do" in capsys.readouterr().out
