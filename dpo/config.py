@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from model.config import ModelFiles
+
 # Every linear layer of an MMDiT block (SD3 appendix C: LoRA "on all linear layers"): the image-
 # and text-stream attention projections, both feed-forwards and both AdaLN modulation layers.
 # Suffixes of module names inside `transformer_blocks`; SD3.5's second attention (attn2) matches too.
@@ -35,7 +37,7 @@ class IngestPrefsConfig(BaseModel):
     )
 
 
-class DPOConfig(BaseModel):
+class DPOConfig(ModelFiles):
     model: str = Field(
         ..., description="local diffusers SD3 folder: the base model the LoRA adapts"
     )

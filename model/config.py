@@ -7,6 +7,27 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
+class VariantOption(BaseModel):
+    """Which weight files of --model to load (every command that loads an SD3 folder takes it)."""
+
+    variant: str | None = Field(
+        None,
+        description="weight variant of --model, e.g. fp16: load its *.fp16.safetensors files (a folder "
+        "saved with save_pretrained(variant='fp16')); default: the files without a variant",
+    )
+
+
+class ModelFiles(VariantOption):
+    """--variant, plus a Stability single-file transformer in place of --model's."""
+
+    transformer_file: str | None = Field(
+        None,
+        description="Stability single-file SD3/SD3.5 checkpoint (e.g. sd3.5_medium.safetensors, MMDiT keys "
+        "model.diffusion_model.joint_blocks.*) used as the transformer; --model supplies its "
+        "transformer/config.json, the VAE, encoders and scheduler",
+    )
+
+
 class InitModelConfig(BaseModel):
     preset: str = Field(
         "tiny", description="model size: 'tiny' or 'tiny-d4' (offline test kits with tiny encoders)"
@@ -14,7 +35,7 @@ class InitModelConfig(BaseModel):
     seed: int = Field(0, description="seed for the random weights")
 
 
-class SampleConfig(BaseModel):
+class SampleConfig(ModelFiles):
     model: str = Field(..., description="local diffusers SD3 folder to sample from")
     prompt: list[str] = Field(default_factory=list, description="one or more prompts")
     prompts: str | None = Field(None, description="text file with one prompt per line")
@@ -40,7 +61,7 @@ class SampleConfig(BaseModel):
     )
 
 
-class PrecomputeConfig(BaseModel):
+class PrecomputeConfig(VariantOption):
     model: str = Field(
         ...,
         description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set",
@@ -74,7 +95,7 @@ class PrecomputeConfig(BaseModel):
     shard_size: int = Field(512, ge=1, description="input rows per shard (the unit of resumption)")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(ModelFiles):
     """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
 
     model: str = Field(

@@ -91,7 +91,13 @@ def _save(results, folder: Path) -> list[Image.Image]:
 
 
 def run_sample(config: SampleConfig) -> Path:
-    pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
+    pipe = load_pipeline(
+        config.model,
+        config.device,
+        parse_dtype(config.dtype),
+        variant=config.variant,
+        transformer_file=config.transformer_file,
+    )
     pipe.set_progress_bar_config(disable=True)
     prompts = read_prompts(config.prompt, config.prompts)
     out = Path(config.out)
