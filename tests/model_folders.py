@@ -20,11 +20,13 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import save_file
 
+from model.build import load_pipeline
+
 PREFIX = "model.diffusion_model."
 
 
 def fp16_folder(tiny: str | Path, out: Path) -> Path:
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny, local_files_only=True)
+    pipe = load_pipeline(tiny)  # diffusers itself needs text_encoder_3=None for T5-less folders
     pipe.to(torch.float16).save_pretrained(out, variant="fp16")
     return out
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from train_sets import write_store
 from curate.store import Manifest
 from dpo.config import DPOConfig
 from dpo.trainer import run_dpo
+from flows.cli import main as cli_main
 from model.build import build_transformer, load_pipeline, load_transformer
 from model.conditioning import TextEncoding, joint_condition
 from model.config import PrecomputeConfig, TrainConfig
@@ -31,21 +31,28 @@ from model.encoders import encode_texts
 from model.precompute import run_precompute
 from model.train import build_or_load_transformer, run_train
 
-ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red square", "a blue circle", "a green triangle", "a white cross"]
 
 
-def t2i(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
 
 
-def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+@pytest.fixture
+def t2i(capfd):
+    """`t2i ARGS...` in this process (the CLI's own main): its exit code and what it printed."""
+
+    def run(*args: str) -> Result:
+        capfd.readouterr()
+        code = cli_main(list(args))
+        return Result(code, capfd.readouterr().err)
+
+    return run
+
+
+def one_line_error(result: Result, *needles: str) -> str:
     """The command failed with exactly one `t2i ...: error:` line holding every needle."""
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -97,7 +104,7 @@ def train(encoded: Path, model: Path, out: Path, **options) -> Path:
     return run_train(encoded, out, config)
 
 
-def sample_pixels(model: Path, out: Path, *flags: str) -> np.ndarray:
+def sample_pixels(t2i, model: Path, out: Path, *flags: str) -> np.ndarray:
     result = t2i(
         "sample",
         "--model",
@@ -122,7 +129,7 @@ def sample_pixels(model: Path, out: Path, *flags: str) -> np.ndarray:
 # --- fp16 variant folders ------------------------------------------------------------------
 
 
-def test_an_fp16_folder_needs_variant_and_then_runs_every_command(kinds, store, tmp_path):
+def test_an_fp16_folder_needs_variant_and_then_runs_every_command(kinds, store, tmp_path, t2i):
     fp16 = kinds["fp16"]
     weights = sorted(p.name for p in (fp16 / "transformer").iterdir() if "safetensors" in p.name)
     assert weights == ["diffusion_pytorch_model.fp16.safetensors"]
@@ -150,8 +157,8 @@ def test_an_fp16_folder_needs_variant_and_then_runs_every_command(kinds, store, 
     trained = train(encoded, fp16, tmp_path / "trained", variant="fp16")
     # the export holds plain weight files only, so it loads without --variant
     assert not list(trained.rglob("*.fp16.*"))
-    assert sample_pixels(trained, tmp_path / "s").shape == (32, 32, 3)
-    assert sample_pixels(fp16, tmp_path / "s16", "--variant", "fp16").shape == (32, 32, 3)
+    assert sample_pixels(t2i, trained, tmp_path / "s").shape == (32, 32, 3)
+    assert sample_pixels(t2i, fp16, tmp_path / "s16", "--variant", "fp16").shape == (32, 32, 3)
 
 
 # --- T5-less folders -----------------------------------------------------------------------
@@ -180,17 +187,17 @@ def test_a_t5_less_folder_encodes_zeros_for_t5_exactly_as_the_pipeline(kinds, st
         torch.testing.assert_close(got_pooled, want_pooled, atol=2e-3, rtol=2e-3)
 
 
-def test_a_t5_less_folder_trains_and_samples(kinds, store, tmp_path):
+def test_a_t5_less_folder_trains_and_samples(kinds, store, tmp_path, t2i):
     t5_less = kinds["t5_less"]
     encoded = precompute(store, t5_less, tmp_path / "encoded")
     trained = train(encoded, t5_less, tmp_path / "trained")
     assert json.loads((trained / "model_index.json").read_text())["text_encoder_3"] == [None, None]
     fresh = train(encoded, t5_less, tmp_path / "fresh", preset="tiny")  # widths from the folder
     for model in (t5_less, trained, fresh):
-        assert sample_pixels(model, tmp_path / model.name).std() > 0
+        assert sample_pixels(t2i, model, tmp_path / model.name).std() > 0
 
 
-def test_dpo_runs_on_a_t5_less_fp16_folder(kinds, demo_folder, tmp_path):
+def test_dpo_runs_on_a_t5_less_fp16_folder(kinds, demo_folder, tmp_path, t2i):
     source = tmp_path / "source"
     source.mkdir()
     for name in ("astronaut.jpg", "coffee.jpg", "chelsea.jpg"):
@@ -241,10 +248,10 @@ def test_a_stability_single_file_loads_through_diffusers_to_the_same_weights(
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_a_single_file_transformer_samples_and_trains_like_the_folder(kinds, store, tmp_path):
+def test_a_single_file_transformer_samples_and_trains_like_the_folder(kinds, store, tmp_path, t2i):
     tiny, single = kinds["tiny"], kinds["single"]
-    from_folder = sample_pixels(tiny, tmp_path / "folder")
-    from_file = sample_pixels(tiny, tmp_path / "file", "--transformer-file", str(single))
+    from_folder = sample_pixels(t2i, tiny, tmp_path / "folder")
+    from_file = sample_pixels(t2i, tiny, tmp_path / "file", "--transformer-file", str(single))
     assert np.array_equal(from_folder, from_file)
     config = TrainConfig(model=str(tiny), transformer_file=str(single))
     reference = SD3Transformer2DModel.from_pretrained(tiny, subfolder="transformer").state_dict()
@@ -252,7 +259,7 @@ def test_a_single_file_transformer_samples_and_trains_like_the_folder(kinds, sto
     assert all(torch.equal(reference[k], started[k]) for k in reference)
 
 
-def test_single_files_that_do_not_fit_are_one_line_errors(kinds, tmp_path):
+def test_single_files_that_do_not_fit_are_one_line_errors(kinds, tmp_path, t2i):
     tiny = kinds["tiny"]
     diffusers_file = tiny / "transformer" / "diffusion_pytorch_model.safetensors"
     one_line_error(
@@ -286,7 +293,7 @@ def test_single_files_that_do_not_fit_are_one_line_errors(kinds, tmp_path):
 # --- broken folders ------------------------------------------------------------------------
 
 
-def test_broken_folders_are_one_line_errors_naming_the_folder_and_the_need(kinds, tmp_path):
+def test_broken_folders_are_one_line_errors_naming_the_folder_and_the_need(kinds, tmp_path, t2i):
     no_vae = tmp_path / "no-vae"
     shutil.copytree(kinds["tiny"], no_vae)
     shutil.rmtree(no_vae / "vae")
