@@ -210,8 +210,8 @@ def test_dpo_runs_on_a_t5_less_fp16_folder(kinds, demo_folder, tmp_path, t2i):
         variant="fp16",
         rank=2,
         alpha=2,
-        batch=2,
-        steps=2,
+        batch_size=2,
+        max_steps=2,
         resolution=32,
         heldout_fraction=0.0,
         log_every=1,
@@ -219,7 +219,7 @@ def test_dpo_runs_on_a_t5_less_fp16_folder(kinds, demo_folder, tmp_path, t2i):
     out = run_dpo(pairs, tmp_path / "lora", config)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     one_line_error(
-        t2i("dpo", str(pairs), str(tmp_path / "no"), "--model", str(model), "--steps", "1"),
+        t2i("dpo", str(pairs), str(tmp_path / "no"), "--model", str(model), "--max-steps", "1"),
         str(model),
         "--variant fp16",
     )
