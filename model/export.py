@@ -53,14 +53,15 @@ def export_pipeline(
     model_dir: Path,
     transformer: torch.nn.Module,
     output: Path,
-    shift: float,
+    shift: float | None,
     variant: str | None = None,
 ) -> Path:
     """Copy every component of MODEL_DIR except its transformer, save TRANSFORMER in its place,
-    store the training shift (Eq. 23) in the scheduler config, and write model_index.json last,
-    so a folder without it is an unfinished export. With VARIANT, its weight files are copied
-    under their plain names (model.fp16.safetensors -> model.safetensors), so the output loads
-    without --variant like the transformer saved beside them; other variants are left out."""
+    store the training shift (Eq. 23) in the scheduler config (None: leave it as it was), and
+    write model_index.json last, so a folder without it is an unfinished export. With VARIANT,
+    its weight files are copied under their plain names (model.fp16.safetensors ->
+    model.safetensors), so the output loads without --variant like the transformer saved beside
+    them; other variants are left out."""
     model_dir, output = Path(model_dir), Path(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "model_index.json").unlink(missing_ok=True)
@@ -76,7 +77,7 @@ def export_pipeline(
         else:
             shutil.copy2(entry, target)
     scheduler_config = output / "scheduler" / "scheduler_config.json"
-    if scheduler_config.is_file():
+    if shift is not None and scheduler_config.is_file():
         config = json.loads(scheduler_config.read_text())
         config["shift"] = float(shift)
         scheduler_config.write_text(json.dumps(config, indent=2))
