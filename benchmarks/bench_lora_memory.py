@@ -147,6 +147,37 @@ def released_counts(rank: int) -> dict[str, dict[str, float]]:
     return counts
 
 
+# Bytes per base parameter (P) and per LoRA parameter (Q) that sit in memory for a whole step:
+# weights + gradients + optimizer states (AdamW: 2 fp32 moments; 8-bit: 2 bytes) + EMA shadow (fp32).
+STATIC = {
+    "full fp32 (AdamW + EMA)": (4 + 4 + 8 + 4, 0),
+    "LoRA, fp32 base": (4, 4 + 4 + 8 + 4),
+    "LoRA, bf16 base": (2, 4 + 4 + 8 + 4),
+    "LoRA, bf16 base, 8-bit AdamW": (2, 4 + 4 + 2 + 4),
+    "LoRA, bf16 base, 8-bit AdamW, grad checkpointing": (2, 4 + 4 + 2 + 4),
+}
+
+
+def extrapolate(rows: list[dict], counts: dict, side: int = 128, batch: int = 1) -> str:
+    """Markdown: bytes = a*P + b*Q + alpha * L * T * D, alpha (activation bytes per layer, token and
+    channel) fitted per mode on the measured run, T = batch * ((side/2)^2 + 154) tokens."""
+    measured = rows[0]
+    d = 64 * measured["depth"]
+    fit = measured["depth"] * measured["tokens"] * d
+    lines = ["| mode | alpha (B) | " + " | ".join(f"{n} static / total (GiB)" for n in counts) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in counts) + " |"]  # fmt: skip
+    for row in rows:
+        a, b = STATIC[row["mode"]]
+        alpha = row["activations_MB"] * 2**20 / fit
+        cells = []
+        for c in counts.values():
+            static = a * c["params"] + b * c["lora"]
+            activations = alpha * c["depth"] * batch * ((side // 2) ** 2 + 154) * c["hidden"]
+            cells.append(f"{static / 2**30:.1f} / {(static + activations) / 2**30:.1f}")
+        lines.append(f"| {row['mode']} | {alpha:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--depth", type=int, default=8)
@@ -155,8 +186,18 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--mode", choices=list(MODES), help="one mode in this process")
     parser.add_argument("--released", action="store_true", help="print SD3.5 parameter counts")
+    parser.add_argument(
+        "--extrapolate",
+        help="JSON lines of a finished run: print the SD3.5 table (1024^2, batch 1)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.extrapolate:
+        lines = Path(args.extrapolate).read_text().splitlines()
+        rows = [json.loads(line) for line in lines if '"mode"' in line]
+        counts = next(json.loads(line) for line in lines if "SD3.5-medium" in line)
+        print(extrapolate(rows, counts))
+        return
     if args.released:
         print(json.dumps(released_counts(args.rank)))
         return
