@@ -525,13 +525,16 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
             batch_size=_batch_rows(parquet), columns=list(dict.fromkeys(wanted))
         )
         for batch in batches:
-            table = batch.to_pydict()
-            for i, value in enumerate(table[image_column]):
-                key = table[key_column][i] if key_column else None
-                caption = table[caption_column][i] if caption_column else None
+            images = batch.column(image_column)
+            keys = batch.column(key_column).to_pylist() if key_column else None
+            captions = batch.column(caption_column).to_pylist() if caption_column else None
+            for i in range(batch.num_rows):  # one image's bytes become Python at a time
+                key = keys[i] if keys else None
+                caption = captions[i] if captions else None
                 label = shown(str(key)) if key is not None else str(rows)
-                yield _cell_record(f"{name}:{label}", value, caption, root, options)
+                yield _cell_record(f"{name}:{label}", images[i].as_py(), caption, root, options)
                 rows += 1
+            del images, keys, captions
     except Exception as error:  # noqa: BLE001 - pyarrow raises many types for a broken file
         yield _refused(
             name,

@@ -48,13 +48,14 @@ def attach_lora(transformer: torch.nn.Module, config, mixed_precision: str):
     return add_lora(transformer, config.lora_rank, alpha, config.lora_targets, config.seed)
 
 
-def make_optimizer(parameters, config) -> torch.optim.Optimizer:
-    """--optimizer adamw (torch) or adamw8bit (bitsandbytes), with the run's AdamW settings."""
+def make_optimizer(parameters, config, fused: bool = False) -> torch.optim.Optimizer:
+    """--optimizer adamw (torch; FUSED: one kernel for all tensors) or adamw8bit (bitsandbytes),
+    with the run's AdamW settings."""
     trainable = [p for p in parameters if p.requires_grad]
     kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                   weight_decay=config.weight_decay)  # fmt: skip
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(trainable, **kwargs)
+        return torch.optim.AdamW(trainable, fused=fused or None, **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError as error:
