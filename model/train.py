@@ -13,7 +13,6 @@ import json
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -23,7 +22,13 @@ from tqdm.auto import tqdm
 
 from curate.store import Manifest, fingerprint, is_done, library_versions
 from model import rectified_flow as rf
-from model.build import build_transformer, text_dims, transformer_config_for
+from model.build import (
+    build_transformer,
+    folder_text_dims,
+    load_component,
+    load_transformer,
+    transformer_config_for,
+)
 from model.checkpoint import (
     ModuleSubset,
     list_checkpoints,
@@ -60,29 +65,21 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def _encoder_dims(model_dir: Path) -> dict[str, int]:
-    """Encoder widths from --model's configs, without loading any encoder weights."""
-    from transformers import CLIPTextConfig, T5Config
-
-    parts = {
-        "text_encoder": CLIPTextConfig.from_pretrained(model_dir / "text_encoder"),
-        "text_encoder_2": CLIPTextConfig.from_pretrained(model_dir / "text_encoder_2"),
-        "text_encoder_3": T5Config.from_pretrained(model_dir / "text_encoder_3"),
-    }
-    return text_dims({name: SimpleNamespace(config=c) for name, c in parts.items()})
-
-
 def build_or_load_transformer(config: TrainConfig) -> SD3Transformer2DModel:
     """A fresh MMDiT from --preset (widths read from --model's encoders and VAE), or the
-    transformer to continue: --init-from, else --model/transformer."""
+    transformer to continue: --init-from, else --transformer-file, else --model/transformer."""
     model_dir = Path(config.model)
     if config.preset:
-        spec = transformer_config_for(config.preset, _encoder_dims(model_dir))
+        spec = transformer_config_for(config.preset, folder_text_dims(model_dir))
         vae = AutoencoderKL.load_config(model_dir / "vae")
         spec["in_channels"] = spec["out_channels"] = vae["latent_channels"]
         torch.manual_seed(config.seed)
         return build_transformer(spec)
-    source = Path(config.init_from) if config.init_from else model_dir / "transformer"
+    if config.init_from and config.transformer_file:
+        raise ValueError("pass --init-from or --transformer-file, not both")
+    if not config.init_from:
+        return load_transformer(model_dir, config.variant, torch.float32, config.transformer_file)
+    source = Path(config.init_from)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no transformer at {source}; pass --preset to start a fresh one")
     return SD3Transformer2DModel.from_pretrained(source, torch_dtype=torch.float32)
@@ -289,7 +286,7 @@ def _train(
 
         writer = SummaryWriter(str(work / "logs"), purge_step=start + 1 if start else None)
         if config.sample_count > 0:
-            vae = AutoencoderKL.from_pretrained(Path(config.model) / "vae").to(device).eval()
+            vae = load_component(config.model, "vae", config.variant).to(device).eval()
     grid_idx = (val_idx or train_idx)[: config.sample_count]
     grid_idx = (
         [i for i in grid_idx if tuple(reader.bucket(i)) == tuple(reader.bucket(grid_idx[0]))]
@@ -422,7 +419,9 @@ def _train(
         if lora is not None:
             export_trained_lora(final, output, config)
         else:
-            export_pipeline(Path(config.model), final, output, exported_shift(config, shift))
+            export_pipeline(
+                Path(config.model), final, output, exported_shift(config, shift), config.variant
+            )
         (work / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
         Manifest(
             stage=STAGE, parameters=run_parameters(config), input_fingerprint=input_fingerprint,
