@@ -8,12 +8,13 @@ Decoding is greedy unless sampling is asked for, so the same rows give the same 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from curate.seeds import seed_int
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
@@ -50,8 +51,7 @@ def torch_dtype(name: str):
 
 def batch_seed(seed: int, keys: list[str]) -> int:
     """A sampling seed fixed by the run's seed and the batch's rows, so a resumed run samples alike."""
-    digest = hashlib.blake2b(f"{seed}:{','.join(keys)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % 2**63
+    return seed_int(seed, ",".join(keys))
 
 
 class LocalVLM:

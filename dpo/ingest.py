@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curate import reasons
-from curate.store import Manifest, Rejection, StageWriter, fingerprint, is_done, load_samples
+from curate.stage_runtime import StageRun
+from curate.store import Manifest, Rejection, load_samples
 from dpo.config import IngestPrefsConfig
 
 STAGE = "prefs"
@@ -192,38 +193,43 @@ def ingest_prefs(
     if not source.exists():
         raise FileNotFoundError(f"preference input {source} does not exist")
     layout = detect_layout(source) if config.layout == "auto" else config.layout
-    params = {**config.model_dump(), "layout": layout}
-    fp = fingerprint(source)
-    if is_done(output, STAGE, params, fp):
-        return output
-    rows = _folder_rows(source) if layout == "folder" else _rows(source)
-    kept, rejected, seen = [], [], set()
-    for verdict, item in classify(rows, layout, config.tie_tolerance):
-        if verdict == "reject":
-            rejected.append(item)
-        elif item["id"] in seen:
-            rejected.append(
-                Rejection(
-                    item["id"],
-                    STAGE,
-                    reasons.EXACT_DUPLICATE,
-                    detail=f"{item['source']}: repeated pair",
+    params = {**config.model_dump(mode="json"), "layout": layout}
+    with StageRun(output, STAGE, config, {"input": source}, parameters=params) as run:
+        if run.finished:
+            return run.skip()
+        rows = _folder_rows(source) if layout == "folder" else _rows(source)
+        read = [0]
+
+        def counted(rows):
+            for row in rows:
+                read[0] += 1
+                yield row
+
+        kept, rejected, seen = [], [], set()
+        for verdict, item in classify(counted(rows), layout, config.tie_tolerance):
+            if verdict == "reject":
+                rejected.append(item)
+            elif item["id"] in seen:
+                rejected.append(
+                    Rejection(
+                        item["id"],
+                        STAGE,
+                        reasons.EXACT_DUPLICATE,
+                        detail=f"{item['source']}: repeated pair",
+                    )
                 )
-            )
-        else:
-            seen.add(item["id"])
-            kept.append(item)
-    with StageWriter(output, STAGE, params, fp) as writer:
-        writer.write_samples(kept, PREF_FEATURES)
-        writer.write_rejected(rejected)
-        writer.counts.update(
-            {"in": len(kept) + len(rejected), "kept": len(kept), "rejected": len(rejected)}
-        )
-        by_reason: dict[str, int] = {}
-        for rejection in rejected:
-            by_reason[rejection.reason] = by_reason.get(rejection.reason, 0) + 1
-        writer.extra["rejected_by_reason"] = by_reason
-        writer.extra["layout"] = layout
+            else:
+                seen.add(item["id"])
+                kept.append(item)
+        with run.writer() as writer:
+            writer.write_samples(kept, PREF_FEATURES)
+            writer.write_rejected(rejected)
+            writer.counts["input"] = read[0]
+            by_reason: dict[str, int] = {}
+            for rejection in rejected:
+                by_reason[rejection.reason] = by_reason.get(rejection.reason, 0) + 1
+            writer.extra["rejected_by_reason"] = by_reason
+            writer.extra["layout"] = layout
     return output
 
 

@@ -12,7 +12,6 @@ Recipe (step comments read top to bottom):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,15 +22,9 @@ import torch
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.store import (
-    Manifest,
-    StageWriter,
-    fingerprint,
-    is_done,
-    load_rejected,
-    load_samples,
-    params_hash,
-)
+from curate.seeds import seed_int, seed_unit
+from curate.stage_runtime import StageRun
+from curate.store import Manifest, load_rejected, load_samples
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.encode import EncodedPairs, encode_pairs, native_resolution
 from dpo.ingest import STAGE as PREFS_STAGE
@@ -54,7 +47,10 @@ METRICS = "metrics.jsonl"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
-NOT_IN_RUN_KEY = ("steps", "log_every", "checkpoint_every", "resume")
+# Options that never change the LoRA: a rerun that differs only in them is skipped.
+VOLATILE = ("resume", "checkpoint_every")
+# Options a rerun may change and still continue from this run's checkpoints.
+NOT_IN_RUN_KEY = ("steps", "log_every")
 
 
 class NonFiniteLoss(ValueError):
@@ -78,7 +74,7 @@ def scheduler_shift(model_dir: str | os.PathLike) -> float:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(seed_int(seed, "dpo-step", step))
 
 
 def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
@@ -135,7 +131,7 @@ def split_heldout(
     """Hold out pairs by a hash of (seed, id): stable under reordering and across runs."""
 
     def score(pair_id: str) -> float:
-        return int(hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest()[:8], 16) / 2**32
+        return seed_unit(seed, "heldout", pair_id)
 
     held = [i for i, pid in enumerate(pairs.ids) if score(pid) < fraction]
     train = [i for i in range(len(pairs)) if i not in set(held)]
@@ -261,15 +257,15 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
     prefs, output = Path(prefs), Path(output).resolve()
     if not prefs.exists():
         raise FileNotFoundError(f"preference input {prefs} does not exist")
-    params = config.model_dump()
-    fp = fingerprint(prefs) + ":" + fingerprint(config.model)
-    if is_done(output, STAGE, params, fp):
-        return output
-    run_key = params_hash(
-        {k: v for k, v in params.items() if k not in NOT_IN_RUN_KEY} | {"input": fp}
-    )
-    work = output.parent / f".{output.name}.work" / run_key
-    work.mkdir(parents=True, exist_ok=True)
+    reads = {"prefs": prefs, "model": config.model}
+    with StageRun(output, STAGE, config, reads, volatile=VOLATILE, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        return _run_dpo(run, prefs, config)
+
+
+def _run_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
+    work = run.work_log(ignore=NOT_IN_RUN_KEY).path
     torch.manual_seed(config.seed)
 
     # 1. Preferences and their encodings (the pre-encoding stage's encoders, one at a time)
@@ -311,7 +307,7 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
                "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
                "resolution": resolution, "shift": shift, "resumed_from_step": start,
                "lora_parameters": sum(p.numel() for p in lora_parameters(transformer))}  # fmt: skip
-    with StageWriter(output, STAGE, params, fp) as writer:
+    with run.writer() as writer:
         export_lora(transformer, lora_config, writer.path)
         shutil.copy(work / METRICS, writer.path / METRICS)
         (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -324,4 +320,4 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
             }
         )
         writer.extra.update(summary)
-    return output
+    return run.output

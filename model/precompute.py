@@ -42,16 +42,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from curate import reasons
-from curate.store import (
-    Rejection,
-    StageWriter,
-    StoreError,
-    WorkLog,
-    fingerprint,
-    is_done,
-    load_samples,
-    params_hash,
-)
+from curate.stage_runtime import StageRun
+from curate.store import Rejection, StageWriter, StoreError, load_samples
 from model.buckets import center_crop_resize, make_buckets, nearest_bucket
 from model.build import parse_dtype
 from model.config import PrecomputeConfig
@@ -80,29 +72,28 @@ def run_precompute(
 ) -> Path:
     """Pre-encode IN into OUT (see the module docstring); skipped when OUT is already done."""
     input, output = Path(input), Path(output)
-    params = config.model_dump()
-    input_fp = f"{fingerprint(input)}+model:{fingerprint(config.model)}"
-    if is_done(output, STAGE, params, input_fp):
-        return output
-    dims = encoder_dims(config.model)
-    table = _open_input(input)
-    step = dims["vae_scale_factor"] * dims["patch_size"]
-    if config.buckets:
-        buckets = make_buckets(config.resolution, step, config.bucket_max_ratio)
-    elif config.resolution % step:
-        raise ValueError(
-            f"--resolution {config.resolution} is not a multiple of {step} (VAE factor x patch size)"
-        )
-    else:
-        buckets = [(config.resolution, config.resolution)]
-    work = WorkLog(output, params_hash({**params, "input": input_fp}))
-    run = _Run(config, dims, table, buckets, work.path)
-    run.encode_images()
-    for name in TEXT_ENCODERS:
-        run.encode_captions(name)
-    with StageWriter(output, STAGE, params, input_fp) as writer:
-        run.assemble(writer)
-    work.clear()
+    with StageRun(output, STAGE, config, {"input": input, "model": config.model}) as run:
+        if run.finished:
+            return run.skip()
+        dims = encoder_dims(config.model)
+        table = _open_input(input)
+        step = dims["vae_scale_factor"] * dims["patch_size"]
+        if config.buckets:
+            buckets = make_buckets(config.resolution, step, config.bucket_max_ratio)
+        elif config.resolution % step:
+            raise ValueError(
+                f"--resolution {config.resolution} is not a multiple of {step} (VAE factor x patch size)"
+            )
+        else:
+            buckets = [(config.resolution, config.resolution)]
+        work = run.work_log()
+        encoding = _Run(config, dims, table, buckets, work.path)
+        encoding.encode_images()
+        for name in TEXT_ENCODERS:
+            encoding.encode_captions(name)
+        with run.writer() as writer:
+            encoding.assemble(writer)
+        work.clear()
     return output
 
 

@@ -11,11 +11,13 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from curate.stage_runtime import StageRun
 from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 LORA_ADAPTER = "lora"
+STAGE = "sample"
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -91,16 +93,24 @@ def _save(results, folder: Path) -> list[Image.Image]:
 
 
 def run_sample(config: SampleConfig) -> Path:
-    pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
-    pipe.set_progress_bar_config(disable=True)
-    prompts = read_prompts(config.prompt, config.prompts)
-    out = Path(config.out)
-    options = (config.steps, config.guidance_scale, config.height, config.width)
-    if config.lora is None:
-        _save(generate(pipe, prompts, config.seed, *options), out)
-        return out
-    base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
-    load_lora(pipe, config.lora, config.lora_scale)
-    adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
-    side_by_side(base, adapted).save(out / "grid.png")
-    return out
+    reads = {"model": config.model, "lora": config.lora, "prompts": config.prompts}
+    with StageRun(config.out, STAGE, config, reads, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        prompts = read_prompts(config.prompt, config.prompts)
+        pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
+        pipe.set_progress_bar_config(disable=True)
+        options = (config.steps, config.guidance_scale, config.height, config.width)
+        with run.writer(tables=False) as writer:
+            out = writer.path
+            if config.lora is None:
+                _save(generate(pipe, prompts, config.seed, *options), out)
+            else:
+                base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
+                load_lora(pipe, config.lora, config.lora_scale)
+                adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
+                side_by_side(base, adapted).save(out / "grid.png")
+            writer.counts["images"] = (
+                len(prompts) * len(config.seed) * (1 if config.lora is None else 2)
+            )
+    return run.output
