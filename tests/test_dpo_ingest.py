@@ -68,7 +68,7 @@ def test_ties_identical_undecodable_and_captionless_pairs_are_rejected_with_reas
     assert rejected[reasons.TIE]["score"] == 0.5
     assert "winner" in rejected[reasons.UNDECODABLE]["detail"]
     manifest = Manifest.read(out)
-    assert manifest.counts == {"in": 6, "kept": 2, "rejected": 4}
+    assert manifest.counts == {"input": 6, "kept": 2, "rejected": 4}
     assert manifest.extra["layout"] == "pickapic"
 
 

@@ -4,6 +4,7 @@ work and is refused while another process holds its output."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -162,7 +163,7 @@ def _png(path: Path, colour: tuple[int, int, int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory, tiny_model_dir, tiny_captioner_dir, caption_store, demo_folder):
+def kit(tmp_path_factory, tiny_model_dir, tiny_captioner_dir, make_caption_store, demo_folder):
     """Small inputs for every runner, and the encoded set `t2i train` reads."""
     root = tmp_path_factory.mktemp("runtime-kit")
     images = root / "images"
@@ -179,13 +180,15 @@ def kit(tmp_path_factory, tiny_model_dir, tiny_captioner_dir, caption_store, dem
         _png(pairs / f"p{k}" / "loser.png", bad)
         (pairs / f"p{k}" / "caption.txt").write_text("a warm square\n")
     encoded, _ = shapes_encoded(tiny_model_dir, root / "shapes", 8)
+    truth = json.loads((demo_folder / "DEMO_TRUTH.json").read_text())
+    decodable = [key for key, t in truth.items() if t["expect"] == "keep"][:4]
     return {
         "images": images,
         "pairs": pairs,
         "encoded": encoded,
         "model": tiny_model_dir,
         "captioner": tiny_captioner_dir,
-        "store": caption_store,
+        "store": make_caption_store(root / "store", decodable),
     }
 
 
