@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import hashlib
 import os
+import shutil
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +324,39 @@ def local_path(value: str | os.PathLike | None) -> str | None:
     if value in (None, "") or not Path(value).exists():
         return None
     return str(value)
+
+
+def generate(output: str | os.PathLike, stage: str, write: Callable[[Path], Any]) -> Path:
+    """For generators whose output is raw data, not a stage output (demo-data): WRITE into a
+    fresh sibling under OUT's lock, then keep OUT untouched when it already holds exactly those
+    files (so what reads it sees no change), or swap the new files in."""
+    output = Path(output).resolve()
+    with output_lock(output, stage):
+        fresh = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            write(fresh)
+            if output.is_dir() and _same_files(fresh, output):
+                print(
+                    f"{stage}: {output} already holds this output; kept as it was", file=sys.stderr
+                )
+                return output
+            retired = None
+            if output.exists():
+                retired = fresh.with_name(fresh.name + "-old")
+                os.replace(output, retired)
+            os.replace(fresh, output)
+            if retired is not None:
+                shutil.rmtree(retired, ignore_errors=True)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+    return output
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    def listing(root: Path) -> list[str]:
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    names = listing(a)
+    if names != listing(b):
+        return False
+    return all(filecmp.cmp(a / name, b / name, shallow=False) for name in names)

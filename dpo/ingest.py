@@ -234,5 +234,5 @@ def ingest_prefs(
 
 
 def run_ingest_prefs(source: str, output: str, config: IngestPrefsConfig) -> Path:
-    """`t2i prefs`: see dpo/commands.py."""
+    """`t2i prefs`: see flows/cli.py."""
     return ingest_prefs(source, output, config)

@@ -123,5 +123,5 @@ def make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
 
 
 def run_make_prefs(output: str, config: MakePrefsConfig) -> Path:
-    """`t2i make-prefs`: see dpo/commands.py."""
+    """`t2i make-prefs`: see flows/cli.py."""
     return make_prefs(output, config)

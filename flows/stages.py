@@ -1,9 +1,8 @@
-"""Every stage as a Prefect task and a Prefect flow, generated from the stages' own declarations.
+"""Every stage as a Prefect task and a Prefect flow, made from the `t2i` command table.
 
-Each stage package declares its command as data (`<package>/commands.py`: runner, config model,
-positional inputs); the same declaration yields the `t2i` subcommand and, here, a flow whose
-parameters are the positionals plus the stage's pydantic config model, so the Prefect UI renders
-the same form the CLI exposes as flags. Prefect validates the parameters against the model before
+Each entry of `flows.cli.COMMANDS` (runner, config model, positional inputs) yields the `t2i`
+subcommand and, here, a flow whose parameters are the positionals plus the stage's pydantic
+config model, so the Prefect UI renders the same form the CLI exposes as flags. Prefect validates the parameters against the model before
 the flow starts, so an invalid value fails with pydantic's message and no work done.
 
 Tasks pass paths and small manifest summaries between each other, never tensors or tables:
@@ -26,9 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
-from curate.store import Manifest
+from curate.store import Manifest, fingerprint
 from flows import artifacts
-from flows.cli import Command, _load, stage_commands
+from flows.cli import COMMANDS, Command
 from flows.progress import tqdm_progress
 
 OUTPUT_NAMES = ("output", "out")
@@ -50,7 +49,7 @@ class Stage:
 
     @property
     def config_model(self) -> type[BaseModel]:
-        return _load(self.command.config)
+        return self.command.config
 
     @property
     def positionals(self) -> list[str]:
@@ -68,12 +67,8 @@ class Stage:
 
 
 def stages() -> dict[str, Stage]:
-    """The stage commands of every package that has landed, by command name."""
-    return {
-        c.name: Stage(c)
-        for c in stage_commands()
-        if not c.run.startswith("flows.") and not c.name.startswith("serve")  # services, not stages
-    }
+    """The stage commands (not the services or the orchestrator), by command name."""
+    return {c.name: Stage(c) for c in COMMANDS if c.stage}
 
 
 def stage(name: str) -> Stage:
@@ -81,10 +76,6 @@ def stage(name: str) -> Stage:
     if name not in known:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(known)}")
     return known[name]
-
-
-def has_stage(name: str) -> bool:
-    return name in stages()
 
 
 # ---- the one task every stage runs through ------------------------------------------------
@@ -132,11 +123,11 @@ def _run_stage(
     spec = stage(stage_name)
     cfg = spec.config_model.model_validate(config)
     output = spec.output_of(arguments, cfg)
-    before = _manifest_stamp(output)
+    before = fingerprint(output) if output.exists() else None
     positionals = [arguments[name] for name in spec.positionals]
     with _STAGE_LOCK, tqdm_progress(label):
-        written = Path(_load(spec.command.run)(*positionals, config=cfg) or output)
-    skipped = before is not None and before == _manifest_stamp(written)
+        written = Path(spec.command.run(*positionals, config=cfg) or output)
+    skipped = before is not None and before == fingerprint(written)  # the stage skipped itself
     artifacts.publish_stage(label, written)
     result = summary(stage_name, written, skipped=skipped)
     if skipped:
@@ -144,12 +135,6 @@ def _run_stage(
             message=f"{stage_name}: {written} is already finished", name="Skipped", data=result
         )
     return result
-
-
-def _manifest_stamp(output: Path) -> tuple[str, float] | None:
-    """When the output's manifest was written: unchanged across a run means the run skipped."""
-    manifest = Manifest.read(output) if output.is_dir() else None
-    return (manifest.created, manifest.wall_time_s) if manifest else None
 
 
 def run_sample_shards(
