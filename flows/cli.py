@@ -32,7 +32,13 @@ from captioning.config import CaptionConfig, InitCaptionerConfig, ServeCaptioner
 from curate.config import CurateConfig, DemoDataConfig
 from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
 from flows.config import RunAllConfig, ServeConfig
-from model.config import InitModelConfig, PrecomputeConfig, SampleConfig, TrainConfig
+from model.config import (
+    InitModelConfig,
+    LoraConvertConfig,
+    PrecomputeConfig,
+    SampleConfig,
+    TrainConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class Command:
     config: type[BaseModel]
     run: Callable[..., Any]  # run(*positionals, config=ConfigModel(...))
     positionals: tuple[tuple[str, str], ...] = ()
-    stage: bool = True  # False: a service or the orchestrator, not a step of the chain
+    flow: bool = True  # served as a Prefect flow; False for services and the orchestrator
 
     @property
     def positional_names(self) -> list[str]:
@@ -123,6 +129,12 @@ def sample(config: SampleConfig) -> Path:
     from model.sampling import run_sample
 
     return run_sample(config)
+
+
+def lora_convert(input: str, output: str, config: LoraConvertConfig) -> Path:
+    from model.lora_formats import run_lora_convert
+
+    return run_lora_convert(input, output, config)
 
 
 def serve(config: ServeConfig) -> None:
@@ -220,7 +232,7 @@ COMMANDS: tuple[Command, ...] = (
         ServeCaptionerConfig,
         serve_captioner,
         (("model", "local VLM folder to serve"),),
-        stage=False,
+        flow=False,
     ),
     Command(
         "precompute",
@@ -306,6 +318,22 @@ COMMANDS: tuple[Command, ...] = (
         sample,
     ),
     Command(
+        "lora-convert",
+        "convert an SD3 LoRA between diffusers, kohya and ComfyUI key styles",
+        "Reads a LoRA file (or a folder holding one) in diffusers, kohya (sd-scripts lora_sd3), "
+        "ComfyUI, OneTrainer or peft key style, detected from its keys, and writes it in --to's "
+        "style. kohya and ComfyUI use Stability's MMDiT module names with q/k/v fused (downs "
+        "stacked, ups block-diagonal, alpha scaled with the rank); diffusers files carry alpha "
+        "folded into B. Converting back gives the same matrices. OUTPUT is a .safetensors path "
+        "or a folder (then OUTPUT/pytorch_lora_weights.safetensors).",
+        LoraConvertConfig,
+        lora_convert,
+        (
+            ("input", "LoRA .safetensors file or a folder with one"),
+            ("output", "a .safetensors path or a folder"),
+        ),
+    ),
+    Command(
         "serve",
         "serve every stage flow and end_to_end as deployments for the Prefect UI",
         "Registers one deployment per stage flow (demo-data, init-model, curate, caption, "
@@ -316,7 +344,7 @@ COMMANDS: tuple[Command, ...] = (
         "`PREFECT_API_URL=http://127.0.0.1:4200/api t2i serve`.",
         ServeConfig,
         serve,
-        stage=False,
+        flow=False,
     ),
     Command(
         "run-all",
@@ -328,7 +356,7 @@ COMMANDS: tuple[Command, ...] = (
         RunAllConfig,
         run_all,
         (("workdir", "working directory; each stage writes a subfolder"),),
-        stage=False,
+        flow=False,
     ),
 )
 

@@ -65,8 +65,8 @@ CHAIN = (
         "dpo",
         "lora",
         {
-            "steps": 10,
-            "batch": 2,
+            "max_steps": 10,
+            "batch_size": 2,
             "rank": 8,
             "alpha": 8.0,
             "lr": 1e-3,

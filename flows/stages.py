@@ -68,7 +68,7 @@ class Stage:
 
 def stages() -> dict[str, Stage]:
     """The stage commands (not the services or the orchestrator), by command name."""
-    return {c.name: Stage(c) for c in COMMANDS if c.stage}
+    return {c.name: Stage(c) for c in COMMANDS if c.flow}
 
 
 def stage(name: str) -> Stage:

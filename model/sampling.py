@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from curate.stage_runtime import StageRun
 from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
+from model.lora import load_into_pipeline, read_lora_for
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 LORA_ADAPTER = "lora"
 STAGE = "sample"
 
@@ -75,14 +75,9 @@ def side_by_side(
     return grid
 
 
-def load_lora(pipe: StableDiffusion3Pipeline, lora_dir: str, scale: float) -> None:
-    """Load a diffusers-format LoRA folder into the pipeline with the stock API, at SCALE."""
-    if not (Path(lora_dir) / LORA_FILE).is_file():
-        raise FileNotFoundError(
-            f"--lora {lora_dir} has no {LORA_FILE}; pass a `t2i dpo` output folder"
-        )
-    pipe.load_lora_weights(lora_dir, weight_name=LORA_FILE, adapter_name=LORA_ADAPTER)
-    pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
+def load_lora(pipe: StableDiffusion3Pipeline, lora, scale: float) -> None:
+    """Load a LoRA (file, folder or LoraWeights; any key style, see model/lora_formats.py) at SCALE."""
+    load_into_pipeline(pipe, lora, LORA_ADAPTER, scale)
 
 
 def _save(results, folder: Path) -> list[Image.Image]:
@@ -97,20 +92,22 @@ def run_sample(config: SampleConfig) -> Path:
     with StageRun(config.out, STAGE, config, reads, accounting=False) as run:
         if run.finished:
             return run.skip()
-        prompts = read_prompts(config.prompt, config.prompts)
+        # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.
+        lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
         pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
         pipe.set_progress_bar_config(disable=True)
+        prompts = read_prompts(config.prompt, config.prompts)
         options = (config.steps, config.guidance_scale, config.height, config.width)
         with run.writer(tables=False) as writer:
             out = writer.path
-            if config.lora is None:
+            if lora is None:
                 _save(generate(pipe, prompts, config.seed, *options), out)
             else:
+                load_lora(pipe, lora, config.lora_scale)
+                pipe.disable_lora()
                 base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
-                load_lora(pipe, config.lora, config.lora_scale)
+                pipe.enable_lora()
                 adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
                 side_by_side(base, adapted).save(out / "grid.png")
-            writer.counts["images"] = (
-                len(prompts) * len(config.seed) * (1 if config.lora is None else 2)
-            )
+            writer.counts["images"] = len(prompts) * len(config.seed) * (1 if lora is None else 2)
     return run.output
