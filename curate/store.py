@@ -1,4 +1,4 @@
-"""The on-disk contract between stages (DESIGN.md, "Contracts between stages").
+"""The on-disk format of a stage output (docs/stage-contract.md).
 
 A stage reads one directory and writes another:
 
