@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from curate import reasons
 from curate.config import CurateConfig
-from curate.ingest import Record, read_records
-from curate.stage_runtime import StageRun
+from curate.ingest import IngestOptions, Record, read_records
+from curate.stage_runtime import StageRun, local_path
 from curate.store import Rejection, WorkLog, sample_id
 
 STAGE = "curate"
@@ -102,7 +102,9 @@ def _score_all(inp: Path, work: WorkLog, resolved, workers: int, timing: dict[st
             timing["last_chunk"] = now
 
     try:
-        for index, chunk in enumerate(_chunks(read_records(inp), config.chunk_size)):
+        for index, chunk in enumerate(
+            _chunks(read_records(inp, _ingest_options(config)), config.chunk_size)
+        ):
             total += len(chunk)
             name = f"chunk-{index:08d}"
             if work.has(name):
@@ -124,6 +126,10 @@ def _score_all(inp: Path, work: WorkLog, resolved, workers: int, timing: dict[st
             pool.terminate()
             pool.join()
     return total
+
+
+def _ingest_options(config: CurateConfig) -> IngestOptions:
+    return IngestOptions(config.max_caption_bytes, config.allow_path_cells)
 
 
 def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
@@ -282,7 +288,9 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
             f"curate: output {out} must not be inside the input {inp} (stages never modify their input)"
         )
     resolved = resolve(config)
-    with StageRun(out, STAGE, config, {"input": inp}, volatile=VOLATILE) as run:
+    models = ("nsfw_model", "aesthetic_model", "clip_model", "embedder_model")
+    reads = {"input": inp, **{name: local_path(getattr(config, name)) for name in models}}
+    with StageRun(out, STAGE, config, reads, volatile=VOLATILE) as run:
         if run.finished:
             return run.skip()
         work = run.work_log()

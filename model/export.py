@@ -12,10 +12,10 @@ SKIP = {"transformer", "model_index.json", "training", "manifest.json"}
 
 
 def export_pipeline(
-    model_dir: Path, transformer: torch.nn.Module, output: Path, shift: float
+    model_dir: Path, transformer: torch.nn.Module, output: Path, shift: float | None
 ) -> Path:
     """Copy every component of MODEL_DIR except its transformer, save TRANSFORMER in its place,
-    store the training shift (Eq. 23) in the scheduler config, and write model_index.json last,
+    store the training shift (Eq. 23) in the scheduler config (None: leave it as it was), and write model_index.json last,
     so a folder without it is an unfinished export."""
     model_dir, output = Path(model_dir), Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -30,7 +30,7 @@ def export_pipeline(
         else:
             shutil.copy2(entry, target)
     scheduler_config = output / "scheduler" / "scheduler_config.json"
-    if scheduler_config.is_file():
+    if shift is not None and scheduler_config.is_file():
         config = json.loads(scheduler_config.read_text())
         config["shift"] = float(shift)
         scheduler_config.write_text(json.dumps(config, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ def generate(
     guidance_scale: float = 7.0,
     height: int | None = None,
     width: int | None = None,
+    max_sequence_length: int = 256,
 ) -> list[tuple[str, int, Image.Image]]:
     """(prompt, seed, image) for every prompt and seed; the same seed gives the same noise."""
     results = []
@@ -51,6 +53,7 @@ def generate(
                 height=height,
                 width=width,
                 generator=generator,
+                max_sequence_length=max_sequence_length,
             ).images[0]
             results.append((prompt, seed, image))
     return results
@@ -87,6 +90,19 @@ def _save(results, folder: Path) -> list[Image.Image]:
     return [image for _, _, image in results]
 
 
+def trained_t5_length(model_dir: str | Path) -> int | None:
+    """The T5 length a `t2i train` output was trained with (its manifest), or None."""
+    manifest = Path(model_dir) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        record = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return None
+    value = (record.get("extra") or {}).get("t5_length") if record.get("stage") == "train" else None
+    return int(value) if value else None
+
+
 def run_sample(config: SampleConfig) -> Path:
     reads = {"model": config.model, "lora": config.lora, "prompts": config.prompts}
     with StageRun(config.out, STAGE, config, reads, accounting=False) as run:
@@ -97,7 +113,8 @@ def run_sample(config: SampleConfig) -> Path:
         pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
         pipe.set_progress_bar_config(disable=True)
         prompts = read_prompts(config.prompt, config.prompts)
-        options = (config.steps, config.guidance_scale, config.height, config.width)
+        t5_length = config.max_sequence_length or trained_t5_length(config.model) or 256
+        options = (config.steps, config.guidance_scale, config.height, config.width, t5_length)
         with run.writer(tables=False) as writer:
             out = writer.path
             if lora is None:
