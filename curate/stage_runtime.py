@@ -257,7 +257,7 @@ class StageRun:
         this run before writing anything, so a killed run never looks finished."""
         manifest = self.output / MANIFEST
         if manifest.is_file() and not self.finished:
-            manifest.unlink()
+            manifest.unlink(missing_ok=True)  # every rank of a multi-process launch may try
 
     def commit_in_place(
         self, counts: dict[str, int], extra: dict[str, Any], wall_time_s: float
