@@ -89,17 +89,41 @@ def output_lock(output: str | os.PathLike, stage: str) -> Iterator[None]:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         path = lock_path(output)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_locked(path, output, stage)
         try:
-            _acquire(fd, path, output, stage)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{stage} pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             yield
         finally:
-            os.close(fd)  # closing releases the lock; the file stays (removing it would race)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # while still held: a waiter then sees its file gone and retries
+            os.close(fd)
     finally:
         with _HELD_GUARD:
             _HELD.discard(output)
+
+
+def _open_locked(path: Path, output: Path, stage: str) -> int:
+    """An open, locked descriptor of PATH, the file that is at PATH now (the previous holder
+    removes it when done, so a lock taken on a removed file is dropped and taken again)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _acquire(fd, path, output, stage)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            held = os.fstat(fd)
+            if current is not None and (current.st_ino, current.st_dev) == (
+                held.st_ino,
+                held.st_dev,
+            ):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 def _acquire(fd: int, path: Path, output: Path, stage: str) -> None:
@@ -108,7 +132,10 @@ def _acquire(fd: int, path: Path, output: Path, stage: str) -> None:
         return
     except BlockingIOError:
         pass
-    holder = path.read_text(errors="replace").strip() or "another run"
+    try:
+        holder = path.read_text(errors="replace").strip() or "another run"
+    except FileNotFoundError:
+        holder = "another run"
     wait = _lock_wait_s()
     if wait == 0:
         raise StageBusy(

@@ -64,6 +64,7 @@ def encode_pairs(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     chunk: int = 1024,
+    variant: str | None = None,
 ) -> EncodedPairs:
     """Encode a preference table (id, caption, image_w, image_l), CHUNK pairs per encoder load."""
     if len(rows) == 0:
@@ -77,7 +78,13 @@ def encode_pairs(
         part = rows[start : start + chunk]
         images = [decode(b) for b in part["image_w"]] + [decode(b) for b in part["image_l"]]
         latents = encode_images(
-            model_dir, images, resolution, device=device, dtype=dtype, progress=False
+            model_dir,
+            images,
+            resolution,
+            device=device,
+            dtype=dtype,
+            progress=False,
+            variant=variant,
         )
         ids += part["id"]
         lat_w.append(latents[: len(part["id"])])
@@ -90,6 +97,7 @@ def encode_pairs(
                 device=device,
                 dtype=dtype,
                 progress=False,
+                variant=variant,
             )
         )
     text = TextEncoding(

@@ -37,6 +37,7 @@ from dpo.lora import (
     save_lora_state,
 )
 from dpo.loss import DPOTerms, diffusion_dpo_loss
+from model import build
 from model.build import parse_dtype
 from model.conditioning import TextEncoding
 from model.nonfinite import NonFiniteLossError
@@ -53,12 +54,15 @@ VOLATILE = ("resume", "checkpoint_every")
 
 
 def load_transformer(
-    model_dir: str | os.PathLike, device: str, dtype: torch.dtype
+    model_dir: str | os.PathLike,
+    device: str,
+    dtype: torch.dtype,
+    variant: str | None = None,
+    transformer_file: str | None = None,
 ) -> SD3Transformer2DModel:
-    """The base MMDiT of a local diffusers folder, frozen (the encoders are not loaded)."""
-    transformer = SD3Transformer2DModel.from_pretrained(
-        model_dir, subfolder="transformer", dtype=dtype, local_files_only=True
-    )
+    """The base MMDiT of a local diffusers folder (or a Stability single file), frozen (the
+    encoders are not loaded)."""
+    transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
 
 
@@ -258,7 +262,8 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
     prefs, output = Path(prefs), Path(output).resolve()
     if not prefs.exists():
         raise FileNotFoundError(f"preference input {prefs} does not exist")
-    reads = {"prefs": prefs, "model": config.model}
+    # a single-file transformer's content, not just its path, picks the base
+    reads = {"prefs": prefs, "model": config.model, "transformer_file": config.transformer_file}
     with StageRun(output, STAGE, config, reads, volatile=VOLATILE, accounting=False) as run:
         if run.finished:
             return run.skip()
@@ -274,13 +279,20 @@ def _run_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     dtype = parse_dtype(config.base_dtype)
     resolution = config.resolution or native_resolution(config.model)
     pairs = encode_pairs(
-        config.model, load_samples(table_dir), resolution, config.max_sequence_length, config.device
+        config.model,
+        load_samples(table_dir),
+        resolution,
+        config.max_sequence_length,
+        config.device,
+        variant=config.variant,
     )
     train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
     shift = config.shift if config.shift is not None else scheduler_shift(config.model)
 
     # 2. The frozen transformer with a trainable LoRA
-    transformer = load_transformer(config.model, config.device, dtype)
+    transformer = load_transformer(
+        config.model, config.device, dtype, config.variant, config.transformer_file
+    )
     lora_config = add_lora(
         transformer, config.rank, config.alpha, config.target_modules, config.seed
     )

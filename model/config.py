@@ -18,6 +18,27 @@ LORA_BLOCK_LINEARS = [
 ]  # fmt: skip
 
 
+class VariantOption(BaseModel):
+    """Which weight files of --model to load (every command that loads an SD3 folder takes it)."""
+
+    variant: str | None = Field(
+        None,
+        description="weight variant of --model, e.g. fp16: load its *.fp16.safetensors files (a folder "
+        "saved with save_pretrained(variant='fp16')); default: the files without a variant",
+    )
+
+
+class ModelFiles(VariantOption):
+    """--variant, plus a Stability single-file transformer in place of --model's."""
+
+    transformer_file: str | None = Field(
+        None,
+        description="Stability single-file SD3/SD3.5 checkpoint (e.g. sd3.5_medium.safetensors, MMDiT keys "
+        "model.diffusion_model.joint_blocks.*) used as the transformer; --model supplies its "
+        "transformer/config.json, the VAE, encoders and scheduler",
+    )
+
+
 class InitModelConfig(BaseModel):
     preset: str = Field(
         "tiny", description="model size: 'tiny' or 'tiny-d4' (offline test kits with tiny encoders)"
@@ -25,7 +46,7 @@ class InitModelConfig(BaseModel):
     seed: int = Field(0, description="seed for the random weights")
 
 
-class SampleConfig(BaseModel):
+class SampleConfig(ModelFiles):
     model: str = Field(..., description="local diffusers SD3 folder to sample from")
     prompt: list[str] = Field(default_factory=list, description="one or more prompts")
     prompts: str | None = Field(None, description="text file with one prompt per line")
@@ -58,7 +79,7 @@ class SampleConfig(BaseModel):
     )
 
 
-class PrecomputeConfig(BaseModel):
+class PrecomputeConfig(VariantOption):
     model: str = Field(
         ...,
         description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set",
@@ -126,7 +147,7 @@ class TimestepOptions(BaseModel):
         )
 
 
-class TrainConfig(TimestepOptions):
+class TrainConfig(ModelFiles, TimestepOptions):
     """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
 
     model: str = Field(

@@ -105,12 +105,19 @@ def trained_t5_length(model_dir: str | Path) -> int | None:
 
 def run_sample(config: SampleConfig) -> Path:
     reads = {"model": config.model, "lora": config.lora, "prompts": config.prompts}
+    reads["transformer_file"] = config.transformer_file
     with StageRun(config.out, STAGE, config, reads, accounting=False) as run:
         if run.finished:
             return run.skip()
         # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.
         lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
-        pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
+        pipe = load_pipeline(
+            config.model,
+            config.device,
+            parse_dtype(config.dtype),
+            variant=config.variant,
+            transformer_file=config.transformer_file,
+        )
         pipe.set_progress_bar_config(disable=True)
         prompts = read_prompts(config.prompt, config.prompts)
         t5_length = config.max_sequence_length or trained_t5_length(config.model) or 256

@@ -13,7 +13,6 @@ import json
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -24,7 +23,13 @@ from tqdm.auto import tqdm
 from curate.stage_runtime import StageRun
 from curate.store import Manifest, library_versions
 from model import rectified_flow as rf
-from model.build import build_transformer, text_dims, transformer_config_for
+from model.build import (
+    build_transformer,
+    folder_text_dims,
+    load_component,
+    load_transformer,
+    transformer_config_for,
+)
 from model.checkpoint import (
     ModuleSubset,
     list_checkpoints,
@@ -63,29 +68,21 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def _encoder_dims(model_dir: Path) -> dict[str, int]:
-    """Encoder widths from --model's configs, without loading any encoder weights."""
-    from transformers import CLIPTextConfig, T5Config
-
-    parts = {
-        "text_encoder": CLIPTextConfig.from_pretrained(model_dir / "text_encoder"),
-        "text_encoder_2": CLIPTextConfig.from_pretrained(model_dir / "text_encoder_2"),
-        "text_encoder_3": T5Config.from_pretrained(model_dir / "text_encoder_3"),
-    }
-    return text_dims({name: SimpleNamespace(config=c) for name, c in parts.items()})
-
-
 def build_or_load_transformer(config: TrainConfig) -> SD3Transformer2DModel:
     """A fresh MMDiT from --preset (widths read from --model's encoders and VAE), or the
-    transformer to continue: --init-from, else --model/transformer."""
+    transformer to continue: --init-from, else --transformer-file, else --model/transformer."""
     model_dir = Path(config.model)
     if config.preset:
-        spec = transformer_config_for(config.preset, _encoder_dims(model_dir))
+        spec = transformer_config_for(config.preset, folder_text_dims(model_dir))
         vae = AutoencoderKL.load_config(model_dir / "vae")
         spec["in_channels"] = spec["out_channels"] = vae["latent_channels"]
         torch.manual_seed(config.seed)
         return build_transformer(spec)
-    source = Path(config.init_from) if config.init_from else model_dir / "transformer"
+    if config.init_from and config.transformer_file:
+        raise ValueError("pass --init-from or --transformer-file, not both")
+    if not config.init_from:
+        return load_transformer(model_dir, config.variant, torch.float32, config.transformer_file)
+    source = Path(config.init_from)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no transformer at {source}; pass --preset to start a fresh one")
     return SD3Transformer2DModel.from_pretrained(source, torch_dtype=torch.float32)
@@ -300,7 +297,7 @@ def _train(
 
         writer = SummaryWriter(str(work / "logs"), purge_step=start + 1 if start else None)
         if config.sample_count > 0:
-            vae = AutoencoderKL.from_pretrained(Path(config.model) / "vae").to(device).eval()
+            vae = load_component(config.model, "vae", config.variant).to(device).eval()
     grid_idx = (val_idx or train_idx)[: config.sample_count]
     grid_idx = (
         [i for i in grid_idx if tuple(reader.bucket(i)) == tuple(reader.bucket(grid_idx[0]))]
@@ -429,11 +426,13 @@ def _train(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(transformer)
-        final = ema_copy(model, ema) if config.export_ema else model
-        if lora is not None:
-            export_trained_lora(final, output, config)
+        if lora is not None:  # the EMA's LoRA matrices, without copying the frozen base
+            export_trained_lora(model, output, config, ema if config.export_ema else None)
         else:
-            export_pipeline(Path(config.model), final, output, exported_shift(config, shift))
+            final = ema_copy(model, ema) if config.export_ema else model
+            export_pipeline(
+                Path(config.model), final, output, exported_shift(config, shift), config.variant
+            )
         (work / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
         counts = {"train": len(train_idx), "validation": len(val_idx), "steps": config.max_steps}
         epochs = math.ceil(config.max_steps * config.grad_accum * world / plan.batches_per_epoch)
@@ -467,6 +466,7 @@ def run_train(encoded: str, output: str, config: TrainConfig) -> Path:
     from model.encoded import EncodedDataset
 
     reads = {"encoded": encoded, "model": config.model, "init_from": config.init_from}
+    reads["transformer_file"] = config.transformer_file
     with StageRun(output, STAGE, config, reads, volatile=VOLATILE, accounting=False) as run:
         if run.finished:
             return run.skip()
