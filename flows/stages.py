@@ -2,8 +2,10 @@
 
 Each entry of `flows.cli.COMMANDS` (runner, config model, positional inputs) yields the `t2i`
 subcommand and, here, a flow whose parameters are the positionals plus the stage's pydantic
-config model, so the Prefect UI renders the same form the CLI exposes as flags. Prefect validates the parameters against the model before
-the flow starts, so an invalid value fails with pydantic's message and no work done.
+config model, so the Prefect UI renders the same form the CLI exposes as flags. Prefect
+validates the parameters against the model before the flow starts, so an invalid value fails
+with pydantic's message and no work done. Each stage skips itself when its output is finished
+(curate/stage_runtime.py); a task whose stage skipped ends in state Skipped.
 
 Tasks pass paths and small manifest summaries between each other, never tensors or tables:
 Prefect keeps task results in memory for the whole flow run.
