@@ -1,0 +1,95 @@
+"""Stages as shard maps on a real Dask cluster: the same tables as a local run, also when a worker dies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import datasets
+import pytest
+
+from curate.config import CurateConfig
+from curate.stage import run_curate
+from curate.store import Manifest, load_rejected, load_samples
+from tests.dask_services import DaskCluster
+from tests.prefect_services import ROOT
+
+# Scorers off (the dedup embedder stays): these tests check where the work runs, not the models.
+CHEAP = {"nsfw_detector": "none", "aesthetic_scorer": "none", "workers": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with DaskCluster(tmp_path_factory.mktemp("dask-logs"), workers=2) as running:
+        yield running
+
+
+def tables(out) -> tuple[list[dict], list[dict]]:
+    """Every row and column of the sample and rejected tables (images as their stored bytes)."""
+    samples = load_samples(out)
+    if "image" in samples.column_names:
+        samples = samples.cast_column("image", datasets.Image(decode=False))
+    rejected = load_rejected(out).to_list()
+    return sorted(samples.to_list(), key=lambda r: r["id"]), sorted(
+        rejected, key=lambda r: (r["id"], r["reason"], r["detail"])
+    )
+
+
+def t2i(*args: str, wait: bool = True):
+    argv = [sys.executable, "-m", "flows.cli", *args]
+    if wait:
+        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_curate_through_dask_address_writes_the_local_run_tables(cluster, demo_folder, tmp_path):
+    local = run_curate(demo_folder, tmp_path / "local", CurateConfig(workers=1))
+    result = t2i(
+        "curate", str(demo_folder), str(tmp_path / "dask"), "--dask-address", cluster.address
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tables(tmp_path / "dask") == tables(local)
+    assert Manifest.read(tmp_path / "dask").extra["executor"] == "dask x2"
+
+
+def test_killing_a_worker_during_curate_still_finishes_with_the_same_tables(
+    cluster, demo_folder, tmp_path
+):
+    local = run_curate(demo_folder, tmp_path / "local", CurateConfig(**CHEAP, chunk_size=2))
+    options = ["--nsfw-detector", "none", "--aesthetic-scorer", "none", "--chunk-size", "2"]
+    run = t2i(
+        "curate",
+        str(demo_folder),
+        str(tmp_path / "dask"),
+        *options,
+        "--dask-address",
+        cluster.address,
+        wait=False,
+    )
+    work = tmp_path / ".dask.work"
+    deadline = time.monotonic() + 300
+    while not list(work.glob("*/chunk-*.parquet")):
+        assert run.poll() is None, run.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no chunk finished in 300 s"
+        time.sleep(0.05)
+    victim = cluster.workers[0]
+    cluster.kill_worker(victim)
+    finished_before_kill = len(list(work.glob("*/chunk-*.parquet")))
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output[-3000:]
+    assert finished_before_kill < 16  # 31 files in chunks of 2: work was left when the worker died
+    assert tables(tmp_path / "dask") == tables(local)
+    cluster.workers.remove(victim)
+    cluster.add_worker(len(cluster.workers) + 10)
+    cluster.wait_workers(2)
+
+
+def test_dask_workers_starts_a_local_cluster_with_the_same_result(demo_folder, tmp_path):
+    local = run_curate(demo_folder, tmp_path / "local", CurateConfig(**CHEAP, chunk_size=8))
+    config = CurateConfig(**{**CHEAP, "dask_workers": 2}, chunk_size=8)
+    out = run_curate(demo_folder, tmp_path / "dask", config)
+    assert tables(out) == tables(local)
+    assert Manifest.read(out).extra["executor"] == "dask x2"
