@@ -9,13 +9,15 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from curate.executor import ExecutorOptions
+
 # SD3 trained with T5 sequences of 77 tokens (paper Sec. 5.3.2 / Table 7), so a synthetic
 # caption longer than that is cut by the text encoder anyway; we cut it first, at a sentence
 # or word boundary, so the model never sees half a word.
 T5_TRAINING_LENGTH = 77
 
 
-class CaptionConfig(BaseModel):
+class CaptionConfig(ExecutorOptions):
     backend: Literal["transformers", "openai"] = Field(
         "transformers",
         description="'transformers': a local image-text-to-text model folder; 'openai': an "
@@ -96,6 +98,11 @@ class CaptionConfig(BaseModel):
     )
     chunk_size: int = Field(
         256, ge=1, description="rows per resumable chunk: a killed run loses at most one chunk"
+    )
+    chunk_pixels: int = Field(
+        32_000_000,
+        ge=1,
+        description="most pixels a worker decodes at once (images are captioned in groups under this bound)",
     )
 
 

@@ -93,6 +93,12 @@ def worker_state(setup: Setup) -> tuple[Any, float]:
         return _STATE[setup.key], time.monotonic() - started
 
 
+def release_state() -> None:
+    with _STATE_LOCK:
+        for old in list(_STATE):
+            _release(_STATE.pop(old))
+
+
 def run_shard(setup: Setup, task: Callable[[Any, Any], Any], name: str, payload: Any) -> Result:
     """What a worker runs for one shard."""
     import os
@@ -164,9 +170,12 @@ class Executor:
         self._client = Client(self._cluster, set_as_default=False)
 
     def __exit__(self, *exc: Any) -> None:
+        if self._client is None and self._pool is None:
+            release_state()  # in this process: the models go with the run
         if self._pool is not None:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
-            for process in list(getattr(self._pool, "_processes", {}).values()):
+            for process in processes:
                 process.terminate()
             self._pool = None
         if self._inside is not None:

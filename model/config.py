@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from curate.executor import ExecutorOptions
+
 
 class InitModelConfig(BaseModel):
     preset: str = Field(
@@ -40,7 +42,7 @@ class SampleConfig(BaseModel):
     )
 
 
-class PrecomputeConfig(BaseModel):
+class PrecomputeConfig(ExecutorOptions):
     model: str = Field(
         ...,
         description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set",

@@ -8,10 +8,16 @@ import time
 
 import datasets
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from captioning.config import CaptionConfig
+from captioning.stage import run_caption
 from curate.config import CurateConfig
 from curate.stage import run_curate
 from curate.store import Manifest, load_rejected, load_samples
+from model.config import PrecomputeConfig
+from model.precompute import run_precompute
 from tests.dask_services import DaskCluster
 from tests.prefect_services import ROOT
 
@@ -93,3 +99,58 @@ def test_dask_workers_starts_a_local_cluster_with_the_same_result(demo_folder, t
     out = run_curate(demo_folder, tmp_path / "dask", config)
     assert tables(out) == tables(local)
     assert Manifest.read(out).extra["executor"] == "dask x2"
+
+
+def test_caption_through_dask_address_writes_the_local_run_tables(
+    cluster, caption_store, tiny_captioner_dir, tmp_path
+):
+    options = {"max_new_tokens": 8, "max_caption_tokens": 12, "chunk_size": 4, "batch_size": 4}
+    local = run_caption(
+        caption_store, tmp_path / "local", CaptionConfig(model=tiny_captioner_dir, **options)
+    )
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    result = t2i(
+        "caption",
+        str(caption_store),
+        str(tmp_path / "dask"),
+        "--model",
+        tiny_captioner_dir,
+        *flags,
+        "--dask-address",
+        cluster.address,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tables(tmp_path / "dask") == tables(local)
+    assert Manifest.read(tmp_path / "dask").counts == Manifest.read(local).counts
+
+
+def test_precompute_through_dask_address_writes_the_local_run_index_and_shards(
+    cluster, caption_store, tiny_model_dir, tmp_path
+):
+    options = {"resolution": 64, "batch_size": 4, "shard_size": 6}
+    local = run_precompute(
+        caption_store, tmp_path / "local", PrecomputeConfig(model=tiny_model_dir, **options)
+    )
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    result = t2i(
+        "precompute",
+        str(caption_store),
+        str(tmp_path / "dask"),
+        "--model",
+        tiny_model_dir,
+        *flags,
+        "--dask-address",
+        cluster.address,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tables(tmp_path / "dask") == tables(local)
+    shards = sorted(p.name for p in (local / "shards").iterdir())
+    assert len(shards) > 4 and shards == sorted(
+        p.name for p in (tmp_path / "dask" / "shards").iterdir()
+    )
+    for name in shards:
+        a, b = (
+            load_file(str(local / "shards" / name)),
+            load_file(str(tmp_path / "dask" / "shards" / name)),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
