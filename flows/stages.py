@@ -232,10 +232,9 @@ def on_flow_cluster(config: BaseModel) -> BaseModel:
     ):
         return config
     runner = getattr(FlowRunContext.get(), "task_runner", None)
-    client = getattr(runner, "_client", None) if type(runner).__name__ == "DaskTaskRunner" else None
-    if client is None:
+    if type(runner).__name__ != "DaskTaskRunner":
         return config
-    return config.model_copy(update={"dask_address": client.scheduler.address})
+    return config.model_copy(update={"dask_address": runner.client.scheduler.address})
 
 
 def run_sample_shards(

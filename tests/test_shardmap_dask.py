@@ -154,3 +154,26 @@ def test_precompute_through_dask_address_writes_the_local_run_index_and_shards(
             load_file(str(tmp_path / "dask" / "shards" / name)),
         )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_end_to_end_on_a_dask_task_runner_completes_with_curate_fanned_out(cluster, tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+    from prefect_dask import DaskTaskRunner
+
+    from flows.config import tiny_kit
+    from flows.end_to_end import end_to_end
+
+    flow = end_to_end.with_options(task_runner=DaskTaskRunner(address=cluster.address))
+    with prefect_test_harness(server_startup_timeout=180):
+        result = flow(**tiny_kit(str(tmp_path / "run")))
+    done = {r["stage"]: r for r in result["stages"]}
+    assert {"curate", "caption", "precompute"} <= set(done) and not any(
+        r["skipped"] for r in done.values()
+    )
+    assert done["sample"]["counts"]["images"] > 0
+    for stage in (
+        "curate",
+        "caption",
+        "precompute",
+    ):  # each mapped its shards over the flow's cluster
+        assert Manifest.read(done[stage]["output"]).parameters["dask_address"] == cluster.address
