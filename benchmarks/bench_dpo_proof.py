@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = init_model(Path(tmp) / "model", args.preset)
         config = DPOConfig(model=str(model), beta=args.beta, lr=args.lr, rank=args.rank, alpha=args.rank,
-                           steps=args.dpo_steps, batch=8, log_every=10)  # fmt: skip
+                           max_steps=args.dpo_steps, batch_size=8, log_every=10)  # fmt: skip
         start = time.monotonic()
         result = run_proof(model, Path(tmp) / "work", size=args.size, n_base=args.base_images,
                            n_pairs=args.pairs, base_steps=args.base_steps, base_lr=args.base_lr, dpo=config,

@@ -15,7 +15,6 @@ it retries only the failed rows.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ from typing import Any
 
 import datasets
 import pyarrow as pa
-from PIL import Image
 from tqdm.auto import tqdm
 
 from captioning.backends import (
@@ -38,7 +36,11 @@ from captioning.backends import (
 from captioning.cleaning import TokenBudget, clean_caption, make_budget
 from captioning.config import CaptionConfig
 from captioning.prompts import load_template, render
+from curate import reasons
+from curate.cells import image_cell
+from curate.decode import Invalid, decode_image, open_image, plain_format
 from curate.executor import Setup, executor_for
+from curate.markdown import escape, fenced
 from curate.store import (
     Manifest,
     StageWriter,
@@ -65,6 +67,8 @@ def captioner_spec(config: CaptionConfig, template: str, budget: TokenBudget) ->
     return {
         "model": model_identity(config),
         "prompt": template,
+        **({"system_prompt": config.system_prompt} if config.system_prompt else {}),
+        **({"processor": config.processor_kwargs} if config.processor_kwargs else {}),
         "generation": settings_from(config).as_dict(),
         "budget": {"max_tokens": budget.max_tokens, "counter": budget.name},
         "cleaning": CLEANING_VERSION,
@@ -85,7 +89,16 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
         raise ValueError(f"output {out} is the input; the caption stage never modifies its input")
     if config.backend == "openai" and not config.endpoint:
         raise ValueError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
+    if config.backend == "openai" and config.processor_kwargs:
+        raise ValueError(
+            "--processor-kwargs applies to backend transformers; a server takes its own "
+            "(`t2i serve-captioner --processor-kwargs`, vLLM's --mm-processor-kwargs)"
+        )
     samples = load_samples(source)
+    if len(samples) == 0:
+        raise ValueError(
+            f"{source} holds no samples to caption; see its report (every input may have been rejected)"
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in samples.column_names]
     if missing:
         raise ValueError(
@@ -201,6 +214,11 @@ class ChunkWorker:
             for index in group:
                 try:
                     requests.append((index, self._request(rows[index])))
+                except Invalid as invalid:  # recorded as the row's failure, with its reason
+                    results[index] = _result(
+                        rows[index]["id"],
+                        error=f"undecodable image: {invalid.reason}: {invalid.detail}",
+                    )
                 except Exception as error:  # noqa: BLE001 - recorded as the row's failure
                     results[index] = _result(
                         rows[index]["id"],
@@ -217,16 +235,17 @@ class ChunkWorker:
         return results, counts  # type: ignore[return-value]
 
     def _request(self, row: dict[str, Any]) -> Request:
-        data = _row_bytes(row)
+        """The row's image, decoded under the pixel cap; a path cell is never read."""
+        data = image_cell(row["image"])
         if not data:
-            raise ValueError("the row has no image bytes")
-        image = Image.open(io.BytesIO(data))
+            raise Invalid(reasons.ZERO_BYTE, "the row has no image bytes")
+        image = decode_image(data)
         return Request(
             key=row["id"],
-            image=image.convert("RGB"),
+            image=image,
             prompt=render(self.template, row.get("caption")),
             source_bytes=data,
-            source_format=image.format if image.mode == "RGB" else None,
+            source_format=plain_format(data),
         )
 
     def _finish(self, key: str, answer: Answer) -> dict[str, Any]:
@@ -260,20 +279,13 @@ def caption_chunk(
     return worker.chunk(*payload)
 
 
-def _row_bytes(row: dict[str, Any]) -> bytes | None:
-    image_field = row["image"] or {}
-    data = image_field.get("bytes")
-    if data is None and image_field.get("path"):
-        data = Path(image_field["path"]).read_bytes()
-    return data
-
-
 def _declared_pixels(row: dict[str, Any]) -> int:
+    """Pixels the row's image header declares (nothing decoded); 0 when it will fail to decode."""
     try:
-        with Image.open(io.BytesIO(_row_bytes(row) or b"")) as image:
-            return image.width * image.height
+        image = open_image(image_cell(row["image"]))
     except Exception:  # noqa: BLE001 - fails again, with its reason, when the row is decoded
         return 0
+    return image.width * image.height
 
 
 def _pixel_groups(
@@ -328,10 +340,10 @@ def _report(
 ) -> str:
     lines = [
         "# Caption stage report", "",
-        f"- input: `{source}`", f"- captioner: `{captioner}`",
+        f"- input: {escape(source)}", f"- captioner: {escape(captioner)}",
         f"- captioned: {stats['captioned']}, failed: {stats['failed']}, "
         f"cut to the token budget: {stats['truncated']}", "",
-        "## Prompt template", "", "```", template, "```", "",
+        "## Prompt template", "", *fenced(template), "",
         "## Examples", "", "| id | original | raw answer | synthetic |", "| --- | --- | --- | --- |",
     ]  # fmt: skip
     for ex in examples:
@@ -346,11 +358,12 @@ def _report(
     if failures:
         lines += ["These rows keep their original caption and have no synthetic one.", "",
                   "| id | reason |", "| --- | --- |"]  # fmt: skip
-        lines += [f"| {f['id']} | {_cell(f['reason'])} |" for f in failures]
+        lines += [f"| {_cell(f['id'])} | {_cell(f['reason'])} |" for f in failures]
     else:
         lines.append("none")
     return "\n".join(lines) + "\n"
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:300]
+    """A table cell from data (captions, VLM answers, ids): inert markdown, one line."""
+    return escape(text, 300)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from curate import reasons
 from curate.config import CurateConfig
 from curate.executor import EXECUTION_FIELDS, Setup, executor_for
-from curate.ingest import Record, read_records
+from curate.ingest import IngestOptions, Record, read_records
 from curate.store import (
     Rejection,
     StageWriter,
@@ -116,7 +116,7 @@ def _score_all(inp: Path, work: WorkLog, resolved, timing: dict[str, Any]) -> in
 
     def planned() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         nonlocal total
-        for index, chunk in enumerate(_chunks(read_records(inp), config)):
+        for index, chunk in enumerate(_chunks(read_records(inp, _ingest_options(config)), config)):
             total += len(chunk)
             name = f"chunk-{index:08d}"
             if work.has(name):
@@ -139,6 +139,10 @@ def _score_all(inp: Path, work: WorkLog, resolved, timing: dict[str, Any]) -> in
     finally:
         progress.close()
     return total
+
+
+def _ingest_options(config: CurateConfig) -> IngestOptions:
+    return IngestOptions(config.max_caption_bytes, config.allow_path_cells)
 
 
 def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:

@@ -11,7 +11,6 @@ Pick-a-Pic v2 (yuvalkirstain/pickapic_v2): `label_0` = 1 means `jpg_0` won, 0 th
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,14 +18,17 @@ from typing import Any
 
 import datasets
 import pyarrow.parquet as pq
-from PIL import Image
 
 from curate import reasons
+from curate.cells import caption_text, image_cell
+from curate.decode import Invalid, decode_image
+from curate.ingest import read_inside
 from curate.store import Manifest, Rejection, StageWriter, fingerprint, is_done, load_samples
 from dpo.config import IngestPrefsConfig
 
 STAGE = "prefs"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_LIMIT = 16_384  # bytes of a pair folder's caption.txt (curate's max_caption_bytes default)
 PREF_FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
@@ -43,15 +45,14 @@ def pair_id(winner: bytes, loser: bytes) -> str:
 
 
 def _bytes(value: Any) -> bytes | None:
-    """Image bytes from a raw bytes cell or a `datasets` Image cell ({'bytes', 'path'})."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return bytes(value["bytes"])
-        if value.get("path"):
-            return Path(value["path"]).read_bytes()
-    return None
+    """Image bytes from a raw bytes cell or a `datasets` Image cell ({'bytes', 'path'}).
+
+    Raises `Invalid` for a cell that is not bytes, and for a path cell (never read), and
+    re-raises the refusal a pair folder's file carries (a link out of the folder, say).
+    """
+    if isinstance(value, Invalid):
+        raise value
+    return image_cell(value) or None
 
 
 def _decodes(data: bytes | None) -> str:
@@ -59,10 +60,9 @@ def _decodes(data: bytes | None) -> str:
     if not data:
         return "no image bytes"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except Exception as error:  # PIL raises many types for broken files
-        return f"{type(error).__name__}: {error}"
+        decode_image(data)  # under the pixel cap
+    except Invalid as invalid:
+        return f"{invalid.reason}: {invalid.detail}"
     return ""
 
 
@@ -87,17 +87,34 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
             yield from batch.to_pylist()
 
 
+def _inside(root: Path, file: Path, limit: int | None = None) -> bytes | Invalid:
+    """FILE's bytes when it (links resolved) lies inside ROOT, else the refusal, unread."""
+    try:
+        return read_inside(root, file.relative_to(root).as_posix(), limit)
+    except Invalid as invalid:
+        return invalid
+
+
 def _folder_rows(path: Path) -> Iterator[dict[str, Any]]:
     """One sub-folder per pair: caption.txt, winner.<ext>, loser.<ext>."""
     for pair in sorted(p for p in path.iterdir() if p.is_dir()):
-        found = {}
+        found: dict[str, Any] = {}
         for role in ("winner", "loser"):
             files = [
                 f for f in pair.iterdir() if f.stem == role and f.suffix.lower() in IMAGE_SUFFIXES
             ]
-            found[role] = files[0].read_bytes() if files else None
+            found[role] = _inside(path, files[0]) if files else None
         caption_file = pair / "caption.txt"
-        caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+        caption = ""
+        if caption_file.is_file():
+            text = _inside(path, caption_file, CAPTION_LIMIT)
+            if isinstance(text, Invalid):  # the pair is refused with the caption's reason
+                found["winner"] = Invalid(text.reason, f"caption.txt: {text.detail}")
+            else:
+                try:
+                    caption = caption_text(text, "caption.txt", CAPTION_LIMIT)
+                except Invalid as invalid:
+                    found["winner"] = invalid
         yield {
             "caption": caption,
             "image_w": found["winner"],
@@ -138,8 +155,16 @@ def _oriented(
 def classify(rows: Iterator[dict[str, Any]], layout: str, tie_tolerance: float = 0.0):
     """Yield ('keep', row) or ('reject', Rejection) for each input row."""
     for index, row in enumerate(rows):
-        winner, loser, tie = _oriented(row, layout, tie_tolerance)
         name = row.get("_name") or row.get("ranking_id") or f"row {index}"
+        try:
+            winner, loser, tie = _oriented(row, layout, tie_tolerance)
+        except Invalid as invalid:  # a cell that is not bytes, or names a file: never read
+            rid = f"{layout}-row-{index}"
+            yield (
+                "reject",
+                Rejection(rid, STAGE, invalid.reason, detail=f"{name}: {invalid.detail}"),
+            )
+            continue
         rid = pair_id(winner or b"", loser or b"") if (winner or loser) else f"{layout}-row-{index}"
         caption = (row.get("caption") or "").strip()
         if tie:

@@ -183,7 +183,7 @@ def run_proof(
     from dpo.trainer import implicit_accuracy, load_transformer, split_heldout, train_lora
 
     dpo = dpo or DPOConfig(
-        model="-", beta=1000.0, lr=1e-3, rank=8, alpha=8, steps=60, batch=8, log_every=10
+        model="-", beta=1000.0, lr=1e-3, rank=8, alpha=8, max_steps=60, batch_size=8, log_every=10
     )
     clock = time.monotonic()
     seconds: dict[str, float] = {}

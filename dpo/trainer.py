@@ -44,30 +44,30 @@ from dpo.lora import (
     save_lora_state,
 )
 from dpo.loss import DPOTerms, diffusion_dpo_loss
+from model import build
 from model.build import parse_dtype
 from model.conditioning import TextEncoding
+from model.nonfinite import NonFiniteLossError
 from model.objective import flow_loss
-from model.rectified_flow import sample_timesteps
 
 STAGE = "dpo"
 METRICS = "metrics.jsonl"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
-NOT_IN_RUN_KEY = ("steps", "log_every", "checkpoint_every", "resume")
-
-
-class NonFiniteLoss(ValueError):
-    """The DPO loss became NaN or infinite; training stopped before applying that step."""
+NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume", "save_dtype")
 
 
 def load_transformer(
-    model_dir: str | os.PathLike, device: str, dtype: torch.dtype
+    model_dir: str | os.PathLike,
+    device: str,
+    dtype: torch.dtype,
+    variant: str | None = None,
+    transformer_file: str | None = None,
 ) -> SD3Transformer2DModel:
-    """The base MMDiT of a local diffusers folder, frozen (the encoders are not loaded)."""
-    transformer = SD3Transformer2DModel.from_pretrained(
-        model_dir, subfolder="transformer", dtype=dtype, local_files_only=True
-    )
+    """The base MMDiT of a local diffusers folder (or a Stability single file), frozen (the
+    encoders are not loaded)."""
+    transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
 
 
@@ -123,8 +123,7 @@ def draw(
         else torch.randint(n, (batch,), generator=generator)
     )
     chosen = pairs.select(index)
-    t = sample_timesteps(batch, config.density, m=config.logit_mean, s=config.logit_std,
-                         mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
+    t = config.draw_timesteps(batch, shift, generator)
     noise = torch.randn(chosen.latents_w.shape, generator=generator)
     return chosen, t, noise
 
@@ -154,10 +153,9 @@ def implicit_accuracy(
     correct, total = 0, 0
     for d in range(draws):
         generator = step_generator(config.seed + 7919, d)
-        for start in range(0, len(pairs), config.batch):
-            chunk = pairs.select(list(range(start, min(start + config.batch, len(pairs)))))
-            t = sample_timesteps(len(chunk), config.density, m=config.logit_mean, s=config.logit_std,
-                                 mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
+        for start in range(0, len(pairs), config.batch_size):
+            chunk = pairs.select(list(range(start, min(start + config.batch_size, len(pairs)))))
+            t = config.draw_timesteps(len(chunk), shift, generator)
             noise = torch.randn(chunk.latents_w.shape, generator=generator)
             margin = dpo_terms(transformer, chunk, t, noise, config.beta).margin
             correct += int((margin > 0).sum())
@@ -202,28 +200,28 @@ def train_lora(
     window: list[dict[str, float]] = []
     transformer.train()
     for step in tqdm(
-        range(start_step, config.steps),
+        range(start_step, config.max_steps),
         desc="dpo",
         unit="step",
         initial=start_step,
-        total=config.steps,
+        total=config.max_steps,
     ):
         chosen, t, noise = draw(
-            pairs, config.batch, step_generator(config.seed, step), config, shift
+            pairs, config.batch_size, step_generator(config.seed, step), config, shift
         )
         terms = dpo_terms(transformer, chosen, t, noise, config.beta)
         if not torch.isfinite(terms.loss):
-            raise NonFiniteLoss(
+            raise NonFiniteLossError(
                 f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
                 f"before applying it. Checkpoints in {work} hold the last good state: lower --lr or --beta "
-                "(or use --dtype fp32) and rerun"
+                "(or use --base-dtype fp32) and rerun"
             )
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(transformer), config.grad_clip)
         optimizer.step()
         window.append({**terms.metrics(), "grad_norm": float(grad_norm)})
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
             row = {
                 "step": step + 1,
                 **{k: sum(m[k] for m in window) / len(window) for k in window[0]},
@@ -231,21 +229,29 @@ def train_lora(
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             window = []
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
             _save_checkpoint(work, step + 1, transformer, optimizer)
     transformer.eval()
     return optimizer
 
 
+def _metric_rows(path: Path) -> list[dict]:
+    """The complete rows of a metrics.jsonl; a line torn by a kill mid-write is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def _metrics_until(path: Path, step: int) -> None:
-    """Drop metric rows logged after STEP (they belong to a run killed after its last checkpoint)."""
+    """Keep the rows logged up to STEP (later ones belong to a run killed after its last
+    checkpoint, and a torn last line to a kill mid-write)."""
     if path.is_file():
-        rows = [
-            line
-            for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= step
-        ]
-        path.write_text("".join(r + "\n" for r in rows))
+        rows = [row for row in _metric_rows(path) if row.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def resolve_prefs(prefs: Path, work: Path) -> Path:
@@ -274,19 +280,28 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
 
     # 1. Preferences and their encodings (the pre-encoding stage's encoders, one at a time)
     table_dir = resolve_prefs(prefs, work)
-    dtype = parse_dtype(config.dtype)
+    dtype = parse_dtype(config.base_dtype)
     resolution = config.resolution or native_resolution(config.model)
     pairs = encode_pairs(
-        config.model, load_samples(table_dir), resolution, config.max_sequence_length, config.device
+        config.model,
+        load_samples(table_dir),
+        resolution,
+        config.max_sequence_length,
+        config.device,
+        variant=config.variant,
     )
     train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
     shift = config.shift if config.shift is not None else scheduler_shift(config.model)
 
     # 2. The frozen transformer with a trainable LoRA
-    transformer = load_transformer(config.model, config.device, dtype)
+    transformer = load_transformer(
+        config.model, config.device, dtype, config.variant, config.transformer_file
+    )
     lora_config = add_lora(
         transformer, config.rank, config.alpha, config.target_modules, config.seed
     )
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
 
     # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
     start, optimizer = 0, None
@@ -301,9 +316,9 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
         _metrics_until(work / METRICS, start)
     elif (work / METRICS).exists():
         (work / METRICS).unlink()
-    if start < config.steps:
+    if start < config.max_steps:
         optimizer = train_lora(transformer, train, config, work, shift, start, optimizer)
-        _save_checkpoint(work, config.steps, transformer, optimizer)
+        _save_checkpoint(work, config.max_steps, transformer, optimizer)
 
     # 5. Held-out accuracy and the diffusers-format LoRA
     summary = {"train_pairs": len(train), "heldout_pairs": len(heldout) if heldout else 0,
@@ -312,7 +327,7 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
                "resolution": resolution, "shift": shift, "resumed_from_step": start,
                "lora_parameters": sum(p.numel() for p in lora_parameters(transformer))}  # fmt: skip
     with StageWriter(output, STAGE, params, fp) as writer:
-        export_lora(transformer, lora_config, writer.path)
+        export_lora(transformer, lora_config, writer.path, config.save_dtype)
         shutil.copy(work / METRICS, writer.path / METRICS)
         (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
         writer.write_rejected(load_rejected(table_dir))

@@ -28,7 +28,6 @@ A caption's rows in a shard: its originals first, then the synthetic captions, i
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -45,6 +44,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from curate import reasons
+from curate.cells import image_cell
+from curate.decode import open_image
 from curate.executor import Executor, Setup, executor_for
 from curate.store import (
     Rejection,
@@ -117,6 +118,10 @@ def _open_input(input: Path) -> datasets.Dataset:
         table = load_samples(input)
     except StoreError as error:
         raise StoreError(f"{error}; `t2i precompute` reads a curated or captioned store") from None
+    if table.num_rows == 0:
+        raise ValueError(
+            f"{input} holds no samples to encode; see its report (every input may have been rejected)"
+        )
     missing = {"id", "image", "caption"} - set(table.column_names)
     if missing:
         raise ValueError(
@@ -135,12 +140,11 @@ def _reason(what: str, error: Exception) -> str:
 
 
 def _open_image(cell: dict[str, Any]) -> Image.Image:
-    data = cell.get("bytes")
-    if data is None and cell.get("path"):
-        data = Path(cell["path"]).read_bytes()
+    """The cell's image, header read under the pixel cap (a path cell is refused, never read)."""
+    data = image_cell(cell)
     if not data:
         raise ValueError("no image bytes")
-    return Image.open(io.BytesIO(data))
+    return open_image(data)
 
 
 class _Run:
@@ -165,6 +169,7 @@ class _Run:
             "device": config.device,
             "dtype": parse_dtype(config.compute_dtype),
             "t5_length": config.t5_length,
+            "variant": config.variant,
         }
 
     def _part(self, shard: int | str, encoder: str) -> Path:
