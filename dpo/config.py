@@ -35,6 +35,14 @@ class IngestPrefsConfig(BaseModel):
         lt=0.5,
         description="Pick-a-Pic labels within this distance of 0.5 count as ties",
     )
+    split: Literal["train", "validation", "test", "validation_unique", "test_unique"] | None = Field(
+        None,
+        description="the split to read from a folder laid out like the hub download (data/SPLIT-00000-of-NNNNN"
+        ".parquet) or a saved DatasetDict; required when the folder holds more than one split",
+    )
+    max_pairs: int | None = Field(
+        None, ge=1, description="stop once this many pairs are kept (default: every pair)"
+    )
 
 
 class DPOConfig(TimestepOptions):
