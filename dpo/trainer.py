@@ -41,7 +41,7 @@ from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.encode import EncodedPairs, EncodedPairSet, encode_pairs, native_resolution
 from dpo.ingest import STAGE as PREFS_STAGE
 from dpo.ingest import ingest_prefs
-from dpo.init_lora import add_init_lora
+from dpo.init_lora import add_init_lora, read_lora
 from dpo.lora import (
     add_lora,
     export_lora,
@@ -310,6 +310,7 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     params = config.model_dump()
     fp = fingerprint(prefs) + ":" + fingerprint(config.model)
     if config.init_lora:
+        read_lora(config.init_lora)  # a LoRA it cannot read fails before any encoding
         fp += ":" + fingerprint(config.init_lora)
     if is_done(output, STAGE, params, fp):
         return output

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from curate import reasons
 from curate.store import Manifest, load_rejected
-from dpo.config import DPOConfig
+from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.trainer import run_dpo
 from flows.cli import main as t2i
 from model.nonfinite import NonFiniteLossError
@@ -208,3 +208,103 @@ def test_a_16_bit_frozen_base_keeps_an_fp32_lora_that_trains(tiny_model_dir, dty
     # the base's rounding moves the errors by about its precision, not more
     for ours, fp32 in ((terms.err_w, reference.err_w), (terms.ref_l, reference.ref_l)):
         assert torch.allclose(ours.float(), fp32, rtol=0.03)
+
+
+# --- pairs on disk in the pre-encoding shard format, streamed; --init-lora ---------------------
+
+
+def test_pairs_are_encoded_once_in_the_precompute_format_and_read_back_pair_by_pair(
+    pairs, dpo_out, tiny_model_dir
+):
+    from dpo.encode import EncodedPairSet
+    from model.encoded import EncodedDataset
+
+    (encoded,) = (dpo_out.parent / f".{dpo_out.name}.work").glob("encoded-*/")
+    assert Manifest.read(encoded).stage == "precompute"  # `t2i precompute`'s own layout
+    assert sorted(p.name.split(".")[1] for p in (encoded / "shards").glob("00000.*")) == [
+        "clip_g", "clip_l", "t5", "vae",
+    ]  # fmt: skip
+    images = EncodedDataset(encoded)
+    pair_set = EncodedPairSet(encoded)
+    assert len(images) == 2 * len(pair_set) == 2 * Manifest.read(dpo_out).counts["pairs"]
+    batch = pair_set.select([1, 0])
+    winner = images.sample(images.ids.index(batch.ids[0] + ".w"))
+    loser = images.sample(images.ids.index(batch.ids[0] + ".l"))
+    assert torch.equal(batch.latents_w[0], winner["latents"].float())
+    assert torch.equal(batch.latents_l[0], loser["latents"].float())
+    assert torch.equal(batch.text.t5[0], winner["text"].t5.float())
+    assert batch.latents_w.dtype == torch.float32 and batch.text.t5_mask.dtype == torch.bool
+    assert not list(encoded.parent.glob("encoded-*-images"))  # the bytes' copy is gone once encoded
+
+
+def test_a_killed_encode_continues_where_it_stopped(pairs, tiny_model_dir, tmp_path, monkeypatch):
+    import model.precompute
+    from dpo.encode import encode_pairs
+    from dpo.ingest import ingest_prefs
+
+    table = ingest_prefs(pairs, tmp_path / "prefs", IngestPrefsConfig())
+    real = model.precompute.Encoder
+
+    def dies_at_t5(model_dir, name, **kwargs):
+        if name == "t5":
+            raise KeyboardInterrupt("killed while T5 loads")
+        return real(model_dir, name, **kwargs)
+
+    monkeypatch.setattr(model.precompute, "Encoder", dies_at_t5)
+    with pytest.raises(KeyboardInterrupt):
+        encode_pairs(tiny_model_dir, table, tmp_path / "encoded", 32, 8, shard_size=4)
+    assert not (tmp_path / "encoded").exists()
+    monkeypatch.setattr(model.precompute, "Encoder", real)
+    pair_set = encode_pairs(tiny_model_dir, table, tmp_path / "encoded", 32, 8, shard_size=4)
+    timings = Manifest.read(tmp_path / "encoded").extra["timings_s"]
+    assert set(timings) == {"t5"}  # VAE and both CLIPs were kept from the killed run
+    assert len(pair_set) == Manifest.read(table).counts["kept"]
+
+
+def test_init_lora_continues_from_a_diffusers_lora_with_its_rank_and_alpha(
+    pairs, tiny_model_dir, tmp_path
+):
+    from lora_kit import random_trained_lora
+
+    from dpo.init_lora import add_init_lora
+    from dpo.trainer import load_transformer
+
+    trained, folder = random_trained_lora(tiny_model_dir, tmp_path / "old", 4, 8.0, 0.05, 1)
+    fresh = load_transformer(tiny_model_dir, "cpu", torch.float32)
+    config = add_init_lora(fresh, folder)
+    assert (config.r, config.lora_alpha) == (4, 8.0)
+    generator = torch.Generator().manual_seed(0)
+    cfg = fresh.config
+    x = {
+        "hidden_states": torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 9, cfg.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([500.0]),
+    }  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(fresh(**x).sample, trained(**x).sample, atol=1e-5)
+        fresh.disable_adapters()
+        assert not torch.allclose(fresh(**x).sample, trained(**x).sample, atol=1e-3)
+    out = tmp_path / "continued"
+    argv = ["dpo", str(pairs), str(out), "--model", tiny_model_dir, "--max-steps", "2", *FAST]
+    assert t2i([*argv, "--init-lora", str(folder)]) == 0
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    old = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    assert (
+        weights.keys() == old.keys()
+    )  # the old adapter's layers and rank, not --rank/--target-modules
+    assert json.loads((out / "summary.json").read_text())["lora_alpha"] == 8.0
+    assert any(not torch.equal(weights[k], old[k]) for k in old)  # and it trained on
+
+
+def test_init_lora_names_the_key_style_it_cannot_read(pairs, tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    kohya = tmp_path / "kohya.safetensors"
+    save_file(
+        {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 8)},
+        str(kohya),
+    )
+    argv = ["dpo", str(pairs), str(tmp_path / "out"), "--model", tiny_model_dir, "--max-steps", "1"]
+    assert t2i([*argv, *FAST, "--init-lora", str(kohya)]) == 1
+    assert "kohya/ComfyUI style" in capsys.readouterr().err
