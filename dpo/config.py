@@ -111,6 +111,11 @@ class DPOConfig(TimestepOptions):
         ".safetensors) or .safetensors file; its rank, alpha and target layers replace --rank, --alpha "
         "and --target-modules",
     )
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16",
+        description="dtype of the exported LoRA matrices (training and checkpoints stay fp32); "
+        "`t2i lora-convert` rewrites the file for kohya or ComfyUI",
+    )
     seed: int = Field(0, description="seed for batches, timesteps, noise and the LoRA init")
 
 

@@ -41,7 +41,7 @@ from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.encode import EncodedPairs, EncodedPairSet, encode_pairs, native_resolution
 from dpo.ingest import STAGE as PREFS_STAGE
 from dpo.ingest import ingest_prefs
-from dpo.init_lora import add_init_lora, read_lora
+from dpo.init_lora import add_init_lora, check_init_lora
 from dpo.lora import (
     add_lora,
     export_lora,
@@ -61,7 +61,7 @@ METRICS = "metrics.jsonl"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
-NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume")
+NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume", "save_dtype")
 CHECKPOINT_LORA = "lora.safetensors"
 Pairs = EncodedPairs | EncodedPairSet  # in memory (dpo/proof.py) or streamed from disk
 
@@ -310,7 +310,7 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     params = config.model_dump()
     fp = fingerprint(prefs) + ":" + fingerprint(config.model)
     if config.init_lora:
-        read_lora(config.init_lora)  # a LoRA it cannot read fails before any encoding
+        check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
         fp += ":" + fingerprint(config.init_lora)
     if is_done(output, STAGE, params, fp):
         return output
@@ -337,7 +337,7 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     # 2. The frozen transformer with a trainable LoRA (fresh, or continuing --init-lora)
     transformer = load_transformer(config.model, accelerator.device, parse_dtype(config.base_dtype))
     if config.init_lora:
-        lora_config = add_init_lora(transformer, config.init_lora)
+        lora_config = add_init_lora(transformer, config.init_lora, config.model, config.seed)
     else:
         lora_config = add_lora(
             transformer, config.rank, config.alpha, config.target_modules, config.seed
@@ -382,7 +382,7 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
                    "lora_rank": lora_config.r, "lora_alpha": lora_config.lora_alpha,
                    "lora_parameters": sum(p.numel() for p in lora_parameters(transformer))}  # fmt: skip
         with StageWriter(output, STAGE, params, fp) as writer:
-            export_lora(transformer, lora_config, writer.path)
+            export_lora(transformer, lora_config, writer.path, config.save_dtype)
             shutil.copy(work / METRICS, writer.path / METRICS)
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
             writer.write_rejected(load_rejected(table_dir))

@@ -32,8 +32,8 @@ class SampleConfig(BaseModel):
     dtype: str = Field("fp32", description="fp32, fp16 or bf16")
     lora: str | None = Field(
         None,
-        description="folder with pytorch_lora_weights.safetensors (e.g. `t2i dpo` output): writes base/ and "
-        "lora/ PNGs for the same seeds and a side-by-side grid.png",
+        description="LoRA .safetensors file, or a folder with one (e.g. `t2i dpo` output), in diffusers, kohya, "
+        "ComfyUI or OneTrainer key style: writes base/ and lora/ PNGs for the same seeds and a side-by-side grid.png",
     )
     lora_scale: float = Field(
         1.0, description="LoRA strength: 0 gives the base model, 1 the trained LoRA"
@@ -215,4 +215,18 @@ class TrainConfig(TimestepOptions):
     )
     seed: int = Field(
         0, description="seed for weights, data order, timesteps, noise, encoder drop and captions"
+    )
+
+
+class LoraConvertConfig(BaseModel):
+    """`t2i lora-convert`: one LoRA file into another tool's key style."""
+
+    to: Literal["diffusers", "kohya", "comfyui"] = Field(
+        ...,
+        description="diffusers (StableDiffusion3Pipeline.load_lora_weights; alpha folded into B), kohya "
+        "(sd-scripts lora_sd3: lora_unet_joint_blocks_N_..., fused qkv, .alpha) or comfyui "
+        "(diffusion_model.joint_blocks.N...., fused qkv, .alpha)",
+    )
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16", description="dtype of the written LoRA matrices (alpha stays fp32)"
     )

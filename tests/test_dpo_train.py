@@ -261,18 +261,31 @@ def test_a_killed_encode_continues_where_it_stopped(pairs, tiny_model_dir, tmp_p
     assert len(pair_set) == Manifest.read(table).counts["kept"]
 
 
-def test_init_lora_continues_from_a_diffusers_lora_with_its_rank_and_alpha(
-    pairs, tiny_model_dir, tmp_path
-):
+@pytest.fixture(scope="module")
+def old_lora(tiny_model_dir, tmp_path_factory):
+    """(transformer with a trained-looking rank-4 alpha-8 LoRA, its diffusers folder, a kohya copy)."""
     from lora_kit import random_trained_lora
 
+    root = tmp_path_factory.mktemp("old-lora")
+    trained, folder = random_trained_lora(tiny_model_dir, root / "diffusers", 4, 8.0, 0.05, 1)
+    kohya = root / "kohya.safetensors"
+    assert (
+        t2i(["lora-convert", str(folder), str(kohya), "--to", "kohya", "--save-dtype", "fp32"]) == 0
+    )
+    return trained, folder, kohya
+
+
+@pytest.mark.parametrize("style", ["diffusers", "kohya"])
+def test_init_lora_starts_where_the_old_lora_is_in_either_key_style(
+    tiny_model_dir, old_lora, style
+):
     from dpo.init_lora import add_init_lora
     from dpo.trainer import load_transformer
 
-    trained, folder = random_trained_lora(tiny_model_dir, tmp_path / "old", 4, 8.0, 0.05, 1)
+    trained, folder, kohya = old_lora
     fresh = load_transformer(tiny_model_dir, "cpu", torch.float32)
-    config = add_init_lora(fresh, folder)
-    assert (config.r, config.lora_alpha) == (4, 8.0)
+    config = add_init_lora(fresh, folder if style == "diffusers" else kohya, tiny_model_dir)
+    assert config.r == 4
     generator = torch.Generator().manual_seed(0)
     cfg = fresh.config
     x = {
@@ -285,26 +298,29 @@ def test_init_lora_continues_from_a_diffusers_lora_with_its_rank_and_alpha(
         assert torch.allclose(fresh(**x).sample, trained(**x).sample, atol=1e-5)
         fresh.disable_adapters()
         assert not torch.allclose(fresh(**x).sample, trained(**x).sample, atol=1e-3)
+
+
+def test_dpo_init_lora_trains_on_from_the_old_adapter(pairs, tiny_model_dir, old_lora, tmp_path):
+    _, folder, _ = old_lora
     out = tmp_path / "continued"
     argv = ["dpo", str(pairs), str(out), "--model", tiny_model_dir, "--max-steps", "2", *FAST]
-    assert t2i([*argv, "--init-lora", str(folder)]) == 0
+    assert t2i([*argv, "--init-lora", str(folder), "--save-dtype", "fp32"]) == 0
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     old = load_file(str(folder / "pytorch_lora_weights.safetensors"))
-    assert (
-        weights.keys() == old.keys()
-    )  # the old adapter's layers and rank, not --rank/--target-modules
-    assert json.loads((out / "summary.json").read_text())["lora_alpha"] == 8.0
-    assert any(not torch.equal(weights[k], old[k]) for k in old)  # and it trained on
+    assert weights.keys() == old.keys()  # the old adapter's layers, not --target-modules
+    assert {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {4}  # its rank, not --rank
+    assert json.loads((out / "summary.json").read_text())["init_lora"] == str(folder)
+    assert any(not torch.equal(weights[k], old[k].float()) for k in old)  # and it trained on
 
 
-def test_init_lora_names_the_key_style_it_cannot_read(pairs, tiny_model_dir, tmp_path, capsys):
+def test_an_init_lora_that_is_no_lora_is_a_one_line_error_before_any_work(
+    pairs, tiny_model_dir, tmp_path, capsys
+):
     from safetensors.torch import save_file
 
-    kohya = tmp_path / "kohya.safetensors"
-    save_file(
-        {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 8)},
-        str(kohya),
-    )
+    odd = tmp_path / "odd.safetensors"
+    save_file({"some.other.weight": torch.zeros(4, 8)}, str(odd))
     argv = ["dpo", str(pairs), str(tmp_path / "out"), "--model", tiny_model_dir, "--max-steps", "1"]
-    assert t2i([*argv, *FAST, "--init-lora", str(kohya)]) == 1
-    assert "kohya/ComfyUI style" in capsys.readouterr().err
+    assert t2i([*argv, *FAST, "--init-lora", str(odd)]) == 1
+    assert "holds no SD3 transformer LoRA" in capsys.readouterr().err
+    assert not (tmp_path / ".out.work").exists()
