@@ -324,3 +324,34 @@ def test_an_init_lora_that_is_no_lora_is_a_one_line_error_before_any_work(
     assert t2i([*argv, *FAST, "--init-lora", str(odd)]) == 1
     assert "holds no SD3 transformer LoRA" in capsys.readouterr().err
     assert not (tmp_path / ".out.work").exists()
+
+
+def test_two_processes_train_the_same_lora_as_one_process_with_their_global_batch(
+    pairs, tiny_model_dir, tmp_path
+):
+    """DDP over gloo on the CPU (torchrun; accelerate reads its environment): 2 processes x 2 pairs
+    draw the same global batch as 1 process x 4 pairs, and averaged gradients give the same LoRA."""
+    import os
+    import shutil
+
+    common = [str(pairs), "--model", tiny_model_dir, "--max-steps", "3", "--rank", "4", "--alpha", "4",
+              "--beta", "1000", "--lr", "1e-3", "--heldout-fraction", "0", "--save-dtype", "fp32"]  # fmt: skip
+    assert t2i(["dpo", common[0], str(tmp_path / "one"), *common[1:], "--batch-size", "4"]) == 0
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "-m", "flows.cli", "dpo", common[0], str(tmp_path / "two"),
+         *common[1:], "--batch-size", "2", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    one = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    two = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert one.keys() == two.keys()
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    assert (
+        max((one[k] - two[k]).abs().max() for k in one)
+        < 1e-5
+        < max(one[k].abs().max() for k in one)
+    )
