@@ -62,8 +62,11 @@ def write_parquet(path: Path, pairs: int, side: int, seed: int = 0) -> dict:
                 label = 0.5 if i % 8 == 7 else float(i % 2)
                 rows.append(pickapic_row(i, f"prompt {i}", a, b, label, 1.0 - label))
             writer.write_table(pa.Table.from_pylist(rows, schema=PICKAPIC_SCHEMA))
-    return {"pairs": pairs, "parquet_mb": round(path.stat().st_size / 2**20, 1),
-            "image_mb": round(image_bytes / 2**20, 1)}  # fmt: skip
+    return {
+        "pairs": pairs,
+        "parquet_mb": round(path.stat().st_size / 2**20, 1),
+        "image_mb": round(image_bytes / 2**20, 1),
+    }
 
 
 def one_run(source: str, output: str) -> dict:
@@ -77,8 +80,13 @@ def one_run(source: str, output: str) -> dict:
     seconds = time.monotonic() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     counts = json.loads((Path(out) / "manifest.json").read_text())["counts"]
-    return {"peak_rss_mb": round(peak, 1), "baseline_mb": round(baseline, 1),
-            "above_baseline_mb": round(peak - baseline, 1), "seconds": round(seconds, 1), "counts": counts}  # fmt: skip
+    return {
+        "peak_rss_mb": round(peak, 1),
+        "baseline_mb": round(baseline, 1),
+        "above_baseline_mb": round(peak - baseline, 1),
+        "seconds": round(seconds, 1),
+        "counts": counts,
+    }
 
 
 def main() -> None:
@@ -109,8 +117,11 @@ def main() -> None:
             output = work / f"out-{size}-{repeat}"
             child = subprocess.run(
                 [sys.executable, __file__, "--child", str(sources[size]), str(output)],
-                capture_output=True, text=True, check=True, env=env,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            )
             result = json.loads(child.stdout.strip().splitlines()[-1])
             results[size].append(result)
             print(json.dumps({"pairs": size, "repeat": repeat, **result}), flush=True)

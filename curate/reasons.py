@@ -19,3 +19,7 @@ IDENTICAL_PAIR = "identical_pair"
 UNLABELED = "unlabeled"
 NOT_DIFFERENT = "not_different"
 BAD_LABELS = "bad_labels"
+INVALID_CELL = "invalid_cell"  # a table cell that should hold image bytes holds something else
+CORRUPT_SHARD = "corrupt_shard"  # a tar or parquet file that cannot be read (to its end)
+BAD_CAPTION = "bad_caption"  # a caption that is not text, or longer than the cap
+HIDDEN_FILE = "hidden_file"  # a dot-file or dot-folder in an input folder, never read

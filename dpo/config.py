@@ -9,18 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from model.config import TimestepOptions
+from model.config import LORA_BLOCK_LINEARS, TimestepOptions
 
-# Every linear layer of an MMDiT block (SD3 appendix C: LoRA "on all linear layers"): the image-
-# and text-stream attention projections, both feed-forwards and both AdaLN modulation layers.
-# Suffixes of module names inside `transformer_blocks`; SD3.5's second attention (attn2) matches too.
-ALL_BLOCK_LINEARS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    "norm1.linear", "norm1_context.linear",
-]  # fmt: skip
+ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
 
 
 class IngestPrefsConfig(BaseModel):

@@ -71,10 +71,13 @@ class EncodedPairSet:
         if _rows is None:
             position = {sample: i for i, sample in enumerate(self.data.ids)}
             _rows = np.array(
-                [(i, position[s[: -len(WINNER)] + LOSER]) for i, s in enumerate(self.data.ids)
-                 if s.endswith(WINNER) and s[: -len(WINNER)] + LOSER in position],
+                [
+                    (i, position[s[: -len(WINNER)] + LOSER])
+                    for i, s in enumerate(self.data.ids)
+                    if s.endswith(WINNER) and s[: -len(WINNER)] + LOSER in position
+                ],
                 dtype=np.int64,
-            ).reshape(-1, 2)  # fmt: skip
+            ).reshape(-1, 2)
         self._rows = _rows  # [N, 2]: the winner's and the loser's sample index
 
     def __len__(self) -> int:
@@ -151,9 +154,13 @@ def encode_pairs(
 
     output = Path(output)
     config = PrecomputeConfig(
-        model=str(model_dir), resolution=resolution, t5_length=t5_length, device=device,
-        compute_dtype=compute_dtype, shard_size=shard_size,
-    )  # fmt: skip
+        model=str(model_dir),
+        resolution=resolution,
+        t5_length=t5_length,
+        device=device,
+        compute_dtype=compute_dtype,
+        shard_size=shard_size,
+    )
     key = {"table": fingerprint(table_dir), "model": fingerprint(model_dir), **config.model_dump()}
     record = output.parent / f"{output.name}.source.json"
     manifest = Manifest.read(output) if output.is_dir() else None

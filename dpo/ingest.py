@@ -19,7 +19,6 @@ kept pairs are written as they are read, so memory does not grow with the number
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -28,9 +27,10 @@ from typing import Any
 
 import datasets
 import pyarrow.parquet as pq
-from PIL import Image
 
 from curate import reasons
+from curate.cells import image_cell
+from curate.decode import Invalid, decode_image
 from curate.store import Manifest, Rejection, StageWriter, fingerprint, is_done, load_samples
 from dpo.config import IngestPrefsConfig
 
@@ -46,8 +46,16 @@ PREF_FEATURES = datasets.Features(
     }
 )
 # The columns each table layout reads (Pick-a-Pic's other 11 are metadata ingest does not need).
-PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different",
-                    "ranking_id")  # fmt: skip
+PICKAPIC_COLUMNS = (
+    "caption",
+    "jpg_0",
+    "jpg_1",
+    "label_0",
+    "label_1",
+    "has_label",
+    "are_different",
+    "ranking_id",
+)
 GENERIC_COLUMNS = ("caption", "image_w", "image_l")
 # A hub shard name: SPLIT-00000-of-00012[-anything].parquet
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)-\d{5}-of-\d{5}")
@@ -60,15 +68,11 @@ def pair_id(winner: bytes, loser: bytes) -> str:
 
 
 def _bytes(value: Any) -> bytes | None:
-    """Image bytes from a raw bytes cell or a `datasets` Image cell ({'bytes', 'path'})."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return bytes(value["bytes"])
-        if value.get("path"):
-            return Path(value["path"]).read_bytes()
-    return None
+    """Image bytes from a raw bytes cell or a `datasets` Image cell ({'bytes', 'path'}).
+
+    Raises `Invalid` for a cell that is not bytes, and for a path cell (never read).
+    """
+    return image_cell(value) or None
 
 
 def _decodes(data: bytes | None) -> str:
@@ -76,10 +80,9 @@ def _decodes(data: bytes | None) -> str:
     if not data:
         return "no image bytes"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except Exception as error:  # PIL raises many types for broken files
-        return f"{type(error).__name__}: {error}"
+        decode_image(data)  # under the pixel cap
+    except Invalid as invalid:
+        return f"{invalid.reason}: {invalid.detail}"
     return ""
 
 
@@ -244,8 +247,9 @@ def _oriented(
     return (first, second, "") if label > 0.5 else (second, first, "")
 
 
-def _reject(rid: str, reason: str, detail: str, score: float | None = None,
-            threshold: float | None = None) -> tuple[str, Rejection]:  # fmt: skip
+def _reject(
+    rid: str, reason: str, detail: str, score: float | None = None, threshold: float | None = None
+) -> tuple[str, Rejection]:
     return "reject", Rejection(rid, STAGE, reason, score, threshold, detail)
 
 
@@ -255,7 +259,10 @@ def classify(rows: Iterator[dict[str, Any]], layout: str, tie_tolerance: float =
         name = row.get("_name") or row.get("ranking_id") or f"row {index}"
         problem = _label_problem(row) if layout == "pickapic" else None
         if problem is not None:
-            first, second = _bytes(row.get("jpg_0")), _bytes(row.get("jpg_1"))
+            try:
+                first, second = _bytes(row.get("jpg_0")), _bytes(row.get("jpg_1"))
+            except Invalid:  # the label decides; the cells' own problem is not read further
+                first = second = None
             rid = (
                 pair_id(first or b"", second or b"")
                 if (first or second)
@@ -263,7 +270,11 @@ def classify(rows: Iterator[dict[str, Any]], layout: str, tie_tolerance: float =
             )
             yield _reject(rid, problem[0], f"{name}: {problem[1]}")
             continue
-        winner, loser, tie = _oriented(row, layout, tie_tolerance)
+        try:
+            winner, loser, tie = _oriented(row, layout, tie_tolerance)
+        except Invalid as invalid:  # a cell that is not bytes, or names a file: never read
+            yield _reject(f"{layout}-row-{index}", invalid.reason, f"{name}: {invalid.detail}")
+            continue
         rid = pair_id(winner or b"", loser or b"") if (winner or loser) else f"{layout}-row-{index}"
         caption = (row.get("caption") or "").strip()
         broken = [
@@ -323,8 +334,14 @@ def ingest_prefs(
             if verdict == "reject":
                 rejected.append(item)
             elif item["id"] in seen:
-                rejected.append(Rejection(item["id"], STAGE, reasons.EXACT_DUPLICATE,
-                                          detail=f"{item['source']}: repeated pair"))  # fmt: skip
+                rejected.append(
+                    Rejection(
+                        item["id"],
+                        STAGE,
+                        reasons.EXACT_DUPLICATE,
+                        detail=f"{item['source']}: repeated pair",
+                    )
+                )
             else:
                 seen.add(item["id"])
                 counts["kept"] += 1

@@ -28,8 +28,9 @@ def check_init_lora(path: str | os.PathLike, model_dir: str | os.PathLike) -> Lo
     return weights
 
 
-def add_init_lora(transformer, path: str | os.PathLike, model_dir: str | os.PathLike,
-                  seed: int = 0) -> LoraConfig:  # fmt: skip
+def add_init_lora(
+    transformer, path: str | os.PathLike, model_dir: str | os.PathLike, seed: int = 0
+) -> LoraConfig:
     """Attach a trainable fp32 LoRA shaped like the one at PATH and set to its weights."""
     weights = check_init_lora(path, model_dir)
     rank = next(iter(weights.ranks()))

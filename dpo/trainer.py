@@ -118,8 +118,15 @@ def dpo_terms(transformer, pairs: EncodedPairs, t, noise, beta: float, reference
     return diffusion_dpo_loss(errors[:n], errors[n:], ref_errors[:n], ref_errors[n:], beta)
 
 
-def draw(pairs: Pairs, batch: int, generator: torch.Generator, config: DPOConfig, shift: float,
-         rank: int = 0, world: int = 1):  # fmt: skip
+def draw(
+    pairs: Pairs,
+    batch: int,
+    generator: torch.Generator,
+    config: DPOConfig,
+    shift: float,
+    rank: int = 0,
+    world: int = 1,
+):
     """One step's pairs, timesteps and noise for process RANK of WORLD: every process draws the
     same global batch of batch * world pairs from this step's generator and keeps its slice."""
     n, total = len(pairs), batch * world
@@ -194,8 +201,14 @@ def train_lora(
     metrics_path = work / METRICS
     window: list[dict[str, float]] = []
     transformer.train()
-    for step in tqdm(range(start_step, config.max_steps), desc="dpo", unit="step", initial=start_step,
-                     total=config.max_steps, disable=not main):  # fmt: skip
+    for step in tqdm(
+        range(start_step, config.max_steps),
+        desc="dpo",
+        unit="step",
+        initial=start_step,
+        total=config.max_steps,
+        disable=not main,
+    ):
         generator = step_generator(config.seed, step)
         chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
         terms = dpo_terms(transformer, chosen, t, noise, config.beta)
@@ -290,8 +303,14 @@ def checkpoint_lora_only(accelerator: Accelerator) -> None:
 def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution: int) -> Path:
     """Where a preference table's encodings live: keyed by the table and the encoding options only,
     so runs that differ in training options (beta, lr, steps, ...) share one encode."""
-    key = params_hash({"table": fingerprint(table_dir), "model": fingerprint(config.model),
-                       "resolution": resolution, "t5": config.max_sequence_length})  # fmt: skip
+    key = params_hash(
+        {
+            "table": fingerprint(table_dir),
+            "model": fingerprint(config.model),
+            "resolution": resolution,
+            "t5": config.max_sequence_length,
+        }
+    )
     return root / f"encoded-{key[:16]}"
 
 
@@ -328,9 +347,13 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     with accelerator.main_process_first():
         table_dir = resolve_prefs(prefs, root)
         pairs = encode_pairs(
-            config.model, table_dir, encoded_pairs_dir(root, table_dir, config, resolution),
-            resolution, config.max_sequence_length, device=str(accelerator.device),
-        )  # fmt: skip
+            config.model,
+            table_dir,
+            encoded_pairs_dir(root, table_dir, config, resolution),
+            resolution,
+            config.max_sequence_length,
+            device=str(accelerator.device),
+        )
     train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
     shift = config.shift if config.shift is not None else scheduler_shift(config.model)
 
@@ -374,20 +397,34 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
 
     # 5. Held-out accuracy and the diffusers-format LoRA (main process)
     if accelerator.is_main_process:
-        summary = {"train_pairs": len(train), "heldout_pairs": len(heldout) if heldout else 0,
-                   "heldout_implicit_acc": implicit_accuracy(transformer, heldout, config, shift) if heldout else None,
-                   "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
-                   "resolution": resolution, "shift": shift, "resumed_from_step": start,
-                   "processes": accelerator.num_processes, "init_lora": config.init_lora,
-                   "lora_rank": lora_config.r, "lora_alpha": lora_config.lora_alpha,
-                   "lora_parameters": sum(p.numel() for p in lora_parameters(transformer))}  # fmt: skip
+        summary = {
+            "train_pairs": len(train),
+            "heldout_pairs": len(heldout) if heldout else 0,
+            "heldout_implicit_acc": implicit_accuracy(transformer, heldout, config, shift)
+            if heldout
+            else None,
+            "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
+            "resolution": resolution,
+            "shift": shift,
+            "resumed_from_step": start,
+            "processes": accelerator.num_processes,
+            "init_lora": config.init_lora,
+            "lora_rank": lora_config.r,
+            "lora_alpha": lora_config.lora_alpha,
+            "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
+        }
         with StageWriter(output, STAGE, params, fp) as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
             shutil.copy(work / METRICS, writer.path / METRICS)
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
             writer.write_rejected(load_rejected(table_dir))
-            writer.counts.update({"pairs": len(pairs), "train": summary["train_pairs"],
-                                  "heldout": summary["heldout_pairs"]})  # fmt: skip
+            writer.counts.update(
+                {
+                    "pairs": len(pairs),
+                    "train": summary["train_pairs"],
+                    "heldout": summary["heldout_pairs"],
+                }
+            )
             writer.extra.update(summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()

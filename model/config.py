@@ -6,6 +6,17 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+# Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
+# streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second
+# attention (attn2) too. Suffixes of module names inside `transformer_blocks`.
+LORA_BLOCK_LINEARS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "norm1.linear", "norm1_context.linear",
+]  # fmt: skip
+
 
 class InitModelConfig(BaseModel):
     preset: str = Field(
@@ -215,6 +226,33 @@ class TrainConfig(TimestepOptions):
     )
     seed: int = Field(
         0, description="seed for weights, data order, timesteps, noise, encoder drop and captions"
+    )
+    # low-memory mode: a LoRA on the frozen base (model/lora_train.py)
+    lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="train a LoRA of this rank on the frozen transformer instead of all its weights; "
+        "OUTPUT then holds pytorch_lora_weights.safetensors for --model",
+    )
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha (update scaled by alpha / rank); default: the rank"
+    )
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(LORA_BLOCK_LINEARS),
+        description="module-name suffixes inside transformer_blocks that get a LoRA (default: every "
+        "linear layer of the blocks)",
+    )
+    lora_base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype of the frozen base under --lora-rank; auto = the autocast precision (bf16 "
+        "on GPUs), fp32 without autocast (CPU)",
+    )
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw",
+        description="adamw (torch) or adamw8bit (bitsandbytes: optimizer states in 8 bits)",
+    )
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16", description="dtype of the exported LoRA matrices under --lora-rank"
     )
 
 

@@ -222,8 +222,11 @@ def test_pairs_are_encoded_once_in_the_precompute_format_and_read_back_pair_by_p
     (encoded,) = (dpo_out.parent / f".{dpo_out.name}.work").glob("encoded-*/")
     assert Manifest.read(encoded).stage == "precompute"  # `t2i precompute`'s own layout
     assert sorted(p.name.split(".")[1] for p in (encoded / "shards").glob("00000.*")) == [
-        "clip_g", "clip_l", "t5", "vae",
-    ]  # fmt: skip
+        "clip_g",
+        "clip_l",
+        "t5",
+        "vae",
+    ]
     images = EncodedDataset(encoded)
     pair_set = EncodedPairSet(encoded)
     assert len(images) == 2 * len(pair_set) == 2 * Manifest.read(dpo_out).counts["pairs"]
@@ -289,11 +292,13 @@ def test_init_lora_starts_where_the_old_lora_is_in_either_key_style(
     generator = torch.Generator().manual_seed(0)
     cfg = fresh.config
     x = {
-        "hidden_states": torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator),
+        "hidden_states": torch.randn(
+            1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator
+        ),
         "encoder_hidden_states": torch.randn(1, 9, cfg.joint_attention_dim, generator=generator),
         "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=generator),
         "timestep": torch.tensor([500.0]),
-    }  # fmt: skip
+    }
     with torch.no_grad():
         assert torch.allclose(fresh(**x).sample, trained(**x).sample, atol=1e-5)
         fresh.disable_adapters()
@@ -334,16 +339,49 @@ def test_two_processes_train_the_same_lora_as_one_process_with_their_global_batc
     import os
     import shutil
 
-    common = [str(pairs), "--model", tiny_model_dir, "--max-steps", "3", "--rank", "4", "--alpha", "4",
-              "--beta", "1000", "--lr", "1e-3", "--heldout-fraction", "0", "--save-dtype", "fp32"]  # fmt: skip
+    common = [
+        str(pairs),
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "3",
+        "--rank",
+        "4",
+        "--alpha",
+        "4",
+        "--beta",
+        "1000",
+        "--lr",
+        "1e-3",
+        "--heldout-fraction",
+        "0",
+        "--save-dtype",
+        "fp32",
+    ]
     assert t2i(["dpo", common[0], str(tmp_path / "one"), *common[1:], "--batch-size", "4"]) == 0
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "-m", "flows.cli", "dpo", common[0], str(tmp_path / "two"),
-         *common[1:], "--batch-size", "2", "--device", "cpu"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "flows.cli",
+            "dpo",
+            common[0],
+            str(tmp_path / "two"),
+            *common[1:],
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     one = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
