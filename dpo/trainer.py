@@ -63,6 +63,7 @@ METRICS = "metrics.jsonl"
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
 NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume", "save_dtype")
 CHECKPOINT_LORA = "lora.safetensors"
+TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
 Pairs = EncodedPairs | EncodedPairSet  # in memory (dpo/proof.py) or streamed from disk
 
 
@@ -403,7 +404,13 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
             "heldout_implicit_acc": implicit_accuracy(transformer, heldout, config, shift)
             if heldout
             else None,
-            "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
+            "train_implicit_acc": implicit_accuracy(
+                transformer,
+                train.subset(list(range(min(len(train), TRAIN_ACC_PAIRS)))),
+                config,
+                shift,
+                draws=1,
+            ),
             "resolution": resolution,
             "shift": shift,
             "resumed_from_step": start,
