@@ -67,6 +67,8 @@ def captioner_spec(config: CaptionConfig, template: str, budget: TokenBudget) ->
     return {
         "model": model_identity(config),
         "prompt": template,
+        **({"system_prompt": config.system_prompt} if config.system_prompt else {}),
+        **({"processor": config.processor_kwargs} if config.processor_kwargs else {}),
         "generation": settings_from(config).as_dict(),
         "budget": {"max_tokens": budget.max_tokens, "counter": budget.name},
         "cleaning": CLEANING_VERSION,
@@ -87,6 +89,11 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
         raise ValueError(f"output {out} is the input; the caption stage never modifies its input")
     if config.backend == "openai" and not config.endpoint:
         raise ValueError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
+    if config.backend == "openai" and config.processor_kwargs:
+        raise ValueError(
+            "--processor-kwargs applies to backend transformers; a server takes its own "
+            "(`t2i serve-captioner --processor-kwargs`, vLLM's --mm-processor-kwargs)"
+        )
     samples = load_samples(source)
     if len(samples) == 0:
         raise ValueError(

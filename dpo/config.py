@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from model.config import LORA_BLOCK_LINEARS, TimestepOptions
+from model.config import LORA_BLOCK_LINEARS, ModelFiles, TimestepOptions
 
 ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
 
@@ -38,7 +38,7 @@ class IngestPrefsConfig(BaseModel):
     )
 
 
-class DPOConfig(TimestepOptions):
+class DPOConfig(ModelFiles, TimestepOptions):
     model: str = Field(
         ..., description="local diffusers SD3 folder: the base model the LoRA adapts"
     )

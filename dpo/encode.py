@@ -147,6 +147,7 @@ def encode_pairs(
     device: str = "cpu",
     compute_dtype: str = "fp32",
     shard_size: int = 256,
+    variant: str | None = None,
 ) -> EncodedPairSet:
     """Encode a preference table (id, caption, image_w, image_l) once into OUTPUT; resumable."""
     from model.config import PrecomputeConfig
@@ -160,6 +161,7 @@ def encode_pairs(
         device=device,
         compute_dtype=compute_dtype,
         shard_size=shard_size,
+        variant=variant,
     )
     key = {"table": fingerprint(table_dir), "model": fingerprint(model_dir), **config.model_dump()}
     record = output.parent / f"{output.name}.source.json"

@@ -29,13 +29,15 @@ import datasets
 import pyarrow.parquet as pq
 
 from curate import reasons
-from curate.cells import image_cell
+from curate.cells import caption_text, image_cell
 from curate.decode import Invalid, decode_image
+from curate.ingest import read_inside
 from curate.store import Manifest, Rejection, StageWriter, fingerprint, is_done, load_samples
 from dpo.config import IngestPrefsConfig
 
 STAGE = "prefs"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_LIMIT = 16_384  # bytes of a pair folder's caption.txt (curate's max_caption_bytes default)
 PREF_FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
@@ -70,8 +72,11 @@ def pair_id(winner: bytes, loser: bytes) -> str:
 def _bytes(value: Any) -> bytes | None:
     """Image bytes from a raw bytes cell or a `datasets` Image cell ({'bytes', 'path'}).
 
-    Raises `Invalid` for a cell that is not bytes, and for a path cell (never read).
+    Raises `Invalid` for a cell that is not bytes, and for a path cell (never read), and
+    re-raises the refusal a pair folder's file carries (a link out of the folder, say).
     """
+    if isinstance(value, Invalid):
+        raise value
     return image_cell(value) or None
 
 
@@ -174,17 +179,34 @@ def open_table(path: Path, split: str | None = None) -> tuple[list[str], Callabl
     return names, parquet_rows
 
 
+def _inside(root: Path, file: Path, limit: int | None = None) -> bytes | Invalid:
+    """FILE's bytes when it (links resolved) lies inside ROOT, else the refusal, unread."""
+    try:
+        return read_inside(root, file.relative_to(root).as_posix(), limit)
+    except Invalid as invalid:
+        return invalid
+
+
 def _folder_rows(path: Path) -> Iterator[dict[str, Any]]:
     """One sub-folder per pair: caption.txt, winner.<ext>, loser.<ext>."""
     for pair in sorted(p for p in path.iterdir() if p.is_dir()):
-        found = {}
+        found: dict[str, Any] = {}
         for role in ("winner", "loser"):
             files = [
                 f for f in pair.iterdir() if f.stem == role and f.suffix.lower() in IMAGE_SUFFIXES
             ]
-            found[role] = files[0].read_bytes() if files else None
+            found[role] = _inside(path, files[0]) if files else None
         caption_file = pair / "caption.txt"
-        caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+        caption = ""
+        if caption_file.is_file():
+            text = _inside(path, caption_file, CAPTION_LIMIT)
+            if isinstance(text, Invalid):  # the pair is refused with the caption's reason
+                found["winner"] = Invalid(text.reason, f"caption.txt: {text.detail}")
+            else:
+                try:
+                    caption = caption_text(text, "caption.txt", CAPTION_LIMIT)
+                except Invalid as invalid:
+                    found["winner"] = invalid
         yield {
             "caption": caption,
             "image_w": found["winner"],

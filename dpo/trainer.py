@@ -50,6 +50,7 @@ from dpo.lora import (
     save_lora_state,
 )
 from dpo.loss import DPOTerms, diffusion_dpo_loss
+from model import build
 from model.build import parse_dtype
 from model.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
@@ -68,12 +69,15 @@ Pairs = EncodedPairs | EncodedPairSet  # in memory (dpo/proof.py) or streamed fr
 
 
 def load_transformer(
-    model_dir: str | os.PathLike, device: str, dtype: torch.dtype
+    model_dir: str | os.PathLike,
+    device: str,
+    dtype: torch.dtype,
+    variant: str | None = None,
+    transformer_file: str | None = None,
 ) -> SD3Transformer2DModel:
-    """The base MMDiT of a local diffusers folder, frozen (the encoders are not loaded)."""
-    transformer = SD3Transformer2DModel.from_pretrained(
-        model_dir, subfolder="transformer", dtype=dtype, local_files_only=True
-    )
+    """The base MMDiT of a local diffusers folder (or a Stability single file), frozen (the
+    encoders are not loaded)."""
+    transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
 
 
@@ -310,6 +314,7 @@ def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution
             "model": fingerprint(config.model),
             "resolution": resolution,
             "t5": config.max_sequence_length,
+            "variant": config.variant,
         }
     )
     return root / f"encoded-{key[:16]}"
@@ -354,12 +359,19 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
             resolution,
             config.max_sequence_length,
             device=str(accelerator.device),
+            variant=config.variant,
         )
     train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
     shift = config.shift if config.shift is not None else scheduler_shift(config.model)
 
     # 2. The frozen transformer with a trainable LoRA (fresh, or continuing --init-lora)
-    transformer = load_transformer(config.model, accelerator.device, parse_dtype(config.base_dtype))
+    transformer = load_transformer(
+        config.model,
+        accelerator.device,
+        parse_dtype(config.base_dtype),
+        config.variant,
+        config.transformer_file,
+    )
     if config.init_lora:
         lora_config = add_init_lora(transformer, config.init_lora, config.model, config.seed)
     else:

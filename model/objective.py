@@ -89,9 +89,11 @@ def training_loss(
     text: TextEncoding,
     draws: Draws,
     settings: FlowSettings,
+    empty: TextEncoding | None = None,
 ) -> torch.Tensor:
-    """Mean loss of a micro-batch with its encoders dropped per sample (p = 0.464 each)."""
-    text = drop_encoders(text, draws.keep)
+    """Mean loss of a micro-batch with its encoders dropped per sample (p = 0.464 each), to zeros
+    or, given EMPTY, to the empty prompt's encoding (the unconditional input of sampling)."""
+    text = drop_encoders(text, draws.keep, empty)
     return flow_loss(transformer, latents, text, draws.t, draws.noise, settings.weighting).mean()
 
 

@@ -153,7 +153,7 @@ class _Run:
         self.num_shards = (table.num_rows + config.shard_size - 1) // config.shard_size
         self.store_dtype = parse_dtype(config.dtype)
         self.encoder_kwargs = {"device": config.device, "dtype": parse_dtype(config.compute_dtype),
-                               "t5_length": config.t5_length}  # fmt: skip
+                               "t5_length": config.t5_length, "variant": config.variant}  # fmt: skip
 
     def _part(self, shard: int | str, encoder: str) -> Path:
         return self.parts / shard_file(shard, encoder)

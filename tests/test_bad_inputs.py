@@ -298,3 +298,20 @@ def test_make_prefs_turns_crafted_ids_into_safe_folder_names(tmp_path):
     pairs = [p for p in out.iterdir() if (p / "caption.txt").is_file()]
     assert len(pairs) == 1 and pairs[0].parent == out
     assert not (tmp_path / "escaped-00").exists() and not (tmp_path / "a" / "escaped-00").exists()
+
+
+def test_prefs_pair_folders_never_follow_links_out_or_keep_binary_captions(corpus, tmp_path):
+    source = tmp_path / "pairs"
+    red, blue = _pair_png((200, 0, 0)), _pair_png((0, 0, 200))
+    for name in ("good", "link", "garbage"):
+        (source / name).mkdir(parents=True)
+        (source / name / "winner.png").write_bytes(red)
+        (source / name / "loser.png").write_bytes(blue)
+        (source / name / "caption.txt").write_text(f"a {name} pair")
+    (source / "link" / "winner.png").unlink()
+    os.symlink(corpus.outside / "canary.png", source / "link" / "winner.png")
+    (source / "garbage" / "caption.txt").write_bytes(bytes(range(256)))
+    out = ingest_prefs(source, tmp_path / "prefs", IngestPrefsConfig())
+    assert Manifest.read(out).counts["kept"] == 1
+    rejected = {r["detail"].split(":")[0]: r["reason"] for r in load_rejected(out).to_list()}
+    assert rejected == {"link": reasons.UNSAFE_PATH, "garbage": reasons.BAD_CAPTION}

@@ -364,3 +364,15 @@ def test_whole_commands_on_bombs_stay_under_one_gigabyte_peak_rss(tmp_path, demo
     code, peak_kb = (int(x) for x in done.stdout.strip().splitlines()[-1].split())
     assert code == 0, done.stderr[-2000:]
     assert peak_kb < 1024 * 1024, peak_kb
+
+
+def test_prefect_stage_markdown_shows_paths_and_image_names_as_text(tmp_path):
+    from flows.artifacts import stage_markdown
+
+    out = tmp_path / "<img src=x onerror=alert(1)>"
+    out.mkdir()
+    Image.new("RGB", (8, 8)).save(out / "<script>x.png")
+    (out / "report.md").write_text(f"# report\n\n{escape('<script>alert(1)</script>')}\n")
+    text = stage_markdown("curate", out, None, None)
+    assert "<img" not in text and "<script" not in text
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in text and "&lt;script&gt;x.png" in text

@@ -441,3 +441,24 @@ def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
             or "no SD3 transformer LoRA" in err
         ), err
         assert not list(out.rglob("*.png")), case
+
+
+def test_init_lora_from_a_kohya_file_restores_the_trainers_model_at_another_alpha(
+    trained, tiny_model_dir, tmp_path
+):
+    """`t2i dpo --init-lora` / resuming from a foreign file: the adapter (here alpha 4, not 8)
+    gets the file's down matrices and rescaled ups, so the update is the file's."""
+    from dpo.config import ALL_BLOCK_LINEARS
+    from model.lora import init_lora_from
+
+    transformer, _ = trained
+    file = save_lora(lora_weights(transformer), tmp_path / "k.safetensors", "kohya", "fp32")
+    fresh = load_pipeline(tiny_model_dir).transformer.eval()
+    add_lora(fresh, RANK, 4.0, ALL_BLOCK_LINEARS)
+    assert init_lora_from(fresh, file) == len(lora_weights(transformer).modules)
+    assert (outputs(fresh) - outputs(transformer)).abs().max() < TOLERANCE
+
+    other_rank = load_pipeline(tiny_model_dir).transformer
+    add_lora(other_rank, 2, 2.0, ALL_BLOCK_LINEARS)
+    with pytest.raises(ValueError, match="rank 4 .* rank 2"):
+        init_lora_from(other_rank, file)
