@@ -7,8 +7,8 @@ Recipe (step comments read top to bottom):
      same network, adapter off;
   3. each step: draw pairs, one t (training density) and one noise per pair shared by winner and
      loser, the velocity errors with and without the adapter, the DPO loss (dpo/loss.py);
-  4. log metrics, checkpoint through model/checkpoint.py (accelerate's state, the LoRA instead of
-     the frozen base; resume is exact: every step's randomness is a function of seed and step),
+  4. log metrics, checkpoint through model/checkpoint.py (the LoRA and the optimizer, not the
+     frozen base; resume is exact: every step's randomness is a function of seed and step),
      stop cleanly on a non-finite loss;
   5. report held-out implicit accuracy and export the LoRA in diffusers' format.
 """
@@ -45,14 +45,12 @@ from dpo.init_lora import add_init_lora, check_init_lora
 from dpo.lora import (
     add_lora,
     export_lora,
-    load_lora_state,
     lora_parameters,
-    save_lora_state,
 )
 from dpo.loss import DPOTerms, diffusion_dpo_loss
 from model import build
 from model.build import parse_dtype
-from model.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
 from model.nonfinite import NonFiniteLossError
 from model.objective import flow_loss
@@ -63,7 +61,6 @@ METRICS = "metrics.jsonl"
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
 NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume", "save_dtype")
-CHECKPOINT_LORA = "lora.safetensors"
 TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
 Pairs = EncodedPairs | EncodedPairSet  # in memory (dpo/proof.py) or streamed from disk
 
@@ -288,21 +285,10 @@ def make_accelerator(config: DPOConfig) -> Accelerator:
     return Accelerator(mixed_precision="no", cpu=config.device == "cpu")
 
 
-def checkpoint_lora_only(accelerator: Accelerator) -> None:
-    """Make accelerate's checkpoints hold the LoRA (lora.safetensors) instead of the whole
-    transformer: the frozen base is --model's, unchanged, and can be gigabytes."""
-
-    def save(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_lora_state(accelerator.unwrap_model(models[0]), Path(output_dir) / CHECKPOINT_LORA)
-        weights.clear()
-
-    def load(models, input_dir):
-        load_lora_state(accelerator.unwrap_model(models[0]), Path(input_dir) / CHECKPOINT_LORA)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
+def checkpoint_objects(transformer, optimizer) -> dict[str, object]:
+    """What a DPO checkpoint holds: the LoRA's tensors (not the frozen base: that is --model's,
+    unchanged, and can be gigabytes) and the optimizer; model/checkpoint.py adds the RNG."""
+    return {"lora": ModuleSubset(transformer, lambda name: "lora_" in name), "optimizer": optimizer}
 
 
 def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution: int) -> Path:
@@ -384,12 +370,12 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
         lora_parameters(transformer), lr=config.lr, weight_decay=config.weight_decay
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    checkpoint_lora_only(accelerator)
+    objects = checkpoint_objects(transformer, optimizer)
 
     # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
     checkpoints = work / "checkpoints"
     resume_from = resolve_resume(checkpoints, "latest" if config.resume else None)
-    start = load_checkpoint(accelerator, resume_from)["step"] if resume_from else 0
+    start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
     if accelerator.is_main_process:
         if resume_from is not None:
             _metrics_until(work / METRICS, start)
@@ -398,7 +384,7 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     accelerator.wait_for_everyone()
 
     def checkpoint(step: int) -> Path:
-        return save_checkpoint(accelerator, checkpoints, step, {}, keep=1)
+        return save_checkpoint(accelerator, checkpoints, step, {}, keep=1, objects=objects)
 
     if start < config.max_steps:
         train_lora(

@@ -86,6 +86,10 @@ def test_dpo_writes_a_diffusers_lora_metrics_and_a_held_out_accuracy(dpo_out):
     manifest = Manifest.read(dpo_out)
     assert manifest.stage == "dpo" and manifest.parameters["rank"] == 4
     assert [r["reason"] for r in load_rejected(dpo_out)] == [reasons.IDENTICAL_PAIR]
+    # checkpoints (model/checkpoint.py) hold the LoRA and the optimizer, never the frozen base
+    (step,) = (dpo_out.parent / f".{dpo_out.name}.work").glob("*/checkpoints/step-*")
+    lora = load_file(str(step / "lora.safetensors"))
+    assert lora and all("lora_" in k for k in lora) and not (step / "model.safetensors").exists()
 
 
 def test_an_interrupted_run_resumes_exactly_even_past_a_torn_metrics_line(
