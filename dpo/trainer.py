@@ -269,6 +269,8 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
         raise FileNotFoundError(f"preference input {prefs} does not exist")
     params = config.model_dump()
     fp = fingerprint(prefs) + ":" + fingerprint(config.model)
+    if config.transformer_file:  # the single file's content, not just its path, picks the base
+        fp += ":" + fingerprint(config.transformer_file)
     if is_done(output, STAGE, params, fp):
         return output
     run_key = params_hash(
