@@ -320,6 +320,8 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
         raise FileNotFoundError(f"preference input {prefs} does not exist")
     params = config.model_dump()
     fp = fingerprint(prefs) + ":" + fingerprint(config.model)
+    if config.transformer_file:  # the single file's content, not just its path, picks the base
+        fp += ":" + fingerprint(config.transformer_file)
     if config.init_lora:
         check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
         fp += ":" + fingerprint(config.init_lora)
