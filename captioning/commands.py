@@ -22,12 +22,15 @@ COMMANDS = [
     },
     {
         "name": "init-captioner",
-        "summary": "write a random-weight tiny VLM folder (LLaVA) built offline",
+        "summary": "write a random-weight tiny VLM folder (LLaVA, Florence-2 or Qwen2-VL) built offline",
         "description": (
-            "Builds a LLaVA (CLIP vision tower + Llama decoder) with random weights, a PIL image "
-            "processor, a WordPiece tokenizer and a chat template, all made locally, and saves a "
-            "folder that AutoProcessor + AutoModelForImageTextToText load offline. It generates "
-            "word salad: it exists so tests and the demo run the real captioning code path."
+            "Builds a VLM with random weights and its processor (PIL image processor, WordPiece "
+            "tokenizer, chat template where the family has one), all made locally, and saves a "
+            "folder that AutoProcessor + AutoModelForImageTextToText load offline: --preset tiny "
+            "is a LLaVA (CLIP vision tower + Llama decoder), tiny-florence2 a Florence-2 "
+            "(encoder-decoder, task-token prompts such as <MORE_DETAILED_CAPTION>), tiny-qwen2vl "
+            "a Qwen2-VL (dynamic resolution; --processor-kwargs '{\"max_pixels\": N}'). They "
+            "generate word salad: they exist so tests and the demo run the real captioning code path."
         ),
         "config": "captioning.config:InitCaptionerConfig",
         "run": "captioning.tiny:run_init_captioner",

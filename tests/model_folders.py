@@ -106,7 +106,11 @@ def stability_state_dict(transformer: SD3Transformer2DModel) -> dict[str, torch.
     return {PREFIX + k: v.contiguous() for k, v in out.items()}
 
 
-def stability_file(transformer: SD3Transformer2DModel, path: Path) -> Path:
+def stability_file(
+    transformer: SD3Transformer2DModel, path: Path, extra: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """EXTRA: other tensors in the file, e.g. a VAE under first_stage_model.* as in Stability's
+    all-in-one checkpoints."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(stability_state_dict(transformer), str(path))
+    save_file({**stability_state_dict(transformer), **(extra or {})}, str(path))
     return path
