@@ -128,7 +128,7 @@ def _run_stage(
     before = fingerprint(output) if output.exists() else None
     positionals = [arguments[name] for name in spec.positionals]
     with _STAGE_LOCK, tqdm_progress(label):
-        written = Path(spec.command.run(*positionals, config=cfg) or output)
+        written = Path(spec.command.run(*positionals, config=on_flow_cluster(cfg)) or output)
     skipped = before is not None and before == fingerprint(written)  # the stage skipped itself
     artifacts.publish_stage(label, written)
     result = summary(stage_name, written, skipped=skipped)
@@ -137,6 +137,23 @@ def _run_stage(
             message=f"{stage_name}: {written} is already finished", name="Skipped", data=result
         )
     return result
+
+
+def on_flow_cluster(config: BaseModel) -> BaseModel:
+    """A sharded stage's config pointed at the flow's Dask cluster, when the flow runs on one
+    and the config names no executor itself: its shards then fan out across that cluster."""
+    from prefect.context import FlowRunContext
+
+    if (
+        "dask_address" not in type(config).model_fields
+        or config.dask_address
+        or config.dask_workers
+    ):
+        return config
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    if type(runner).__name__ != "DaskTaskRunner":
+        return config
+    return config.model_copy(update={"dask_address": runner.client.scheduler.address})
 
 
 def run_sample_shards(
