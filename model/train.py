@@ -415,10 +415,10 @@ def _train(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(transformer)
-        final = ema_copy(model, ema) if config.export_ema else model
-        if lora is not None:
-            export_trained_lora(final, output, config)
+        if lora is not None:  # the EMA's LoRA matrices, without copying the frozen base
+            export_trained_lora(model, output, config, ema if config.export_ema else None)
         else:
+            final = ema_copy(model, ema) if config.export_ema else model
             export_pipeline(
                 Path(config.model), final, output, exported_shift(config, shift), config.variant
             )
