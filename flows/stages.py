@@ -214,10 +214,27 @@ def _run_stage(
     set_aside(output)
     positionals = [arguments[name] for name in spec.positionals]
     with _STAGE_LOCK, tqdm_progress(label):
-        written = Path(_load(spec.command.run)(*positionals, config=cfg) or output)
+        written = Path(_load(spec.command.run)(*positionals, config=on_flow_cluster(cfg)) or output)
     remember(stage_name, written, cfg, inputs)
     artifacts.publish_stage(label, written)
     return summary(stage_name, written, skipped=False)
+
+
+def on_flow_cluster(config: BaseModel) -> BaseModel:
+    """A sharded stage's config pointed at the flow's Dask cluster, when the flow runs on one
+    and the config names no executor itself: its shards then fan out across that cluster."""
+    from prefect.context import FlowRunContext
+
+    if (
+        "dask_address" not in type(config).model_fields
+        or config.dask_address
+        or config.dask_workers
+    ):
+        return config
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    if type(runner).__name__ != "DaskTaskRunner":
+        return config
+    return config.model_copy(update={"dask_address": runner.client.scheduler.address})
 
 
 def run_sample_shards(

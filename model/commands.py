@@ -52,7 +52,10 @@ COMMANDS = [
             "shift, velocity loss eps - x0, each text encoder dropped with p = 0.464, original or "
             "synthetic caption with p = 0.5, AdamW (lr 1e-4, eps 1e-15, 1000 warmup steps), EMA. "
             "Writes OUTPUT as a diffusers SD3 folder (EMA weights, training shift in the scheduler) and "
-            "OUTPUT/training/{checkpoints,logs,samples}. Resume with --resume latest. Multi-GPU/FSDP: "
+            "OUTPUT/training/{checkpoints,logs,samples}. Resume with --resume latest. With "
+            "--lora-rank R it trains a LoRA on the frozen transformer instead (16-bit base under "
+            "16-bit autocast; --optimizer adamw8bit, --gradient-checkpointing) and writes "
+            "OUTPUT/pytorch_lora_weights.safetensors. Multi-GPU/FSDP: "
             "`accelerate launch -m flows.cli train ...` with accelerate's own config."
         ),
         "config": "model.config:TrainConfig",

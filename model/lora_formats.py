@@ -243,6 +243,12 @@ def from_state_dict(
     state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> LoraWeights:
     """Any supported key style -> LoraWeights on diffusers module names (see the module doc)."""
+    dora = [k for k in state_dict if "dora_scale" in k or "lora_magnitude_vector" in k]
+    if dora:
+        raise LoraFormatError(
+            f"this is a DoRA (e.g. {dora[0]}): its magnitude vectors change what the update means, "
+            "and only plain LoRAs are supported"
+        )
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     styles: set[str] = set()
     ignored: list[str] = []
