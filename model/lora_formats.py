@@ -579,7 +579,7 @@ def peft_state_dict(weights: LoraWeights, prefix: str = "transformer.") -> dict[
 
 
 def run_lora_convert(input: str, output: str, config) -> Path:
-    """`t2i lora-convert IN OUT --to FORMAT`: see model/commands.py."""
+    """`t2i lora-convert IN OUT --to FORMAT`: see flows/cli.py."""
     weights = read_lora(input)
     if weights.ignored:
         print(
