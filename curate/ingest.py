@@ -510,6 +510,7 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
 
     file, name = _shard_file(root, rel)
     name = shown(name)
+    folder = root if root.is_dir() else root.parent  # what path cells must stay inside
     rows = 0
     try:
         parquet = pq.ParquetFile(file)
@@ -532,7 +533,7 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
                 key = keys[i] if keys else None
                 caption = captions[i] if captions else None
                 label = shown(str(key)) if key is not None else str(rows)
-                yield _cell_record(f"{name}:{label}", images[i].as_py(), caption, root, options)
+                yield _cell_record(f"{name}:{label}", images[i].as_py(), caption, folder, options)
                 rows += 1
             del images, keys, captions
     except Exception as error:  # noqa: BLE001 - pyarrow raises many types for a broken file

@@ -109,12 +109,17 @@ def _lora_layers(transformer: torch.nn.Module) -> dict[str, LoraLayer]:
     }
 
 
-def lora_weights(transformer: torch.nn.Module) -> LoraWeights:
-    """The transformer's adapter as LoraWeights (fp32 copies, each layer's own alpha)."""
+def lora_weights(
+    transformer: torch.nn.Module, shadow: dict[str, torch.Tensor] | None = None
+) -> LoraWeights:
+    """The transformer's adapter as LoraWeights (fp32 copies, each layer's own alpha); SHADOW
+    (parameter name -> tensor, e.g. the EMA's) replaces the live LoRA matrices it names."""
+    shadow = shadow or {}
     modules = {}
     for name, layer in _lora_layers(transformer).items():
-        down = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
-        up = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+        a_name, b_name = f"{name}.lora_A.{ADAPTER}.weight", f"{name}.lora_B.{ADAPTER}.weight"
+        down = shadow.get(a_name, layer.lora_A[ADAPTER].weight).detach().float().cpu().clone()
+        up = shadow.get(b_name, layer.lora_B[ADAPTER].weight).detach().float().cpu().clone()
         modules[name] = LoraModule(down, up, float(layer.scaling[ADAPTER] * down.shape[0]))
     return LoraWeights(modules)
 

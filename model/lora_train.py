@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from model.lora import add_lora, export_lora
-from model.lora_formats import LORA_FILE
+from model.lora import add_lora, lora_weights
+from model.lora_formats import LORA_FILE, save_lora
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,9 +61,11 @@ def make_optimizer(parameters, config, fused: bool = False) -> torch.optim.Optim
     return bnb.optim.AdamW8bit(trainable, **kwargs)
 
 
-def export_trained_lora(model: torch.nn.Module, output: Path, config) -> Path:
-    """OUTPUT/pytorch_lora_weights.safetensors (diffusers format, --save-dtype)."""
-    return export_lora(model, None, Path(output), config.save_dtype)
+def export_trained_lora(model: torch.nn.Module, output: Path, config, ema=None) -> Path:
+    """OUTPUT/pytorch_lora_weights.safetensors (diffusers format, --save-dtype); with EMA, its
+    shadow matrices (no copy of the frozen base is made)."""
+    weights = lora_weights(model, ema.shadow if ema is not None else None)
+    return save_lora(weights, Path(output), "diffusers", config.save_dtype)
 
 
 __all__ = [

@@ -376,3 +376,26 @@ def test_prefect_stage_markdown_shows_paths_and_image_names_as_text(tmp_path):
     text = stage_markdown("curate", out, None, None)
     assert "<img" not in text and "<script" not in text
     assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in text and "&lt;script&gt;x.png" in text
+
+
+def test_allow_path_cells_reads_paths_inside_the_input_only(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.ingest import IngestOptions
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(_png())
+    (tmp_path / "secret.png").write_bytes(_png(color=(1, 2, 3)))
+    cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    paths = ["a.png", "../secret.png", str(tmp_path / "secret.png")]
+    cells = pa.array([{"bytes": None, "path": p} for p in paths], cell)
+    pq.write_table(pa.table({"image": cells}), tmp_path / "in" / "t.parquet")
+    for root in (tmp_path / "in", tmp_path / "in" / "t.parquet"):
+        records = read_records(root, IngestOptions(allow_path_cells=True))
+        records = [r for r in records if r.key.startswith("t.parquet:")]
+        assert [(r.refused, r.data == _png()) for r in records] == [
+            ("", True),
+            (reasons.UNSAFE_PATH, False),
+            (reasons.UNSAFE_PATH, False),
+        ]

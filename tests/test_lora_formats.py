@@ -498,7 +498,15 @@ def test_t2i_lora_convert_chains_formats_back_to_the_same_file(trained, tmp_path
     capsys.readouterr()
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "not-a-lora.safetensors"))
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 16)
-    for bad in ("not-a-lora.safetensors", "garbage.safetensors", "missing.safetensors"):
+    save_file({"lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_down.weight": torch.zeros(1, 32),
+               "lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_up.weight": torch.zeros(128, 1),
+               "lora_unet_joint_blocks_0_x_block_mlp_fc1.dora_scale": torch.ones(1, 32)}, str(tmp_path / "dora.safetensors"))  # fmt: skip
+    for bad in (
+        "not-a-lora.safetensors",
+        "garbage.safetensors",
+        "missing.safetensors",
+        "dora.safetensors",
+    ):
         assert t2i(["lora-convert", str(tmp_path / bad), str(tmp_path / "x"), "--to", "kohya"]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("t2i lora-convert: error:"), err
