@@ -212,4 +212,4 @@ def test_rerunning_the_original_command_after_a_resumed_run_finishes_skips_it(
     run_train(str(encoded), str(out), config.model_copy(update={"resume": "latest"}))
     capsys.readouterr()
     assert run_train(str(encoded), str(out), config) == out  # no FileExistsError
-    assert "nothing to do" in capsys.readouterr().out
+    assert "already finished" in capsys.readouterr().err
