@@ -92,12 +92,12 @@ def write_tiny_clip(folder: Path) -> str:
 
 
 def run(argv: list[str], log: Path) -> dict[str, float]:
-    """Run `t2i ARGV` niced; wall seconds and peak RSS (driver, and driver plus descendants) in MiB."""
+    """Run `t2i ARGV`; wall seconds and peak RSS (driver, and driver plus descendants) in MiB."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
     with log.open("w") as handle:
         process = subprocess.Popen(
-            ["nice", "-n", "5", sys.executable, "-m", "flows.cli", *argv],
+            [sys.executable, "-m", "flows.cli", *argv],
             cwd=ROOT,
             env=env,
             stdout=handle,
@@ -190,6 +190,8 @@ def main() -> None:
         for n in args.n:
             results["n"][n] = chain(root, n, model, captioner)
             print(json.dumps({n: results["n"][n]}), flush=True)
+            if args.json:  # what is finished survives an interrupted run
+                Path(args.json).write_text(json.dumps(results, indent=1))
         results["dask"] = dask_ratio(root, min(args.n), args.repeats)
         print(json.dumps(results["dask"]), flush=True)
         smallest, largest = min(args.n), max(args.n)
