@@ -39,20 +39,14 @@ from captioning.prompts import load_template, render
 from curate import reasons
 from curate.cells import image_cell
 from curate.decode import Invalid, decode_image, open_image, plain_format
-from curate.executor import Setup, executor_for
+from curate.executor import EXECUTION_FIELDS, Setup, executor_for
 from curate.markdown import escape, fenced
-from curate.store import (
-    Manifest,
-    StageWriter,
-    StoreError,
-    WorkLog,
-    fingerprint,
-    load_samples,
-    params_hash,
-    require_store,
-)
+from curate.stage_runtime import StageRun, local_path
+from curate.store import Manifest, StoreError, WorkLog, load_samples, params_hash, require_store
 
 STAGE = "caption"
+# Options that change how the work is scheduled, never a caption.
+VOLATILE = (*EXECUTION_FIELDS, "concurrency", "max_retries", "retry_backoff_s", "timeout_s")
 CLEANING_VERSION = 1  # bump when clean_caption/TokenBudget change what they produce
 REQUIRED_COLUMNS = ("id", "image")
 NEW_COLUMNS = ("caption_synthetic", "captioner")
@@ -109,19 +103,25 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     budget = make_budget(config.max_caption_tokens, config.budget_tokenizer)
     spec = captioner_spec(config, template, budget)
     captioner = captioner_id(spec)
-    parameters = {**config.model_dump(), "captioner": captioner, "captioner_spec": spec}
-    input_fp = fingerprint(source)
-    finished = Manifest.read(out)
-    if (
-        finished is not None
-        and finished.matches(STAGE, parameters, input_fp)
-        and not finished.counts.get("failed")
-    ):
-        return out
+    parameters = {**config.model_dump(mode="json"), "captioner": captioner, "captioner_spec": spec}
+    reads = {
+        "input": source,
+        "model": local_path(config.model) if config.backend == "transformers" else None,
+        "prompt_file": config.prompt_file,
+        "budget_tokenizer": local_path(config.budget_tokenizer),
+    }
+    with StageRun(out, STAGE, config, reads, parameters=parameters, volatile=VOLATILE) as run:
+        finished = Manifest.read(out)
+        if run.finished and not finished.counts.get("failed"):
+            return run.skip()
+        return _caption(run, samples, config, template, budget, captioner, source)
 
+
+def _caption(
+    run: StageRun, samples, config: CaptionConfig, template, budget, captioner, source
+) -> Path:
     # Caption chunk by chunk on the configured executor; each finished chunk is saved as it lands.
-    key = {"captioner": captioner, "input": input_fp, "chunk_size": config.chunk_size}
-    log = WorkLog(out, params_hash(key))
+    log = run.work_log()
     table = samples.with_format("arrow")
     chunks = _chunks(len(samples), config.chunk_size)
     columns = [c for c in ("id", "image", "caption", *NEW_COLUMNS) if c in samples.column_names]
@@ -158,9 +158,9 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     failures: list[dict[str, str]] = []
     stats = {"captioned": 0, "failed": 0, "truncated": 0}
     examples: list[dict[str, Any]] = []
-    with StageWriter(out, STAGE, parameters, input_fp) as writer:
+    with run.writer() as writer:
         writer.write_samples(_merged(table, chunks, log, failures, stats, examples), features)
-        writer.counts.update({"in": len(samples), "kept": len(samples), "rejected": 0, **stats})
+        writer.counts.update({"input": len(samples), **stats})
         writer.extra["captioner"] = captioner
         writer.extra["executor"] = where
         writer.extra["this_run"] = {
@@ -173,7 +173,7 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
         (writer.path / "failures.json").write_text(json.dumps(failures, indent=1))
     if not failures:  # with failures the log stays, so that a rerun retries only those rows
         log.clear()
-    return out
+    return run.output
 
 
 def _chunks(rows: int, size: int) -> list[tuple[str, int, int]]:

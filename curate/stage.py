@@ -24,19 +24,12 @@ from curate import reasons
 from curate.config import CurateConfig
 from curate.executor import EXECUTION_FIELDS, Setup, executor_for
 from curate.ingest import IngestOptions, Record, read_records
-from curate.store import (
-    Rejection,
-    StageWriter,
-    WorkLog,
-    fingerprint,
-    is_done,
-    params_hash,
-    sample_id,
-)
+from curate.stage_runtime import StageRun, local_path
+from curate.store import Rejection, WorkLog, params_hash, sample_id
 
 STAGE = "curate"
 # Options that change how fast the work runs, never what it produces.
-NOT_IN_WORK_KEY = (*EXECUTION_FIELDS, "batch_size", "device", "contact_sheet_max")
+VOLATILE = (*EXECUTION_FIELDS, "batch_size", "device")
 
 SAMPLE_FEATURES = datasets.Features(
     {
@@ -301,42 +294,39 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
             f"curate: output {out} must not be inside the input {inp} (stages never modify their input)"
         )
     resolved = resolve(config)
-    parameters = config.model_dump()
-    input_fingerprint = fingerprint(inp)
-    if is_done(out, STAGE, parameters, input_fingerprint):
-        print(f"curate: {out} is already curated from this input with these parameters; skipped")
-        return out
-    work_key = params_hash(
-        {
-            "stage": STAGE,
-            "input": input_fingerprint,
-            **{k: v for k, v in parameters.items() if k not in NOT_IN_WORK_KEY},
-        }
-    )
-    work = WorkLog(out, work_key)
-    started = time.monotonic()
-    timing: dict[str, float] = {}
-    total = _score_all(inp, work, resolved, timing)
-    scored_s = time.monotonic() - started
-    steady = None
-    if timing.get("after_first") and timing["last_chunk"] > timing["first_chunk"]:
-        steady = round(timing["after_first"] / (timing["last_chunk"] - timing["first_chunk"]), 3)
-    removed, clusters, figures = deduplicate(
-        work, resolved, threads=1
-    )  # FAISS with 2 threads contends badly on 2 cores
-    with StageWriter(out, STAGE, parameters, input_fingerprint) as writer:
-        kept = writer.write_samples(
-            _sample_rows(work, removed, clusters, resolved.aesthetic_kind), SAMPLE_FEATURES
-        )
-        rejected = writer.write_rejected(_rejections(work, removed, resolved.similarity_threshold))
-        writer.counts.update(input=total, kept=kept, rejected=rejected)
-        writer.extra.update(
-            aesthetic_kind=resolved.aesthetic_kind, aesthetic_threshold=resolved.aesthetic_threshold,
-            similarity_threshold=resolved.similarity_threshold, scoring_s=round(scored_s, 3),
-            images_per_s=round(total / scored_s, 3) if scored_s else None, steady_images_per_s=steady,
-            executor=timing.get("executor"),
-            startup_s=round(timing["first_chunk"] - started, 3) if "first_chunk" in timing else None, **figures,
-        )  # fmt: skip
-        write_report(writer.path, work, removed, resolved, writer.counts, writer.extra)
-    work.clear()
+    models = ("nsfw_model", "aesthetic_model", "clip_model", "embedder_model")
+    reads = {"input": inp, **{name: local_path(getattr(config, name)) for name in models}}
+    with StageRun(out, STAGE, config, reads, volatile=VOLATILE) as run:
+        if run.finished:
+            return run.skip()
+        work = run.work_log(ignore=("contact_sheet_max",))  # only the report depends on it
+        started = time.monotonic()
+        timing: dict[str, float] = {}
+        total = _score_all(inp, work, resolved, timing)
+        scored_s = time.monotonic() - started
+        steady = None
+        if timing.get("after_first") and timing["last_chunk"] > timing["first_chunk"]:
+            steady = round(
+                timing["after_first"] / (timing["last_chunk"] - timing["first_chunk"]), 3
+            )
+        removed, clusters, figures = deduplicate(
+            work, resolved, threads=1
+        )  # FAISS with 2 threads contends badly on 2 cores
+        with run.writer() as writer:
+            kept = writer.write_samples(
+                _sample_rows(work, removed, clusters, resolved.aesthetic_kind), SAMPLE_FEATURES
+            )
+            rejected = writer.write_rejected(
+                _rejections(work, removed, resolved.similarity_threshold)
+            )
+            writer.counts.update(input=total, kept=kept, rejected=rejected)
+            writer.extra.update(
+                aesthetic_kind=resolved.aesthetic_kind, aesthetic_threshold=resolved.aesthetic_threshold,
+                similarity_threshold=resolved.similarity_threshold, scoring_s=round(scored_s, 3),
+                images_per_s=round(total / scored_s, 3) if scored_s else None, steady_images_per_s=steady,
+                executor=timing.get("executor"),
+                startup_s=round(timing["first_chunk"] - started, 3) if "first_chunk" in timing else None, **figures,
+            )  # fmt: skip
+            write_report(writer.path, work, removed, resolved, writer.counts, writer.extra)
+        work.clear()
     return out

@@ -374,5 +374,12 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def run_init_model(output: str, config) -> Path:
-    """`t2i init-model`: see model/commands.py."""
-    return init_model(output, config.preset, config.seed)
+    """`t2i init-model`: see flows/cli.py."""
+    from curate.stage_runtime import StageRun
+
+    with StageRun(output, "init-model", config, {}, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        with run.writer(tables=False) as writer:
+            init_model(writer.path, config.preset, config.seed)
+    return run.output

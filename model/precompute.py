@@ -46,17 +46,9 @@ from tqdm.auto import tqdm
 from curate import reasons
 from curate.cells import image_cell
 from curate.decode import open_image
-from curate.executor import Executor, Setup, executor_for
-from curate.store import (
-    Rejection,
-    StageWriter,
-    StoreError,
-    WorkLog,
-    fingerprint,
-    is_done,
-    load_samples,
-    params_hash,
-)
+from curate.executor import EXECUTION_FIELDS, Executor, Setup, executor_for
+from curate.stage_runtime import StageRun
+from curate.store import Rejection, StageWriter, StoreError, load_samples, params_hash
 from model.buckets import center_crop_resize, make_buckets, nearest_bucket
 from model.build import parse_dtype
 from model.config import PrecomputeConfig
@@ -85,31 +77,31 @@ def run_precompute(
 ) -> Path:
     """Pre-encode IN into OUT (see the module docstring); skipped when OUT is already done."""
     input, output = Path(input), Path(output)
-    params = config.model_dump()
-    input_fp = f"{fingerprint(input)}+model:{fingerprint(config.model)}"
-    if is_done(output, STAGE, params, input_fp):
-        return output
-    dims = encoder_dims(config.model)
-    table = _open_input(input)
-    step = dims["vae_scale_factor"] * dims["patch_size"]
-    if config.buckets:
-        buckets = make_buckets(config.resolution, step, config.bucket_max_ratio)
-    elif config.resolution % step:
-        raise ValueError(
-            f"--resolution {config.resolution} is not a multiple of {step} (VAE factor x patch size)"
-        )
-    else:
-        buckets = [(config.resolution, config.resolution)]
-    work = WorkLog(output, params_hash({**params, "input": input_fp}))
-    # Map each encoder over the shards in turn (one encoder in a worker's memory at a time).
-    with executor_for(config, STAGE) as executor:
-        run = _Run(config, dims, table, buckets, work.path, executor)
-        run.encode_images()
-        for name in TEXT_ENCODERS:
-            run.encode_captions(name)
-    with StageWriter(output, STAGE, params, input_fp) as writer:
-        run.assemble(writer)
-    work.clear()
+    reads = {"input": input, "model": config.model}
+    with StageRun(output, STAGE, config, reads, volatile=EXECUTION_FIELDS) as run:
+        if run.finished:
+            return run.skip()
+        dims = encoder_dims(config.model)
+        table = _open_input(input)
+        step = dims["vae_scale_factor"] * dims["patch_size"]
+        if config.buckets:
+            buckets = make_buckets(config.resolution, step, config.bucket_max_ratio)
+        elif config.resolution % step:
+            raise ValueError(
+                f"--resolution {config.resolution} is not a multiple of {step} (VAE factor x patch size)"
+            )
+        else:
+            buckets = [(config.resolution, config.resolution)]
+        work = run.work_log()
+        # Map each encoder over the shards in turn (one encoder in a worker's memory at a time).
+        with executor_for(config, STAGE) as executor:
+            encoding = _Run(config, dims, table, buckets, work.path, executor)
+            encoding.encode_images()
+            for name in TEXT_ENCODERS:
+                encoding.encode_captions(name)
+        with run.writer() as writer:
+            encoding.assemble(writer)
+        work.clear()
     return output
 
 

@@ -161,8 +161,7 @@ def test_end_to_end_on_a_dask_task_runner_completes_with_curate_fanned_out(clust
     from prefect.testing.utilities import prefect_test_harness
     from prefect_dask import DaskTaskRunner
 
-    from flows.config import tiny_kit
-    from flows.end_to_end import end_to_end
+    from flows.end_to_end import end_to_end, tiny_kit
 
     flow = end_to_end.with_options(task_runner=DaskTaskRunner(address=cluster.address))
     with prefect_test_harness(server_startup_timeout=180):
