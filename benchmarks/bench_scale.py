@@ -41,7 +41,9 @@ CURATE = [
     "--embedder",
     "clip",
     "--similarity-threshold",
-    "0.99",
+    "1.0",
+    "--phash-distance",
+    "0",
     "--workers",
     "1",
 ]
