@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from curate.executor import ExecutorOptions
+
 # Florence-2's captioning task tokens: its processor expands each into the question it was trained on.
 TASK_TOKENS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 PROCESSOR_KWARGS_HELP = (
@@ -37,7 +39,7 @@ def parse_json_object(value: Any) -> Any:
 T5_TRAINING_LENGTH = 77
 
 
-class CaptionConfig(BaseModel):
+class CaptionConfig(ExecutorOptions):
     backend: Literal["transformers", "openai"] = Field(
         "transformers",
         description="'transformers': a local image-text-to-text model folder; 'openai': an "
@@ -141,6 +143,11 @@ class CaptionConfig(BaseModel):
     )
     chunk_size: int = Field(
         256, ge=1, description="rows per resumable chunk: a killed run loses at most one chunk"
+    )
+    chunk_pixels: int = Field(
+        32_000_000,
+        ge=1,
+        description="most pixels a worker decodes at once (images are captioned in groups under this bound)",
     )
 
     _json_object = field_validator("processor_kwargs", mode="before")(parse_json_object)

@@ -12,7 +12,6 @@ the same rows give the same captions.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from captioning.config import TASK_TOKENS
+from curate.seeds import seed_int
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
@@ -61,8 +61,7 @@ def torch_dtype(name: str):
 
 def batch_seed(seed: int, keys: list[str]) -> int:
     """A sampling seed fixed by the run's seed and the batch's rows, so a resumed run samples alike."""
-    digest = hashlib.blake2b(f"{seed}:{','.join(keys)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % 2**63
+    return seed_int(seed, ",".join(keys))
 
 
 class LocalVLM:
@@ -113,7 +112,10 @@ class LocalVLM:
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
-            tokenizer.padding_side = "left"  # batched decoder-only generation pads on the left
+            # Batched decoder-only generation pads on the left, so every answer continues its
+            # prompt; an encoder reads its prompt whole, with absolute positions (BART's), so an
+            # encoder-decoder pads on the right, where padding moves no token.
+            tokenizer.padding_side = "right" if self.encoder_decoder else "left"
 
     @property
     def has_chat_template(self) -> bool:

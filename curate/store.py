@@ -1,4 +1,4 @@
-"""The on-disk contract between stages (DESIGN.md, "Contracts between stages").
+"""The on-disk format of a stage output (docs/stage-contract.md).
 
 A stage reads one directory and writes another:
 
@@ -226,6 +226,8 @@ class StageWriter:
     # on exception: temporary directory removed, `out` untouched
     """
 
+    tables = True  # False: a stage whose output is files, not a sample table (sample)
+
     def __init__(
         self,
         output: str | os.PathLike,
@@ -254,7 +256,11 @@ class StageWriter:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        self.commit()
+        try:
+            self.commit()
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def write_samples(
         self,
@@ -290,11 +296,16 @@ class StageWriter:
     def _count(self, name: str) -> int:
         return datasets.load_from_disk(str(self.path / name)).num_rows
 
-    def commit(self) -> Path:
+    def ensure_tables(self) -> None:
+        """Empty sample and rejected tables where the stage wrote none."""
         if not (self.path / SAMPLES).exists():
             self.write_samples([], datasets.Features({"id": datasets.Value("string")}))
         if not (self.path / REJECTED).exists():
             self.write_rejected([])
+
+    def commit(self) -> Path:
+        if self.tables:
+            self.ensure_tables()
         manifest = Manifest(
             stage=self.stage,
             parameters=self.parameters,

@@ -32,7 +32,8 @@ from curate import reasons
 from curate.cells import caption_text, image_cell
 from curate.decode import Invalid, decode_image
 from curate.ingest import read_inside
-from curate.store import Manifest, Rejection, StageWriter, fingerprint, is_done, load_samples
+from curate.stage_runtime import StageRun
+from curate.store import Manifest, Rejection, load_samples
 from dpo.config import IngestPrefsConfig
 
 STAGE = "prefs"
@@ -342,49 +343,49 @@ def ingest_prefs(
         columns, read = open_table(source, config.split)
         layout = config.layout if config.layout != "auto" else detect_layout(source, config.split)
         rows = read(PICKAPIC_COLUMNS if layout == "pickapic" else GENERIC_COLUMNS)
-    params = {**config.model_dump(), "layout": layout}
-    fp = fingerprint(source)
-    if is_done(output, STAGE, params, fp):
-        return output
-    rejected: list[Rejection] = []  # small records; the images only pass through
-    counts = {"in": 0, "kept": 0}
+    params = {**config.model_dump(mode="json"), "layout": layout}
+    with StageRun(output, STAGE, config, {"input": source}, parameters=params) as run:
+        if run.finished:
+            return run.skip()
+        rejected: list[Rejection] = []  # small records; the images only pass through
+        counts = {"input": 0, "kept": 0}
 
-    def kept_pairs() -> Iterator[dict[str, Any]]:
-        seen: set[str] = set()
-        for verdict, item in classify(rows, layout, config.tie_tolerance):
-            counts["in"] += 1
-            if verdict == "reject":
-                rejected.append(item)
-            elif item["id"] in seen:
-                rejected.append(
-                    Rejection(
-                        item["id"],
-                        STAGE,
-                        reasons.EXACT_DUPLICATE,
-                        detail=f"{item['source']}: repeated pair",
+        def kept_pairs() -> Iterator[dict[str, Any]]:
+            seen: set[str] = set()
+            for verdict, item in classify(rows, layout, config.tie_tolerance):
+                counts["input"] += 1
+                if verdict == "reject":
+                    rejected.append(item)
+                elif item["id"] in seen:
+                    rejected.append(
+                        Rejection(
+                            item["id"],
+                            STAGE,
+                            reasons.EXACT_DUPLICATE,
+                            detail=f"{item['source']}: repeated pair",
+                        )
                     )
-                )
-            else:
-                seen.add(item["id"])
-                counts["kept"] += 1
-                yield item
-                if config.max_pairs is not None and counts["kept"] >= config.max_pairs:
-                    return
+                else:
+                    seen.add(item["id"])
+                    counts["kept"] += 1
+                    yield item
+                    if config.max_pairs is not None and counts["kept"] >= config.max_pairs:
+                        return
 
-    with StageWriter(output, STAGE, params, fp) as writer:
-        writer.write_samples(kept_pairs(), PREF_FEATURES)
-        writer.write_rejected(rejected)
-        writer.counts.update({**counts, "rejected": len(rejected)})
-        by_reason: dict[str, int] = {}
-        for rejection in rejected:
-            by_reason[rejection.reason] = by_reason.get(rejection.reason, 0) + 1
-        writer.extra["rejected_by_reason"] = by_reason
-        writer.extra["layout"] = layout
-        if config.split is not None:
-            writer.extra["split"] = config.split
+        with run.writer() as writer:
+            writer.write_samples(kept_pairs(), PREF_FEATURES)
+            writer.write_rejected(rejected)
+            writer.counts.update(counts)
+            by_reason: dict[str, int] = {}
+            for rejection in rejected:
+                by_reason[rejection.reason] = by_reason.get(rejection.reason, 0) + 1
+            writer.extra["rejected_by_reason"] = by_reason
+            writer.extra["layout"] = layout
+            if config.split is not None:
+                writer.extra["split"] = config.split
     return output
 
 
 def run_ingest_prefs(source: str, output: str, config: IngestPrefsConfig) -> Path:
-    """`t2i prefs`: see dpo/commands.py."""
+    """`t2i prefs`: see flows/cli.py."""
     return ingest_prefs(source, output, config)

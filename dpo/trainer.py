@@ -15,7 +15,6 @@ Recipe (step comments read top to bottom):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,14 +28,9 @@ from accelerate.state import AcceleratorState
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.store import (
-    Manifest,
-    StageWriter,
-    fingerprint,
-    is_done,
-    load_rejected,
-    params_hash,
-)
+from curate.seeds import seed_int, seed_unit
+from curate.stage_runtime import StageRun
+from curate.store import Manifest, fingerprint, load_rejected, params_hash
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.encode import EncodedPairs, EncodedPairSet, encode_pairs, native_resolution
 from dpo.ingest import STAGE as PREFS_STAGE
@@ -61,6 +55,8 @@ METRICS = "metrics.jsonl"
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
 NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume", "save_dtype")
+# Of those, the ones that never change the exported LoRA: a rerun differing only in them is skipped.
+VOLATILE = ("resume", "checkpoint_every")
 TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
 Pairs = EncodedPairs | EncodedPairSet  # in memory (dpo/proof.py) or streamed from disk
 
@@ -85,7 +81,7 @@ def scheduler_shift(model_dir: str | os.PathLike) -> float:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(seed_int(seed, "dpo-step", step))
 
 
 def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
@@ -148,7 +144,7 @@ def split_heldout(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pair
     """Hold out pairs by a hash of (seed, id): stable under reordering and across runs."""
 
     def score(pair_id: str) -> float:
-        return int(hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest()[:8], 16) / 2**32
+        return seed_unit(seed, "heldout", pair_id)
 
     held, train = [], []
     for i, pid in enumerate(pairs.ids):
@@ -318,21 +314,20 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
 def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     if not prefs.exists():
         raise FileNotFoundError(f"preference input {prefs} does not exist")
-    params = config.model_dump()
-    fp = fingerprint(prefs) + ":" + fingerprint(config.model)
-    if config.transformer_file:  # the single file's content, not just its path, picks the base
-        fp += ":" + fingerprint(config.transformer_file)
     if config.init_lora:
         check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
-        fp += ":" + fingerprint(config.init_lora)
-    if is_done(output, STAGE, params, fp):
-        return output
-    run_key = params_hash(
-        {k: v for k, v in params.items() if k not in NOT_IN_RUN_KEY} | {"input": fp}
-    )
-    root = output.parent / f".{output.name}.work"
-    work = root / run_key
-    work.mkdir(parents=True, exist_ok=True)
+    # a single-file transformer's content, not just its path, picks the base
+    reads = {"prefs": prefs, "model": config.model, "transformer_file": config.transformer_file}
+    reads["init_lora"] = config.init_lora
+    with StageRun(output, STAGE, config, reads, volatile=VOLATILE, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        return _train_dpo(run, prefs, config)
+
+
+def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
+    work = run.work_log(ignore=NOT_IN_RUN_KEY).path
+    root = work.parent  # the hidden .OUT.work/: the preference table and its encodings
     torch.manual_seed(config.seed)
     accelerator = make_accelerator(config)
 
@@ -420,7 +415,7 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
             "lora_alpha": lora_config.lora_alpha,
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
         }
-        with StageWriter(output, STAGE, params, fp) as writer:
+        with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
             shutil.copy(work / METRICS, writer.path / METRICS)
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -436,4 +431,4 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
             writer.extra.update(summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return output
+    return run.output

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from curate.executor import ExecutorOptions
+
 # Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
 # streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second
 # attention (attn2) too. Suffixes of module names inside `transformer_blocks`.
@@ -79,7 +81,7 @@ class SampleConfig(ModelFiles):
     )
 
 
-class PrecomputeConfig(VariantOption):
+class PrecomputeConfig(VariantOption, ExecutorOptions):
     model: str = Field(
         ...,
         description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set",

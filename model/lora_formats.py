@@ -224,8 +224,11 @@ def _metadata_alphas(metadata: Mapping[str, str] | None) -> tuple[float | None, 
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
         return None, {}
-    config = json.loads(raw)
-    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    try:
+        config = json.loads(raw)
+        config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    except (ValueError, AttributeError):
+        raise LoraFormatError(f"unreadable LoRA adapter metadata: {raw[:80]!r}") from None
     alpha = config.get("lora_alpha")
     return (float(alpha) if alpha is not None else None), {
         k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()
@@ -261,7 +264,10 @@ def from_state_dict(
         styles.add(_style(key))
         parts.setdefault(resolved, {})[split[1]] = tensor
     default_alpha, patterns = _metadata_alphas(metadata)
-    splits = json.loads((metadata or {}).get(QKV_RANKS_KEY) or "{}")
+    try:  # our own writer's record of fused q/k/v ranks; without it, split by structure
+        splits = dict(json.loads((metadata or {}).get(QKV_RANKS_KEY) or "{}"))
+    except (ValueError, TypeError):
+        splits = {}
     modules: dict[str, LoraModule] = {}
     for (naming, name), found in parts.items():
         if "down" not in found or "up" not in found:
@@ -355,7 +361,12 @@ def _split_qkv(fused: LoraModule, ranks: list[int] | None = None) -> list[LoraMo
     as our writer records them (0: no LoRA on that projection)."""
     rank, out = fused.rank, fused.up.shape[0] // 3
     ups = fused.up.split(out, dim=0)
-    if ranks is not None and sum(ranks) == rank:
+    valid = (
+        isinstance(ranks, list)
+        and len(ranks) == 3
+        and all(isinstance(r, int) and r >= 0 for r in ranks)
+    )
+    if valid and sum(ranks) == rank:
         parts: list[LoraModule | None] = []
         start = 0
         for i, r in enumerate(ranks):
@@ -568,7 +579,7 @@ def peft_state_dict(weights: LoraWeights, prefix: str = "transformer.") -> dict[
 
 
 def run_lora_convert(input: str, output: str, config) -> Path:
-    """`t2i lora-convert IN OUT --to FORMAT`: see model/commands.py."""
+    """`t2i lora-convert IN OUT --to FORMAT`: see flows/cli.py."""
     weights = read_lora(input)
     if weights.ignored:
         print(

@@ -12,11 +12,13 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from curate.stage_runtime import StageRun
 from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
 from model.lora import load_into_pipeline, read_lora_for
 
 LORA_ADAPTER = "lora"
+STAGE = "sample"
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -102,27 +104,34 @@ def trained_t5_length(model_dir: str | Path) -> int | None:
 
 
 def run_sample(config: SampleConfig) -> Path:
-    # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.
-    lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
-    pipe = load_pipeline(
-        config.model,
-        config.device,
-        parse_dtype(config.dtype),
-        variant=config.variant,
-        transformer_file=config.transformer_file,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    prompts = read_prompts(config.prompt, config.prompts)
-    out = Path(config.out)
-    t5_length = config.max_sequence_length or trained_t5_length(config.model) or 256
-    options = (config.steps, config.guidance_scale, config.height, config.width, t5_length)
-    if lora is None:
-        _save(generate(pipe, prompts, config.seed, *options), out)
-        return out
-    load_lora(pipe, lora, config.lora_scale)
-    pipe.disable_lora()
-    base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
-    pipe.enable_lora()
-    adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
-    side_by_side(base, adapted).save(out / "grid.png")
-    return out
+    reads = {"model": config.model, "lora": config.lora, "prompts": config.prompts}
+    reads["transformer_file"] = config.transformer_file
+    with StageRun(config.out, STAGE, config, reads, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.
+        lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
+        pipe = load_pipeline(
+            config.model,
+            config.device,
+            parse_dtype(config.dtype),
+            variant=config.variant,
+            transformer_file=config.transformer_file,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        prompts = read_prompts(config.prompt, config.prompts)
+        t5_length = config.max_sequence_length or trained_t5_length(config.model) or 256
+        options = (config.steps, config.guidance_scale, config.height, config.width, t5_length)
+        with run.writer(tables=False) as writer:
+            out = writer.path
+            if lora is None:
+                _save(generate(pipe, prompts, config.seed, *options), out)
+            else:
+                load_lora(pipe, lora, config.lora_scale)
+                pipe.disable_lora()
+                base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
+                pipe.enable_lora()
+                adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
+                side_by_side(base, adapted).save(out / "grid.png")
+            writer.counts["images"] = len(prompts) * len(config.seed) * (1 if lora is None else 2)
+    return run.output

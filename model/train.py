@@ -20,7 +20,8 @@ from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.store import Manifest, fingerprint, is_done, library_versions
+from curate.stage_runtime import StageRun
+from curate.store import Manifest, library_versions
 from model import rectified_flow as rf
 from model.build import (
     build_transformer,
@@ -46,6 +47,8 @@ from model.objective import FlowSettings, draw_noise_and_time, training_loss, va
 from model.train_data import BatchPlan, EncodedReader, load_batch, split_indices
 
 STAGE = "train"
+# Options that never change the trained weights: a rerun that differs only in them is skipped.
+VOLATILE = ("resume", "checkpoints_total_limit")
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -201,18 +204,26 @@ def ema_copy(transformer: torch.nn.Module, ema: EMA) -> torch.nn.Module:
 
 
 def train(
-    reader: EncodedReader, output: str | Path, config: TrainConfig, input_fingerprint: str = ""
+    reader: EncodedReader,
+    output: str | Path,
+    config: TrainConfig,
+    input_fingerprint: str = "",
+    run: StageRun | None = None,
 ) -> Path:
     """Train on READER's samples and write OUTPUT as a diffusers SD3 folder; returns OUTPUT."""
     try:
-        return _train(reader, Path(output), config, input_fingerprint)
+        return _train(reader, Path(output), config, input_fingerprint, run)
     finally:
         # accelerate keeps a process-wide singleton; clear it so a later stage (DPO) can build its own.
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _train(
-    reader: EncodedReader, output: Path, config: TrainConfig, input_fingerprint: str
+    reader: EncodedReader,
+    output: Path,
+    config: TrainConfig,
+    input_fingerprint: str,
+    run: StageRun | None = None,
 ) -> Path:
     started = time.time()
     work = output / "training"
@@ -423,14 +434,27 @@ def _train(
                 Path(config.model), final, output, exported_shift(config, shift), config.variant
             )
         (work / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
-        Manifest(
-            stage=STAGE, parameters=config.model_dump(), input_fingerprint=input_fingerprint,
-            counts={"train": len(train_idx), "validation": len(val_idx), "steps": config.max_steps},
-            versions=library_versions(), wall_time_s=round(time.time() - started, 2),
-            extra={"shift": shift, "t5_length": int(first["text"].t5.shape[-2]),
-                   "unconditional": config.unconditional, "batches_per_epoch": plan.batches_per_epoch,
-                   "epochs": math.ceil(config.max_steps * config.grad_accum * world / plan.batches_per_epoch)},
-        ).write(output)  # fmt: skip
+        counts = {"train": len(train_idx), "validation": len(val_idx), "steps": config.max_steps}
+        epochs = math.ceil(config.max_steps * config.grad_accum * world / plan.batches_per_epoch)
+        extra = {
+            "shift": shift,
+            "t5_length": int(first["text"].t5.shape[-2]),
+            "unconditional": config.unconditional,
+            "batches_per_epoch": plan.batches_per_epoch,
+            "epochs": epochs,
+        }
+        if run is not None:  # `t2i train`: the stage contract writes config.toml and the manifest
+            run.commit_in_place(counts, extra, time.time() - started)
+        else:
+            Manifest(
+                stage=STAGE,
+                parameters=config.model_dump(),
+                input_fingerprint=input_fingerprint,
+                counts=counts,
+                versions=library_versions(),
+                wall_time_s=round(time.time() - started, 2),
+                extra=extra,
+            ).write(output)
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -438,11 +462,13 @@ def _train(
 
 
 def run_train(encoded: str, output: str, config: TrainConfig) -> Path:
-    """`t2i train ENCODED OUTPUT --model DIR`: see model/commands.py."""
+    """`t2i train ENCODED OUTPUT --model DIR`: see flows/cli.py."""
     from model.encoded import EncodedDataset
 
-    input_fp = fingerprint(encoded)
-    if config.resume is None and is_done(output, STAGE, config.model_dump(), input_fp):
-        print(f"{output} is already trained from {encoded} with these options; nothing to do")
-        return Path(output)
-    return train(EncodedDataset(encoded), output, config, input_fp)
+    reads = {"encoded": encoded, "model": config.model, "init_from": config.init_from}
+    reads["transformer_file"] = config.transformer_file
+    with StageRun(output, STAGE, config, reads, volatile=VOLATILE, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        run.invalidate()  # the output is rewritten in place: it must not look finished meanwhile
+        return train(EncodedDataset(encoded), output, config, run.input_fingerprint, run)

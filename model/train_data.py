@@ -9,7 +9,6 @@ captioning stage's hash-based choice for (seed, step, id). Works with any reader
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from captioning.mixing import caption_variant
+from curate.seeds import seed_int, seed_unit
 from model.conditioning import TextEncoding
 
 
@@ -53,11 +53,6 @@ class Batch:
         )
 
 
-def _unit_hash(*parts: object) -> float:
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
 def split_indices(
     ids: list[str], val_fraction: float, val_max: int, seed: int = 0
 ) -> tuple[list[int], list[int]]:
@@ -66,7 +61,7 @@ def split_indices(
         raise ValueError("the encoded set is empty: nothing to train on")
     n_val = min(val_max, math.ceil(val_fraction * len(ids))) if val_fraction > 0 else 0
     n_val = min(n_val, len(ids) - 1)  # always keep one sample to train on
-    ranked = sorted(range(len(ids)), key=lambda i: _unit_hash("val", seed, ids[i]))
+    ranked = sorted(range(len(ids)), key=lambda i: seed_unit("val", seed, ids[i]))
     val = sorted(ranked[:n_val])
     train = sorted(ranked[n_val:])
     return train, val
@@ -101,7 +96,7 @@ class BatchPlan:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(hash_seed(self.seed, "epoch", epoch))
+            generator = torch.Generator().manual_seed(seed_int(self.seed, "epoch", epoch))
             batches = []
             for key in sorted(self.groups):
                 group = self.groups[key]
@@ -118,12 +113,6 @@ class BatchPlan:
     def micro_batch(self, j: int) -> list[int]:
         epoch, position = divmod(j, self.batches_per_epoch)
         return self.epoch_batches(epoch)[position]
-
-
-def hash_seed(*parts: object) -> int:
-    """A 63-bit generator seed from any parts, e.g. (seed, "noise", step)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 def load_batch(

@@ -68,7 +68,7 @@ def test_ties_identical_undecodable_and_captionless_pairs_are_rejected_with_reas
     assert rejected[reasons.TIE]["score"] == 0.5
     assert "winner" in rejected[reasons.UNDECODABLE]["detail"]
     manifest = Manifest.read(out)
-    assert manifest.counts == {"in": 6, "kept": 2, "rejected": 4}
+    assert manifest.counts == {"input": 6, "kept": 2, "rejected": 4}
     assert manifest.extra["layout"] == "pickapic"
 
 
@@ -243,7 +243,7 @@ def test_published_pickapic_rows_without_a_usable_label_are_rejected_with_their_
     }
     assert "1.5" in rejected["4"]["detail"] and "None" in rejected["5"]["detail"]
     manifest = Manifest.read(out)
-    assert manifest.counts == {"in": 6, "kept": 1, "rejected": 5}
+    assert manifest.counts == {"input": 6, "kept": 1, "rejected": 5}
     assert manifest.extra["rejected_by_reason"] == {
         reasons.UNLABELED: 1,
         reasons.NOT_DIFFERENT: 1,
@@ -296,7 +296,7 @@ def test_max_pairs_stops_once_that_many_pairs_are_kept(hub_download, tmp_path):
     config = IngestPrefsConfig(split="train", max_pairs=3)
     out = ingest_prefs(hub_download, tmp_path / "prefs", config)
     assert list(load_samples(out)["caption"]) == ["train 1", "train 2", "train 3"]
-    assert Manifest.read(out).counts == {"in": 3, "kept": 3, "rejected": 0}
+    assert Manifest.read(out).counts == {"input": 3, "kept": 3, "rejected": 0}
 
 
 def test_a_saved_dataset_dict_needs_a_split_too(tmp_path):
