@@ -1,14 +1,14 @@
 """`t2i init-captioner OUT --preset tiny`: a random-weight LLaVA folder built offline.
 
-The other presets, tiny-florence2 and tiny-qwen2vl, are in captioning/tiny_florence2.py and
-captioning/tiny_qwen2vl.py; they share this module's tokenizer.
-
 A real transformers image-text-to-text architecture (LLaVA: a CLIP vision tower, a two-layer
 projector and a Llama decoder), with a LlavaProcessor whose PIL image processor, WordPiece
 tokenizer and chat template are built here, deterministically, with no hub files. The saved
 folder loads with `AutoProcessor` + `AutoModelForImageTextToText`, exactly like a real VLM
 folder, so tests and the demo exercise the real captioning path. Random weights generate
 word salad; the stage's cleaning and truncation treat it like any other answer.
+
+The other presets, tiny-florence2 and tiny-qwen2vl, are built in captioning/tiny_florence2.py
+and captioning/tiny_qwen2vl.py with this module's tokenizer.
 """
 
 from __future__ import annotations

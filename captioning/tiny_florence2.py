@@ -8,7 +8,7 @@ that `Florence2Processor` expands into questions. The twin is the transformers-n
 processor and the word-piece tokenizer of captioning/tiny.py, so the real loading, prompting and
 decoding path runs in tests. Output embeddings are not tied to the input ones: with tied random
 weights the decoder echoes its start token, which is the end token, and every answer would be
-empty.
+empty. The text weights are initialised large enough that answers depend on the image and prompt.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ TEXT = {
     "encoder_ffn_dim": 128,
     "decoder_ffn_dim": 128,
     "max_position_embeddings": 256,
+    # Weights 15x larger than BART's default init: at 0.02 the random decoder barely reads the
+    # encoder and answers every image and prompt alike, which would hide batching mistakes.
+    "init_std": 0.3,
 }
 
 

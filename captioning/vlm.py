@@ -112,7 +112,10 @@ class LocalVLM:
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
-            tokenizer.padding_side = "left"  # batched decoder-only generation pads on the left
+            # Batched decoder-only generation pads on the left, so every answer continues its
+            # prompt; an encoder reads its prompt whole, with absolute positions (BART's), so an
+            # encoder-decoder pads on the right, where padding moves no token.
+            tokenizer.padding_side = "right" if self.encoder_decoder else "left"
 
     @property
     def has_chat_template(self) -> bool:

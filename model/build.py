@@ -3,6 +3,14 @@
 `init_model` writes a random-weight SD3 pipeline folder that
 `StableDiffusion3Pipeline.from_pretrained(folder)` loads offline; `load_pipeline` is the same
 loading code users run on real SD3/SD3.5 folders.
+
+Every stage loads through this module: `load_pipeline` (sampling), `load_component` (one encoder,
+tokenizer or the VAE), `load_transformer` (training, DPO). Each takes `variant` (fp16: the
+`*.fp16.safetensors` files), accepts T5-less folders (`has_t5` False: text_encoder_3 null in
+model_index.json; callers feed zeros in T5's place, as the pipeline does), and
+`load_transformer`/`load_pipeline` take `transformer_file`, a Stability single-file MMDiT
+checkpoint converted by diffusers' `from_single_file` with the folder's transformer config.
+Every failure is a `ModelFolderError` whose one-line message names the path and what was expected.
 """
 
 from __future__ import annotations

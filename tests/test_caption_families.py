@@ -75,6 +75,20 @@ def test_florence2_answers_are_the_whole_decoder_output(florence):
     assert inputs["input_ids"].shape[1] > output.shape[1]
 
 
+def test_florence2_batches_answer_as_one_image_at_a_time(florence):
+    vlm = LocalVLM(florence)
+    images, settings = _images(3), GenerationSettings(10)
+    prompts = [
+        "<CAPTION>",
+        "Describe this image in great detail, please.",
+        "<MORE_DETAILED_CAPTION>",
+    ]
+    batched = vlm.generate(images, prompts, settings)  # prompts of different lengths: padding
+    single = [vlm.generate([i], [p], settings)[0] for i, p in zip(images, prompts)]
+    assert batched == single
+    assert len(set(vlm.generate(images, ["<CAPTION>"] * 3, settings))) == 3  # the image matters
+
+
 def test_florence2_task_tokens_expand_to_their_questions(florence):
     processor = load_processor(florence)
     ids = {
@@ -143,7 +157,8 @@ def test_processor_kwargs_on_the_command_line_are_json(qwen, caption_store, tmp_
     argv += ["--processor-kwargs", "max_pixels=256"]
     with pytest.raises(SystemExit) as exit_info:
         t2i(argv)
-    assert exit_info.value.code == 2 and "not valid JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--processor-kwargs" in err and "JSON" in err
 
 
 # --- both families through the stage: transformers backend and t2i serve-captioner -----------
