@@ -419,7 +419,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
             shutil.copy(work / METRICS, writer.path / METRICS)
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
-            writer.write_rejected(load_rejected(table_dir))
+            # the ingest's rejections, then images the encoder could not encode (`<pair id>.w` / `.l`)
+            writer.write_rejected([*load_rejected(table_dir), *load_rejected(pairs.directory)])
             writer.counts.update(
                 {
                     "pairs": len(pairs),

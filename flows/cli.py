@@ -281,9 +281,10 @@ COMMANDS: tuple[Command, ...] = (
         "ingest preference pairs (Pick-a-Pic v2, generic, or a folder of pairs)",
         "Reads Pick-a-Pic v2 (caption, jpg_0, jpg_1, label_0; parquet or a saved dataset), a "
         "generic layout (caption, image_w, image_l) or a folder with one sub-folder per pair "
-        "(caption.txt, winner.*, loser.*) and writes a preference table. Ties (label 0.5), "
-        "identical images, undecodable images and empty captions go to rejected/ with their "
-        "reason.",
+        "(caption.txt, winner.*, loser.*) and writes a preference table. Ties (label 0.5), rows "
+        "with has_label or are_different false or labels not summing to 1, identical images, "
+        "undecodable images and empty captions go to rejected/ with their reason. A hub-layout "
+        "folder (data/SPLIT-00000-of-NNNNN.parquet) is read one --split at a time.",
         IngestPrefsConfig,
         prefs,
         (("source", "preference data in any supported layout"), ("output", "output directory")),
