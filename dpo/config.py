@@ -20,6 +20,9 @@ ALL_BLOCK_LINEARS = [
     "norm1.linear", "norm1_context.linear",
 ]  # fmt: skip
 
+# The attention projections of both streams only (no feed-forward, no AdaLN modulation).
+ATTENTION_PROJECTIONS = [name for name in ALL_BLOCK_LINEARS if name.startswith(("attn.", "attn2."))]
+
 
 class IngestPrefsConfig(BaseModel):
     layout: Literal["auto", "pickapic", "generic", "folder"] = Field(
@@ -42,9 +45,27 @@ class DPOConfig(BaseModel):
     beta: float = Field(
         5000.0,
         gt=0.0,
-        description="DPO strength beta, in units of 1 / (per-element mean squared velocity error): "
-        "loss = -log sigmoid(-beta/2 * ((err_w - ref_w) - (err_l - ref_l))); 5000 is Diffusion-DPO's "
-        "SD1.5/SDXL value in the same per-element-mean units",
+        description="DPO strength beta, in units of 1 / (per-element mean squared noise-prediction error), "
+        "Diffusion-DPO's units: loss = -log sigmoid(-beta/2 * ((err_w - ref_w) - (err_l - ref_l))) with "
+        "each err the velocity MSE times (1 - t)^2 (see --error-units)",
+    )
+    error_units: Literal["noise", "velocity"] = Field(
+        "noise",
+        description="units of the per-sample errors inside the loss: noise = velocity MSE x (1 - t)^2, "
+        "the noise-prediction MSE Diffusion-DPO's beta refers to; velocity = the raw velocity MSE "
+        "(beta then acts 1/(1-t)^2 times stronger: ~16x at SD3's median t with shift 3)",
+    )
+    dpop_lambda: float = Field(
+        0.0,
+        ge=0.0,
+        description="DPO-Positive (Pal et al. 2024) penalty lambda: the margin loses "
+        "beta/2 * lambda * max(0, err_w - ref_w), so winners may not get worse than the reference; 0 = off",
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight gamma of an SFT term on winners, + gamma * beta/2 * mean(err_w - ref_w) "
+        "(the winners' diffusion loss in the DPO term's units); 0 = off",
     )
     lr: float = Field(1e-5, gt=0.0, description="AdamW learning rate of the LoRA matrices")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -63,7 +84,12 @@ class DPOConfig(BaseModel):
     steps: int = Field(
         4000, ge=1, description="optimizer steps (SD3 appendix C: 4k for the 2B model)"
     )
-    batch: int = Field(4, ge=1, description="preference pairs per step")
+    batch: int = Field(4, ge=1, description="preference pairs per micro-batch")
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimizer step (effective batch = batch x grad_accum)",
+    )
     resolution: int | None = Field(
         None, description="square training resolution in pixels; default: the model's native size"
     )
@@ -84,6 +110,29 @@ class DPOConfig(BaseModel):
         ge=0.0,
         lt=1.0,
         description="pairs held out (by a hash of their id) for the final implicit accuracy",
+    )
+    eval_seeds: int = Field(
+        4,
+        ge=0,
+        description="after training, sample each evaluation caption with seeds 0..N-1 without and with "
+        "the LoRA (side by side in OUT/eval/, win rate under --scorer in report.md); 0 = skip",
+    )
+    eval_captions: list[str] = Field(
+        default_factory=list,
+        description="captions for that comparison; default: the held-out pairs' captions",
+    )
+    eval_max_captions: int = Field(
+        4, ge=1, description="at most this many held-out captions when --eval-captions is not given"
+    )
+    eval_steps: int = Field(28, ge=1, description="sampling steps of the comparison")
+    eval_guidance: float = Field(
+        7.0, ge=1.0, description="classifier-free guidance of the comparison"
+    )
+    scorer: str | None = Field(
+        None,
+        description="judge of the comparison: a local CLIP-style preference model folder (e.g. PickScore, "
+        "a CLIPModel with its processor) or attribute:warm / attribute:bright (t2i make-prefs' attribute); "
+        "report.md then gives the LoRA's win rate over the base",
     )
     log_every: int = Field(10, ge=1, description="steps per metrics row in metrics.jsonl")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from curate.store import (
 )
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.encode import EncodedPairs, encode_pairs, native_resolution
+from dpo.evaluate import evaluate_samples, report_markdown
+from dpo.guard import guard_summary, winner_drift_warning
 from dpo.ingest import STAGE as PREFS_STAGE
 from dpo.ingest import ingest_prefs
 from dpo.lora import (
@@ -43,7 +46,7 @@ from dpo.lora import (
     lora_parameters,
     save_lora_state,
 )
-from dpo.loss import DPOTerms, diffusion_dpo_loss
+from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
 from model.build import parse_dtype
 from model.conditioning import TextEncoding
 from model.objective import flow_loss
@@ -54,7 +57,19 @@ METRICS = "metrics.jsonl"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
-NOT_IN_RUN_KEY = ("steps", "log_every", "checkpoint_every", "resume")
+NOT_IN_RUN_KEY = (
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "resume",
+    "eval_captions",
+    "eval_max_captions",
+    "eval_seeds",
+    "eval_steps",
+    "eval_guidance",
+    "scorer",
+)
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(ValueError):
@@ -89,15 +104,19 @@ def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch
     )
 
 
-def dpo_terms(transformer, pairs: EncodedPairs, t, noise, beta: float, reference=None) -> DPOTerms:
-    """Winner and loser in one forward batch with shared t and noise; reference = adapter off (or a copy)."""
+def dpo_terms(
+    transformer, pairs: EncodedPairs, t, noise, config: DPOConfig, reference=None
+) -> DPOTerms:
+    """Winner and loser in one forward batch with shared t and noise; reference = adapter off (or
+    a copy). Errors enter the loss in the configured units (dpo/loss.py: noise-equivalent)."""
     device = next(transformer.parameters()).device
     text = pairs.text.to(device)
     both = TextEncoding(
         **{f.name: torch.cat([getattr(text, f.name)] * 2) for f in fields(TextEncoding)}
     )
     latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
-    args = (latents, torch.cat([noise, noise]).to(device), torch.cat([t, t]).to(device), both)
+    times = torch.cat([t, t]).to(device)
+    args = (latents, torch.cat([noise, noise]).to(device), times, both)
     errors = velocity_errors(transformer, *args)
     with torch.no_grad():
         if reference is None:
@@ -108,8 +127,18 @@ def dpo_terms(transformer, pairs: EncodedPairs, t, noise, beta: float, reference
                 transformer.enable_adapters()
         else:
             ref_errors = velocity_errors(reference, *args)
+    if config.error_units == "noise":
+        errors, ref_errors = noise_equivalent(errors, times), noise_equivalent(ref_errors, times)
     n = len(pairs)
-    return diffusion_dpo_loss(errors[:n], errors[n:], ref_errors[:n], ref_errors[n:], beta)
+    return diffusion_dpo_loss(
+        errors[:n],
+        errors[n:],
+        ref_errors[:n],
+        ref_errors[n:],
+        config.beta,
+        config.dpop_lambda,
+        config.sft_weight,
+    )
 
 
 def draw(
@@ -159,7 +188,7 @@ def implicit_accuracy(
             t = sample_timesteps(len(chunk), config.density, m=config.logit_mean, s=config.logit_std,
                                  mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
             noise = torch.randn(chunk.latents_w.shape, generator=generator)
-            margin = dpo_terms(transformer, chunk, t, noise, config.beta).margin
+            margin = dpo_terms(transformer, chunk, t, noise, config).margin
             correct += int((margin > 0).sum())
             total += len(chunk)
     return correct / total
@@ -200,6 +229,7 @@ def train_lora(
     )
     metrics_path = work / METRICS
     window: list[dict[str, float]] = []
+    warned = winner_drift_warning(_metrics_rows(metrics_path)) is not None
     transformer.train()
     for step in tqdm(
         range(start_step, config.steps),
@@ -208,33 +238,47 @@ def train_lora(
         initial=start_step,
         total=config.steps,
     ):
-        chosen, t, noise = draw(
-            pairs, config.batch, step_generator(config.seed, step), config, shift
-        )
-        terms = dpo_terms(transformer, chosen, t, noise, config.beta)
-        if not torch.isfinite(terms.loss):
-            raise NonFiniteLoss(
-                f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
-                f"before applying it. Checkpoints in {work} hold the last good state: lower --lr or --beta "
-                "(or use --dtype fp32) and rerun"
-            )
         optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
+        parts = []
+        for micro in range(config.grad_accum):  # draws depend on (seed, step, micro) only
+            generator = step_generator(config.seed, step * config.grad_accum + micro)
+            chosen, t, noise = draw(pairs, config.batch, generator, config, shift)
+            terms = dpo_terms(transformer, chosen, t, noise, config)
+            if not torch.isfinite(terms.loss):
+                raise NonFiniteLoss(
+                    f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
+                    f"before applying it. Checkpoints in {work} hold the last good state: lower --lr or --beta "
+                    "(or use --dtype fp32) and rerun"
+                )
+            (terms.loss / config.grad_accum).backward()
+            parts.append(terms.metrics())
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(transformer), config.grad_clip)
         optimizer.step()
-        window.append({**terms.metrics(), "grad_norm": float(grad_norm)})
+        window.append({**_mean_rows(parts), "grad_norm": float(grad_norm)})
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            row = {
-                "step": step + 1,
-                **{k: sum(m[k] for m in window) / len(window) for k in window[0]},
-            }
+            row = {"step": step + 1, **_mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             window = []
+            if not warned and (message := winner_drift_warning(_metrics_rows(metrics_path))):
+                warned = True
+                log.warning(message)
+                tqdm.write(f"warning: {message}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             _save_checkpoint(work, step + 1, transformer, optimizer)
     transformer.eval()
     return optimizer
+
+
+def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def _metrics_rows(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl (none when it does not exist yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _metrics_until(path: Path, step: int) -> None:
@@ -254,6 +298,15 @@ def resolve_prefs(prefs: Path, work: Path) -> Path:
     if manifest is not None and manifest.stage == PREFS_STAGE:
         return prefs
     return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
+
+
+def eval_captions(config: DPOConfig, rows, pairs: EncodedPairs) -> list[str]:
+    """--eval-caption, else the first distinct captions of PAIRS (the held-out ones when any)."""
+    if config.eval_captions:
+        return list(config.eval_captions)
+    by_id = dict(zip(rows["id"], rows["caption"], strict=True))
+    distinct = dict.fromkeys(by_id[i] for i in pairs.ids if i in by_id)
+    return list(distinct)[: config.eval_max_captions]
 
 
 def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConfig) -> Path:
@@ -310,11 +363,34 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
                "heldout_implicit_acc": implicit_accuracy(transformer, heldout, config, shift) if heldout else None,
                "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
                "resolution": resolution, "shift": shift, "resumed_from_step": start,
-               "lora_parameters": sum(p.numel() for p in lora_parameters(transformer))}  # fmt: skip
+               "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
+               "guard": guard_summary(_metrics_rows(work / METRICS))}  # fmt: skip
     with StageWriter(output, STAGE, params, fp) as writer:
         export_lora(transformer, lora_config, writer.path)
+        del transformer, optimizer  # the evaluation loads the stock pipeline instead
         shutil.copy(work / METRICS, writer.path / METRICS)
+        # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
+        captions = eval_captions(config, load_samples(table_dir), heldout or train)
+        if config.eval_seeds and captions:
+            seeds = list(range(config.eval_seeds))
+            summary["sample_eval"] = asdict(
+                evaluate_samples(
+                    config.model,
+                    writer.path,
+                    captions,
+                    seeds,
+                    writer.path,
+                    config.eval_steps,
+                    config.eval_guidance,
+                    config.scorer,
+                    config.device,
+                    config.dtype,
+                )
+            )
+            if summary["sample_eval"]["win_rate"] is not None:
+                summary["sample_win_rate"] = summary["sample_eval"]["win_rate"]
         (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        (writer.path / "report.md").write_text(report_markdown(summary))
         writer.write_rejected(load_rejected(table_dir))
         writer.counts.update(
             {
