@@ -1,5 +1,6 @@
 """Diffusion-DPO loss on per-sample velocity errors (dpo/loss.py)."""
 
+import json
 import math
 
 import pytest
@@ -139,3 +140,56 @@ def test_guard_warns_once_winners_are_worse_in_consecutive_windows():
     assert summary["winner_drift"] == 0.04 and summary["worse_windows"] == 3
     assert summary["saturated_frac"] == 0.8 and summary["warning"] == message
     assert guard_summary([])["warning"] is None
+
+
+# --- the trainer's use of them (dpo/trainer.py) ---
+
+
+def _random_pairs(n: int, seed: int = 0):
+    from dpo.encode import EncodedPairs
+    from model.conditioning import TextEncoding
+
+    g = torch.Generator().manual_seed(seed)
+    text = TextEncoding(
+        clip_l=torch.randn(n, 77, 32, generator=g),
+        clip_l_pooled=torch.randn(n, 32, generator=g),
+        clip_g=torch.randn(n, 77, 48, generator=g),
+        clip_g_pooled=torch.randn(n, 48, generator=g),
+        t5=torch.randn(n, 8, 96, generator=g),
+        t5_mask=torch.ones(n, 8, dtype=torch.long),
+    )
+    latents = [torch.randn(n, 16, 8, 8, generator=g) for _ in range(2)]
+    return EncodedPairs([f"p{i}" for i in range(n)], *latents, text)
+
+
+def test_trainer_takes_errors_in_noise_units_and_averages_accumulated_micro_batches(
+    tiny_model_dir, tmp_path
+):
+    from dpo.config import DPOConfig
+    from dpo.lora import add_lora, lora_parameters
+    from dpo.trainer import dpo_terms, draw, load_transformer, step_generator, train_lora
+
+    transformer = load_transformer(tiny_model_dir, "cpu", torch.float32)
+    add_lora(transformer, 4, 4.0, ["attn.to_q", "attn.to_v"], seed=0)
+    pairs = _random_pairs(6)
+    t, noise = torch.tensor([0.2, 0.9]), torch.randn(2, 16, 8, 8)
+    chosen = pairs.select([0, 1])
+    base = {"model": tiny_model_dir, "rank": 4, "alpha": 4.0}
+    in_noise = dpo_terms(transformer, chosen, t, noise, DPOConfig(**base))
+    in_velocity = dpo_terms(
+        transformer, chosen, t, noise, DPOConfig(**base, error_units="velocity")
+    )
+    assert torch.allclose(in_noise.err_w, (1 - t) ** 2 * in_velocity.err_w)
+    assert torch.allclose(in_noise.ref_l, (1 - t) ** 2 * in_velocity.ref_l)
+
+    config = DPOConfig(**base, batch=2, grad_accum=2, steps=1, log_every=1, lr=1e-2, beta=100.0)
+    expected = []
+    for micro in range(2):  # step 0's two micro-batches, drawn before the update
+        picked, t_m, noise_m = draw(pairs, 2, step_generator(config.seed, micro), config, 1.0)
+        expected.append(dpo_terms(transformer, picked, t_m, noise_m, config).metrics()["err_w"])
+    before = [p.detach().clone() for p in lora_parameters(transformer)]
+    train_lora(transformer, pairs, config, tmp_path, shift=1.0)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 1 and row["err_w"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+    assert {"winner_drift", "saturated_frac", "loser_drift"} <= set(row)
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora_parameters(transformer)))
