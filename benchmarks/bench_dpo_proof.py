@@ -109,8 +109,8 @@ def sweep(args) -> None:
             error_units=row["units"],
             dpop_lambda=row["dpop_lambda"],
             sft_weight=row["sft_weight"],
-            steps=args.steps,
-            batch=args.batch,
+            max_steps=args.steps,
+            batch_size=args.batch,
             grad_accum=args.accum,
             log_every=10,
         )
@@ -185,7 +185,7 @@ def table(args) -> None:
 
 def proof(args) -> None:
     model, data = build_base(args.cache, args.preset, steps=args.base_steps)
-    config = DPOConfig(model=str(model), steps=args.steps, log_every=10)
+    config = DPOConfig(model=str(model), max_steps=args.steps, log_every=10)
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_proof(model, data, config, tmp, seeds=args.seeds)

@@ -46,6 +46,18 @@ class CaptionConfig(BaseModel):
     timeout_s: float = Field(
         120.0, gt=0, description="seconds to wait for one response (backend openai)"
     )
+    request_deadline_s: float = Field(
+        300.0,
+        gt=0,
+        description="most seconds one request may take in all, however slowly the server "
+        "sends (backend openai); a row that misses it fails with that reason, unretried",
+    )
+    max_response_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="largest answer read from the server (bytes, backend openai); a larger one "
+        "fails its row unread past the limit",
+    )
     prompt: Literal["detailed", "hint"] = Field(
         "detailed",
         description="'detailed': a plain detailed-description prompt; 'hint': PixArt-style, "
@@ -120,6 +132,16 @@ class ServeCaptionerConfig(BaseModel):
     model_class: str | None = Field(
         None,
         description="transformers class to load the model with (default: AutoModelForImageTextToText)",
+    )
+    max_body_bytes: int = Field(
+        32 << 20,
+        ge=1024,
+        description="largest request body accepted (bytes); a larger Content-Length is answered 413 unread",
+    )
+    max_tokens_limit: int = Field(
+        512,
+        ge=1,
+        description="most tokens one request may generate; a larger max_tokens is lowered to this",
     )
     fail_first: int = Field(
         0, ge=0, description="answer the first N chat requests with an error (client retry drills)"

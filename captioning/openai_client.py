@@ -6,13 +6,19 @@ Each row is one `POST {endpoint}/chat/completions` with the image as a base64 da
 connection is retried with exponential backoff (honouring `Retry-After`); other 4xx answers
 fail that row only. A server that cannot be reached at all stops the run with a clear error
 (finished chunks are kept for the rerun). The API key is read from an environment variable
-and only ever sent as a header: it is never logged, printed or recorded.
+and only ever sent as a header: it is never logged, printed or recorded, and neither is a
+`user:password@` part of the endpoint URL.
+
+A request is bounded in time and size, not only per read: the answer is streamed, and a row
+fails (unretried) once `request_deadline_s` has passed or `max_response_bytes` have arrived, so
+a server that drips one byte at a time, or answers with gigabytes, costs one row.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import threading
 import time
@@ -23,6 +29,7 @@ import httpx
 
 from captioning.backends import Answer, Progress, Request, settings_from
 from captioning.config import CaptionConfig
+from curate.redact import strip_url
 
 PASSTHROUGH_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -31,6 +38,10 @@ MAX_BACKOFF_S = 60.0
 
 class EndpointError(ValueError):
     """The server cannot be reached, or is not an OpenAI-compatible chat-completions server."""
+
+
+class _Unbounded(Exception):
+    """An answer that ran past the request deadline or the response size limit."""
 
 
 def data_url(request: Request) -> str:
@@ -83,6 +94,7 @@ class OpenAIBackend:
             )
         self.config = config
         self.endpoint = config.endpoint.rstrip("/")
+        self.shown = strip_url(self.endpoint)  # what messages (and so reports) may name
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(config.api_key_env, "")
         if key:
@@ -106,13 +118,13 @@ class OpenAIBackend:
         if response.status_code == 404:
             self.client.close()
             raise EndpointError(
-                f"{self.endpoint}/models answered 404: the endpoint is not an OpenAI-compatible API "
+                f"{self.shown}/models answered 404: the endpoint is not an OpenAI-compatible API "
                 "base URL; it usually ends in /v1 (e.g. http://127.0.0.1:8000/v1)"
             )
 
     def _unreachable(self, error: Exception) -> str:
         return (
-            f"cannot reach the OpenAI-compatible server at {self.endpoint} "
+            f"cannot reach the OpenAI-compatible server at {self.shown} "
             f"({type(error).__name__}: {error or 'no detail'}); start it (e.g. `t2i serve-captioner "
             "MODEL_DIR --port 8000`, or `vllm serve MODEL`) or fix --endpoint"
         )
@@ -132,11 +144,13 @@ class OpenAIBackend:
         for attempt in range(attempts):
             if self._stop.is_set():
                 raise EndpointError(
-                    f"the server at {self.endpoint} stopped answering; rerun to resume"
+                    f"the server at {self.shown} stopped answering; rerun to resume"
                 )
             retry_after = None
             try:
-                response = self.client.post(f"{self.endpoint}/chat/completions", json=body)
+                response, content = self._bounded_post(body)
+            except _Unbounded as error:
+                return Answer(error=str(error))
             except httpx.TransportError as error:
                 if attempt == attempts - 1:
                     self._stop.set()
@@ -144,10 +158,11 @@ class OpenAIBackend:
             else:
                 if response.status_code == 200:
                     try:
-                        return Answer(text=answer_text(response.json()))
+                        return Answer(text=answer_text(json.loads(content)))
                     except (ValueError, KeyError, IndexError, TypeError) as error:
-                        return Answer(error=f"malformed response from {self.endpoint}: {error}")
-                detail = f"HTTP {response.status_code}: {response.text[:300]}"
+                        return Answer(error=f"malformed response from {self.shown}: {error}")
+                text = content[:300].decode("utf-8", "replace")
+                detail = f"HTTP {response.status_code}: {text}"
                 if response.status_code not in RETRY_STATUS:
                     return Answer(error=detail)
                 if attempt == attempts - 1:
@@ -156,6 +171,35 @@ class OpenAIBackend:
             delay = self.config.retry_backoff_s * 2**attempt
             time.sleep(min(MAX_BACKOFF_S, retry_after if retry_after is not None else delay))
         raise AssertionError("unreachable")
+
+    def _bounded_post(self, body: dict[str, Any]) -> tuple[httpx.Response, bytes]:
+        """POST BODY and read the answer, within the request deadline and the size limit.
+
+        Each read waits at most the time left, and the deadline is checked after every chunk, so
+        a request takes at most `request_deadline_s` plus one network read.
+        """
+        limit, seconds = self.config.max_response_bytes, self.config.request_deadline_s
+        deadline = time.monotonic() + seconds
+        timeout = httpx.Timeout(min(self.config.timeout_s, seconds))
+        url = f"{self.endpoint}/chat/completions"
+        with self.client.stream("POST", url, json=body, timeout=timeout) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _Unbounded(
+                    f"answer of {declared} bytes is over max_response_bytes={limit}; not read"
+                )
+            parts, size = [], 0
+            for part in response.iter_bytes():
+                size += len(part)
+                if size > limit:
+                    raise _Unbounded(f"answer passed max_response_bytes={limit}; stopped reading")
+                if time.monotonic() > deadline:
+                    raise _Unbounded(
+                        f"no complete answer within request_deadline_s={seconds:g} "
+                        f"({size} bytes received); stopped reading"
+                    )
+                parts.append(part)
+        return response, b"".join(parts)
 
     def close(self) -> None:
         self.client.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
+import hmac
 import json
 import os
 import threading
@@ -27,6 +27,7 @@ from PIL import Image
 
 from captioning.config import ServeCaptionerConfig
 from captioning.vlm import GenerationSettings, LocalVLM
+from curate.decode import Invalid, decode_image
 
 
 class RequestError(ValueError):
@@ -35,8 +36,15 @@ class RequestError(ValueError):
         self.status = status
 
 
-def parse_chat(body: dict[str, Any]) -> tuple[Image.Image, str, GenerationSettings]:
-    """The image, prompt and decoding settings of one chat-completions request."""
+def parse_chat(
+    body: dict[str, Any], max_tokens_limit: int = 512
+) -> tuple[Image.Image, str, GenerationSettings]:
+    """The image, prompt and decoding settings of one chat-completions request.
+
+    max_tokens above MAX_TOKENS_LIMIT is lowered to it; a malformed number is a 400.
+    """
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list")
@@ -52,16 +60,22 @@ def parse_chat(body: dict[str, Any]) -> tuple[Image.Image, str, GenerationSettin
         raise RequestError(400, f"send exactly one image_url part, got {len(urls)}")
     url = urls[0].get("url", "") if isinstance(urls[0], dict) else str(urls[0])
     image = decode_data_url(url)
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 120
-    temperature = (
-        1.0 if body.get("temperature") is None else float(body["temperature"])
-    )  # OpenAI's default
+    try:
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 120)
+        temperature = (
+            1.0 if body.get("temperature") is None else float(body["temperature"])
+        )  # OpenAI's default
+        top_p, seed = float(body.get("top_p") or 1.0), int(body.get("seed") or 0)
+    except (TypeError, ValueError) as error:
+        raise RequestError(400, f"a decoding setting is not a number: {error}") from None
+    if max_tokens < 1:
+        raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}")
     settings = GenerationSettings(
-        max_new_tokens=int(max_tokens),
+        max_new_tokens=min(max_tokens, max_tokens_limit),
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 0.7,
-        top_p=float(body.get("top_p") or 1.0),
-        seed=int(body.get("seed") or 0),
+        top_p=top_p,
+        seed=seed,
     )
     return image, " ".join(texts).strip(), settings
 
@@ -71,10 +85,12 @@ def decode_data_url(url: str) -> Image.Image:
         raise RequestError(400, "images must be base64 data URLs (data:image/...;base64,...)")
     try:
         data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
-        image = Image.open(io.BytesIO(data))
-        return image.convert("RGB")
-    except (binascii.Error, OSError, ValueError) as error:
+    except (binascii.Error, ValueError) as error:
         raise RequestError(400, f"cannot decode the image: {error}") from None
+    try:
+        return decode_image(data)  # under the pixel cap: a small bomb costs nothing
+    except Invalid as invalid:
+        raise RequestError(400, f"cannot decode the image: {invalid}") from None
 
 
 class CaptionServer:
@@ -86,6 +102,8 @@ class CaptionServer:
         )
         self.name = config.served_name or Path(folder).resolve().name
         self.api_key = api_key
+        self.max_body_bytes = config.max_body_bytes
+        self.max_tokens_limit = config.max_tokens_limit
         self.failures_left = config.fail_first
         self.fail_status = config.fail_status
         self.chat_requests = 0  # every chat request answered, failures included
@@ -120,7 +138,11 @@ class CaptionServer:
         self.stop()
 
     def authorised(self, header: str | None) -> bool:
-        return self.api_key is None or header == f"Bearer {self.api_key}"
+        """Constant-time comparison, so timing does not reveal how much of a guess was right."""
+        if self.api_key is None:
+            return True
+        expected = f"Bearer {self.api_key}".encode()
+        return hmac.compare_digest((header or "").encode("utf-8", "replace"), expected)
 
     def enter(self, delta: int) -> None:
         with self._lock:
@@ -141,7 +163,7 @@ class CaptionServer:
                 404,
                 f"model {body.get('model')!r} is not served here; this server serves {self.name!r}",
             )
-        image, prompt, settings = parse_chat(body)
+        image, prompt, settings = parse_chat(body, self.max_tokens_limit)
         with self._generate_lock:
             text = self.vlm.generate([image], [prompt], settings, seed=settings.seed)[0]
         return {
@@ -200,15 +222,38 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                 },
             )
 
+        def _refuse(self, status: int, message: str) -> None:
+            """Answer without reading the body, and close: unread bytes must not become a request."""
+            self.close_connection = True
+            self._error(status, message, {"Connection": "close"})
+
+        def _body(self) -> bytes | None:
+            """The body, read only after its declared length is checked; None once refused."""
+            if self.headers.get("Transfer-Encoding"):
+                self._refuse(411, "send the body with a Content-Length, not Transfer-Encoding")
+                return None
+            declared = (self.headers.get("Content-Length") or "0").strip()
+            if not declared.isdigit():
+                self._refuse(400, f"bad Content-Length {declared[:40]!r}")
+                return None
+            length = int(declared)
+            if length > server.max_body_bytes:
+                self._refuse(
+                    413, f"body of {length} bytes is over the limit of {server.max_body_bytes}"
+                )
+                return None
+            return self.rfile.read(length)
+
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length)
             if self.path.rstrip("/") != "/v1/chat/completions":
-                return self._error(404, f"no route {self.path}")
+                return self._refuse(404, f"no route {self.path}")
             server.enter(+1)
             try:
                 if not server.authorised(self.headers.get("Authorization")):
-                    return self._error(401, "missing or wrong API key")
+                    return self._refuse(401, "missing or wrong API key")  # body never read
+                raw = self._body()
+                if raw is None:
+                    return
                 if server.next_failure():
                     retry = {"Retry-After": "0"} if server.fail_status == 429 else None
                     return self._error(server.fail_status, "simulated overload (fail_first)", retry)

@@ -15,7 +15,6 @@ it retries only the failed rows.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import threading
@@ -25,7 +24,6 @@ from typing import Any
 
 import datasets
 import pyarrow as pa
-from PIL import Image
 from tqdm.auto import tqdm
 
 from captioning.backends import (
@@ -39,6 +37,10 @@ from captioning.backends import (
 from captioning.cleaning import TokenBudget, clean_caption, make_budget
 from captioning.config import CaptionConfig
 from captioning.prompts import load_template, render
+from curate import reasons
+from curate.cells import image_cell
+from curate.decode import Invalid, decode_image, plain_format
+from curate.markdown import escape, fenced
 from curate.store import (
     Manifest,
     StageWriter,
@@ -86,6 +88,10 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     if config.backend == "openai" and not config.endpoint:
         raise ValueError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
     samples = load_samples(source)
+    if len(samples) == 0:
+        raise ValueError(
+            f"{source} holds no samples to caption; see its report (every input may have been rejected)"
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in samples.column_names]
     if missing:
         raise ValueError(
@@ -202,6 +208,13 @@ class _ChunkWorker:
             else:
                 try:
                     request = self._request(row)
+                except Invalid as invalid:  # recorded as the row's failure, with its reason
+                    results.append(
+                        _result(
+                            row["id"],
+                            error=f"undecodable image: {invalid.reason}: {invalid.detail}",
+                        )
+                    )
                 except Exception as error:  # noqa: BLE001 - recorded as the row's failure
                     results.append(
                         _result(
@@ -223,19 +236,17 @@ class _ChunkWorker:
         return results  # type: ignore[return-value]
 
     def _request(self, row: dict[str, Any]) -> Request:
-        image_field = row["image"] or {}
-        data = image_field.get("bytes")
-        if data is None and image_field.get("path"):
-            data = Path(image_field["path"]).read_bytes()
+        """The row's image, decoded under the pixel cap; a path cell is never read."""
+        data = image_cell(row["image"])
         if not data:
-            raise ValueError("the row has no image bytes")
-        image = Image.open(io.BytesIO(data))
+            raise Invalid(reasons.ZERO_BYTE, "the row has no image bytes")
+        image = decode_image(data)
         return Request(
             key=row["id"],
-            image=image.convert("RGB"),
+            image=image,
             prompt=render(self.template, row.get("caption")),
             source_bytes=data,
-            source_format=image.format if image.mode == "RGB" else None,
+            source_format=plain_format(data),
         )
 
     def _finish(self, key: str, answer: Answer) -> dict[str, Any]:
@@ -293,10 +304,10 @@ def _report(
 ) -> str:
     lines = [
         "# Caption stage report", "",
-        f"- input: `{source}`", f"- captioner: `{captioner}`",
+        f"- input: {escape(source)}", f"- captioner: {escape(captioner)}",
         f"- captioned: {stats['captioned']}, failed: {stats['failed']}, "
         f"cut to the token budget: {stats['truncated']}", "",
-        "## Prompt template", "", "```", template, "```", "",
+        "## Prompt template", "", *fenced(template), "",
         "## Examples", "", "| id | original | raw answer | synthetic |", "| --- | --- | --- | --- |",
     ]  # fmt: skip
     for ex in examples:
@@ -311,11 +322,12 @@ def _report(
     if failures:
         lines += ["These rows keep their original caption and have no synthetic one.", "",
                   "| id | reason |", "| --- | --- |"]  # fmt: skip
-        lines += [f"| {f['id']} | {_cell(f['reason'])} |" for f in failures]
+        lines += [f"| {_cell(f['id'])} | {_cell(f['reason'])} |" for f in failures]
     else:
         lines.append("none")
     return "\n".join(lines) + "\n"
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:300]
+    """A table cell from data (captions, VLM answers, ids): inert markdown, one line."""
+    return escape(text, 300)

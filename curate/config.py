@@ -29,6 +29,18 @@ class CurateConfig(BaseModel):
         ge=1,
         description="decompression-bomb cap: reject images declaring more pixels than this (PIL's own default limit)",
     )
+    max_caption_bytes: int = Field(
+        16_384,
+        ge=1,
+        description="reject a sample whose caption (sidecar file or table cell) is longer than this many bytes of UTF-8",
+    )
+    allow_path_cells: bool = Field(
+        False,
+        description=(
+            "read parquet/saved-dataset image cells that name a file path instead of holding bytes; "
+            "even then only paths inside the input folder are read (others are rejected as unsafe_path)"
+        ),
+    )
     # NSFW
     nsfw_detector: Literal["opennsfw", "hf", "laion_clip", "none"] = Field(
         "opennsfw",

@@ -1,13 +1,17 @@
 """Decode and validate image bytes: every way a file can fail gets its own rejection reason.
 
 `check(data, ...)` either returns a `Decoded` image (upright, RGB, with the bytes the sample
-table should store) or raises `Invalid(reason, detail, score, threshold)`. `to_rgb(data)` is the
-small public helper other stages use to read the `image` column.
+table should store) or raises `Invalid(reason, detail, score, threshold)`. `decode_image(data)`
+is the one decoder every other stage uses (caption, precompute, prefs, make-prefs, dpo, the
+captioning server); `to_rgb(data)` is the same with a ValueError. Every path checks the pixel
+count an image declares before any pixel is decoded, so a small file declaring a huge canvas
+costs nothing. PIL's own process-wide guard (`Image.MAX_IMAGE_PIXELS`) is left as it is.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -16,9 +20,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from curate import reasons
 
-# PIL's own bomb check would raise before ours can record the reason; we apply our own cap.
-Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# The default cap, in pixels: PIL's own default limit (about 89.5 MP, a 9459 x 9459 canvas).
+DEFAULT_MAX_PIXELS = 89_478_485
 
 EXIF_ORIENTATION = 0x0112
 TRUNCATION_HINTS = ("truncated", "not enough data", "broken data stream", "premature end")
@@ -56,13 +61,33 @@ class Decoded:
     normalised: bool  # True when `stored` is a PNG we made
 
 
-def _open(data: bytes) -> Image.Image:
+def _bomb(width: int, height: int, max_pixels: int) -> Invalid:
+    return Invalid(
+        reasons.DECOMPRESSION_BOMB,
+        f"declares {width}x{height} pixels, over the cap of {max_pixels}",
+        float(width * height),
+        float(max_pixels),
+    )
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only; refuse a declared size over MAX_PIXELS before decoding anything."""
     if len(data) == 0:
         raise Invalid(reasons.ZERO_BYTE, "file has 0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # PIL's own guard, above twice its limit
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = float(found.group(1)) if found else None
+        declared = f"{int(pixels)} pixels" if pixels is not None else "a size past PIL's own limit"
+        raise Invalid(
+            reasons.DECOMPRESSION_BOMB,
+            f"declares {declared}, over the cap of {max_pixels}",
+            pixels,
+            float(max_pixels),
+        ) from error
     except UnidentifiedImageError as error:
         if data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             raise Invalid(
@@ -77,6 +102,10 @@ def _open(data: bytes) -> Image.Image:
         raise Invalid(reasons.UNDECODABLE, f"{type(error).__name__}: {error}") from error
     except Exception as error:  # a malformed header of a recognised format
         raise Invalid(reasons.UNDECODABLE, f"{type(error).__name__}: {error}") from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _bomb(width, height, max_pixels)
+    return image
 
 
 def _load(image: Image.Image) -> None:
@@ -123,8 +152,29 @@ def normalise(image: Image.Image) -> Image.Image:
 
 
 def _is_plain(image: Image.Image) -> bool:
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    return image.mode in ("RGB", "L") and orientation in (None, 1)
+    """Plain RGB/L without a turning EXIF tag; an unreadable EXIF block counts as not plain."""
+    if image.mode not in ("RGB", "L"):
+        return False
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: store our own PNG instead
+        return False
+    return orientation in (None, 1)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Load the pixels and normalise them; every failure is an `Invalid` with its reason."""
+    _load(image)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return normalise(image)
+    except OSError as error:
+        if any(hint in str(error).lower() for hint in TRUNCATION_HINTS):
+            raise Invalid(reasons.TRUNCATED, str(error)) from error
+        raise Invalid(reasons.UNDECODABLE, f"cannot convert mode {image.mode}: {error}") from error
+    except Exception as error:
+        raise Invalid(reasons.UNDECODABLE, f"cannot convert mode {image.mode}: {error}") from error
 
 
 def _png(image: Image.Image) -> bytes:
@@ -135,21 +185,9 @@ def _png(image: Image.Image) -> bytes:
 
 def check(data: bytes, min_side: int, max_aspect: float, max_pixels: int) -> Decoded:
     """Decode DATA and apply the validation limits; raise `Invalid` with the reason otherwise."""
-    image = _open(data)
-    width, height = image.size
-    if width * height > max_pixels:
-        raise Invalid(
-            reasons.DECOMPRESSION_BOMB,
-            f"declares {width}x{height} pixels",
-            float(width * height),
-            float(max_pixels),
-        )
+    image = _open(data, max_pixels)
+    upright = _upright(image)
     plain = _is_plain(image)
-    _load(image)
-    try:
-        upright = normalise(image)
-    except Exception as error:
-        raise Invalid(reasons.UNDECODABLE, f"cannot convert mode {image.mode}: {error}") from error
     width, height = upright.size
     if min(width, height) == 0:
         raise Invalid(reasons.UNDECODABLE, f"{width}x{height} has no pixels")
@@ -167,14 +205,41 @@ def check(data: bytes, min_side: int, max_aspect: float, max_pixels: int) -> Dec
     return Decoded(upright, _png(upright), True)
 
 
-def to_rgb(data: bytes) -> Image.Image:
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image in DATA with only its header read (size, mode), refusing more than MAX_PIXELS.
+
+    `.load()` decodes the pixels (raising OSError on a truncated file); raises `Invalid` otherwise.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise Invalid(reasons.INVALID_CELL, f"image is {type(data).__name__}, not bytes")
+    return _open(bytes(data), max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Upright RGB from image bytes, refusing more than MAX_PIXELS; raises `Invalid` otherwise."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise Invalid(reasons.INVALID_CELL, f"image is {type(data).__name__}, not bytes")
+    return _upright(_open(bytes(data), max_pixels))
+
+
+def plain_format(data: bytes) -> str | None:
+    """PIL's format name of DATA when its bytes show the image as decoded (RGB/L, upright), else None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            return image.format if image.mode == "RGB" and _is_plain(image) else None
+    except Exception:  # noqa: BLE001 - only a hint for passing bytes through unchanged
+        return None
+
+
+def to_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes (e.g. the sample table's `image` column) into an upright RGB image.
 
     Raises ValueError naming what was wrong when the bytes are not a decodable image.
     """
     try:
-        image = _open(bytes(data))
-        _load(image)
-        return normalise(image)
+        return decode_image(data, max_pixels)
     except Invalid as error:
-        raise ValueError(f"cannot decode image bytes ({len(data)} bytes): {error}") from error
+        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else "no"
+        raise ValueError(f"cannot decode image bytes ({size} bytes): {error}") from error

@@ -1,20 +1,37 @@
-"""Read raw image-text collections as a stream of records, in a deterministic order.
+"""Read raw image-text collections as a stream of records, shard by shard, in a deterministic order.
 
 Layouts: an image folder with sidecar captions (`x.jpg` + `x.txt` or `x.json`), webdataset tar
 shards, parquet files with image bytes, a saved `datasets` dataset, or a finished stage output.
-Nothing is extracted to disk: tar members are read in memory, and members whose names are
-absolute or climb out with `..` are refused (recorded as `unsafe_path`), never opened.
+A folder may mix them: loose images, `.tar` and `.parquet` files and saved-dataset folders side
+by side are all read, in path order (nothing present is ignored).
+
+`plan(root)` lists the input's shards (a group of loose files, one tar, one parquet file, a row
+range of a saved dataset) without reading any image; `read_shard(root, shard)` streams one
+shard's records, so a reader never holds more than one shard's current sample in memory and a
+shard can be read by any worker. `read_records(root)` is every shard in order.
+
+Every input becomes a record, refused ones with their reason (the caller records the rejection):
+nothing is extracted to disk; tar members that are links, absolute or climb out with `..`,
+symlinks that leave the input folder, table cells naming local files, hidden files and special
+files are refused (`unsafe_path`, `hidden_file`) and never opened; a tar or parquet file that
+cannot be read to its end is one `corrupt_shard` record; captions that are not text or longer
+than the cap are `bad_caption`. A non-UTF-8 file name is read, its source shown with the bad
+bytes escaped (`\\xNN`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from curate import reasons
+from curate.cells import caption_cell, caption_text, image_cell, inside
+from curate.decode import Invalid
 from curate.store import MANIFEST, SAMPLES
 
 CAPTION_EXTENSIONS = (".txt", ".json", ".caption")
@@ -22,6 +39,20 @@ IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "bytes")
 CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
 KEY_COLUMNS = ("key", "__key__", "source", "name", "id")
 LAYOUTS = ("folder", "webdataset", "parquet", "datasets", "store")
+FILES_PER_SHARD = 256  # loose files per shard of an image folder
+ROWS_PER_SHARD = 4096  # rows per shard of a saved dataset or stage output
+# a .json sidecar may carry other metadata besides the caption
+JSON_SIDECAR_MAX = 1 << 20
+# parquet rows are read in record batches of about this many bytes, whatever the image size
+BATCH_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """What ingest accepts (the curate options of the same names)."""
+
+    max_caption_bytes: int = 16_384
+    allow_path_cells: bool = False
 
 
 @dataclass
@@ -33,7 +64,36 @@ class Record:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One independently readable piece of an input (paths are relative to the input root)."""
+
+    kind: str  # "files" | "webdataset" | "parquet" | "datasets" | "store"
+    path: str = ""  # the tar, parquet file or dataset folder ("" = the root itself)
+    files: tuple[str, ...] = ()  # kind "files": loose entries, sidecars beside their image
+    rows: tuple[int, int] | None = None  # kind "datasets"/"store": [start, stop)
+
+
+def shown(name: str) -> str:
+    """A file name as text that can be recorded: bytes that are not UTF-8 become `\\xNN`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _refused(key: str, reason: str, detail: str) -> Record:
+    """A record decided without reading its content (its id comes from the key, not the bytes)."""
+    return Record(key, f"{reason}\0{key}".encode("utf-8", "surrogateescape"), "", reason, detail)
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "state.json").is_file()
+
+
+def _is_store_dir(path: Path) -> bool:
+    return (path / MANIFEST).is_file() and (path / SAMPLES).is_dir()
+
+
 def detect_layout(root: Path) -> str:
+    """The single layout of ROOT, or 'folder' for a folder (which may also hold shards)."""
     if root.is_file():
         if root.suffix == ".tar":
             return "webdataset"
@@ -42,65 +102,251 @@ def detect_layout(root: Path) -> str:
         raise ValueError(
             f"input file {root} is neither a .tar shard nor a .parquet file; pass a folder of them"
         )
-    if (root / MANIFEST).is_file() and (root / SAMPLES).is_dir():
+    if _is_store_dir(root):
         return "store"
-    if (root / "dataset_info.json").is_file() or (root / "state.json").is_file():
+    if _is_dataset_dir(root):
         return "datasets"
-    if any(root.rglob("*.tar")):
-        return "webdataset"
-    if any(root.rglob("*.parquet")):
-        return "parquet"
     return "folder"
 
 
-def read_records(root: str | Path) -> Iterator[Record]:
-    """Every sample of the input at ROOT, in a stable order (sorted files, stored row order)."""
+def plan(root: str | Path, files_per_shard: int = FILES_PER_SHARD) -> list[Shard]:
+    """The shards of the input at ROOT, in reading order; reads no image."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"input {root} does not exist")
     layout = detect_layout(root)
-    reader = {
-        "folder": _folder,
-        "webdataset": _webdataset,
-        "parquet": _parquet,
-        "datasets": _datasets,
-        "store": _store,
-    }[layout]
-    yield from reader(root)
+    if layout in ("webdataset", "parquet"):
+        return [Shard(layout, "")]
+    if layout in ("datasets", "store"):
+        return _table_shards(root, layout, "")
+    return _folder_plan(root, files_per_shard)
 
 
-def _caption_from(name: str, payload: bytes) -> str:
-    text = payload.decode("utf-8", errors="replace")
-    if name.endswith(".json"):
-        try:
-            meta = json.loads(text)
-        except json.JSONDecodeError:
-            return ""
-        if isinstance(meta, dict):
-            for column in CAPTION_COLUMNS:
-                if isinstance(meta.get(column), str):
-                    return meta[column].strip()
-        return ""
-    return text.strip()
+def _table_shards(root: Path, kind: str, rel: str) -> list[Shard]:
+    try:
+        rows = _load_table(root / rel if rel else root, kind).num_rows
+    except Exception as error:  # noqa: BLE001 - a broken saved dataset is one rejected row
+        return [Shard(kind, rel, files=(f"{type(error).__name__}: {error}",))]
+    if rows == 0:
+        return []
+    return [
+        Shard(kind, rel, rows=(start, min(rows, start + ROWS_PER_SHARD)))
+        for start in range(0, rows, ROWS_PER_SHARD)
+    ]
 
 
-def _folder(root: Path) -> Iterator[Record]:
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    stems: dict[Path, list[Path]] = {}
-    for path in files:
-        stems.setdefault(path.with_suffix(""), []).append(path)
-    for path in files:
-        if path.suffix.lower() in CAPTION_EXTENSIONS:
+def _folder_plan(root: Path, files_per_shard: int) -> list[Shard]:
+    """Walk ROOT without following links: loose entries, and shards found in it, in path order."""
+    entries: list[tuple[PurePosixPath, str]] = []  # (relative path, "entry" | shard kind)
+    for directory, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(directory)
+        rel_dir = base.relative_to(root)
+        keep = []
+        for name in sorted(dirnames):
+            full, rel = base / name, PurePosixPath((rel_dir / name).as_posix())
+            if name.startswith(".") or full.is_symlink():
+                entries.append((rel, "entry"))  # refused when read: hidden, or a linked folder
+            elif _is_store_dir(full):
+                entries.append((rel, "store"))
+            elif _is_dataset_dir(full):
+                entries.append((rel, "datasets"))
+            else:
+                keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            full, rel = base / name, PurePosixPath((rel_dir / name).as_posix())
+            regular = not full.is_symlink() and not name.startswith(".")
+            if regular and name.endswith(".tar"):
+                entries.append((rel, "webdataset"))
+            elif regular and name.endswith(".parquet"):
+                entries.append((rel, "parquet"))
+            else:
+                entries.append((rel, "entry"))
+    entries.sort()
+    shards: list[Shard] = []
+    loose = [str(rel) for rel, kind in entries if kind == "entry"]
+    groups: dict[str, list[str]] = {}
+    for rel in loose:  # an image and its sidecars share the path without the suffix
+        groups.setdefault(str(PurePosixPath(rel).with_suffix("")), []).append(rel)
+    pending: list[str] = []
+    emitted: set[str] = set()
+    for rel, kind in entries:
+        if kind == "entry":
+            stem = str(PurePosixPath(rel).with_suffix(""))
+            if stem in emitted:
+                continue
+            emitted.add(stem)
+            pending += groups[stem]
+            if len(pending) >= files_per_shard:
+                shards.append(Shard("files", files=tuple(pending)))
+                pending = []
+            continue
+        if pending:  # keep path order: loose files before the shard that follows them
+            shards.append(Shard("files", files=tuple(pending)))
+            pending = []
+        if kind in ("store", "datasets"):
+            shards += _table_shards(root, kind, str(rel))
+        else:
+            shards.append(Shard(kind, str(rel)))
+    if pending:
+        shards.append(Shard("files", files=tuple(pending)))
+    return shards
+
+
+def read_records(root: str | Path, options: IngestOptions | None = None) -> Iterator[Record]:
+    """Every sample of the input at ROOT, in a stable order (sorted files, stored row order).
+
+    Raises ValueError when the input holds nothing to read (an empty folder, or captions only).
+    """
+    root = Path(root)
+    count = 0
+    for shard in plan(root):
+        for record in read_shard(root, shard, options):
+            count += 1
+            yield record
+    if count == 0:
+        raise ValueError(_nothing_to_read(root))
+
+
+def _nothing_to_read(root: Path) -> str:
+    if root.is_dir():
+        files = [p for p in root.rglob("*") if p.is_file()]
+        captions = sum(p.suffix.lower() in CAPTION_EXTENSIONS for p in files)
+        if captions:
+            return (
+                f"{root} holds no image: only {captions} caption/metadata file(s) "
+                f"({', '.join(CAPTION_EXTENSIONS)}) without an image beside them"
+            )
+        return f"{root} holds no image (the folder is empty); pass a folder of images, tar shards, parquet files or a saved dataset"
+    return f"{root} holds no rows"
+
+
+def read_shard(
+    root: str | Path, shard: Shard, options: IngestOptions | None = None
+) -> Iterator[Record]:
+    """The records of one shard of the input at ROOT (see `plan`)."""
+    root, options = Path(root), options or IngestOptions()
+    if shard.kind == "files":
+        yield from _files(root, shard.files, options)
+    elif shard.kind == "webdataset":
+        yield from _webdataset(root, shard.path, options)
+    elif shard.kind == "parquet":
+        yield from _parquet(root, shard.path, options)
+    elif shard.kind in ("datasets", "store"):
+        yield from _table(root, shard, options)
+    else:
+        raise ValueError(f"unknown shard kind {shard.kind!r}")
+
+
+# -- loose files ----------------------------------------------------------------------------------
+
+
+def _read_entry(root: Path, rel: str, limit: int | None = None) -> bytes:
+    """Bytes of a regular file (or a link to one inside ROOT); `Invalid` for anything else.
+
+    With LIMIT, a file larger than it raises `Invalid(bad_caption)` before any byte is read.
+    """
+    full = root / rel
+    info = os.lstat(full)
+    if stat.S_ISLNK(info.st_mode):
+        if not inside(full, root):
+            raise Invalid(
+                reasons.UNSAFE_PATH,
+                f"symbolic link to {shown(os.readlink(full))!r}, outside the input folder; not followed",
+            )
+        full = Path(os.path.realpath(full))
+        info = os.stat(full)
+        if stat.S_ISDIR(info.st_mode):
+            raise Invalid(reasons.UNSAFE_PATH, "symbolic link to a folder; not followed")
+    if stat.S_ISDIR(info.st_mode):
+        raise Invalid(reasons.UNSAFE_PATH, "a folder where a file was expected")
+    if not stat.S_ISREG(info.st_mode):
+        raise Invalid(
+            reasons.UNSAFE_PATH, "not a regular file (a device, pipe or socket); not opened"
+        )
+    if limit is not None and info.st_size > limit:
+        raise Invalid(
+            reasons.BAD_CAPTION,
+            f"{shown(full.name)} is {info.st_size} bytes, over the limit of {limit} (max_caption_bytes)",
+            float(info.st_size),
+            float(limit),
+        )
+    descriptor = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        return handle.read()
+
+
+def _caption_from(name: str, payload: bytes, max_bytes: int) -> str:
+    """The caption in a sidecar's bytes; `Invalid(bad_caption)` when it is not usable text."""
+    if not name.lower().endswith(".json"):
+        return caption_text(payload, shown(name), max_bytes)
+    text = caption_text(payload, shown(name), JSON_SIDECAR_MAX)
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise Invalid(reasons.BAD_CAPTION, f"{shown(name)} is not valid JSON: {error}") from None
+    if isinstance(meta, dict):
+        for column in CAPTION_COLUMNS:
+            if isinstance(meta.get(column), str):
+                return caption_cell(meta[column], max_bytes)
+    return ""
+
+
+def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterator[Record]:
+    groups: dict[str, list[str]] = {}
+    for rel in files:
+        groups.setdefault(str(PurePosixPath(rel).with_suffix("")), []).append(rel)
+    for rel in files:
+        key = shown(rel)
+        name = PurePosixPath(rel).name
+        if any(part.startswith(".") for part in PurePosixPath(rel).parts):
+            yield _refused(
+                key, reasons.HIDDEN_FILE, "hidden file or folder (name starts with '.'); not read"
+            )
+            continue
+        if name.lower().endswith(CAPTION_EXTENSIONS):
             continue  # a sidecar (read with its image) or collection metadata such as DEMO_TRUTH.json
-        caption = ""
-        for sibling in stems[path.with_suffix("")]:
-            if sibling.suffix.lower() in CAPTION_EXTENSIONS:
-                caption = caption or _caption_from(sibling.name, sibling.read_bytes())
-        yield Record(path.relative_to(root).as_posix(), path.read_bytes(), caption)
+        try:
+            data = _read_entry(root, rel)
+        except Invalid as invalid:
+            yield _refused(key, invalid.reason, invalid.detail)
+            continue
+        except OSError as error:
+            yield _refused(key, reasons.UNDECODABLE, f"cannot read: {error.strerror or error}")
+            continue
+        caption, refusal = "", None
+        for sibling in groups[str(PurePosixPath(rel).with_suffix(""))]:
+            sibling_name = PurePosixPath(sibling).name
+            if caption or not sibling_name.lower().endswith(CAPTION_EXTENSIONS):
+                continue
+            limit = (
+                JSON_SIDECAR_MAX
+                if sibling_name.lower().endswith(".json")
+                else options.max_caption_bytes
+            )
+            try:
+                caption = _caption_from(
+                    sibling_name, _read_entry(root, sibling, limit), options.max_caption_bytes
+                )
+            except Invalid as invalid:
+                refusal = (
+                    invalid.reason,
+                    f"caption sidecar {shown(sibling_name)}: {invalid.detail}",
+                )
+                break
+            except OSError as error:
+                refusal = (
+                    reasons.BAD_CAPTION,
+                    f"caption sidecar {shown(sibling_name)}: {error.strerror or error}",
+                )
+                break
+        if refusal is not None:
+            yield Record(key, data, "", *refusal)
+        else:
+            yield Record(key, data, caption)
+
+
+# -- webdataset tar shards --------------------------------------------------------------------------
 
 
 def _unsafe(name: str) -> bool:
@@ -118,53 +364,116 @@ def _sample_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), (dot + extension).lower()
 
 
-def _webdataset(root: Path) -> Iterator[Record]:
-    shards = [root] if root.is_file() else sorted(root.rglob("*.tar"))
-    base = root.parent if root.is_file() else root
-    for shard in shards:
-        shard_name = shard.relative_to(base).as_posix()
-        with tarfile.open(shard, "r") as tar:
-            pending: dict[str, dict[str, bytes]] = {}
-            order: list[str] = []
+def _shard_file(root: Path, rel: str) -> tuple[Path, str]:
+    """The file of a tar/parquet shard and the name its records' keys start with."""
+    if rel == "":
+        return root, root.name
+    return root / rel, rel
+
+
+def _webdataset(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
+    shard, shard_name = _shard_file(root, rel)
+    shard_name = shown(shard_name)
+    members = 0
+    try:
+        tar = tarfile.open(shard, "r")  # noqa: SIM115 - closed by the `with tar` below
+    except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        yield _refused(shard_name, reasons.CORRUPT_SHARD, f"cannot open the tar shard: {error}")
+        return
+    with tar:
+        pending: dict[str, dict[str, tuple[bytes, str]]] = {}
+        order: list[str] = []
+        try:
             for member in tar:
+                members += 1
                 if member.isdir():
                     continue
-                source = f"{shard_name}/{member.name}"
+                name = shown(member.name)
+                source = f"{shard_name}/{name}"
                 if _unsafe(member.name) or not member.isfile():
                     kind = (
                         "absolute or parent-relative path"
                         if _unsafe(member.name)
                         else f"{'link' if member.issym() or member.islnk() else 'special'} member"
                     )
-                    payload = (
-                        tar.extractfile(member).read()
-                        if member.isfile()
-                        else (member.linkname or member.name).encode()
-                    )
-                    yield Record(
-                        source, payload, "", reasons.UNSAFE_PATH, f"refused {kind}: {member.name!r}"
-                    )
+                    yield _refused(source, reasons.UNSAFE_PATH, f"refused {kind}: {name!r}")
                     continue
-                key, extension = _sample_key(member.name)
+                key, extension = _sample_key(name)
                 if key not in pending:
                     order.append(key)
                     pending[key] = {}
-                pending[key][extension] = tar.extractfile(member).read()
+                if extension in CAPTION_EXTENSIONS:
+                    limit = (
+                        JSON_SIDECAR_MAX
+                        if extension.endswith(".json")
+                        else options.max_caption_bytes
+                    )
+                    if member.size > limit:
+                        pending[key][extension] = (
+                            b"",
+                            f"{member.size} bytes, over the limit of {limit} (max_caption_bytes)",
+                        )
+                        continue
+                pending[key][extension] = (tar.extractfile(member).read(), "")
                 # webdataset shards keep a sample's files together: flush finished keys early
                 while len(order) > 1:
-                    yield from _tar_sample(shard_name, order[0], pending.pop(order.pop(0)))
+                    yield from _tar_sample(shard_name, order[0], pending.pop(order.pop(0)), options)
+            trailing = _trailing_garbage(shard, tar.offset)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
             for key in order:
-                yield from _tar_sample(shard_name, key, pending.pop(key))
+                yield from _tar_sample(shard_name, key, pending.pop(key), options)
+            yield _refused(
+                shard_name,
+                reasons.CORRUPT_SHARD,
+                f"the tar shard breaks after {members} member(s): {type(error).__name__}: {error}",
+            )
+            return
+        for key in order:
+            yield from _tar_sample(shard_name, key, pending.pop(key), options)
+        if trailing:
+            yield _refused(
+                shard_name,
+                reasons.CORRUPT_SHARD,
+                f"{trailing} byte(s) after member {members} are not tar headers; the rest of the shard is unreadable",
+            )
 
 
-def _tar_sample(shard_name: str, key: str, files: dict[str, bytes]) -> Iterator[Record]:
-    caption = ""
-    for extension, payload in files.items():
-        if extension in CAPTION_EXTENSIONS:
-            caption = caption or _caption_from(extension, payload)
-    for extension, payload in sorted(files.items()):
+def _trailing_garbage(shard: Path, offset: int) -> int:
+    """Non-zero bytes after where tarfile stopped reading (it stops silently at a bad header)."""
+    if not shard.is_file():
+        return 0
+    size = shard.stat().st_size
+    with open(shard, "rb") as handle:
+        handle.seek(offset)
+        while chunk := handle.read(1 << 16):
+            if chunk.strip(b"\0"):
+                return size - offset
+    return 0
+
+
+def _tar_sample(
+    shard_name: str, key: str, files: dict[str, tuple[bytes, str]], options: IngestOptions
+) -> Iterator[Record]:
+    caption, refusal = "", None
+    for extension, (payload, too_big) in files.items():
+        if extension not in CAPTION_EXTENSIONS or caption:
+            continue
+        try:
+            if too_big:
+                raise Invalid(reasons.BAD_CAPTION, f"{key}{extension} is {too_big}")
+            caption = _caption_from(f"{key}{extension}", payload, options.max_caption_bytes)
+        except Invalid as invalid:
+            refusal = (invalid.reason, f"caption {key}{extension}: {invalid.detail}")
+            break
+    for extension, (payload, _) in sorted(files.items()):
         if extension not in CAPTION_EXTENSIONS:
-            yield Record(f"{shard_name}/{key}{extension}", payload, caption)
+            if refusal is not None:
+                yield Record(f"{shard_name}/{key}{extension}", payload, "", *refusal)
+            else:
+                yield Record(f"{shard_name}/{key}{extension}", payload, caption)
+
+
+# -- tables: parquet, saved datasets, stage outputs -----------------------------------------------
 
 
 def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -172,79 +481,108 @@ def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
     return next((lowered[c] for c in candidates if c in lowered), None)
 
 
-def _image_bytes(value) -> bytes:
-    if value is None:
-        return b""
-    if isinstance(value, dict):  # datasets.Image storage: {"bytes": ..., "path": ...}
-        if value.get("bytes") is not None:
-            return value["bytes"]
-        if value.get("path"):
-            return Path(value["path"]).read_bytes()
-        return b""
-    return bytes(value)
+def _cell_record(key: str, image, caption, root: Path, options: IngestOptions) -> Record:
+    """A record from one table row's image and caption cells; bad cells become its refusal."""
+    try:
+        data = image_cell(image, root if options.allow_path_cells else None)
+    except Invalid as invalid:
+        return _refused(key, invalid.reason, invalid.detail)
+    try:
+        text = caption_cell(caption, options.max_caption_bytes)
+    except Invalid as invalid:
+        return Record(key, data, "", invalid.reason, invalid.detail)
+    return Record(key, data, text)
 
 
-def _parquet(root: Path) -> Iterator[Record]:
+def _batch_rows(parquet) -> int:
+    """Rows per record batch so that a batch holds about BATCH_BYTES, whatever the image size."""
+    meta = parquet.metadata
+    stored = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    per_row = stored / max(1, meta.num_rows)
+    return int(min(256, max(1, BATCH_BYTES // max(1.0, per_row))))
+
+
+def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
-    files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
-    base = root.parent if root.is_file() else root
-    for file in files:
-        name = file.relative_to(base).as_posix()
+    file, name = _shard_file(root, rel)
+    name = shown(name)
+    rows = 0
+    try:
         parquet = pq.ParquetFile(file)
         columns = parquet.schema_arrow.names
         image_column = _pick(columns, IMAGE_COLUMNS)
         if image_column is None:
             raise ValueError(
-                f"{file} has no image column; expected one of {', '.join(IMAGE_COLUMNS)} (found {', '.join(columns)})"
+                f"no image column; expected one of {', '.join(IMAGE_COLUMNS)} (found {', '.join(columns)})"
             )
         caption_column, key_column = _pick(columns, CAPTION_COLUMNS), _pick(columns, KEY_COLUMNS)
-        row = 0
-        for batch in parquet.iter_batches(batch_size=256):
+        wanted = [c for c in (image_column, caption_column, key_column) if c]
+        batches = parquet.iter_batches(
+            batch_size=_batch_rows(parquet), columns=list(dict.fromkeys(wanted))
+        )
+        for batch in batches:
             table = batch.to_pydict()
             for i, value in enumerate(table[image_column]):
                 key = table[key_column][i] if key_column else None
-                caption = table[caption_column][i] if caption_column else ""
-                yield Record(
-                    f"{name}:{key if key is not None else row}", _image_bytes(value), caption or ""
-                )
-                row += 1
+                caption = table[caption_column][i] if caption_column else None
+                label = shown(str(key)) if key is not None else str(rows)
+                yield _cell_record(f"{name}:{label}", value, caption, root, options)
+                rows += 1
+    except Exception as error:  # noqa: BLE001 - pyarrow raises many types for a broken file
+        yield _refused(
+            name,
+            reasons.CORRUPT_SHARD,
+            f"the parquet file cannot be read after {rows} row(s): {type(error).__name__}: {error}",
+        )
 
 
-def _dataset_rows(dataset, label: str) -> Iterator[Record]:
+def _load_table(path: Path, kind: str):
     import datasets
 
+    if kind == "store":
+        from curate.store import load_samples
+
+        return load_samples(path)
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        return datasets.concatenate_datasets([loaded[split] for split in sorted(loaded)])
+    return loaded
+
+
+def _table(root: Path, shard: Shard, options: IngestOptions) -> Iterator[Record]:
+    import datasets
+
+    folder = root / shard.path if shard.path else root
+    label = shown(shard.path) if shard.path else ""
+    if shard.rows is None:  # planning could not open it
+        yield _refused(
+            label or shown(root.name),
+            reasons.CORRUPT_SHARD,
+            f"cannot open the saved dataset: {shard.files[0]}",
+        )
+        return
+    dataset = _load_table(folder, shard.kind)
     columns = dataset.column_names
     image_column = _pick(columns, IMAGE_COLUMNS)
     if image_column is None:
-        raise ValueError(
-            f"{label} has no image column; expected one of {', '.join(IMAGE_COLUMNS)} (found {', '.join(columns)})"
+        yield _refused(
+            label or shown(root.name),
+            reasons.CORRUPT_SHARD,
+            f"no image column; expected one of {', '.join(IMAGE_COLUMNS)} (found {', '.join(columns)})",
         )
+        return
     if isinstance(dataset.features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     caption_column = _pick(columns, CAPTION_COLUMNS)
     key_column = "source" if "source" in columns else _pick(columns, KEY_COLUMNS)
-    for row, item in enumerate(dataset):
-        key = item[key_column] if key_column else row
-        yield Record(
-            f"{key}",
-            _image_bytes(item[image_column]),
-            (item[caption_column] if caption_column else "") or "",
+    start, stop = shard.rows
+    for row, item in enumerate(dataset.select(range(start, stop)), start):
+        key = (
+            shown(str(item[key_column]))
+            if key_column and item[key_column] is not None
+            else str(row)
         )
-
-
-def _datasets(root: Path) -> Iterator[Record]:
-    import datasets
-
-    loaded = datasets.load_from_disk(str(root))
-    if isinstance(loaded, datasets.DatasetDict):
-        for split in sorted(loaded):
-            yield from _dataset_rows(loaded[split], f"{root} split {split}")
-    else:
-        yield from _dataset_rows(loaded, str(root))
-
-
-def _store(root: Path) -> Iterator[Record]:
-    from curate.store import load_samples
-
-    yield from _dataset_rows(load_samples(root), str(root))
+        key = f"{label}:{key}" if label else key
+        caption = item[caption_column] if caption_column else None
+        yield _cell_record(key, item[image_column], caption, folder, options)

@@ -16,3 +16,7 @@ NO_CAPTION = "no_caption"
 ENCODE_FAILED = "encode_failed"
 TIE = "tie"
 IDENTICAL_PAIR = "identical_pair"
+INVALID_CELL = "invalid_cell"  # a table cell that should hold image bytes holds something else
+CORRUPT_SHARD = "corrupt_shard"  # a tar or parquet file that cannot be read (to its end)
+BAD_CAPTION = "bad_caption"  # a caption that is not text, or longer than the cap
+HIDDEN_FILE = "hidden_file"  # a dot-file or dot-folder in an input folder, never read

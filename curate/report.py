@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from curate.markdown import escape
+
 CELL = 170
 
 
@@ -141,9 +143,13 @@ def write_report(
             if len(listing) < 200:
                 score = f"{row['score']:.4g}" if row["score"] is not None else ""
                 extra_detail = (
-                    f" dup_of `{removed[row['id']][0][:12]}`" if row["id"] in removed else ""
+                    f" dup\\_of {escape(removed[row['id']][0][:12])}"
+                    if row["id"] in removed
+                    else ""
                 )
-                listing.append(f"| `{row['source']}` | {reason} | {score} |{extra_detail} |")
+                listing.append(
+                    f"| {escape(row['source'], 200)} | {escape(reason)} | {score} |{extra_detail} |"
+                )
     sheets = []
     if limit and kept:
         contact_sheet([(t, label) for _, t, label in kept.items()], out / "contact_kept.png")
@@ -175,7 +181,7 @@ def write_report(
         "",
         "| reason | rejected |",
         "| --- | --- |",
-        *[f"| {reason} | {count} |" for reason, count in sorted(reason_counts.items())],
+        *[f"| {escape(reason)} | {count} |" for reason, count in sorted(reason_counts.items())],
         "",
         "## Settings",
         "",

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from curate import reasons
 from curate.config import CurateConfig
-from curate.ingest import Record, read_records
+from curate.ingest import IngestOptions, Record, read_records
 from curate.store import (
     Rejection,
     StageWriter,
@@ -109,7 +109,9 @@ def _score_all(inp: Path, work: WorkLog, resolved, workers: int, timing: dict[st
             timing["last_chunk"] = now
 
     try:
-        for index, chunk in enumerate(_chunks(read_records(inp), config.chunk_size)):
+        for index, chunk in enumerate(
+            _chunks(read_records(inp, _ingest_options(config)), config.chunk_size)
+        ):
             total += len(chunk)
             name = f"chunk-{index:08d}"
             if work.has(name):
@@ -131,6 +133,10 @@ def _score_all(inp: Path, work: WorkLog, resolved, workers: int, timing: dict[st
             pool.terminate()
             pool.join()
     return total
+
+
+def _ingest_options(config: CurateConfig) -> IngestOptions:
+    return IngestOptions(config.max_caption_bytes, config.allow_path_cells)
 
 
 def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:

@@ -36,6 +36,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.redact import strip_credentials
+
 MANIFEST = "manifest.json"
 SAMPLES = "samples"
 REJECTED = "rejected"
@@ -99,7 +101,8 @@ class Manifest:
     def matches(self, stage: str, parameters: dict[str, Any], input_fingerprint: str) -> bool:
         return (
             self.stage == stage
-            and canonical_json(self.parameters) == canonical_json(parameters)
+            and canonical_json(strip_credentials(self.parameters))
+            == canonical_json(strip_credentials(parameters))
             and self.input_fingerprint == input_fingerprint
         )
 
@@ -113,9 +116,8 @@ class Manifest:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def write(self, directory: str | os.PathLike) -> None:
-        _write_text_atomic(
-            Path(directory) / MANIFEST, json.dumps(asdict(self), indent=2, default=str)
-        )
+        recorded = strip_credentials(asdict(self))  # never write down user:password@ of a URL
+        _write_text_atomic(Path(directory) / MANIFEST, json.dumps(recorded, indent=2, default=str))
 
 
 def library_versions() -> dict[str, str]:
@@ -143,11 +145,13 @@ def fingerprint(path: str | os.PathLike) -> str:
         for state in sorted(root.glob("*/state.json")):
             digest.update(state.read_bytes())
         return digest.hexdigest()[:32]
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    # lstat: a link is fingerprinted as itself, never followed outside the input
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if not p.is_dir())
     for file in files:
-        stat = file.stat()
+        stat = file.lstat()
         rel = file.name if file == root else file.relative_to(root).as_posix()
-        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        line = f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+        digest.update(line.encode("utf-8", "surrogateescape"))  # non-UTF-8 names stay distinct
     return digest.hexdigest()[:32]
 
 

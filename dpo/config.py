@@ -9,16 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-# Every linear layer of an MMDiT block (SD3 appendix C: LoRA "on all linear layers"): the image-
-# and text-stream attention projections, both feed-forwards and both AdaLN modulation layers.
-# Suffixes of module names inside `transformer_blocks`; SD3.5's second attention (attn2) matches too.
-ALL_BLOCK_LINEARS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    "norm1.linear", "norm1_context.linear",
-]  # fmt: skip
+from model.config import LORA_BLOCK_LINEARS, TimestepOptions
+
+ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
 
 # The attention projections of both streams only (no feed-forward, no AdaLN modulation).
 ATTENTION_PROJECTIONS = [name for name in ALL_BLOCK_LINEARS if name.startswith(("attn.", "attn2."))]
@@ -38,7 +31,7 @@ class IngestPrefsConfig(BaseModel):
     )
 
 
-class DPOConfig(BaseModel):
+class DPOConfig(TimestepOptions):
     model: str = Field(
         ..., description="local diffusers SD3 folder: the base model the LoRA adapts"
     )
@@ -81,30 +74,23 @@ class DPOConfig(BaseModel):
         description="module-name suffixes inside transformer_blocks that get a LoRA (default: every "
         "linear layer of the blocks, as SD3 appendix C)",
     )
-    steps: int = Field(
+    max_steps: int = Field(
         4000, ge=1, description="optimizer steps (SD3 appendix C: 4k for the 2B model)"
     )
-    batch: int = Field(4, ge=1, description="preference pairs per micro-batch")
+    batch_size: int = Field(
+        4,
+        ge=1,
+        description="preference pairs per micro-batch on each device (accelerate: per process)",
+    )
     grad_accum: int = Field(
         1,
         ge=1,
-        description="micro-batches per optimizer step (effective batch = batch x grad_accum)",
+        description="micro-batches per optimizer step (effective batch = batch size x grad accum)",
     )
     resolution: int | None = Field(
         None, description="square training resolution in pixels; default: the model's native size"
     )
     max_sequence_length: int = Field(77, ge=1, description="T5 tokens per caption")
-    density: Literal["logit_normal", "mode", "cosmap", "uniform"] = Field(
-        "logit_normal",
-        description="training timestep density (SD3 section 3.1; default logit-normal)",
-    )
-    logit_mean: float = Field(0.0, description="logit-normal m (SD3 default 0)")
-    logit_std: float = Field(1.0, gt=0.0, description="logit-normal s (SD3 default 1)")
-    mode_scale: float = Field(1.29, description="mode(s) density's s (SD3 Eq. 20)")
-    shift: float | None = Field(
-        None,
-        description="resolution shift alpha of the timesteps (SD3 Eq. 23); default: the model scheduler's",
-    )
     heldout_fraction: float = Field(
         0.1,
         ge=0.0,
@@ -140,8 +126,17 @@ class DPOConfig(BaseModel):
         True, description="continue from the latest checkpoint of an identical earlier run"
     )
     device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="dtype of the frozen base weights: fp32, fp16 or bf16 (LoRA stays fp32)"
+    base_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32",
+        description="dtype of the frozen base transformer: fp32, fp16 or bf16 (the LoRA stays fp32)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the transformer's activations in backward to save memory"
+    )
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16",
+        description="dtype of the exported LoRA matrices (training and checkpoints stay fp32); "
+        "`t2i lora-convert` rewrites the file for kohya or ComfyUI",
     )
     seed: int = Field(0, description="seed for batches, timesteps, noise and the LoRA init")
 

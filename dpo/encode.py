@@ -8,14 +8,14 @@ Pairs are held in memory: fine for the thousands of pairs DPO uses, not for all 
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, fields
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
+from curate.decode import decode_image
 from model.conditioning import TextEncoding
 from model.encoders import encode_images, encode_texts, encoder_dims, read_config
 
@@ -52,8 +52,8 @@ def native_resolution(model_dir: str | os.PathLike) -> int:
 
 
 def decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+    """Upright RGB under the pixel cap (curate.decode, the one decoder of every stage)."""
+    return decode_image(data)
 
 
 def encode_pairs(

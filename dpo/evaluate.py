@@ -144,15 +144,11 @@ def evaluate_samples(
     return result
 
 
-def _cell(text: str) -> str:
-    """A caption as a markdown table cell: no pipes, no HTML, one line."""
-    return (
-        " ".join(text.split())
-        .replace("\\", "\\\\")
-        .replace("|", "\\|")
-        .replace("<", "&lt;")
-        .replace(">", "&gt;")
-    )[:120]
+def _cell(text: str, limit: int | None = 120) -> str:
+    """A caption or message as inert one-line markdown (curate/markdown.py)."""
+    from curate.markdown import escape
+
+    return escape(text, limit=limit)
 
 
 def report_markdown(summary: dict) -> str:
@@ -213,5 +209,5 @@ def report_markdown(summary: dict) -> str:
             f"- saturated pairs (sigmoid of the margin > 0.99): {guard['saturated_frac']:.0%}"
         )
     if guard.get("warning"):
-        lines += ["", f"**Warning:** {_cell(guard['warning'])}"]
+        lines += ["", f"**Warning:** {_cell(guard['warning'], None)}"]
     return "\n".join(lines) + "\n"

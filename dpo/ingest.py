@@ -11,7 +11,6 @@ Pick-a-Pic v2 (yuvalkirstain/pickapic_v2): `label_0` = 1 means `jpg_0` won, 0 th
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any
 
 import datasets
 import pyarrow.parquet as pq
-from PIL import Image
 
 from curate import reasons
+from curate.cells import image_cell
+from curate.decode import Invalid, decode_image
 from curate.store import Manifest, Rejection, StageWriter, fingerprint, is_done, load_samples
 from dpo.config import IngestPrefsConfig
 
@@ -43,15 +43,11 @@ def pair_id(winner: bytes, loser: bytes) -> str:
 
 
 def _bytes(value: Any) -> bytes | None:
-    """Image bytes from a raw bytes cell or a `datasets` Image cell ({'bytes', 'path'})."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return bytes(value["bytes"])
-        if value.get("path"):
-            return Path(value["path"]).read_bytes()
-    return None
+    """Image bytes from a raw bytes cell or a `datasets` Image cell ({'bytes', 'path'}).
+
+    Raises `Invalid` for a cell that is not bytes, and for a path cell (never read).
+    """
+    return image_cell(value) or None
 
 
 def _decodes(data: bytes | None) -> str:
@@ -59,10 +55,9 @@ def _decodes(data: bytes | None) -> str:
     if not data:
         return "no image bytes"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except Exception as error:  # PIL raises many types for broken files
-        return f"{type(error).__name__}: {error}"
+        decode_image(data)  # under the pixel cap
+    except Invalid as invalid:
+        return f"{invalid.reason}: {invalid.detail}"
     return ""
 
 
@@ -138,8 +133,16 @@ def _oriented(
 def classify(rows: Iterator[dict[str, Any]], layout: str, tie_tolerance: float = 0.0):
     """Yield ('keep', row) or ('reject', Rejection) for each input row."""
     for index, row in enumerate(rows):
-        winner, loser, tie = _oriented(row, layout, tie_tolerance)
         name = row.get("_name") or row.get("ranking_id") or f"row {index}"
+        try:
+            winner, loser, tie = _oriented(row, layout, tie_tolerance)
+        except Invalid as invalid:  # a cell that is not bytes, or names a file: never read
+            rid = f"{layout}-row-{index}"
+            yield (
+                "reject",
+                Rejection(rid, STAGE, invalid.reason, detail=f"{name}: {invalid.detail}"),
+            )
+            continue
         rid = pair_id(winner or b"", loser or b"") if (winner or loser) else f"{layout}-row-{index}"
         caption = (row.get("caption") or "").strip()
         if tie:

@@ -8,18 +8,19 @@ have it and, after DPO, whether samples have more of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from curate.decode import normalise, to_rgb
-from curate.store import Manifest, load_samples
+from curate.decode import to_rgb
+from curate.ingest import IngestOptions, read_records
 from dpo.config import MakePrefsConfig
-from dpo.ingest import IMAGE_SUFFIXES
 
 
 def attribute_score(image: Image.Image, attribute: str) -> float:
@@ -53,34 +54,43 @@ def random_crop(image: Image.Image, rng: random.Random) -> Image.Image:
     return image.crop((left, top, left + crop, top + crop))
 
 
-def store_images(store: Path) -> tuple[list[tuple[str, Image.Image, str]], list[str]]:
-    """(id prefix, image, caption) for every row of a stage output with `image` and `caption` columns."""
-    usable = []
-    for row in load_samples(store):
-        data = row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"]
-        # datasets may decode Image columns to PIL
-        image = to_rgb(data) if isinstance(data, (bytes, bytearray)) else normalise(data)
-        usable.append((row["id"][:16], image, (row.get("caption") or "").strip() or "an image"))
-    return usable, []
+def safe_name(key: str, used: set[str]) -> str:
+    """A folder name for the source KEY that cannot leave OUT: [A-Za-z0-9._-] only, no leading dot.
+
+    The file stem when it is already safe and unused (`astronaut.jpg` -> `astronaut`); otherwise
+    the cleaned stem plus a short hash of KEY, so that `../../x` or two `a.jpg` in different
+    sub-folders never share or escape a folder. The name is added to USED.
+    """
+    stem = PurePosixPath(key.replace("\\", "/").rsplit(":", 1)[-1]).name.rsplit(".", 1)[0]
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".-")[:80]
+    if not clean or clean != stem or clean in used:
+        clean = f"{clean or 'image'}-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    used.add(clean)
+    return clean
 
 
 def source_images(folder: Path) -> tuple[list[tuple[str, Image.Image, str]], list[str]]:
-    """(name, image, caption) for every decodable image in FOLDER (or stage output); names that did not decode."""
-    if Manifest.read(folder) is not None:
-        return store_images(folder)
-    usable, skipped = [], []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    """(safe name, image, caption) for every usable image of FOLDER; the sources that were not.
+
+    FOLDER is read by curate's ingest (an image folder, tar shards, parquet, a saved dataset or a
+    stage output), so links out of the folder, path cells, hidden files and bad captions are
+    refused there; images decode under the pixel cap. A skipped source is named by its key.
+    """
+    usable, skipped, used = [], [], set()
+    for record in read_records(folder, IngestOptions()):
+        if record.refused:
+            skipped.append(record.key)
+            continue
         try:
-            image = to_rgb(path.read_bytes())
+            image = to_rgb(record.data)  # under curate.decode's pixel cap
         except ValueError:  # to_rgb names every way a file can fail to decode
-            skipped.append(path.name)
+            skipped.append(record.key)
             continue
         if min(image.size) < 16:
-            skipped.append(path.name)
+            skipped.append(record.key)
             continue
-        caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text().strip() if caption_file.is_file() else ""
-        usable.append((path.stem, image, caption or path.stem.replace("_", " ")))
+        name = safe_name(record.key, used)
+        usable.append((name, image, record.caption or name.replace("_", " ")))
     return usable, skipped
 
 

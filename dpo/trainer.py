@@ -49,8 +49,8 @@ from dpo.lora import (
 from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
 from model.build import parse_dtype
 from model.conditioning import TextEncoding
+from model.nonfinite import NonFiniteLossError
 from model.objective import flow_loss
-from model.rectified_flow import sample_timesteps
 
 STAGE = "dpo"
 METRICS = "metrics.jsonl"
@@ -58,10 +58,11 @@ METRICS = "metrics.jsonl"
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
 NOT_IN_RUN_KEY = (
-    "steps",
+    "max_steps",
     "log_every",
     "checkpoint_every",
     "resume",
+    "save_dtype",
     "eval_captions",
     "eval_max_captions",
     "eval_seeds",
@@ -70,10 +71,6 @@ NOT_IN_RUN_KEY = (
     "scorer",
 )
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLoss(ValueError):
-    """The DPO loss became NaN or infinite; training stopped before applying that step."""
 
 
 def load_transformer(
@@ -152,8 +149,7 @@ def draw(
         else torch.randint(n, (batch,), generator=generator)
     )
     chosen = pairs.select(index)
-    t = sample_timesteps(batch, config.density, m=config.logit_mean, s=config.logit_std,
-                         mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
+    t = config.draw_timesteps(batch, shift, generator)
     noise = torch.randn(chosen.latents_w.shape, generator=generator)
     return chosen, t, noise
 
@@ -183,10 +179,9 @@ def implicit_accuracy(
     correct, total = 0, 0
     for d in range(draws):
         generator = step_generator(config.seed + 7919, d)
-        for start in range(0, len(pairs), config.batch):
-            chunk = pairs.select(list(range(start, min(start + config.batch, len(pairs)))))
-            t = sample_timesteps(len(chunk), config.density, m=config.logit_mean, s=config.logit_std,
-                                 mode_scale=config.mode_scale, shift=shift, generator=generator)  # fmt: skip
+        for start in range(0, len(pairs), config.batch_size):
+            chunk = pairs.select(list(range(start, min(start + config.batch_size, len(pairs)))))
+            t = config.draw_timesteps(len(chunk), shift, generator)
             noise = torch.randn(chunk.latents_w.shape, generator=generator)
             margin = dpo_terms(transformer, chunk, t, noise, config).margin
             correct += int((margin > 0).sum())
@@ -229,42 +224,42 @@ def train_lora(
     )
     metrics_path = work / METRICS
     window: list[dict[str, float]] = []
-    warned = winner_drift_warning(_metrics_rows(metrics_path)) is not None
+    warned = winner_drift_warning(_metric_rows(metrics_path)) is not None
     transformer.train()
     for step in tqdm(
-        range(start_step, config.steps),
+        range(start_step, config.max_steps),
         desc="dpo",
         unit="step",
         initial=start_step,
-        total=config.steps,
+        total=config.max_steps,
     ):
         optimizer.zero_grad(set_to_none=True)
         parts = []
         for micro in range(config.grad_accum):  # draws depend on (seed, step, micro) only
             generator = step_generator(config.seed, step * config.grad_accum + micro)
-            chosen, t, noise = draw(pairs, config.batch, generator, config, shift)
+            chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift)
             terms = dpo_terms(transformer, chosen, t, noise, config)
             if not torch.isfinite(terms.loss):
-                raise NonFiniteLoss(
+                raise NonFiniteLossError(
                     f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
                     f"before applying it. Checkpoints in {work} hold the last good state: lower --lr or --beta "
-                    "(or use --dtype fp32) and rerun"
+                    "(or use --base-dtype fp32) and rerun"
                 )
             (terms.loss / config.grad_accum).backward()
             parts.append(terms.metrics())
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(transformer), config.grad_clip)
         optimizer.step()
         window.append({**_mean_rows(parts), "grad_norm": float(grad_norm)})
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
             row = {"step": step + 1, **_mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             window = []
-            if not warned and (message := winner_drift_warning(_metrics_rows(metrics_path))):
+            if not warned and (message := winner_drift_warning(_metric_rows(metrics_path))):
                 warned = True
                 log.warning(message)
                 tqdm.write(f"warning: {message}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
             _save_checkpoint(work, step + 1, transformer, optimizer)
     transformer.eval()
     return optimizer
@@ -274,22 +269,23 @@ def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
-def _metrics_rows(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl (none when it does not exist yet)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _metric_rows(path: Path) -> list[dict]:
+    """The complete rows of a metrics.jsonl; a line torn by a kill mid-write is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _metrics_until(path: Path, step: int) -> None:
-    """Drop metric rows logged after STEP (they belong to a run killed after its last checkpoint)."""
+    """Keep the rows logged up to STEP (later ones belong to a run killed after its last
+    checkpoint, and a torn last line to a kill mid-write)."""
     if path.is_file():
-        rows = [
-            line
-            for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= step
-        ]
-        path.write_text("".join(r + "\n" for r in rows))
+        rows = [row for row in _metric_rows(path) if row.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def resolve_prefs(prefs: Path, work: Path) -> Path:
@@ -327,7 +323,7 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
 
     # 1. Preferences and their encodings (the pre-encoding stage's encoders, one at a time)
     table_dir = resolve_prefs(prefs, work)
-    dtype = parse_dtype(config.dtype)
+    dtype = parse_dtype(config.base_dtype)
     resolution = config.resolution or native_resolution(config.model)
     pairs = encode_pairs(
         config.model, load_samples(table_dir), resolution, config.max_sequence_length, config.device
@@ -340,6 +336,8 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
     lora_config = add_lora(
         transformer, config.rank, config.alpha, config.target_modules, config.seed
     )
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
 
     # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
     start, optimizer = 0, None
@@ -354,9 +352,9 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
         _metrics_until(work / METRICS, start)
     elif (work / METRICS).exists():
         (work / METRICS).unlink()
-    if start < config.steps:
+    if start < config.max_steps:
         optimizer = train_lora(transformer, train, config, work, shift, start, optimizer)
-        _save_checkpoint(work, config.steps, transformer, optimizer)
+        _save_checkpoint(work, config.max_steps, transformer, optimizer)
 
     # 5. Held-out accuracy and the diffusers-format LoRA
     summary = {"train_pairs": len(train), "heldout_pairs": len(heldout) if heldout else 0,
@@ -364,9 +362,9 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
                "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
                "resolution": resolution, "shift": shift, "resumed_from_step": start,
                "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
-               "guard": guard_summary(_metrics_rows(work / METRICS))}  # fmt: skip
+               "guard": guard_summary(_metric_rows(work / METRICS))}  # fmt: skip
     with StageWriter(output, STAGE, params, fp) as writer:
-        export_lora(transformer, lora_config, writer.path)
+        export_lora(transformer, lora_config, writer.path, config.save_dtype)
         del transformer, optimizer  # the evaluation loads the stock pipeline instead
         shutil.copy(work / METRICS, writer.path / METRICS)
         # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
@@ -384,7 +382,7 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
                     config.eval_guidance,
                     config.scorer,
                     config.device,
-                    config.dtype,
+                    config.base_dtype,
                 )
             )
             if summary["sample_eval"]["win_rate"] is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from curate.markdown import escape  # every value from data or a path is inert markdown
 from curate.store import REJECTED, Manifest
 from flows.progress import artifact_key
 
@@ -155,9 +156,9 @@ def loss_curve(series: dict[str, list[tuple[int, float]]], title: str) -> Image.
 def stage_markdown(
     stage: str, output: Path, manifest: Manifest | None, curve: Image.Image | None
 ) -> str:
-    lines = [f"# {stage}", "", f"Output: `{output}`", ""]
+    lines = [f"# {escape(stage)}", "", f"Output: {escape(output)}", ""]
     if manifest is not None:
-        counts = ", ".join(f"{k}: {v}" for k, v in manifest.counts.items())
+        counts = ", ".join(f"{escape(k)}: {escape(v)}" for k, v in manifest.counts.items())
         lines += [f"Counts: {counts or 'none'}; wall time {manifest.wall_time_s:.1f} s", ""]
     report = output / "report.md"
     if report.is_file():
@@ -170,7 +171,10 @@ def stage_markdown(
     images = stage_images(output)
     if images:
         lines += ["## Images", ""]
-        lines += [f"**{p.relative_to(output)}**\n\n![{p.name}]({data_uri(p)})\n" for p in images]
+        lines += [
+            f"**{escape(p.relative_to(output))}**\n\n![{escape(p.name)}]({data_uri(p)})\n"
+            for p in images
+        ]
     return "\n".join(lines)
 
 
@@ -201,9 +205,9 @@ def publish_stage(stage: str, output: str | Path) -> None:
 
 def publish_gallery(label: str, output: Path, images: list[Path]) -> None:
     """One markdown artifact showing images written by several tasks (e.g. sample shards)."""
-    lines = [f"# {label}", "", f"Output: `{output}` ({len(images)} images)", ""]
+    lines = [f"# {escape(label)}", "", f"Output: {escape(output)} ({len(images)} images)", ""]
     lines += [
-        f"**{p.relative_to(output)}**\n\n![{p.name}]({data_uri(p, 256)})\n"
+        f"**{escape(p.relative_to(output))}**\n\n![{escape(p.name)}]({data_uri(p, 256)})\n"
         for p in images[: MAX_IMAGES * 2]
     ]
     create_markdown_artifact(

@@ -52,8 +52,8 @@ TINY_KIT: dict[str, dict[str, Any]] = {
     },  # fmt: skip
     "make_prefs": {"pairs_per_image": 1},
     "dpo": {
-        "steps": 10,
-        "batch": 2,
+        "max_steps": 10,
+        "batch_size": 2,
         "rank": 8,
         "alpha": 8.0,
         "lr": 1e-3,

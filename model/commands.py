@@ -62,4 +62,22 @@ COMMANDS = [
             ("output", "directory for the trained diffusers pipeline folder"),
         ],
     },
+    {
+        "name": "lora-convert",
+        "summary": "convert an SD3 LoRA between diffusers, kohya and ComfyUI key styles",
+        "description": (
+            "Reads a LoRA file (or a folder holding one) in diffusers, kohya (sd-scripts lora_sd3), "
+            "ComfyUI, OneTrainer or peft key style, detected from its keys, and writes it in --to's "
+            "style. kohya and ComfyUI use Stability's MMDiT module names with q/k/v fused (downs "
+            "stacked, ups block-diagonal, alpha scaled with the rank); diffusers files carry alpha "
+            "folded into B. Converting back gives the same matrices. OUTPUT is a .safetensors path or "
+            "a folder (then OUTPUT/pytorch_lora_weights.safetensors)."
+        ),
+        "config": "model.config:LoraConvertConfig",
+        "run": "model.lora_formats:run_lora_convert",
+        "positionals": [
+            ("input", "LoRA .safetensors file or a folder with one"),
+            ("output", "a .safetensors path or a folder"),
+        ],
+    },
 ]

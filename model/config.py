@@ -6,6 +6,17 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+# Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
+# streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second
+# attention (attn2) too. Suffixes of module names inside `transformer_blocks`.
+LORA_BLOCK_LINEARS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "norm1.linear", "norm1_context.linear",
+]  # fmt: skip
+
 
 class InitModelConfig(BaseModel):
     preset: str = Field(
@@ -32,8 +43,8 @@ class SampleConfig(BaseModel):
     dtype: str = Field("fp32", description="fp32, fp16 or bf16")
     lora: str | None = Field(
         None,
-        description="folder with pytorch_lora_weights.safetensors (e.g. `t2i dpo` output): writes base/ and "
-        "lora/ PNGs for the same seeds and a side-by-side grid.png",
+        description="LoRA .safetensors file, or a folder with one (e.g. `t2i dpo` output), in diffusers, kohya, "
+        "ComfyUI or OneTrainer key style: writes base/ and lora/ PNGs for the same seeds and a side-by-side grid.png",
     )
     lora_scale: float = Field(
         1.0, description="LoRA strength: 0 gives the base model, 1 the trained LoRA"
@@ -74,7 +85,40 @@ class PrecomputeConfig(BaseModel):
     shard_size: int = Field(512, ge=1, description="input rows per shard (the unit of resumption)")
 
 
-class TrainConfig(BaseModel):
+class TimestepOptions(BaseModel):
+    """How training timesteps are drawn (SD3 sections 3.1 and 5.3.2); `t2i train` and `t2i dpo` share it."""
+
+    density: Literal["logit_normal", "mode", "cosmap", "uniform"] = Field(
+        "logit_normal", description="training timestep density (SD3 section 3.1: logit_normal)"
+    )
+    logit_mean: float = Field(0.0, description="logit-normal location m (SD3: 0.0)")
+    logit_std: float = Field(1.0, gt=0, description="logit-normal scale s (SD3: 1.0)")
+    mode_scale: float = Field(1.29, description="scale s of the mode(s) density (SD3 Eq. 20: 1.29)")
+    shift: float | None = Field(
+        None,
+        gt=0,
+        description="resolution shift alpha of Eq. 23 applied to every drawn timestep; default: for "
+        "`t2i train` max(1, sqrt(pixels / 256^2)) of the encoded set (4.0 at 1024^2, where SD3 picked 3.0 "
+        "by human preference; 1.0 at 256^2 and below), stored in the output scheduler for sampling; for "
+        "`t2i dpo` the base model scheduler's shift",
+    )
+
+    def draw_timesteps(self, batch: int, shift: float, generator=None):
+        """[batch] timesteps in (0, 1) from this density, then shifted by SHIFT (the resolved --shift)."""
+        from model.rectified_flow import sample_timesteps
+
+        return sample_timesteps(
+            batch,
+            self.density,
+            m=self.logit_mean,
+            s=self.logit_std,
+            mode_scale=self.mode_scale,
+            shift=shift,
+            generator=generator,
+        )
+
+
+class TrainConfig(TimestepOptions):
     """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
 
     model: str = Field(
@@ -124,23 +168,10 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward to save memory"
     )
-    # rectified flow (sections 2-3, Eq. 19-23)
-    density: Literal["logit_normal", "mode", "cosmap", "uniform"] = Field(
-        "logit_normal", description="training timestep density (SD3: logit_normal)"
-    )
-    logit_mean: float = Field(0.0, description="logit-normal location m (SD3: 0.0)")
-    logit_std: float = Field(1.0, gt=0, description="logit-normal scale s (SD3: 1.0)")
-    mode_scale: float = Field(1.29, description="scale s of the mode(s) density (SD3 table: 1.29)")
+    # rectified flow (sections 2-3, Eq. 19-23): density and shift come from TimestepOptions
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         "none",
         description="extra loss weight per timestep (SD3: none; the density does the weighting)",
-    )
-    shift: float | None = Field(
-        None,
-        gt=0,
-        description="resolution shift alpha of Eq. 23, used for training and stored in the scheduler for "
-        "sampling; default max(1, sqrt(pixels / 256^2)) from the encoded set (Eq. 23: 4.0 at 1024^2, where SD3 "
-        "picked 3.0 by human preference; 1.0 at 256^2 and below)",
     )
     encoder_drop: float = Field(
         0.464,
@@ -195,4 +226,45 @@ class TrainConfig(BaseModel):
     )
     seed: int = Field(
         0, description="seed for weights, data order, timesteps, noise, encoder drop and captions"
+    )
+    # low-memory mode: a LoRA on the frozen base (model/lora_train.py)
+    lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="train a LoRA of this rank on the frozen transformer instead of all its weights; "
+        "OUTPUT then holds pytorch_lora_weights.safetensors for --model",
+    )
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha (update scaled by alpha / rank); default: the rank"
+    )
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(LORA_BLOCK_LINEARS),
+        description="module-name suffixes inside transformer_blocks that get a LoRA (default: every "
+        "linear layer of the blocks)",
+    )
+    lora_base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype of the frozen base under --lora-rank; auto = the autocast precision (bf16 "
+        "on GPUs), fp32 without autocast (CPU)",
+    )
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw",
+        description="adamw (torch) or adamw8bit (bitsandbytes: optimizer states in 8 bits)",
+    )
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16", description="dtype of the exported LoRA matrices under --lora-rank"
+    )
+
+
+class LoraConvertConfig(BaseModel):
+    """`t2i lora-convert`: one LoRA file into another tool's key style."""
+
+    to: Literal["diffusers", "kohya", "comfyui"] = Field(
+        ...,
+        description="diffusers (StableDiffusion3Pipeline.load_lora_weights; alpha folded into B), kohya "
+        "(sd-scripts lora_sd3: lora_unet_joint_blocks_N_..., fused qkv, .alpha) or comfyui "
+        "(diffusion_model.joint_blocks.N...., fused qkv, .alpha)",
+    )
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16", description="dtype of the written LoRA matrices (alpha stays fp32)"
     )

@@ -27,7 +27,6 @@ A caption's rows in a shard: its originals first, then the synthetic captions, i
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -42,6 +41,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from curate import reasons
+from curate.cells import image_cell
+from curate.decode import open_image
 from curate.store import (
     Rejection,
     StageWriter,
@@ -129,12 +130,11 @@ def _reason(what: str, error: Exception) -> str:
 
 
 def _open_image(cell: dict[str, Any]) -> Image.Image:
-    data = cell.get("bytes")
-    if data is None and cell.get("path"):
-        data = Path(cell["path"]).read_bytes()
+    """The cell's image, header read under the pixel cap (a path cell is refused, never read)."""
+    data = image_cell(cell)
     if not data:
         raise ValueError("no image bytes")
-    return Image.open(io.BytesIO(data))
+    return open_image(data)
 
 
 class _Run:

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
+from model.lora import load_into_pipeline, read_lora_for
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 LORA_ADAPTER = "lora"
 
 
@@ -73,14 +73,9 @@ def side_by_side(
     return grid
 
 
-def load_lora(pipe: StableDiffusion3Pipeline, lora_dir: str, scale: float) -> None:
-    """Load a diffusers-format LoRA folder into the pipeline with the stock API, at SCALE."""
-    if not (Path(lora_dir) / LORA_FILE).is_file():
-        raise FileNotFoundError(
-            f"--lora {lora_dir} has no {LORA_FILE}; pass a `t2i dpo` output folder"
-        )
-    pipe.load_lora_weights(lora_dir, weight_name=LORA_FILE, adapter_name=LORA_ADAPTER)
-    pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
+def load_lora(pipe: StableDiffusion3Pipeline, lora, scale: float) -> None:
+    """Load a LoRA (file, folder or LoraWeights; any key style, see model/lora_formats.py) at SCALE."""
+    load_into_pipeline(pipe, lora, LORA_ADAPTER, scale)
 
 
 def _save(results, folder: Path) -> list[Image.Image]:
@@ -91,16 +86,20 @@ def _save(results, folder: Path) -> list[Image.Image]:
 
 
 def run_sample(config: SampleConfig) -> Path:
+    # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.
+    lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
     pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
     pipe.set_progress_bar_config(disable=True)
     prompts = read_prompts(config.prompt, config.prompts)
     out = Path(config.out)
     options = (config.steps, config.guidance_scale, config.height, config.width)
-    if config.lora is None:
+    if lora is None:
         _save(generate(pipe, prompts, config.seed, *options), out)
         return out
+    load_lora(pipe, lora, config.lora_scale)
+    pipe.disable_lora()
     base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
-    load_lora(pipe, config.lora, config.lora_scale)
+    pipe.enable_lora()
     adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
     side_by_side(base, adapted).save(out / "grid.png")
     return out

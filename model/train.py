@@ -29,14 +29,17 @@ from model.config import TrainConfig
 from model.ema import EMA
 from model.export import export_pipeline
 from model.latent_sampling import decode_latents, sample_latents, save_grid
+from model.lora_train import (
+    attach_lora,
+    export_trained_lora,
+    keep_only_lora_in_checkpoints,
+    make_optimizer,
+)
+from model.nonfinite import NonFiniteLossError
 from model.objective import FlowSettings, draw_noise_and_time, training_loss, validation_loss
 from model.train_data import BatchPlan, EncodedReader, load_batch, split_indices
 
 STAGE = "train"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss was NaN or infinite; the weights were not updated with it."""
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -206,16 +209,16 @@ def _train(
     # Model, EMA, optimizer (AdamW, eps 1e-15 with QK-norm) and warmup.
     transformer = build_or_load_transformer(config)
     check_compatible(transformer, first)
+    lora = attach_lora(transformer, config, accelerator.mixed_precision)  # None unless --lora-rank
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     ema = EMA(transformer, config.ema_decay)
-    optimizer = torch.optim.AdamW(
-        transformer.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, weight_decay=config.weight_decay,
-    )  # fmt: skip
+    optimizer = make_optimizer(transformer.parameters(), config)  # AdamW or 8-bit AdamW
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    if lora is not None:
+        keep_only_lora_in_checkpoints(accelerator, transformer)
     accelerator.register_for_checkpointing(scheduler, ema)
     shift = training_shift(config, Path(config.model), first["latents"])
     settings = FlowSettings(
@@ -331,7 +334,10 @@ def _train(
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(transformer)
         final = ema_copy(model, ema) if config.export_ema else model
-        export_pipeline(Path(config.model), final, output, shift)
+        if lora is not None:
+            export_trained_lora(final, output, config)
+        else:
+            export_pipeline(Path(config.model), final, output, shift)
         (work / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
         Manifest(
             stage=STAGE, parameters=config.model_dump(), input_fingerprint=input_fingerprint,

@@ -15,5 +15,5 @@ def random_trained_lora(model_dir, out, rank: int, alpha: float, std: float, see
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, std, generator=torch.Generator().manual_seed(seed))
-    export_lora(transformer, config, out)
+    export_lora(transformer, config, out, save_dtype="fp32")
     return transformer, out

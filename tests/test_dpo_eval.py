@@ -1,8 +1,6 @@
 """Sample-level evaluation of a DPO LoRA (dpo/evaluate.py): base vs LoRA side by side, a scorer's
 win rate, and the stage report the Prefect artifact shows."""
 
-import json
-
 import pytest
 import torch
 from PIL import Image

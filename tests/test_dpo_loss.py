@@ -182,7 +182,9 @@ def test_trainer_takes_errors_in_noise_units_and_averages_accumulated_micro_batc
     assert torch.allclose(in_noise.err_w, (1 - t) ** 2 * in_velocity.err_w)
     assert torch.allclose(in_noise.ref_l, (1 - t) ** 2 * in_velocity.ref_l)
 
-    config = DPOConfig(**base, batch=2, grad_accum=2, steps=1, log_every=1, lr=1e-2, beta=100.0)
+    config = DPOConfig(
+        **base, batch_size=2, grad_accum=2, max_steps=1, log_every=1, lr=1e-2, beta=100.0
+    )
     expected = []
     for micro in range(2):  # step 0's two micro-batches, drawn before the update
         picked, t_m, noise_m = draw(pairs, 2, step_generator(config.seed, micro), config, 1.0)

@@ -12,7 +12,9 @@ from dpo.proof import run_proof
 
 @pytest.fixture(scope="module")
 def proof(tiny_model_dir, tmp_path_factory):
-    dpo = DPOConfig(model=tiny_model_dir, beta=1000.0, lr=3e-3, rank=8, alpha=8, steps=40, batch=8)
+    dpo = DPOConfig(
+        model=tiny_model_dir, beta=1000.0, lr=3e-3, rank=8, alpha=8, max_steps=40, batch_size=8
+    )
     return run_proof(
         tiny_model_dir,
         tmp_path_factory.mktemp("proof"),

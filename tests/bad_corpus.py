@@ -1,0 +1,195 @@
+"""A hostile input corpus for the hardening tests: every bad input a review tried, in one mixed folder.
+
+`build(base, demo_folder)` writes BASE/outside (canaries no stage may read) and BASE/in (loose
+images with sidecars, tar shards and parquet files side by side) and returns what each source
+must become: "keep", or the rejection reason. Stage tests run on it and compare.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from curate import reasons
+
+SECRET = b"CANARY-SECRET-5f1c0e"  # text of the canary file outside the input
+BOMB_SIDE = 30_000  # a 30000 x 30000 canvas: 900 MP, 2.7 GB as RGB, in a ~100-byte PNG
+NON_UTF8 = b"caf\xe9-latin1.jpg"  # a Latin-1 file name: not UTF-8
+HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpg"
+HOSTILE_CAPTION = "<script>alert('cap')</script> a [link](javascript:alert(1)) | `tick`"
+
+
+@dataclass
+class Corpus:
+    root: Path  # the input folder
+    outside: Path  # canaries: nothing may read them
+    canary_image: bytes
+    expect: dict[str, str] = field(default_factory=dict)  # source key -> "keep" or a reason
+    bomb: bytes = b""
+    truncated_png: bytes = b""
+
+
+def bomb_png(width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
+    """A valid PNG header declaring WIDTH x HEIGHT pixels, with almost no data behind it."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def png(image: Image.Image, exif: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    options = {}
+    if exif:
+        tags = Image.Exif()
+        tags[0x0112] = 1
+        options["exif"] = tags.tobytes()
+    image.save(buffer, "PNG", **options)
+    return buffer.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            tar.addfile(info, io.BytesIO(payload))
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def build(base: Path, demo_folder: Path) -> Corpus:
+    def demo(name: str) -> bytes:
+        return (demo_folder / name).read_bytes()
+
+    def caption(name: str) -> str:
+        return (demo_folder / name).with_suffix(".txt").read_text()
+
+    outside = base / "outside"
+    (outside / "folder").mkdir(parents=True)
+    canary = png(Image.new("RGB", (300, 200), (9, 99, 199)))
+    (outside / "canary.png").write_bytes(canary)
+    (outside / "secret.txt").write_bytes(SECRET + b"\n")
+    (outside / "folder" / "inner.png").write_bytes(canary)
+
+    root = base / "in"
+    root.mkdir()
+    corpus = Corpus(root, outside, canary)
+    expect = corpus.expect
+
+    # good images with captions, the already-handled troubles, and hostile names
+    for name in ("astronaut.jpg", "coffee.jpg", "chelsea.jpg"):
+        (root / name).write_bytes(demo(name))
+        (root / name).with_suffix(".txt").write_text(caption(name))
+        expect[name] = "keep"
+    (root / HOSTILE_NAME).write_bytes(demo("china.jpg"))
+    (root / HOSTILE_NAME).with_suffix(".txt").write_text(HOSTILE_CAPTION)
+    expect[HOSTILE_NAME] = "keep"
+    with open(os.fsencode(root) + b"/" + NON_UTF8, "wb") as handle:
+        handle.write(demo("flower.jpg"))
+    expect["caf\\xe9-latin1.jpg"] = "keep"
+    (root / "empty.jpg").write_bytes(b"")
+    expect["empty.jpg"] = reasons.ZERO_BYTE
+    (root / "notes.jpg").write_bytes(b"not a picture\n" * 8)
+    expect["notes.jpg"] = reasons.NOT_AN_IMAGE
+    (root / "tiny.png").write_bytes(png(Image.new("RGB", (16, 16), (5, 5, 5))))
+    expect["tiny.png"] = reasons.TOO_SMALL
+
+    # a truncated PNG carrying EXIF (the EXIF read used to sit outside the decode's try)
+    whole = png(Image.open(io.BytesIO(demo("hopper.jpg"))).convert("RGB"), exif=True)
+    corpus.truncated_png = whole[: len(whole) // 2]
+    (root / "truncated.png").write_bytes(corpus.truncated_png)
+    expect["truncated.png"] = reasons.TRUNCATED
+    corpus.bomb = bomb_png()
+    (root / "bomb.png").write_bytes(corpus.bomb)
+    expect["bomb.png"] = reasons.DECOMPRESSION_BOMB
+
+    # links: out of the input (file, secret, folder), inside it, and a caption sidecar out
+    os.symlink(outside / "canary.png", root / "link_out.png")
+    expect["link_out.png"] = reasons.UNSAFE_PATH
+    os.symlink(outside / "secret.txt", root / "link_secret.jpg")
+    expect["link_secret.jpg"] = reasons.UNSAFE_PATH
+    os.symlink(outside / "folder", root / "link_folder")
+    expect["link_folder"] = reasons.UNSAFE_PATH
+    os.symlink("astronaut.jpg", root / "link_in.jpg")
+    expect["link_in.jpg"] = reasons.EXACT_DUPLICATE
+    (root / "caption_link.jpg").write_bytes(demo("camera.jpg"))
+    os.symlink(outside / "secret.txt", root / "caption_link.txt")
+    expect["caption_link.jpg"] = reasons.UNSAFE_PATH
+    os.mkfifo(root / "pipe.jpg")
+    expect["pipe.jpg"] = reasons.UNSAFE_PATH
+
+    # hidden files and folders are counted, never read
+    (root / ".secret.jpg").write_bytes(demo("coins.jpg"))
+    expect[".secret.jpg"] = reasons.HIDDEN_FILE
+    (root / ".cache").mkdir()
+    (root / ".cache" / "x.jpg").write_bytes(demo("coins.jpg"))
+    expect[".cache"] = reasons.HIDDEN_FILE
+
+    # caption sidecars: binary garbage, and far over the length cap
+    (root / "garbage_caption.jpg").write_bytes(demo("rocket.jpg"))
+    (root / "garbage_caption.txt").write_bytes(bytes(range(256)) * 8)
+    expect["garbage_caption.jpg"] = reasons.BAD_CAPTION
+    (root / "long_caption.jpg").write_bytes(demo("page.jpg"))
+    (root / "long_caption.txt").write_text("word " * 40_000)
+    expect["long_caption.jpg"] = reasons.BAD_CAPTION
+
+    # tar shards: garbage, and a good shard cut in the middle of its second image
+    shards = root / "shards"
+    shards.mkdir()
+    (shards / "garbage.tar").write_bytes(b"this is not a tar archive at all\n" * 40)
+    expect["shards/garbage.tar"] = reasons.CORRUPT_SHARD
+    full = _tar(
+        shards / "cut.tar",
+        [("hubble.jpg", demo("hubble.jpg")), ("hubble.txt", caption("hubble.jpg").encode()),
+         ("text.jpg", demo("text.jpg")), ("text.txt", b"formulas")],
+    )  # fmt: skip
+    cut = full.index(demo("text.jpg")) + 1000
+    (shards / "cut.tar").write_bytes(full[:cut])
+    expect["shards/cut.tar/hubble.jpg"] = "keep"
+    expect["shards/cut.tar"] = reasons.CORRUPT_SHARD
+
+    # parquet: image cells that are dicts naming files, a string column, an int column, garbage
+    struct_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [
+        ("good", {"bytes": demo("immuno.jpg"), "path": None}, "stained cells"),
+        ("abs_path", {"bytes": None, "path": str(outside / "canary.png")}, "x"),
+        ("rel_path", {"bytes": None, "path": "../outside/canary.png"}, "x"),
+        ("in_path", {"bytes": None, "path": "astronaut.jpg"}, "x"),
+    ]
+    pq.write_table(
+        pa.table({"key": [c[0] for c in cells], "image": pa.array([c[1] for c in cells], struct_type),
+                  "caption": [c[2] for c in cells]}),
+        root / "cells.parquet",
+    )  # fmt: skip
+    expect["cells.parquet:good"] = "keep"
+    for key in ("abs_path", "rel_path", "in_path"):
+        expect[f"cells.parquet:{key}"] = reasons.UNSAFE_PATH
+    pq.write_table(
+        pa.table({"key": ["s"], "image": ["not bytes at all"]}), root / "strings.parquet"
+    )
+    expect["strings.parquet:s"] = reasons.INVALID_CELL
+    pq.write_table(pa.table({"key": ["n"], "image": [10**12]}), root / "ints.parquet")
+    expect["ints.parquet:n"] = reasons.INVALID_CELL
+    (root / "broken.parquet").write_bytes(b"PAR1 but not really a parquet file" * 10)
+    expect["broken.parquet"] = reasons.CORRUPT_SHARD
+    return corpus

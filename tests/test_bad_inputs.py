@@ -1,0 +1,284 @@
+"""The bad-input corpus (tests/bad_corpus.py) through curate, caption, precompute, prefs and make-prefs.
+
+Every run finishes; input = kept + rejected; each planted case has its reason; nothing outside
+IN and OUT is read or written: the canaries outside IN never reach an output, the folders around
+them are unchanged, and the folder holding the outputs holds nothing else afterwards. Its parent
+is made read-only too, which stops a stray write when the tests do not run as root (as root,
+the before/after comparison is what catches one).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+
+import bad_corpus
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from captioning.config import CaptionConfig
+from captioning.stage import run_caption
+from curate import reasons
+from curate.config import CurateConfig
+from curate.stage import run_curate
+from curate.store import Manifest, StageWriter, load_rejected, load_samples, sample_id
+from dpo.config import IngestPrefsConfig, MakePrefsConfig
+from dpo.ingest import ingest_prefs
+from dpo.synthetic import make_prefs
+from model.config import PrecomputeConfig
+from model.precompute import run_precompute
+
+CHEAP = {"nsfw_detector": "none", "aesthetic_scorer": "none", "workers": 1}
+FAST_CAPTION = {"max_new_tokens": 12, "max_caption_tokens": 12, "chunk_size": 4, "batch_size": 4}
+IMAGE_FEATURES = datasets.Features(
+    {"id": datasets.Value("string"), "image": datasets.Image(), "caption": datasets.Value("string"),
+     "source": datasets.Value("string")}
+)  # fmt: skip
+
+
+def _snapshot(root):
+    """Every entry under ROOT (links not followed) with its bytes or link target and mtime."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path).encode()
+            elif stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as handle:
+                    content = handle.read()
+            else:
+                content = b""
+            found[os.path.relpath(path, root)] = (content, info.st_mtime_ns)
+    return found
+
+
+def _files_bytes(root):
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
+                yield os.path.join(directory, name), handle.read()
+
+
+@pytest.fixture(scope="module")
+def corpus(demo_folder, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad")
+    built = bad_corpus.build(base, demo_folder)
+    built.before = {"in": _snapshot(built.root), "outside": _snapshot(built.outside)}
+    return built
+
+
+@pytest.fixture(scope="module")
+def area(tmp_path_factory):
+    """OUTs live in AREA; AREA's parent is read-only for the whole module."""
+    parent = tmp_path_factory.mktemp("readonly")
+    folder = parent / "area"
+    folder.mkdir()
+    parent.chmod(0o555)
+    yield folder
+    parent.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def crafted_store(corpus, tmp_path_factory):
+    """A stage output whose image cells are hostile: a path to the canary, a bomb, a truncated PNG."""
+    good = corpus.root.joinpath("astronaut.jpg").read_bytes()
+    rows = [
+        ("good", {"bytes": good, "path": None}),
+        ("path", {"bytes": None, "path": str(corpus.outside / "canary.png")}),
+        ("bomb", {"bytes": corpus.bomb, "path": None}),
+        ("truncated", {"bytes": corpus.truncated_png, "path": None}),
+    ]
+    out = tmp_path_factory.mktemp("crafted") / "store"
+    # image as a plain struct: `datasets.Image()` would itself read the path while saving
+    cell = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features({**IMAGE_FEATURES, "image": cell})
+    with StageWriter(out, "curate", {"crafted": True}, "crafted") as writer:
+        writer.write_samples(
+            [{"id": f"{name}-{index}", "image": cell, "caption": f"<b>{name}</b>", "source": name}
+             for index, (name, cell) in enumerate(rows)],
+            features,
+        )  # fmt: skip
+        writer.counts.update(input=len(rows), kept=len(rows), rejected=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def curated(corpus, area):
+    return run_curate(corpus.root, area / "curated", CurateConfig(**CHEAP))
+
+
+def _rejection_for(rejected, key):
+    """The rejection whose detail names KEY as its source."""
+    found = [
+        r
+        for r in rejected
+        if r["detail"] == f"source={key}" or r["detail"].startswith(f"source={key} ")
+    ]
+    assert len(found) == 1, (key, found)
+    return found[0]
+
+
+def test_curate_finishes_with_every_planted_case_kept_or_rejected_with_its_reason(corpus, curated):
+    counts = Manifest.read(curated).counts
+    assert counts["input"] == len(corpus.expect) == counts["kept"] + counts["rejected"]
+    samples, rejected = load_samples(curated), load_rejected(curated).to_list()
+    kept = {row["source"] for row in samples.remove_columns("image")}
+    assert kept == {key for key, want in corpus.expect.items() if want == "keep"}
+    for key, want in corpus.expect.items():
+        if want != "keep":
+            assert _rejection_for(rejected, key)["reason"] == want, key
+    # the limits are in the reasons
+    long = _rejection_for(rejected, "long_caption.jpg")
+    assert "16384" in long["detail"] and "max_caption_bytes" in long["detail"]
+    bomb = _rejection_for(rejected, "bomb.png")
+    assert (bomb["score"], bomb["threshold"]) == (900_000_000, CurateConfig().max_pixels)
+    # a loose image beside the shards was read, and so was the shard's intact sample
+    assert {"astronaut.jpg", "shards/cut.tar/hubble.jpg", "cells.parquet:good"} <= kept
+
+
+def test_nothing_outside_the_input_reaches_the_output_and_nothing_around_it_changes(
+    corpus, curated, area
+):
+    ids = set(load_samples(curated)["id"])
+    assert sample_id(corpus.canary_image) not in ids
+    for path, data in _files_bytes(curated):
+        assert bad_corpus.SECRET not in data, path
+    assert _snapshot(corpus.outside) == corpus.before["outside"]
+    assert _snapshot(corpus.root) == corpus.before["in"]
+    leftovers = {p.name for p in area.iterdir() if not p.name.endswith(".lock")}
+    assert leftovers <= {"curated", "captioned", "encoded", "prefs", "pairs"}, leftovers
+
+
+def test_the_report_shows_hostile_names_and_captions_as_text(curated):
+    report = (curated / "report.md").read_text()
+    assert "<img" not in report and "<script" not in report
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in report or "notes.jpg" in report
+
+
+def test_caption_and_precompute_run_on_the_curated_corpus(
+    curated, area, tiny_captioner_dir, tiny_model_dir
+):
+    captioned = run_caption(
+        curated, area / "captioned", CaptionConfig(model=tiny_captioner_dir, **FAST_CAPTION)
+    )
+    counts = Manifest.read(captioned).counts
+    assert counts["kept"] == Manifest.read(curated).counts["kept"] and counts["failed"] == 0
+    report = (captioned / "report.md").read_text()
+    assert "<script" not in report and "<img" not in report
+    encoded = run_precompute(
+        captioned, area / "encoded", PrecomputeConfig(model=tiny_model_dir, resolution=64)
+    )
+    counts = Manifest.read(encoded).counts
+    assert (
+        counts.get("kept", 0) + counts.get("rejected", 0) == Manifest.read(captioned).counts["kept"]
+    )
+
+
+def test_caption_reports_each_hostile_cell_with_its_reason_and_never_reads_the_path(
+    corpus, crafted_store, tiny_captioner_dir, tmp_path
+):
+    out = run_caption(
+        crafted_store,
+        tmp_path / "captioned",
+        CaptionConfig(model=tiny_captioner_dir, **FAST_CAPTION),
+    )
+    failures = {
+        f["id"].split("-")[0]: f["reason"] for f in json.loads((out / "failures.json").read_text())
+    }
+    assert set(failures) == {"path", "bomb", "truncated"}
+    assert reasons.UNSAFE_PATH in failures["path"]
+    assert reasons.DECOMPRESSION_BOMB in failures["bomb"]
+    assert reasons.TRUNCATED in failures["truncated"]
+    assert Manifest.read(out).counts["kept"] == 4  # the caption stage keeps every row
+    report = (out / "report.md").read_text()
+    assert "<b>" not in report
+
+
+def test_precompute_rejects_each_hostile_cell_with_its_reason(
+    crafted_store, tiny_model_dir, tmp_path
+):
+    # precompute needs captions: the crafted store has them; the path cell must not be read
+    out = run_precompute(
+        crafted_store, tmp_path / "encoded", PrecomputeConfig(model=tiny_model_dir, resolution=64)
+    )
+    rejected = {r["id"].split("-")[0]: r for r in load_rejected(out).to_list()}
+    assert set(rejected) == {"path", "bomb", "truncated"}
+    assert reasons.UNSAFE_PATH in rejected["path"]["detail"]
+    assert reasons.DECOMPRESSION_BOMB in rejected["bomb"]["detail"]
+    assert len(load_samples(out)) == 1
+
+
+def _pair_png(color):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_prefs_rejects_hostile_cells_without_reading_paths(corpus, area):
+    source = corpus.outside.parent / "prefs_in"
+    source.mkdir(exist_ok=True)
+    cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    red, blue = _pair_png((200, 0, 0)), _pair_png((0, 0, 200))
+    canary = str(corpus.outside / "canary.png")
+    rows = [
+        ("good", {"bytes": red, "path": None}, {"bytes": blue, "path": None}),
+        ("path", {"bytes": None, "path": canary}, {"bytes": blue, "path": None}),
+        ("bomb", {"bytes": corpus.bomb, "path": None}, {"bytes": blue, "path": None}),
+    ]
+    pq.write_table(
+        pa.table({"caption": [r[0] for r in rows], "image_w": pa.array([r[1] for r in rows], cell),
+                  "image_l": pa.array([r[2] for r in rows], cell)}),
+        source / "pairs.parquet",
+    )  # fmt: skip
+    out = ingest_prefs(source, area / "prefs", IngestPrefsConfig())
+    counts = Manifest.read(out).counts
+    assert counts["kept"] == 1 and counts["kept"] + counts["rejected"] == len(rows)
+    rejected = {r["detail"].split(":")[0]: r for r in load_rejected(out).to_list()}
+    assert rejected["row 1"]["reason"] == reasons.UNSAFE_PATH
+    assert reasons.DECOMPRESSION_BOMB in rejected["row 2"]["detail"]
+    for path, data in _files_bytes(out):
+        assert sample_id(corpus.canary_image) not in path and corpus.canary_image not in data
+
+
+def test_make_prefs_on_the_corpus_uses_only_the_good_images_and_writes_only_in_out(corpus, area):
+    out = make_prefs(area / "pairs", MakePrefsConfig(source=str(corpus.root)))
+    about = json.loads((out / "PAIRS.json").read_text())
+    skipped = set(about["skipped_sources"])
+    assert about["pairs"] + len(skipped) == len(corpus.expect)  # every source used or skipped
+    for key, want in corpus.expect.items():  # every rejected source but the duplicate is skipped
+        assert (key in skipped) == (
+            want not in ("keep", reasons.EXACT_DUPLICATE, reasons.TOO_SMALL)
+        ), key
+    for path, data in _files_bytes(out):
+        assert bad_corpus.SECRET not in data and data != corpus.canary_image, path
+    assert _snapshot(corpus.outside) == corpus.before["outside"]
+
+
+def test_make_prefs_turns_crafted_ids_into_safe_folder_names(tmp_path):
+    red = _pair_png((200, 100, 50))
+    store = tmp_path / "store"
+    with StageWriter(store, "curate", {}, "crafted") as writer:
+        writer.write_samples(
+            [
+                {
+                    "id": "x",
+                    "image": {"bytes": red, "path": None},
+                    "caption": "c",
+                    "source": "../../escaped",
+                }
+            ],
+            IMAGE_FEATURES,
+        )
+        writer.counts.update(input=1, kept=1, rejected=0)
+    area = tmp_path / "a" / "b"
+    out = make_prefs(area / "pairs", MakePrefsConfig(source=str(store)))
+    pairs = [p for p in out.iterdir() if (p / "caption.txt").is_file()]
+    assert len(pairs) == 1 and pairs[0].parent == out
+    assert not (tmp_path / "escaped-00").exists() and not (tmp_path / "a" / "escaped-00").exists()

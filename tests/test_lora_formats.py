@@ -1,0 +1,443 @@
+"""LoRA files that travel: diffusers <-> kohya <-> ComfyUI <-> OneTrainer (model/lora_formats.py).
+
+The Stability-side meaning of a kohya/ComfyUI file is checked against diffusers' own single-file
+converter (Stability MMDiT checkpoint -> diffusers): a LoRA merged into Stability-named weights the
+way kohya and ComfyUI apply it, converted by diffusers, must give the model our importer builds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+from lora_kit import random_trained_lora
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from flows.cli import main as t2i
+from model.build import build_transformer, load_pipeline
+from model.lora import add_lora, load_into_pipeline, lora_weights
+from model.lora_formats import (
+    LoraModule,
+    LoraWeights,
+    linear_shapes,
+    read_lora,
+    save_lora,
+    to_state_dict,
+)
+from model.presets import tiny_mmdit_config
+
+TOLERANCE = 1e-5  # fp32 on CPU: only reordered additions differ
+RANK, ALPHA = 4, 8.0  # alpha != rank on purpose
+
+
+def inputs(config, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    size = config.sample_size
+    return {
+        "hidden_states": torch.randn(2, config.in_channels, size, size, generator=generator),
+        "encoder_hidden_states": torch.randn(2, 9, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([250.0, 750.0]),
+    }
+
+
+def outputs(transformer, seed=3):
+    with torch.no_grad():
+        return transformer(**inputs(transformer.config, seed)).sample
+
+
+# ----------------------------------------------------------------------------- Stability names
+
+
+def stability_checkpoint(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """A diffusers SD3 transformer state dict under Stability's MMDiT names (written out here, by
+    hand, from the MMDiT reference layout; diffusers' converter below checks it)."""
+
+    def swap(t):
+        shift, scale = t.chunk(2, dim=0)
+        return torch.cat([scale, shift])
+
+    out = {
+        "pos_embed": sd["pos_embed.pos_embed"],
+        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+        "context_embedder.weight": sd["context_embedder.weight"],
+        "context_embedder.bias": sd["context_embedder.bias"],
+        "final_layer.linear.weight": sd["proj_out.weight"],
+        "final_layer.linear.bias": sd["proj_out.bias"],
+        "final_layer.adaLN_modulation.1.weight": swap(sd["norm_out.linear.weight"]),
+        "final_layer.adaLN_modulation.1.bias": swap(sd["norm_out.linear.bias"]),
+    }
+    for ours, theirs in (("timestep_embedder", "t_embedder"), ("text_embedder", "y_embedder")):
+        for i, j in ((1, 0), (2, 2)):
+            for end in ("weight", "bias"):
+                out[f"{theirs}.mlp.{j}.{end}"] = sd[f"time_text_embed.{ours}.linear_{i}.{end}"]
+    for i in range(num_layers):
+        d, s = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == num_layers - 1
+        pairs = {
+            "x_block.attn.proj": "attn.to_out.0", "x_block.mlp.fc1": "ff.net.0.proj",
+            "x_block.mlp.fc2": "ff.net.2", "x_block.adaLN_modulation.1": "norm1.linear",
+        }  # fmt: skip
+        if not last:
+            pairs |= {
+                "context_block.attn.proj": "attn.to_add_out", "context_block.mlp.fc1": "ff_context.net.0.proj",
+                "context_block.mlp.fc2": "ff_context.net.2", "context_block.adaLN_modulation.1": "norm1_context.linear",
+            }  # fmt: skip
+        qkv = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+               "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
+        if d + "attn2.to_q.weight" in sd:
+            pairs["x_block.attn2.proj"] = "attn2.to_out.0"
+            qkv["x_block.attn2.qkv"] = ("attn2.to_q", "attn2.to_k", "attn2.to_v")
+        for end in ("weight", "bias"):
+            for theirs, ours in pairs.items():
+                out[f"{s}{theirs}.{end}"] = sd[f"{d}{ours}.{end}"]
+            for theirs, parts in qkv.items():
+                out[f"{s}{theirs}.{end}"] = torch.cat([sd[f"{d}{p}.{end}"] for p in parts])
+            if last:
+                out[f"{s}context_block.adaLN_modulation.1.{end}"] = swap(
+                    sd[f"{d}norm1_context.linear.{end}"]
+                )
+        for theirs, ours in (("x_block.attn", "attn.norm_"), ("context_block.attn", "attn.norm_added_"),
+                             ("x_block.attn2", "attn2.norm_")):  # fmt: skip
+            for qk in ("q", "k"):
+                if f"{d}{ours}{qk}.weight" in sd:
+                    out[f"{s}{theirs}.ln_{qk}.weight"] = sd[f"{d}{ours}{qk}.weight"]
+    return out
+
+
+def merged_like_comfyui(transformer, file) -> torch.nn.Module:
+    """TRANSFORMER's weights with a kohya/ComfyUI LoRA file added the way those tools apply it:
+    W[module] += alpha / rows(down) * up @ down on Stability's names; back through diffusers."""
+    checkpoint = stability_checkpoint(
+        {k: v.clone() for k, v in transformer.state_dict().items()},
+        transformer.config.num_layers,
+    )
+    lora = load_file(str(file))
+    for key in [k for k in lora if k.endswith(".lora_down.weight")]:
+        stem = key.removesuffix(".lora_down.weight")
+        down, up = lora[key].float(), lora[stem + ".lora_up.weight"].float()
+        alpha = lora[stem + ".alpha"].item()
+        module = stem.removeprefix("diffusion_model.")
+        if stem.startswith("lora_unet_"):  # kohya: find the weight whose flattened name matches
+            flat = {k.removesuffix(".weight").replace(".", "_"): k for k in checkpoint}
+            weight_key = flat[stem.removeprefix("lora_unet_")]
+        else:
+            weight_key = module + ".weight"
+        checkpoint[weight_key] = checkpoint[weight_key] + alpha / down.shape[0] * up @ down
+    merged = build_transformer(dict(transformer.config))
+    merged.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(checkpoint))
+    return merged.eval()
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def dual_attention_config():
+    config = tiny_mmdit_config(num_layers=3)
+    config.update(dual_attention_layers=(0, 1), in_channels=16, out_channels=16)
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """Rank 4, alpha 8, non-zero B on every block linear of the tiny kit's transformer."""
+    return random_trained_lora(
+        tiny_model_dir, tmp_path_factory.mktemp("lora"), RANK, ALPHA, 0.05, 1
+    )
+
+
+@pytest.fixture(scope="module")
+def dual():
+    """A 3-block MMDiT with SD3.5-medium's dual attention (attn2) in blocks 0 and 1, with a LoRA."""
+    from dpo.config import ALL_BLOCK_LINEARS
+
+    torch.manual_seed(0)
+    base = build_transformer(dual_attention_config()).eval()
+    adapted = build_transformer(dual_attention_config()).eval()
+    adapted.load_state_dict(base.state_dict())
+    add_lora(adapted, RANK, ALPHA, ALL_BLOCK_LINEARS)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(7))
+    return base, adapted
+
+
+def fresh_pipeline(model_dir):
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir)
+    pipe.transformer.eval()
+    return pipe
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_our_lora_through_kohya_or_comfyui_and_back_gives_the_trainers_outputs(
+    fmt, trained, tiny_model_dir, tmp_path
+):
+    transformer, _ = trained
+    file = save_lora(lora_weights(transformer), tmp_path / f"{fmt}.safetensors", fmt, "fp32")
+    keys = load_file(str(file))
+    assert all(k.startswith("lora_unet_" if fmt == "kohya" else "diffusion_model.") for k in keys)
+    back = read_lora(file)
+    assert back.styles == {fmt}
+    original = lora_weights(transformer)
+    assert back.modules.keys() == original.modules.keys()
+    for (
+        name,
+        module,
+    ) in original.modules.items():  # exact: stacked downs / block-diagonal ups split back
+        got = back.modules[name]
+        assert torch.equal(got.down, module.down) and torch.equal(got.up, module.up), name
+        assert got.alpha == module.alpha == ALPHA
+
+    pipe = fresh_pipeline(tiny_model_dir)
+    load_into_pipeline(pipe, file, "imported", 1.0)
+    ours = outputs(transformer)
+    assert (
+        pipe.transformer(**inputs(pipe.transformer.config, 3)).sample - ours
+    ).abs().max() < TOLERANCE
+    plain = outputs(load_pipeline(tiny_model_dir).transformer)
+    assert (ours - plain).abs().max() > 1e-3
+
+    # -> diffusers format -> the stock loader
+    folder = save_lora(back, tmp_path / "diffusers", "diffusers", "fp32").parent
+    stock = fresh_pipeline(tiny_model_dir)
+    stock.load_lora_weights(str(folder), adapter_name="x")
+    assert (outputs(stock.transformer) - ours).abs().max() < TOLERANCE
+
+
+def test_kohya_and_comfyui_files_mean_on_stabilitys_weights_what_the_trainer_trained(
+    dual, tmp_path
+):
+    """Merged into Stability-named weights as kohya/ComfyUI do and converted by diffusers, the file
+    gives the trainer's model: fused q/k/v, dual attention (attn2) and the last block's swapped
+    (shift, scale) modulation all land where they should."""
+    base, adapted = dual
+    expected = outputs(adapted)
+    for fmt in ("kohya", "comfyui"):
+        file = save_lora(lora_weights(adapted), tmp_path / f"{fmt}.safetensors", fmt, "fp32")
+        keys = set(load_file(str(file)))
+        assert ("lora_unet_joint_blocks_0_x_block_attn2_qkv.alpha" in keys) == (fmt == "kohya")
+        merged = merged_like_comfyui(base, file)
+        assert (outputs(merged) - expected).abs().max() < TOLERANCE
+
+
+def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny_model_dir, tmp_path):
+    """A kohya file written here by hand (fused qkv with one shared down, alpha 2 at rank 4; the
+    last block's text modulation): importing it equals adding alpha/rank * up @ down to the
+    matching Stability weights."""
+    pipe = fresh_pipeline(tiny_model_dir)
+    base = pipe.transformer
+    dim = base.config.num_attention_heads * base.config.attention_head_dim
+    last = base.config.num_layers - 1
+    g = torch.Generator().manual_seed(5)
+    qkv_down, qkv_up = torch.randn(4, dim, generator=g), torch.randn(3 * dim, 4, generator=g) * 0.1
+    mod_down, mod_up = torch.randn(2, dim, generator=g), torch.randn(2 * dim, 2, generator=g) * 0.1
+    state = {
+        "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": qkv_down,
+        "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": qkv_up,
+        "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(2.0),
+        f"lora_unet_joint_blocks_{last}_context_block_adaLN_modulation_1.lora_down.weight": mod_down,
+        f"lora_unet_joint_blocks_{last}_context_block_adaLN_modulation_1.lora_up.weight": mod_up,
+        f"lora_unet_joint_blocks_{last}_context_block_adaLN_modulation_1.alpha": torch.tensor(2.0),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(
+            1, 4
+        ),  # ignored
+    }
+    file = tmp_path / "known.safetensors"
+    save_file(state, str(file))
+
+    by_hand = load_pipeline(tiny_model_dir).transformer.eval()
+    with torch.no_grad():
+        delta = 2.0 / 4 * qkv_up @ qkv_down
+        for i, name in enumerate(("to_q", "to_k", "to_v")):
+            getattr(by_hand.transformer_blocks[0].attn, name).weight += delta[
+                i * dim : (i + 1) * dim
+            ]
+        shift_scale = (
+            2.0 / 2 * mod_up @ mod_down
+        )  # Stability: (shift, scale); diffusers: (scale, shift)
+        by_hand.transformer_blocks[last].norm1_context.linear.weight += torch.cat(
+            [shift_scale[dim:], shift_scale[:dim]]
+        )
+    weights = read_lora(file)
+    assert sorted(weights.modules) == sorted(
+        [f"transformer_blocks.0.attn.to_{p}" for p in "qkv"]
+        + [f"transformer_blocks.{last}.norm1_context.linear"]
+    )
+    assert weights.ignored == ["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]
+    load_into_pipeline(pipe, file, "known", 1.0)
+    assert (outputs(pipe.transformer) - outputs(by_hand)).abs().max() < TOLERANCE
+    assert (
+        outputs(by_hand) - outputs(load_pipeline(tiny_model_dir).transformer)
+    ).abs().max() > 1e-4
+
+
+def test_diffusers_files_fold_alpha_so_comfyui_which_ignores_metadata_applies_the_same_update(
+    trained, tmp_path
+):
+    transformer, _ = trained
+    file = save_lora(lora_weights(transformer), tmp_path / "d.safetensors", "diffusers", "fp32")
+    tensors = load_file(str(file))
+    assert all(".lora_" in k for k in tensors)  # diffusers refuses keys without "lora"
+    layer = transformer.transformer_blocks[0].attn.to_q
+    a, b = (
+        tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"],
+        tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"],
+    )
+    # what ComfyUI computes with no alpha key: up @ down, scale 1
+    expected = ALPHA / RANK * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert torch.allclose(b @ a, expected, atol=1e-7)
+
+
+def test_save_dtype_sets_the_matrices_dtype_and_halves_the_file(trained, tmp_path):
+    weights = lora_weights(trained[0])
+    sizes = {}
+    for dtype, torch_dtype in (
+        ("fp32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("fp16", torch.float16),
+    ):
+        file = save_lora(weights, tmp_path / f"{dtype}.safetensors", "kohya", dtype)
+        tensors = load_file(str(file))
+        assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch_dtype}
+        assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
+        sizes[dtype] = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert sizes["bf16"] == sizes["fp16"] < 0.51 * sizes["fp32"]
+
+
+# ----------------------------------------------------------------------------- real model shapes
+
+
+SD3_MEDIUM = dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                  pos_embed_max_size=192, qk_norm=None, dual_attention_layers=())  # fmt: skip
+SD35_MEDIUM = dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                   pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))  # fmt: skip
+SD35_LARGE = dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                  pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=())  # fmt: skip
+
+
+def expected_kohya_modules(num_layers: int, dual: tuple[int, ...]) -> set[str]:
+    """sd-scripts lora_sd3 names: lora_unet_ + the MMDiT module path with dots as underscores;
+    the last block's text stream only has qkv and its (shift, scale) modulation."""
+    names = set()
+    for i in range(num_layers):
+        x = ["attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1"]
+        x += ["attn2_qkv", "attn2_proj"] if i in dual else []
+        context = ["attn_qkv", "adaLN_modulation_1"]
+        context += ["attn_proj", "mlp_fc1", "mlp_fc2"] if i < num_layers - 1 else []
+        names |= {f"lora_unet_joint_blocks_{i}_x_block_{m}" for m in x}
+        names |= {f"lora_unet_joint_blocks_{i}_context_block_{m}" for m in context}
+    return names
+
+
+@pytest.mark.parametrize(
+    "spec", [SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE], ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"]
+)
+def test_key_names_and_shapes_for_sd3_and_sd35_models(spec):
+    config = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+                  joint_attention_dim=4096, pooled_projection_dim=2048, **spec)  # fmt: skip
+    transformer = build_transformer(config, "meta")
+    shapes = {
+        n: s for n, s in linear_shapes(transformer).items() if n.startswith("transformer_blocks.")
+    }
+    weights = LoraWeights({n: LoraModule(torch.zeros(1, i), torch.zeros(o, 1), 1.0) for n, (o, i) in shapes.items()})  # fmt: skip
+    kohya, _ = to_state_dict(weights, "kohya", torch.float32)
+    comfy, _ = to_state_dict(weights, "comfyui", torch.float32)
+    modules = {k.rsplit(".", 2)[0] for k in kohya if k.endswith(".lora_down.weight")}
+    assert modules == expected_kohya_modules(spec["num_layers"], spec["dual_attention_layers"])
+    assert {k.removeprefix("lora_unet_") for k in kohya} == {
+        k.removeprefix("diffusion_model.").replace(".", "_").replace("_lora_down_weight", ".lora_down.weight")
+        .replace("_lora_up_weight", ".lora_up.weight").replace("_alpha", ".alpha") for k in comfy
+    }  # fmt: skip
+
+    # ComfyUI patches diffusion_model.<path>.weight: every path must be a real MMDiT weight of
+    # matching shape (Stability layout checked against diffusers' own converter, on meta tensors).
+    state = transformer.state_dict()
+    checkpoint = stability_checkpoint(state, spec["num_layers"])
+    assert {k: v.shape for k, v in convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint)).items()} == {
+        k: v.shape for k, v in state.items()
+    }  # fmt: skip
+    for key, tensor in comfy.items():
+        if key.endswith(".lora_down.weight"):
+            path = key.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
+            up = comfy[key.replace("lora_down", "lora_up")]
+            assert checkpoint[path + ".weight"].shape == (up.shape[0], tensor.shape[1]), path
+    hidden = 64 * spec["num_attention_heads"]
+    assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape == (
+        3 * hidden,
+        3,
+    )
+    assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"].item() == 3.0
+
+
+# ----------------------------------------------------------------------------- t2i sample --lora
+
+
+def onetrainer_file(weights: LoraWeights, path):
+    """OneTrainer's SD3 style: lora_transformer_<diffusers path, dots as underscores>, with .alpha."""
+    tensors = {}
+    for name, module in weights.modules.items():
+        stem = "lora_transformer_" + name.replace(".", "_")
+        tensors[stem + ".lora_down.weight"] = module.down
+        tensors[stem + ".lora_up.weight"] = module.up
+        tensors[stem + ".alpha"] = torch.tensor(module.alpha)
+    save_file(tensors, str(path))
+    return path
+
+
+def sample(model, out, *extra):
+    argv = ["sample", "--model", model, "--prompt", "a red cat", "--seed", "0", "--steps", "2",
+            "--out", str(out), *extra]  # fmt: skip
+    return t2i(argv)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_t2i_sample_takes_a_single_file_in_every_key_style(trained, tiny_model_dir, tmp_path):
+    weights = lora_weights(trained[0])
+    files = {fmt: save_lora(weights, tmp_path / f"{fmt}.safetensors", fmt, "fp32") for fmt in ("diffusers", "kohya", "comfyui")}  # fmt: skip
+    files["onetrainer"] = onetrainer_file(weights, tmp_path / "onetrainer.safetensors")
+    images = {}
+    for style, file in files.items():
+        assert sample(tiny_model_dir, tmp_path / style, "--lora", str(file)) == 0
+        images[style] = pixels(tmp_path / style / "lora" / "000-a-red-cat-seed0.png")
+    base = pixels(tmp_path / "kohya" / "base" / "000-a-red-cat-seed0.png")
+    assert np.abs(images["kohya"] - base).max() > 0
+    for style, image in images.items():  # the same LoRA in four spellings: (nearly) the same image
+        assert np.abs(image - images["diffusers"]).max() <= 1, style
+
+
+def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
+    tiny_model_dir, tmp_path, capsys
+):
+    wrong = LoraWeights(
+        {
+            "transformer_blocks.0.attn.to_q": LoraModule(
+                torch.zeros(2, 1536), torch.zeros(1536, 2), 2.0
+            )
+        }
+    )
+    cases = {
+        "shapes": save_lora(wrong, tmp_path / "sd3m.safetensors", "kohya", "fp32"),
+        "nothing": tmp_path / "text-only.safetensors",
+    }
+    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 4)}, str(cases["nothing"]))  # fmt: skip
+    for case, file in cases.items():
+        out = tmp_path / case
+        assert sample(tiny_model_dir, out, "--lora", str(file)) == 1
+        err = capsys.readouterr().err.strip()
+        assert (
+            len(err.splitlines()) == 1
+            and "another model" in err
+            or "no SD3 transformer LoRA" in err
+        ), err
+        assert not list(out.rglob("*.png")), case
