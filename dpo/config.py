@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from model.config import LORA_BLOCK_LINEARS, TimestepOptions
 
@@ -15,6 +15,8 @@ ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks
 
 # The attention projections of both streams only (no feed-forward, no AdaLN modulation).
 ATTENTION_PROJECTIONS = [name for name in ALL_BLOCK_LINEARS if name.startswith(("attn.", "attn2."))]
+# Shorthands accepted by --target-modules.
+TARGET_SETS = {"attention": ATTENTION_PROJECTIONS, "all-linears": ALL_BLOCK_LINEARS}
 
 
 class IngestPrefsConfig(BaseModel):
@@ -60,7 +62,11 @@ class DPOConfig(TimestepOptions):
         description="weight gamma of an SFT term on winners, + gamma * beta/2 * mean(err_w - ref_w) "
         "(the winners' diffusion loss in the DPO term's units); 0 = off",
     )
-    lr: float = Field(1e-5, gt=0.0, description="AdamW learning rate of the LoRA matrices")
+    lr: float = Field(
+        1e-4,
+        gt=0.0,
+        description="AdamW learning rate of the LoRA matrices (measured: benchmarks/RESULTS.md, issue 11)",
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     grad_clip: float = Field(
         1.0, gt=0.0, description="clip the LoRA gradients' global norm to this"
@@ -70,10 +76,19 @@ class DPOConfig(TimestepOptions):
         128.0, gt=0.0, description="LoRA alpha; the update is scaled by alpha / rank"
     )
     target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_BLOCK_LINEARS),
-        description="module-name suffixes inside transformer_blocks that get a LoRA (default: every "
-        "linear layer of the blocks, as SD3 appendix C)",
+        default_factory=lambda: list(ATTENTION_PROJECTIONS),
+        description="module-name suffixes inside transformer_blocks that get a LoRA, or the shorthand "
+        "`attention` / `all-linears`. Default: the attention "
+        "projections of both streams; every block linear as in SD3 appendix C (feed-forwards and AdaLN "
+        "modulation too) moved prompts outside the preference set far more in the measurements "
+        "(benchmarks/RESULTS.md, issue 11)",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _expand_target_sets(cls, value: list[str]) -> list[str]:
+        return [name for item in value for name in TARGET_SETS.get(item, [item])]
+
     max_steps: int = Field(
         4000, ge=1, description="optimizer steps (SD3 appendix C: 4k for the 2B model)"
     )

@@ -290,7 +290,7 @@ def run_arm(
     from dpo.lora import add_lora
     from dpo.trainer import (
         METRICS,
-        _metrics_rows,
+        _metric_rows,
         implicit_accuracy,
         load_transformer,
         scheduler_shift,
@@ -312,7 +312,7 @@ def run_arm(
     return ArmResult(
         samples=measure(model, data, seeds, sample_steps),
         heldout_implicit_acc=implicit_accuracy(model, held, config, shift),
-        guard=guard_summary(_metrics_rows(work / METRICS)),
+        guard=guard_summary(_metric_rows(work / METRICS)),
         seconds=round(seconds, 1),
     )
 
