@@ -1,14 +1,19 @@
-"""Benchmark: end-to-end images/s of `t2i curate` against its slowest scorer run alone.
+"""Benchmark: end-to-end images/s of `t2i curate` against the ceiling its scorers allow.
 
 Builds N distinct ~512 px JPEGs from the real demo photographs (crops at random scales and
 offsets, random flips and colour jitter), then times on the same files:
-  1. each scorer alone (open_nsfw, BRISQUE quality, EfficientNet-Lite0 embedding), 1 process,
-     decode included, to find the slowest;
-  2. the slowest scorer alone in W worker processes (one thread each), decode included;
-  3. `run_curate` with W workers, end to end (ingest, validation, all scorers, pHash, dedup,
-     writing the tables and the report), wall clock.
+  1. each default scorer alone (open_nsfw, BRISQUE quality, EfficientNet-Lite0 embedding), one
+     process, decode included, on the first --alone images; the ceiling of W workers running
+     all three is W / (sum of the per-image seconds);
+  2. `run_curate` with W local worker processes, end to end (ingest, validation, all scorers,
+     pHash, dedup, writing the tables and the report), wall clock;
+  3. the same on a Dask cluster of W one-thread workers started beforehand (`dask_address`);
+  4. with --clip: a random CLIP ViT-B/32 image tower (from its config, no download) feeding the
+     LAION aesthetic head, the CLIP NSFW head and the dedup embedding. Alone, each of the three
+     runs its own CLIP forward; curate runs one forward per image and gives it to all three.
+     Reported: the three alone, their ceiling as three forwards, and curate end to end.
 
-    python benchmarks/bench_curate.py --n 160 --workers 2
+    python benchmarks/bench_curate.py --n 2000 --workers 2 --clip
 """
 
 from __future__ import annotations
@@ -107,49 +112,162 @@ def scorer_alone(kind: str, paths: list[Path], workers: int, batch: int = 16) ->
         return done / (time.monotonic() - started)
 
 
+def ceiling(alone: dict[str, float], workers: int) -> float:
+    """Images/s of WORKERS processes each running every scorer on every image."""
+    return workers / sum(1.0 / rate for rate in alone.values())
+
+
+def end_to_end(folder: Path, out: Path, config: CurateConfig) -> dict[str, float]:
+    started = time.monotonic()
+    run_curate(folder, out, config)
+    wall = time.monotonic() - started
+    extra = json.loads((out / "manifest.json").read_text())["extra"]
+    n = json.loads((out / "manifest.json").read_text())["counts"]["input"]
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "img_s": round(n / wall, 2),
+        "wall_s": round(wall, 1),
+        "startup_s": extra["startup_s"],
+        "steady_img_s": extra["steady_images_per_s"],
+        "executor": extra["executor"],
+    }
+
+
+def write_clip_kit(folder: Path) -> dict[str, str]:
+    """A random CLIP ViT-B/32 image tower and LAION-layout heads for its 512-d embeddings."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+        projection_dim=512,
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(folder / "clip")
+    CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    ).save_pretrained(folder / "clip")
+    dims = [512, 1024, 128, 64, 16, 1]  # LAION aesthetic v2's MLP on a 512-d CLIP
+    head = {}
+    for index, (a, b) in zip([0, 2, 4, 6, 7], zip(dims[:-1], dims[1:])):
+        head[f"layers.{index}.weight"] = torch.randn(b, a) / a**0.5
+        head[f"layers.{index}.bias"] = torch.zeros(b)
+    save_file(head, str(folder / "aesthetic.safetensors"))
+    nsfw = {
+        "layers.0.weight": torch.randn(64, 512) / 512**0.5,
+        "layers.0.bias": torch.zeros(64),
+        "layers.1.weight": torch.randn(1, 64) / 8,
+        "layers.1.bias": torch.full((1,), -4.0),
+    }
+    save_file(nsfw, str(folder / "nsfw.safetensors"))
+    return {
+        "clip_model": str(folder / "clip"),
+        "aesthetic_model": str(folder / "aesthetic.safetensors"),
+        "nsfw_model": str(folder / "nsfw.safetensors"),
+    }
+
+
+def _clip_scorer(kit_and_kind: tuple[dict[str, str], str]):
+    import torch
+
+    torch.set_num_threads(1)
+    kit, kind = kit_and_kind
+    if kind == "laion_v2":
+        from curate.aesthetic import LaionAestheticV2
+
+        return LaionAestheticV2(kit["clip_model"], kit["aesthetic_model"])
+    if kind == "laion_clip":
+        from curate.nsfw import LaionClipNSFW
+
+        return LaionClipNSFW(kit["clip_model"], kit["nsfw_model"])
+    from curate.clip import ClipImageEmbedder
+
+    return ClipImageEmbedder(kit["clip_model"])
+
+
+def clip_alone(kit: dict[str, str], kind: str, paths: list[Path], batch: int = 16) -> float:
+    """Images/s of one CLIP-based scorer with its own CLIP forward, one process, decode included."""
+    global _MODEL
+    _MODEL = _clip_scorer((kit, kind))
+    chunks = [[str(p) for p in paths[i : i + batch]] for i in range(0, len(paths), batch)]
+    started = time.monotonic()
+    done = sum(_score(c) for c in chunks)
+    return done / (time.monotonic() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=160)
+    parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--chunk-size",
-        type=int,
-        default=16,
-        help="curate's chunk size (small, so both workers stay busy on a short run)",
+        "--alone", type=int, default=200, help="images each scorer is timed on alone"
     )
+    parser.add_argument("--chunk-size", type=int, default=32, help="curate's chunk size")
+    parser.add_argument("--clip", action="store_true", help="also the shared-CLIP comparison")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
+
+    from distributed import LocalCluster
 
     root = Path(tempfile.mkdtemp(prefix="bench-curate-"))
     try:
         paths = make_images(root / "in", args.n)
-        single = {kind: round(scorer_alone(kind, paths, 1), 2) for kind in SCORERS}
-        slowest = min(single, key=single.get)
-        parallel = round(scorer_alone(slowest, paths, args.workers), 2)
-        started = time.monotonic()
-        out = run_curate(
-            root / "in",
-            root / "out",
-            CurateConfig(workers=args.workers, chunk_size=args.chunk_size),
-        )
-        curate_wall = time.monotonic() - started
-        manifest = json.loads((out / "manifest.json").read_text())
+        sample = paths[: args.alone]
+        alone = {kind: round(scorer_alone(kind, sample, 1), 2) for kind in SCORERS}
+        limit = ceiling(alone, args.workers)
+        base = CurateConfig(workers=args.workers, chunk_size=args.chunk_size)
+        local = end_to_end(root / "in", root / "out", base)
+        with LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster:
+            on_dask = end_to_end(
+                root / "in",
+                root / "out",
+                base.model_copy(update={"dask_address": cluster.scheduler_address}),
+            )
         figures = {
-            "n": args.n, "workers": args.workers, "chunk_size": args.chunk_size,
-            "scorer_alone_1proc_img_s": single, "slowest": slowest,
-            f"{slowest}_alone_{args.workers}proc_img_s": parallel,
-            "curate_end_to_end_img_s": round(args.n / curate_wall, 2),
-            "curate_end_to_end_s": round(curate_wall, 1),
-            "curate_scoring_phase_img_s": manifest["extra"]["images_per_s"],
-            "ratio_end_to_end_vs_slowest_same_workers": round(args.n / curate_wall / parallel, 3),
-            "ratio_scoring_phase_vs_slowest_same_workers": round(manifest["extra"]["images_per_s"] / parallel, 3),
-            "curate_startup_s": manifest["extra"]["startup_s"],
-            "curate_steady_img_s": manifest["extra"]["steady_images_per_s"],
-            "ratio_steady_vs_slowest_same_workers": round((manifest["extra"]["steady_images_per_s"] or 0) / parallel, 3),
-            "kept": manifest["counts"]["kept"], "rejected": manifest["counts"]["rejected"],
-        }  # fmt: skip
+            "n": args.n,
+            "workers": args.workers,
+            "chunk_size": args.chunk_size,
+            "scorer_alone_1proc_img_s": alone,
+            "ceiling_img_s": round(limit, 2),
+            "local": local,
+            "local_vs_ceiling": round(local["img_s"] / limit, 3),
+            "dask": on_dask,
+            "dask_vs_ceiling": round(on_dask["img_s"] / limit, 3),
+        }
+        if args.clip:
+            kit = write_clip_kit(root / "clip-kit")
+            clip_kinds = ("laion_v2", "laion_clip", "clip")
+            clip = {kind: round(clip_alone(kit, kind, sample), 2) for kind in clip_kinds}
+            separate = ceiling(clip, args.workers)
+            config = base.model_copy(
+                update={
+                    "nsfw_detector": "laion_clip",
+                    "aesthetic_scorer": "laion_v2",
+                    "embedder": "clip",
+                    **kit,
+                }
+            )
+            shared = end_to_end(root / "in", root / "out", config)
+            figures["clip"] = {
+                "alone_1proc_img_s": clip,
+                "ceiling_three_forwards_img_s": round(separate, 2),
+                "curate_one_forward": shared,
+                "one_forward_vs_three_ceiling": round(shared["img_s"] / separate, 3),
+            }
         print(json.dumps(figures, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -57,12 +57,23 @@ def colour_classifier(latents: torch.Tensor, labels: np.ndarray):
     return classifier.fit(latent_features(latents), labels)
 
 
+def captions_of(colours: tuple[str, ...]) -> list[tuple[int, str]]:
+    return [(c, f"a {colour} {shape}") for c, colour in enumerate(colours) for shape in SHAPES]
+
+
+def zeros_like_text(text: TextEncoding) -> TextEncoding:
+    return TextEncoding(
+        **{k: v if k == "t5_mask" else torch.zeros_like(v) for k, v in vars(text).items()}
+    )
+
+
 def conditioning_accuracy(
     transformer, colours: tuple[str, ...], model_dir: str, reader: EncodedDataset, classifier,
-    seeds: list[int], steps: int, guidance: float, shift: float,
+    seeds: list[int], steps: int, guidance: float, shift: float, negative: str = "empty",
 ) -> float:  # fmt: skip
-    """Share of samples (every colour x shape caption x held-out seed) classified as their caption's colour."""
-    captions = [(c, f"a {colour} {shape}") for c, colour in enumerate(colours) for shape in SHAPES]
+    """Share of samples (every colour x shape caption x held-out seed) classified as their caption's
+    colour; guidance contrasts with NEGATIVE: the empty prompt's encoding, or zeros."""
+    captions = captions_of(colours)
     texts = encode_texts(
         model_dir, [text for _, text in captions], reader.info["t5_length"], progress=False
     )
@@ -71,9 +82,33 @@ def conditioning_accuracy(
     for k, (label, _) in enumerate(captions):
         text = TextEncoding(**{name: value[k] for name, value in vars(texts).items()})
         batch = TextEncoding.stack([text] * len(seeds))
-        latents = sample_latents(
-            transformer, batch, reader.empty_text(), seeds, shape, steps, shift, guidance
+        uncond = (
+            reader.empty_text() if negative == "empty" else zeros_like_text(reader.empty_text())
         )
+        latents = sample_latents(transformer, batch, uncond, seeds, shape, steps, shift, guidance)
+        correct += int((classifier.predict(latent_features(latents)) == label).sum())
+        total += len(seeds)
+    return correct / total
+
+
+def pipeline_accuracy(
+    model_dir: str | Path, colours: tuple[str, ...], classifier, seeds: list[int], steps: int,
+    guidance: float, size: int, t5_length: int,
+) -> float:  # fmt: skip
+    """The same measure through diffusers' stock StableDiffusion3Pipeline loaded from MODEL_DIR
+    (its own text encoders, scheduler and empty-prompt guidance); latents come back before the
+    VAE (output_type="latent"), in the space the classifier was fitted in."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    correct = total = 0
+    for label, caption in captions_of(colours):
+        latents = pipe(
+            prompt=[caption] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
+            height=size, width=size, max_sequence_length=t5_length, output_type="latent",
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+        ).images  # fmt: skip
         correct += int((classifier.predict(latent_features(latents)) == label).sum())
         total += len(seeds)
     return correct / total
@@ -94,6 +129,8 @@ def measure(
     warmup: int | None = None,
     held_out: int = 64,
     work: Path | None = None,
+    unconditional: str = "empty",
+    pipeline: bool = False,
 ) -> dict:
     """Train from scratch on the shapes set and compare colour accuracy before and after."""
     torch.set_num_threads(1)
@@ -116,7 +153,7 @@ def measure(
         model=model, preset=preset, device="cpu", max_steps=steps, batch_size=batch, lr=lr,
         warmup_steps=min(100, steps // 10) if warmup is None else warmup, shift=1.0, ema_decay=0.99,
         val_fraction=0.0, log_every=max(1, steps // 5), val_every=0, sample_every=0, sample_count=0,
-        checkpoint_every=0,
+        checkpoint_every=0, unconditional=unconditional,
     )  # fmt: skip
     sample_seeds = list(range(1000, 1000 + seeds))  # never used for training noise
 
@@ -131,6 +168,19 @@ def measure(
             sample_steps,
             guidance,
             1.0,
+            unconditional,
+        )
+
+    def through_pipeline(folder: Path | str) -> float:
+        return pipeline_accuracy(
+            folder,
+            colours,
+            classifier,
+            sample_seeds,
+            sample_steps,
+            guidance,
+            size,
+            reader.info["t5_length"],
         )
 
     untrained_accuracy = evaluate(build_or_load_transformer(config).eval())
@@ -138,7 +188,12 @@ def measure(
     out = train(reader, work / "trained", config)
     train_s = time.time() - started
     trained = SD3Transformer2DModel.from_pretrained(out / "transformer").eval()
+    stock = {}
+    if pipeline:  # the base folder's random transformer is the untrained control
+        stock = {"pipeline_untrained_accuracy": through_pipeline(model),
+                 "pipeline_trained_accuracy": through_pipeline(out)}  # fmt: skip
     return {
+        "unconditional": unconditional, **stock,
         "preset": preset, "params": sum(p.numel() for p in trained.parameters()), "image_size": size,
         "solid": solid, "colours": len(colours), "steps": steps, "batch": batch, "lr": lr,
         "train_samples": n, "train_s": round(train_s, 1), "chance": 1 / len(colours),
@@ -157,12 +212,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, default=16)
-    args = parser.parse_args()
-    print(
-        json.dumps(
-            measure(args.preset, args.steps, args.n, args.batch, args.lr, args.seeds), indent=2
-        )
+    parser.add_argument("--unconditional", choices=("empty", "zeros"), default="empty")
+    parser.add_argument(
+        "--pipeline", action="store_true", help="also classify stock-pipeline samples"
     )
+    args = parser.parse_args()
+    result = measure(args.preset, args.steps, args.n, args.batch, args.lr, args.seeds,
+                     unconditional=args.unconditional, pipeline=args.pipeline)  # fmt: skip
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Protocol
 from PIL import Image
 
 from captioning.config import CaptionConfig
+from captioning.prompts import load_template
 from captioning.vlm import GenerationSettings, LocalVLM, batch_seed
 
 
@@ -78,8 +79,17 @@ class TransformersBackend:
 
     def __init__(self, config: CaptionConfig) -> None:
         self.vlm = LocalVLM(
-            config.model, config.device, config.dtype, config.trust_remote_code, config.model_class
+            config.model,
+            config.device,
+            config.dtype,
+            config.trust_remote_code,
+            config.model_class,
+            config.processor_kwargs,
         )
+        self.vlm.check_prompt(
+            load_template(config.prompt, config.prompt_file), config.system_prompt
+        )
+        self.system_prompt = config.system_prompt
         self.settings = settings_from(config)
         self.batch_size = config.batch_size
 
@@ -98,6 +108,7 @@ class TransformersBackend:
                 [r.prompt for r in batch],
                 self.settings,
                 seed=batch_seed(self.settings.seed, [r.key for r in batch]),
+                system_prompt=self.system_prompt,
             )
             return [Answer(text=t) for t in texts]
         except Exception as error:  # noqa: BLE001 - isolate the row that broke the batch

@@ -5,9 +5,33 @@ Kept free of heavy imports (torch, transformers) so that `t2i --help` stays fast
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from curate.executor import ExecutorOptions
+
+# Florence-2's captioning task tokens: its processor expands each into the question it was trained on.
+TASK_TOKENS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
+PROCESSOR_KWARGS_HELP = (
+    "JSON object of processor options passed to AutoProcessor.from_pretrained, e.g. "
+    "'{\"max_pixels\": 200704}' for Qwen2-VL (backend transformers; a server sets its own)"
+)
+
+
+def parse_json_object(value: Any) -> Any:
+    """A JSON object given as text (the command line) becomes a dict; anything else is left as is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f'expected a JSON object such as {{"max_pixels": 200704}}, got {value!r}')
+    return parsed
+
 
 # SD3 trained with T5 sequences of 77 tokens (paper Sec. 5.3.2 / Table 7), so a synthetic
 # caption longer than that is cut by the text encoder anyway; we cut it first, at a sentence
@@ -15,7 +39,7 @@ from pydantic import BaseModel, Field
 T5_TRAINING_LENGTH = 77
 
 
-class CaptionConfig(BaseModel):
+class CaptionConfig(ExecutorOptions):
     backend: Literal["transformers", "openai"] = Field(
         "transformers",
         description="'transformers': a local image-text-to-text model folder; 'openai': an "
@@ -58,10 +82,21 @@ class CaptionConfig(BaseModel):
         description="largest answer read from the server (bytes, backend openai); a larger one "
         "fails its row unread past the limit",
     )
-    prompt: Literal["detailed", "hint"] = Field(
+    prompt: Literal[
+        "detailed", "hint", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"
+    ] = Field(
         "detailed",
         description="'detailed': a plain detailed-description prompt; 'hint': PixArt-style, "
-        "passes the original caption as a hint",
+        "passes the original caption as a hint; <CAPTION>, <DETAILED_CAPTION>, "
+        "<MORE_DETAILED_CAPTION>: Florence-2 task tokens (Florence-2 models only)",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="system message sent before the prompt (models with a chat template, "
+        "e.g. Qwen2-VL; and servers)",
+    )
+    processor_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description=PROCESSOR_KWARGS_HELP
     )
     prompt_file: str | None = Field(
         None,
@@ -98,8 +133,8 @@ class CaptionConfig(BaseModel):
     dtype: str = Field("fp32", description="fp32, fp16 or bf16 (backend transformers)")
     trust_remote_code: bool = Field(
         False,
-        description="allow the model folder's own Python code (needed by e.g. CogVLM2, Florence-2); "
-        "only for folders you trust",
+        description="allow the model folder's own Python code (for folders whose architecture "
+        "transformers does not ship, e.g. the original Florence-2 repositories); only for folders you trust",
     )
     model_class: str | None = Field(
         None,
@@ -109,11 +144,20 @@ class CaptionConfig(BaseModel):
     chunk_size: int = Field(
         256, ge=1, description="rows per resumable chunk: a killed run loses at most one chunk"
     )
+    chunk_pixels: int = Field(
+        32_000_000,
+        ge=1,
+        description="most pixels a worker decodes at once (images are captioned in groups under this bound)",
+    )
+
+    _json_object = field_validator("processor_kwargs", mode="before")(parse_json_object)
 
 
 class InitCaptionerConfig(BaseModel):
-    preset: Literal["tiny"] = Field(
-        "tiny", description="'tiny': a random-weight LLaVA (CLIP vision + Llama) for offline tests"
+    preset: Literal["tiny", "tiny-florence2", "tiny-qwen2vl"] = Field(
+        "tiny",
+        description="random-weight VLM for offline tests: 'tiny' LLaVA (CLIP vision + Llama), "
+        "'tiny-florence2' (DaViT + BART encoder-decoder), 'tiny-qwen2vl' (dynamic-resolution ViT + Qwen2)",
     )
     seed: int = Field(0, description="seed for the random weights")
 
@@ -132,6 +176,9 @@ class ServeCaptionerConfig(BaseModel):
     model_class: str | None = Field(
         None,
         description="transformers class to load the model with (default: AutoModelForImageTextToText)",
+    )
+    processor_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description=PROCESSOR_KWARGS_HELP
     )
     max_body_bytes: int = Field(
         32 << 20,
@@ -152,3 +199,5 @@ class ServeCaptionerConfig(BaseModel):
         le=599,
         description="HTTP status of those failures, e.g. 429 (sent with Retry-After: 0) or 503",
     )
+
+    _json_object = field_validator("processor_kwargs", mode="before")(parse_json_object)

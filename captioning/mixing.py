@@ -8,8 +8,9 @@ uninterrupted run would have made.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal
+
+from curate.seeds import seed_unit
 
 Variant = Literal["original", "synthetic"]
 SYNTHETIC_PROBABILITY = 0.5
@@ -32,6 +33,5 @@ def caption_variant(
         raise ValueError(f"p_synthetic must be in [0, 1], got {p_synthetic}")
     if not has_synthetic:
         return "original"
-    digest = hashlib.blake2b(f"{seed}:{step}:{sample_id}".encode(), digest_size=8).digest()
-    uniform = int.from_bytes(digest, "big") / 2**64
+    uniform = seed_unit(seed, step, sample_id)
     return "synthetic" if uniform < p_synthetic else "original"

@@ -60,13 +60,18 @@ def chat_body(model: str, request: Request, config: CaptionConfig) -> dict[str, 
     body: dict[str, Any] = {
         "model": model,
         "messages": [
+            *(
+                [{"role": "system", "content": config.system_prompt}]
+                if config.system_prompt
+                else []
+            ),
             {
                 "role": "user",
                 "content": [
                     {"type": "image_url", "image_url": {"url": data_url(request)}},
                     {"type": "text", "text": request.prompt},
                 ],
-            }
+            },
         ],
         "max_tokens": settings.max_new_tokens,
         "temperature": settings.temperature if settings.do_sample else 0.0,

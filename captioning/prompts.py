@@ -4,13 +4,16 @@ Two built-ins: a plain detailed-description prompt, and a PixArt-style prompt th
 original (alt-text) caption as a hint, which keeps proper nouns and facts the pixels alone do
 not show (PixArt-Sigma, Sec. 3; SD3 recaptions with CogVLM, Sec. 5.2.2). A template is plain
 text in which `{caption}` stands for the row's original caption; use `{{` and `}}` for
-literal braces.
+literal braces. Florence-2 is prompted with task tokens instead (`<MORE_DETAILED_CAPTION>`), which
+are built-in prompts too.
 """
 
 from __future__ import annotations
 
 import string
 from pathlib import Path
+
+from captioning.config import TASK_TOKENS
 
 BUILTIN_PROMPTS: dict[str, str] = {
     "detailed": (
@@ -23,6 +26,8 @@ BUILTIN_PROMPTS: dict[str, str] = {
         "Keep names and facts from the original caption only where the image agrees with them."
     ),
 }
+# Florence-2 task tokens are prompts of their own: the processor turns each into its question.
+BUILTIN_PROMPTS.update({token: token for token in TASK_TOKENS})
 FIELDS = {"caption"}
 
 

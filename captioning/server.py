@@ -80,6 +80,17 @@ def parse_chat(
     return image, " ".join(texts).strip(), settings
 
 
+def system_text(body: dict[str, Any]) -> str | None:
+    """The text of the request's system messages, if any (string or text-part content)."""
+    texts = []
+    for message in body.get("messages") or []:
+        if isinstance(message, dict) and message.get("role") == "system":
+            content = message.get("content")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            texts += [p.get("text", "") for p in parts or [] if isinstance(p, dict)]
+    return " ".join(t for t in texts if t).strip() or None
+
+
 def decode_data_url(url: str) -> Image.Image:
     if not url.startswith("data:") or ";base64," not in url:
         raise RequestError(400, "images must be base64 data URLs (data:image/...;base64,...)")
@@ -98,7 +109,12 @@ class CaptionServer:
 
     def __init__(self, folder: str | Path, config: ServeCaptionerConfig = ServeCaptionerConfig(), api_key: str | None = None) -> None:  # fmt: skip
         self.vlm = LocalVLM(
-            folder, config.device, config.dtype, config.trust_remote_code, config.model_class
+            folder,
+            config.device,
+            config.dtype,
+            config.trust_remote_code,
+            config.model_class,
+            config.processor_kwargs,
         )
         self.name = config.served_name or Path(folder).resolve().name
         self.api_key = api_key
@@ -164,8 +180,15 @@ class CaptionServer:
                 f"model {body.get('model')!r} is not served here; this server serves {self.name!r}",
             )
         image, prompt, settings = parse_chat(body, self.max_tokens_limit)
+        system = system_text(body)
+        try:
+            self.vlm.check_prompt(prompt, system)
+        except ValueError as error:
+            raise RequestError(400, str(error)) from None
         with self._generate_lock:
-            text = self.vlm.generate([image], [prompt], settings, seed=settings.seed)[0]
+            text = self.vlm.generate(
+                [image], [prompt], settings, seed=settings.seed, system_prompt=system
+            )[0]
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

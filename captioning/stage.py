@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +38,15 @@ from captioning.config import CaptionConfig
 from captioning.prompts import load_template, render
 from curate import reasons
 from curate.cells import image_cell
-from curate.decode import Invalid, decode_image, plain_format
+from curate.decode import Invalid, decode_image, open_image, plain_format
+from curate.executor import EXECUTION_FIELDS, Setup, executor_for
 from curate.markdown import escape, fenced
-from curate.store import (
-    Manifest,
-    StageWriter,
-    StoreError,
-    WorkLog,
-    fingerprint,
-    load_samples,
-    params_hash,
-    require_store,
-)
+from curate.stage_runtime import StageRun, local_path
+from curate.store import Manifest, StoreError, WorkLog, load_samples, params_hash, require_store
 
 STAGE = "caption"
+# Options that change how the work is scheduled, never a caption.
+VOLATILE = (*EXECUTION_FIELDS, "concurrency", "max_retries", "retry_backoff_s", "timeout_s")
 CLEANING_VERSION = 1  # bump when clean_caption/TokenBudget change what they produce
 REQUIRED_COLUMNS = ("id", "image")
 NEW_COLUMNS = ("caption_synthetic", "captioner")
@@ -67,6 +61,8 @@ def captioner_spec(config: CaptionConfig, template: str, budget: TokenBudget) ->
     return {
         "model": model_identity(config),
         "prompt": template,
+        **({"system_prompt": config.system_prompt} if config.system_prompt else {}),
+        **({"processor": config.processor_kwargs} if config.processor_kwargs else {}),
         "generation": settings_from(config).as_dict(),
         "budget": {"max_tokens": budget.max_tokens, "counter": budget.name},
         "cleaning": CLEANING_VERSION,
@@ -87,6 +83,11 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
         raise ValueError(f"output {out} is the input; the caption stage never modifies its input")
     if config.backend == "openai" and not config.endpoint:
         raise ValueError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
+    if config.backend == "openai" and config.processor_kwargs:
+        raise ValueError(
+            "--processor-kwargs applies to backend transformers; a server takes its own "
+            "(`t2i serve-captioner --processor-kwargs`, vLLM's --mm-processor-kwargs)"
+        )
     samples = load_samples(source)
     if len(samples) == 0:
         raise ValueError(
@@ -102,36 +103,52 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     budget = make_budget(config.max_caption_tokens, config.budget_tokenizer)
     spec = captioner_spec(config, template, budget)
     captioner = captioner_id(spec)
-    parameters = {**config.model_dump(), "captioner": captioner, "captioner_spec": spec}
-    input_fp = fingerprint(source)
-    finished = Manifest.read(out)
-    if (
-        finished is not None
-        and finished.matches(STAGE, parameters, input_fp)
-        and not finished.counts.get("failed")
-    ):
-        return out
+    parameters = {**config.model_dump(mode="json"), "captioner": captioner, "captioner_spec": spec}
+    reads = {
+        "input": source,
+        "model": local_path(config.model) if config.backend == "transformers" else None,
+        "prompt_file": config.prompt_file,
+        "budget_tokenizer": local_path(config.budget_tokenizer),
+    }
+    with StageRun(out, STAGE, config, reads, parameters=parameters, volatile=VOLATILE) as run:
+        finished = Manifest.read(out)
+        if run.finished and not finished.counts.get("failed"):
+            return run.skip()
+        return _caption(run, samples, config, template, budget, captioner, source)
 
-    # Caption chunk by chunk; each finished chunk is saved before the next starts.
-    key = {"captioner": captioner, "input": input_fp, "chunk_size": config.chunk_size}
-    log = WorkLog(out, params_hash(key))
+
+def _caption(
+    run: StageRun, samples, config: CaptionConfig, template, budget, captioner, source
+) -> Path:
+    # Caption chunk by chunk on the configured executor; each finished chunk is saved as it lands.
+    log = run.work_log()
     table = samples.with_format("arrow")
     chunks = _chunks(len(samples), config.chunk_size)
     columns = [c for c in ("id", "image", "caption", *NEW_COLUMNS) if c in samples.column_names]
-    worker = _ChunkWorker(config, template, budget, captioner)
-    try:
-        with tqdm(total=len(samples), unit="row", desc=f"caption ({config.backend})") as bar:
-            worker.progress = _locked(bar.update)
+    counts = {"resumed": 0, "captioned": 0, "passthrough": 0}
+    setup = Setup(
+        build_chunk_worker,
+        (config, template, captioner),
+        params_hash({"stage": STAGE, "captioner": captioner, **config.model_dump()}),
+    )
+    with tqdm(total=len(samples), unit="row", desc=f"caption ({config.backend})") as bar:
+
+        def planned() -> Iterator[tuple[str, tuple[list[dict], list[dict]]]]:
             for name, start, stop in chunks:
                 previous = log.read(name).to_pylist() if log.has(name) else []
                 if previous and all(r["error"] is None for r in previous):
-                    worker.resumed += len(previous)
+                    counts["resumed"] += len(previous)
                     bar.update(len(previous))
                     continue
-                results = worker.chunk(table[start:stop].select(columns).to_pylist(), previous)
-                log.write(name, pa.Table.from_pylist(results, schema=CHUNK_SCHEMA))
-    finally:
-        worker.close()
+                yield name, (table[start:stop].select(columns).to_pylist(), previous)
+
+        with executor_for(config, STAGE) as executor:
+            for result in executor.map(setup, caption_chunk, planned()):
+                results, chunk_counts = result.value
+                log.write(result.name, pa.Table.from_pylist(results, schema=CHUNK_SCHEMA))
+                for name, value in chunk_counts.items():
+                    counts[name] += value
+                bar.update(len(results))
 
     # Assemble the output: every input row with its result, a report, the manifest.
     features = samples.features.copy()
@@ -140,21 +157,21 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
     failures: list[dict[str, str]] = []
     stats = {"captioned": 0, "failed": 0, "truncated": 0}
     examples: list[dict[str, Any]] = []
-    with StageWriter(out, STAGE, parameters, input_fp) as writer:
+    with run.writer() as writer:
         writer.write_samples(_merged(table, chunks, log, failures, stats, examples), features)
-        writer.counts.update({"in": len(samples), "kept": len(samples), "rejected": 0, **stats})
+        writer.counts.update({"input": len(samples), **stats})
         writer.extra["captioner"] = captioner
         writer.extra["this_run"] = {
-            "resumed_rows": worker.resumed,
-            "captioned_rows": worker.captioned,
-            "reused_from_input": worker.passthrough,
+            "resumed_rows": counts["resumed"],
+            "captioned_rows": counts["captioned"],
+            "reused_from_input": counts["passthrough"],
         }
         report = _report(source, captioner, template, stats, failures, examples)
         (writer.path / "report.md").write_text(report)
         (writer.path / "failures.json").write_text(json.dumps(failures, indent=1))
     if not failures:  # with failures the log stays, so that a rerun retries only those rows
         log.clear()
-    return out
+    return run.output
 
 
 def _chunks(rows: int, size: int) -> list[tuple[str, int, int]]:
@@ -164,76 +181,58 @@ def _chunks(rows: int, size: int) -> list[tuple[str, int, int]]:
     ]
 
 
-def _locked(update: Callable[[int], Any]) -> Callable[[int], None]:
-    lock = threading.Lock()
+class ChunkWorker:
+    """A worker's state: captions the rows of a chunk that still need it; the backend loads on first need."""
 
-    def progress(n: int) -> None:
-        with lock:
-            update(n)
-
-    return progress
-
-
-class _ChunkWorker:
-    """Captions the rows of one chunk that still need it; the backend is loaded on first need."""
-
-    def __init__(
-        self, config: CaptionConfig, template: str, budget: TokenBudget, captioner: str
-    ) -> None:
-        self.config, self.template, self.budget, self.captioner = (
-            config,
-            template,
-            budget,
-            captioner,
-        )
+    def __init__(self, config: CaptionConfig, template: str, captioner: str) -> None:
+        self.config, self.template, self.captioner = config, template, captioner
+        self.budget = make_budget(config.max_caption_tokens, config.budget_tokenizer)
         self.backend: Backend | None = None
-        self.progress: Callable[[int], None] = lambda n: None
-        self.resumed = self.captioned = self.passthrough = 0
 
     def chunk(
         self, rows: list[dict[str, Any]], previous: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """A result per row (same order) and how many were resumed, captioned, passed through."""
+        counts = {"resumed": 0, "captioned": 0, "passthrough": 0}
         done = {r["id"]: r for r in previous if r["error"] is None}
         results: list[dict[str, Any] | None] = []
-        pending: list[tuple[int, Request]] = []
+        pending: list[int] = []
         for row in rows:
             if row["id"] in done:
                 results.append(done[row["id"]])
-                self.resumed += 1
+                counts["resumed"] += 1
             elif row.get("captioner") == self.captioner and row.get("caption_synthetic"):
                 results.append(
                     _result(row["id"], caption=row["caption_synthetic"], captioner=self.captioner)
                 )
-                self.passthrough += 1
+                counts["passthrough"] += 1
             else:
+                pending.append(len(results))
+                results.append(None)
+        for group in _pixel_groups(rows, pending, self.config.chunk_pixels):
+            requests: list[tuple[int, Request]] = []
+            for index in group:
                 try:
-                    request = self._request(row)
+                    requests.append((index, self._request(rows[index])))
                 except Invalid as invalid:  # recorded as the row's failure, with its reason
-                    results.append(
-                        _result(
-                            row["id"],
-                            error=f"undecodable image: {invalid.reason}: {invalid.detail}",
-                        )
+                    results[index] = _result(
+                        rows[index]["id"],
+                        error=f"undecodable image: {invalid.reason}: {invalid.detail}",
                     )
                 except Exception as error:  # noqa: BLE001 - recorded as the row's failure
-                    results.append(
-                        _result(
-                            row["id"], error=f"undecodable image: {type(error).__name__}: {error}"
-                        )
+                    results[index] = _result(
+                        rows[index]["id"],
+                        error=f"undecodable image: {type(error).__name__}: {error}",
                     )
-                else:
-                    pending.append((len(results), request))
-                    results.append(None)
-                    continue
-            self.progress(1)
-        if pending:
+            if not requests:
+                continue
             if self.backend is None:
                 self.backend = make_backend(self.config)
-            answers = self.backend.caption([r for _, r in pending], self.progress)
-            for (index, request), answer in zip(pending, answers):
+            answers = self.backend.caption([r for _, r in requests], lambda n: None)
+            for (index, request), answer in zip(requests, answers, strict=True):
                 results[index] = self._finish(request.key, answer)
-            self.captioned += len(pending)
-        return results  # type: ignore[return-value]
+            counts["captioned"] += len(requests)
+        return results, counts  # type: ignore[return-value]
 
     def _request(self, row: dict[str, Any]) -> Request:
         """The row's image, decoded under the pixel cap; a path cell is never read."""
@@ -267,6 +266,43 @@ class _ChunkWorker:
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
+
+
+def build_chunk_worker(spec: tuple[CaptionConfig, str, str]) -> ChunkWorker:
+    return ChunkWorker(*spec)
+
+
+def caption_chunk(
+    worker: ChunkWorker, payload: tuple[list[dict[str, Any]], list[dict[str, Any]]]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Caption's per-shard function: (rows, previous results) -> (results, counts)."""
+    return worker.chunk(*payload)
+
+
+def _declared_pixels(row: dict[str, Any]) -> int:
+    """Pixels the row's image header declares (nothing decoded); 0 when it will fail to decode."""
+    try:
+        image = open_image(image_cell(row["image"]))
+    except Exception:  # noqa: BLE001 - fails again, with its reason, when the row is decoded
+        return 0
+    return image.width * image.height
+
+
+def _pixel_groups(
+    rows: list[dict[str, Any]], indices: list[int], limit: int
+) -> Iterator[list[int]]:
+    """INDICES in order, cut so that no group decodes more than LIMIT pixels (a single image may)."""
+    group: list[int] = []
+    pixels = 0
+    for index in indices:
+        size = _declared_pixels(rows[index])
+        if group and pixels + size > limit:
+            yield group
+            group, pixels = [], 0
+        group.append(index)
+        pixels += size
+    if group:
+        yield group
 
 
 def _result(key: str, caption: str | None = None, captioner: str | None = None, error: str | None = None,

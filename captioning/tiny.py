@@ -6,6 +6,9 @@ tokenizer and chat template are built here, deterministically, with no hub files
 folder loads with `AutoProcessor` + `AutoModelForImageTextToText`, exactly like a real VLM
 folder, so tests and the demo exercise the real captioning path. Random weights generate
 word salad; the stage's cleaning and truncation treat it like any other answer.
+
+The other presets, tiny-florence2 and tiny-qwen2vl, are built in captioning/tiny_florence2.py
+and captioning/tiny_qwen2vl.py with this module's tokenizer.
 """
 
 from __future__ import annotations
@@ -50,14 +53,29 @@ TINY = {
 }  # fmt: skip
 
 
-def build_tokenizer():
-    """A WordPiece tokenizer over WORDS plus single characters: any text tokenizes, same ids everywhere."""
+def build_tokenizer(
+    specials: tuple[str, ...] = SPECIAL_TOKENS,
+    pad: str = "<pad>",
+    bos: str | None = "<s>",
+    eos: str = "</s>",
+    image_token: str = IMAGE_TOKEN,
+    extra_chars: str = "",
+):
+    """A WordPiece tokenizer over WORDS plus single characters: any text tokenizes, same ids everywhere.
+
+    `specials` come first (ids 0..n-1) and are never split; `image_token` is exposed as the
+    tokenizer's `image_token` (the attribute multimodal processors read).
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = sorted(set("".join(WORDS)) | set("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&"))
+    chars = sorted(
+        set("".join(WORDS))
+        | set("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&")
+        | set(extra_chars)
+    )
     vocab: dict[str, int] = {}
-    for token in [*SPECIAL_TOKENS, *sorted(set(WORDS)), *chars, *("##" + c for c in chars)]:
+    for token in [*specials, "<unk>", *sorted(set(WORDS)), *chars, *("##" + c for c in chars)]:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=100))
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -65,13 +83,15 @@ def build_tokenizer():
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
     backend.decoder = decoders.WordPiece()
+    named = {pad, eos, image_token, *([bos] if bos else [])}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
+        pad_token=pad,
+        bos_token=bos,
+        eos_token=eos,
         unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": image_token},
+        additional_special_tokens=[t for t in specials if t not in named and t != "<unk>"],
         padding_side="left",  # decoder-only batched generation pads on the left
         model_max_length=TINY["text"]["max_position_embeddings"],
     )
@@ -122,11 +142,24 @@ def build_tiny_captioner(seed: int = 0):
     return model, processor
 
 
+PRESETS = ("tiny", "tiny-florence2", "tiny-qwen2vl")
+
+
 def init_captioner(output: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    if preset != "tiny":
-        raise ValueError(f"unknown captioner preset {preset!r}; the only preset is 'tiny'")
+    """Write a random-weight VLM folder: LLaVA ('tiny'), Florence-2 or Qwen2-VL."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown captioner preset {preset!r}; choose one of {', '.join(PRESETS)}")
     output = Path(output)
-    model, processor = build_tiny_captioner(seed)
+    if preset == "tiny-qwen2vl":
+        from captioning import tiny_qwen2vl
+
+        return tiny_qwen2vl.save(output, seed)
+    if preset == "tiny-florence2":
+        from captioning import tiny_florence2
+
+        model, processor = tiny_florence2.build(seed)
+    else:
+        model, processor = build_tiny_captioner(seed)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     processor.save_pretrained(output)
@@ -134,4 +167,11 @@ def init_captioner(output: str | Path, preset: str = "tiny", seed: int = 0) -> P
 
 
 def run_init_captioner(output: str, config: InitCaptionerConfig = InitCaptionerConfig()) -> Path:
-    return init_captioner(output, config.preset, config.seed)
+    from curate.stage_runtime import StageRun
+
+    with StageRun(output, "init-captioner", config, {}, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        with run.writer(tables=False) as writer:
+            init_captioner(writer.path, config.preset, config.seed)
+    return run.output

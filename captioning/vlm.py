@@ -1,19 +1,25 @@
 """A local image-text-to-text model: load any transformers VLM folder and caption image batches.
 
-Loading is the one real VLMs use: `AutoProcessor` + `AutoModelForImageTextToText` (or a named
-transformers class), with `trust_remote_code` opt-in for folders that ship their own code
-(CogVLM2, Florence-2). The prompt goes through the processor's chat template when it has one.
-Decoding is greedy unless sampling is asked for, so the same rows give the same captions.
+Loading is the one real VLMs use: `AutoProcessor` (captioning/processors.py, with the folder's
+processor options) + `AutoModelForImageTextToText` (or a named transformers class), with
+`trust_remote_code` opt-in for folders that ship their own code. The prompt goes through the
+processor's chat template when it has one, after the system prompt if one is given; processors
+without one (Florence-2) get the prompt as is, task tokens included. Decoder-only models return
+prompt + answer from `generate`, so the prompt is cut off; encoder-decoder models (Florence-2)
+return only the answer, which is kept whole. Decoding is greedy unless sampling is asked for, so
+the same rows give the same captions.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from captioning.config import TASK_TOKENS
+from curate.seeds import seed_int
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
@@ -35,9 +41,14 @@ class GenerationSettings:
         return settings
 
 
-def chat_messages(prompt: str) -> list[dict[str, Any]]:
-    """One user turn holding the image and the prompt (the OpenAI and transformers layouts agree)."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """An optional system turn, then one user turn holding the image and the prompt (the OpenAI and
+    transformers layouts agree)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        *system,
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+    ]
 
 
 def torch_dtype(name: str):
@@ -50,8 +61,7 @@ def torch_dtype(name: str):
 
 def batch_seed(seed: int, keys: list[str]) -> int:
     """A sampling seed fixed by the run's seed and the batch's rows, so a resumed run samples alike."""
-    digest = hashlib.blake2b(f"{seed}:{','.join(keys)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % 2**63
+    return seed_int(seed, ",".join(keys))
 
 
 class LocalVLM:
@@ -64,8 +74,11 @@ class LocalVLM:
         dtype: str = "fp32",
         trust_remote_code: bool = False,
         model_class: str | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
     ) -> None:
         import transformers
+
+        from captioning.processors import load_processor
 
         path = Path(folder)
         if not (path / "config.json").is_file():
@@ -82,29 +95,58 @@ class LocalVLM:
             if cls is None:
                 raise ValueError(f"transformers has no class {model_class!r} (--model-class)")
         try:
-            self.processor = transformers.AutoProcessor.from_pretrained(
-                str(path), trust_remote_code=trust_remote_code
-            )
+            self.processor = load_processor(path, trust_remote_code, **(processor_kwargs or {}))
             self.model = cls.from_pretrained(
                 str(path), dtype=self.dtype, trust_remote_code=trust_remote_code
             )
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
             hint = (
                 ""
                 if trust_remote_code
                 else "; if the folder ships its own code, add --trust-remote-code"
             )
-            raise ValueError(f"cannot load a VLM from {path}: {error}{hint}") from None
+            message = " ".join(str(error).split())  # one line
+            raise ValueError(f"cannot load a VLM from {path}: {message}{hint}") from None
         self.model.to(device).eval()
+        # generate() returns only the answer for encoder-decoder models, prompt + answer otherwise
+        self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
-            tokenizer.padding_side = "left"  # batched decoder-only generation pads on the left
+            # Batched decoder-only generation pads on the left, so every answer continues its
+            # prompt; an encoder reads its prompt whole, with absolute positions (BART's), so an
+            # encoder-decoder pads on the right, where padding moves no token.
+            tokenizer.padding_side = "right" if self.encoder_decoder else "left"
 
-    def prompt_text(self, prompt: str) -> str:
-        if getattr(self.processor, "chat_template", None):
-            return self.processor.apply_chat_template(
-                chat_messages(prompt), add_generation_prompt=True
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.processor, "chat_template", None))
+
+    @property
+    def task_tokens(self) -> set[str]:
+        """Task tokens the processor expands into prompts (Florence-2's), empty for other models."""
+        return set(getattr(self.processor, "task_prompts_without_inputs", {}) or {})
+
+    def check_prompt(self, prompt: str, system_prompt: str | None = None) -> None:
+        """Fail before any row when the prompt or system prompt cannot work with this model."""
+        if system_prompt and not self.has_chat_template:
+            raise ValueError(
+                f"{self.folder} has no chat template, so it cannot take a system prompt "
+                "(--system-prompt); drop it or put the instruction in the prompt"
             )
+        if prompt in TASK_TOKENS and prompt not in self.task_tokens:
+            known = ", ".join(sorted(self.task_tokens)) or "none"
+            raise ValueError(
+                f"prompt {prompt} is a Florence-2 task token, but {self.folder}'s processor "
+                f"knows no such token (its task tokens: {known}); use --prompt detailed or hint"
+            )
+
+    def prompt_text(self, prompt: str, system_prompt: str | None = None) -> str:
+        if self.has_chat_template:
+            return self.processor.apply_chat_template(
+                chat_messages(prompt, system_prompt), add_generation_prompt=True
+            )
+        if system_prompt:
+            self.check_prompt(prompt, system_prompt)
         return prompt
 
     def generate(
@@ -113,13 +155,14 @@ class LocalVLM:
         prompts: list[str],
         settings: GenerationSettings,
         seed: int = 0,
+        system_prompt: str | None = None,
     ) -> list[str]:
         """Raw answers, one per (image, prompt)."""
         import torch
 
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        texts = [self.prompt_text(p) for p in prompts]
+        texts = [self.prompt_text(p, system_prompt) for p in prompts]
         inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(
             self.device
         )
@@ -136,5 +179,5 @@ class LocalVLM:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        new_tokens = output if self.encoder_decoder else output[:, inputs["input_ids"].shape[1] :]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True)

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from curate.executor import ExecutorOptions
+
 
 class DemoDataConfig(BaseModel):
     format: Literal["folder", "webdataset", "parquet", "all"] = Field(
@@ -14,7 +16,7 @@ class DemoDataConfig(BaseModel):
     shard_size: int = Field(10, ge=1, description="samples per webdataset tar shard")
 
 
-class CurateConfig(BaseModel):
+class CurateConfig(ExecutorOptions):
     """Options of `t2i curate` (validation limits, scorers, dedup, throughput)."""
 
     # Decode and validate
@@ -125,9 +127,16 @@ class CurateConfig(BaseModel):
         description="FAISS spherical k-means iterations (on 32 sampled points per centroid)",
     )
     # Throughput
-    workers: int = Field(2, ge=1, description="worker processes, each with one intra-op thread")
+    workers: int = Field(
+        2, ge=1, description="local worker processes, each with one intra-op thread"
+    )
     batch_size: int = Field(16, ge=1, description="images per model batch inside a worker")
-    chunk_size: int = Field(64, ge=1, description="images per resumable work chunk")
+    chunk_size: int = Field(64, ge=1, description="most images per resumable work chunk (shard)")
+    chunk_pixels: int = Field(
+        32_000_000,
+        ge=1,
+        description="most pixels (as the headers declare them) per chunk: bounds a worker's decoded images whatever their size",
+    )
     device: str = Field("cpu", description="torch device for the torch scorers and embedders")
     seed: int = Field(0, description="seed for k-means")
     contact_sheet_max: int = Field(

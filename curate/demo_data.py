@@ -337,5 +337,10 @@ def _write_parquet(output: Path, samples: list[DemoSample], shard_size: int) -> 
 
 
 def run_demo_data(output: str, config) -> Path:
-    """`t2i demo-data`: see curate/commands.py."""
-    return write_demo_data(output, config.format, config.shard_size)
+    """`t2i demo-data`: see flows/cli.py. A rerun that would write the same files leaves OUTPUT
+    untouched, so the stages reading it see no change and skip."""
+    from curate.stage_runtime import generate
+
+    return generate(
+        output, "demo-data", lambda fresh: write_demo_data(fresh, config.format, config.shard_size)
+    )

@@ -241,8 +241,11 @@ def read_shard(
 # -- loose files ----------------------------------------------------------------------------------
 
 
-def _read_entry(root: Path, rel: str, limit: int | None = None) -> bytes:
-    """Bytes of a regular file (or a link to one inside ROOT); `Invalid` for anything else.
+def read_inside(root: Path, rel: str, limit: int | None = None) -> bytes:
+    """Bytes of ROOT/REL, a regular file or a link to one inside ROOT; `Invalid` for anything else.
+
+    Links out of ROOT, linked folders, pipes and devices are refused (`unsafe_path`) unopened;
+    other readers of input folders (e.g. preference pair folders) can use it the same way.
 
     With LIMIT, a file larger than it raises `Invalid(bad_caption)` before any byte is read.
     """
@@ -307,7 +310,7 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
         if name.lower().endswith(CAPTION_EXTENSIONS):
             continue  # a sidecar (read with its image) or collection metadata such as DEMO_TRUTH.json
         try:
-            data = _read_entry(root, rel)
+            data = read_inside(root, rel)
         except Invalid as invalid:
             yield _refused(key, invalid.reason, invalid.detail)
             continue
@@ -326,7 +329,7 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
             )
             try:
                 caption = _caption_from(
-                    sibling_name, _read_entry(root, sibling, limit), options.max_caption_bytes
+                    sibling_name, read_inside(root, sibling, limit), options.max_caption_bytes
                 )
             except Invalid as invalid:
                 refusal = (
@@ -507,6 +510,7 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
 
     file, name = _shard_file(root, rel)
     name = shown(name)
+    folder = root if root.is_dir() else root.parent  # what path cells must stay inside
     rows = 0
     try:
         parquet = pq.ParquetFile(file)
@@ -522,13 +526,16 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
             batch_size=_batch_rows(parquet), columns=list(dict.fromkeys(wanted))
         )
         for batch in batches:
-            table = batch.to_pydict()
-            for i, value in enumerate(table[image_column]):
-                key = table[key_column][i] if key_column else None
-                caption = table[caption_column][i] if caption_column else None
+            images = batch.column(image_column)
+            keys = batch.column(key_column).to_pylist() if key_column else None
+            captions = batch.column(caption_column).to_pylist() if caption_column else None
+            for i in range(batch.num_rows):  # one image's bytes become Python at a time
+                key = keys[i] if keys else None
+                caption = captions[i] if captions else None
                 label = shown(str(key)) if key is not None else str(rows)
-                yield _cell_record(f"{name}:{label}", value, caption, root, options)
+                yield _cell_record(f"{name}:{label}", images[i].as_py(), caption, folder, options)
                 rows += 1
+            del images, keys, captions
     except Exception as error:  # noqa: BLE001 - pyarrow raises many types for a broken file
         yield _refused(
             name,

@@ -8,9 +8,8 @@ chunks already finished, and the committed tables do not depend on where it was 
 
 from __future__ import annotations
 
-import multiprocessing
+import io
 import time
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,19 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow.compute as pc
+from PIL import Image
 from tqdm import tqdm
 
 from curate import reasons
 from curate.config import CurateConfig
+from curate.executor import EXECUTION_FIELDS, Setup, executor_for
 from curate.ingest import IngestOptions, Record, read_records
-from curate.store import (
-    Rejection,
-    StageWriter,
-    WorkLog,
-    fingerprint,
-    is_done,
-    params_hash,
-    sample_id,
-)
+from curate.stage_runtime import StageRun, local_path
+from curate.store import Rejection, WorkLog, params_hash, sample_id
 
 STAGE = "curate"
 # Options that change how fast the work runs, never what it produces.
-NOT_IN_WORK_KEY = ("workers", "batch_size", "device", "contact_sheet_max")
+VOLATILE = (*EXECUTION_FIELDS, "batch_size", "device")
 
 SAMPLE_FEATURES = datasets.Features(
     {
@@ -53,10 +47,24 @@ SAMPLE_FEATURES = datasets.Features(
 )
 
 
-def _chunks(records: Iterator[Record], size: int) -> Iterator[list[dict[str, Any]]]:
-    """Fixed-size chunks in input order; exact byte copies are refused here (they share the id)."""
+def _declared_pixels(data: bytes, max_pixels: int) -> int:
+    """Pixels the image header declares (no decode); 0 for what will be rejected before decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = image.width * image.height
+    except Exception:  # not an image: rejected by validation, never decoded
+        return 0
+    return pixels if pixels <= max_pixels else 0
+
+
+def _chunks(records: Iterator[Record], config: CurateConfig) -> Iterator[list[dict[str, Any]]]:
+    """Chunks in input order, each closed at `chunk_size` images or `chunk_pixels` declared pixels.
+
+    Exact byte copies are refused here, the one global step before scoring (they share the id).
+    """
     seen: dict[str, str] = {}
     chunk: list[dict[str, Any]] = []
+    pixels = 0
     for record in records:
         item = {
             "key": record.key,
@@ -73,65 +81,56 @@ def _chunks(records: Iterator[Record], size: int) -> Iterator[list[dict[str, Any
                     refused=reasons.EXACT_DUPLICATE,
                     detail=f"dup_of={item['id']} original={original}",
                 )
-        chunk.append(item)
-        if len(chunk) == size:
+        size = 0 if item["refused"] else _declared_pixels(record.data, config.max_pixels)
+        if chunk and pixels + size > config.chunk_pixels:
             yield chunk
-            chunk = []
+            chunk, pixels = [], 0
+        chunk.append(item)
+        pixels += size
+        if len(chunk) == config.chunk_size:
+            yield chunk
+            chunk, pixels = [], 0
     if chunk:
         yield chunk
 
 
-def _score_all(inp: Path, work: WorkLog, resolved, workers: int, timing: dict[str, float]) -> int:
-    """Fill the WorkLog with one chunk per `chunk_size` records; returns the number of records.
+def _score_all(inp: Path, work: WorkLog, resolved, timing: dict[str, Any]) -> int:
+    """Fill the WorkLog with one table per chunk, scored by the configured executor; returns the number of records.
 
-    TIMING receives when the first chunk finished (start-up: workers spawned, models loaded) and
-    how many images were scored after it, for a steady-state rate.
+    TIMING receives when the first chunk finished (start-up: workers started, models loaded),
+    how many images were scored after it (for a steady-state rate), and where the work ran.
     """
-    from curate.workers import chunk_table, ensure_worker, init_worker, process_chunk
+    from curate.workers import build_scorers, score_chunk
 
     config = resolved.config
+    setup = Setup(build_scorers, resolved, params_hash({"stage": STAGE, **config.model_dump()}))
     total = 0
     progress = tqdm(desc="curate: scoring", unit="img")
-    pool = None
-    pending: deque = deque()
 
-    def drain(limit: int) -> None:
-        while len(pending) > limit:
-            name, size, result = pending.popleft()
-            rows, embeddings = result.get() if pool is not None else result
-            work.write(name, chunk_table(rows, embeddings))
-            progress.update(size)
-            now = time.monotonic()
-            if "first_chunk" not in timing:
-                timing["first_chunk"] = now
-            else:
-                timing["after_first"] = timing.get("after_first", 0) + size
-            timing["last_chunk"] = now
-
-    try:
-        for index, chunk in enumerate(
-            _chunks(read_records(inp, _ingest_options(config)), config.chunk_size)
-        ):
+    def planned() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        nonlocal total
+        for index, chunk in enumerate(_chunks(read_records(inp, _ingest_options(config)), config)):
             total += len(chunk)
             name = f"chunk-{index:08d}"
             if work.has(name):
                 progress.update(len(chunk))
-                continue
-            if workers <= 1:
-                ensure_worker(resolved)
-                pending.append((name, len(chunk), process_chunk(chunk)))
             else:
-                if pool is None:
-                    context = multiprocessing.get_context("spawn")
-                    pool = context.Pool(workers, initializer=init_worker, initargs=(resolved,))
-                pending.append((name, len(chunk), pool.apply_async(process_chunk, (chunk,))))
-            drain(2 * workers)  # bounded: memory stays flat in the number of inputs
-        drain(0)
+                yield name, chunk
+
+    try:
+        with executor_for(config, STAGE) as executor:
+            timing["executor"] = f"{executor.kind} x{executor.capacity()}"
+            for result in executor.map(setup, score_chunk, planned()):
+                work.write(result.name, result.value)
+                progress.update(result.value.num_rows)
+                now = time.monotonic()
+                if "first_chunk" not in timing:
+                    timing["first_chunk"] = now
+                else:
+                    timing["after_first"] = timing.get("after_first", 0) + result.value.num_rows
+                timing["last_chunk"] = now
     finally:
         progress.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     return total
 
 
@@ -295,41 +294,39 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
             f"curate: output {out} must not be inside the input {inp} (stages never modify their input)"
         )
     resolved = resolve(config)
-    parameters = config.model_dump()
-    input_fingerprint = fingerprint(inp)
-    if is_done(out, STAGE, parameters, input_fingerprint):
-        print(f"curate: {out} is already curated from this input with these parameters; skipped")
-        return out
-    work_key = params_hash(
-        {
-            "stage": STAGE,
-            "input": input_fingerprint,
-            **{k: v for k, v in parameters.items() if k not in NOT_IN_WORK_KEY},
-        }
-    )
-    work = WorkLog(out, work_key)
-    started = time.monotonic()
-    timing: dict[str, float] = {}
-    total = _score_all(inp, work, resolved, config.workers, timing)
-    scored_s = time.monotonic() - started
-    steady = None
-    if timing.get("after_first") and timing["last_chunk"] > timing["first_chunk"]:
-        steady = round(timing["after_first"] / (timing["last_chunk"] - timing["first_chunk"]), 3)
-    removed, clusters, figures = deduplicate(
-        work, resolved, threads=1
-    )  # FAISS with 2 threads contends badly on 2 cores
-    with StageWriter(out, STAGE, parameters, input_fingerprint) as writer:
-        kept = writer.write_samples(
-            _sample_rows(work, removed, clusters, resolved.aesthetic_kind), SAMPLE_FEATURES
-        )
-        rejected = writer.write_rejected(_rejections(work, removed, resolved.similarity_threshold))
-        writer.counts.update(input=total, kept=kept, rejected=rejected)
-        writer.extra.update(
-            aesthetic_kind=resolved.aesthetic_kind, aesthetic_threshold=resolved.aesthetic_threshold,
-            similarity_threshold=resolved.similarity_threshold, scoring_s=round(scored_s, 3),
-            images_per_s=round(total / scored_s, 3) if scored_s else None, steady_images_per_s=steady,
-            startup_s=round(timing["first_chunk"] - started, 3) if "first_chunk" in timing else None, **figures,
-        )  # fmt: skip
-        write_report(writer.path, work, removed, resolved, writer.counts, writer.extra)
-    work.clear()
+    models = ("nsfw_model", "aesthetic_model", "clip_model", "embedder_model")
+    reads = {"input": inp, **{name: local_path(getattr(config, name)) for name in models}}
+    with StageRun(out, STAGE, config, reads, volatile=VOLATILE) as run:
+        if run.finished:
+            return run.skip()
+        work = run.work_log(ignore=("contact_sheet_max",))  # only the report depends on it
+        started = time.monotonic()
+        timing: dict[str, float] = {}
+        total = _score_all(inp, work, resolved, timing)
+        scored_s = time.monotonic() - started
+        steady = None
+        if timing.get("after_first") and timing["last_chunk"] > timing["first_chunk"]:
+            steady = round(
+                timing["after_first"] / (timing["last_chunk"] - timing["first_chunk"]), 3
+            )
+        removed, clusters, figures = deduplicate(
+            work, resolved, threads=1
+        )  # FAISS with 2 threads contends badly on 2 cores
+        with run.writer() as writer:
+            kept = writer.write_samples(
+                _sample_rows(work, removed, clusters, resolved.aesthetic_kind), SAMPLE_FEATURES
+            )
+            rejected = writer.write_rejected(
+                _rejections(work, removed, resolved.similarity_threshold)
+            )
+            writer.counts.update(input=total, kept=kept, rejected=rejected)
+            writer.extra.update(
+                aesthetic_kind=resolved.aesthetic_kind, aesthetic_threshold=resolved.aesthetic_threshold,
+                similarity_threshold=resolved.similarity_threshold, scoring_s=round(scored_s, 3),
+                images_per_s=round(total / scored_s, 3) if scored_s else None, steady_images_per_s=steady,
+                executor=timing.get("executor"),
+                startup_s=round(timing["first_chunk"] - started, 3) if "first_chunk" in timing else None, **figures,
+            )  # fmt: skip
+            write_report(writer.path, work, removed, resolved, writer.counts, writer.extra)
+        work.clear()
     return out

@@ -1,4 +1,4 @@
-"""The on-disk contract between stages (DESIGN.md, "Contracts between stages").
+"""The on-disk format of a stage output (docs/stage-contract.md).
 
 A stage reads one directory and writes another:
 
@@ -226,6 +226,8 @@ class StageWriter:
     # on exception: temporary directory removed, `out` untouched
     """
 
+    tables = True  # False: a stage whose output is files, not a sample table (sample)
+
     def __init__(
         self,
         output: str | os.PathLike,
@@ -254,7 +256,11 @@ class StageWriter:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        self.commit()
+        try:
+            self.commit()
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def write_samples(
         self,
@@ -275,28 +281,31 @@ class StageWriter:
         if first is None:
             empty = {column: [] for column in (features or {"id": None})}
             dataset = datasets.Dataset.from_dict(empty, features=features)
+            dataset.save_to_disk(str(self.path / name), num_shards=1)
+            del dataset
         elif features is None:
             dataset = datasets.Dataset.from_list([first, *rows])
-        else:
-            cache = self.path / f".cache-{name}"
-            feed = _RowFeed(itertools.chain([first], rows))
-            dataset = datasets.Dataset.from_generator(feed, features=features, cache_dir=str(cache))
-        if dataset.num_rows == 0:
-            dataset.save_to_disk(str(self.path / name), num_shards=1)
-        else:
             dataset.save_to_disk(str(self.path / name), max_shard_size=max_shard_size)
-        del dataset
-        shutil.rmtree(self.path / f".cache-{name}", ignore_errors=True)
+            del dataset
+        else:
+            _stream_table(
+                self.path / name, itertools.chain([first], rows), features, max_shard_size
+            )
         return self._count(name)
 
     def _count(self, name: str) -> int:
         return datasets.load_from_disk(str(self.path / name)).num_rows
 
-    def commit(self) -> Path:
+    def ensure_tables(self) -> None:
+        """Empty sample and rejected tables where the stage wrote none."""
         if not (self.path / SAMPLES).exists():
             self.write_samples([], datasets.Features({"id": datasets.Value("string")}))
         if not (self.path / REJECTED).exists():
             self.write_rejected([])
+
+    def commit(self) -> Path:
+        if self.tables:
+            self.ensure_tables()
         manifest = Manifest(
             stage=self.stage,
             parameters=self.parameters,
@@ -322,22 +331,48 @@ class StageWriter:
         return self.output
 
 
-class _RowFeed:
-    """A picklable-enough generator wrapper for `Dataset.from_generator`.
+def _stream_table(
+    directory: Path,
+    rows: Iterator[dict[str, Any]],
+    features: datasets.Features,
+    max_shard_size: str,
+) -> None:
+    """Write rows into `Dataset.save_to_disk`'s layout (arrow shards, state.json, dataset_info.json)
+    as they come, a small batch at a time. Nothing is written twice or read back, so neither the
+    heap nor mapped file pages grow with the table (a cache-then-save_to_disk copy maps it all)."""
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.utils.py_utils import convert_file_size_to_int
 
-    `datasets` hashes the generator to name its cache; giving each feed a unique token keeps
-    two different row streams from ever sharing a cache entry.
-    """
-
-    def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
-        self.rows = rows
-        self.token = uuid.uuid4().hex
-
-    def __call__(self) -> Iterator[dict[str, Any]]:
-        yield from self.rows
-
-    def __reduce__(self):  # hashed by datasets' fingerprinting, never really pickled
-        return (_RowFeed, ([],), {"token": self.token})
+    limit = convert_file_size_to_int(max_shard_size)
+    directory.mkdir(parents=True)
+    parts: list[Path] = []
+    writer = None
+    for row in rows:
+        if writer is None:
+            parts.append(directory / f".part-{len(parts):05d}.arrow")
+            writer = ArrowWriter(features=features, path=str(parts[-1]), writer_batch_size=64)
+        writer.write(features.encode_example(row))
+        if parts[-1].stat().st_size >= limit:
+            writer.finalize()
+            writer.close()
+            writer = None
+    if writer is not None:
+        writer.finalize()
+        writer.close()
+    names = [f"data-{i:05d}-of-{len(parts):05d}.arrow" for i in range(len(parts))]
+    for part, final in zip(parts, names, strict=True):
+        os.replace(part, directory / final)
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": uuid.uuid4().hex[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (directory / "state.json").write_text(json.dumps(state, indent=2))
+    datasets.DatasetInfo(features=features).write_to_directory(str(directory))
 
 
 class WorkLog:

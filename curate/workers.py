@@ -1,8 +1,10 @@
 """Score one chunk of records: decode, validate, NSFW, aesthetic, pHash, embedding.
 
-Each worker process builds its models once (`init_worker`) with one intra-op thread; chunks are
-independent, so a chunk's result is a pure function of its records and the configuration,
-which is what lets a killed run resume from the chunks it already finished.
+`score_chunk(scorers, items)` is curate's per-shard function: each worker builds its `Scorers`
+once (one intra-op thread) and reuses them for every chunk it is given (curate/executor.py).
+Chunks are independent, so a chunk's result is a pure function of its records and the
+configuration: a killed run resumes from the chunks it already finished, and a chunk lost with
+its worker reruns elsewhere to the same table.
 """
 
 from __future__ import annotations
@@ -141,18 +143,9 @@ class Scorers:
         return np.concatenate(parts) if parts else np.zeros(0)
 
 
-_SCORERS: Scorers | None = None
-
-
-def init_worker(resolved: Resolved) -> None:
-    global _SCORERS
-    _SCORERS = Scorers(resolved)
-
-
-def ensure_worker(resolved: Resolved) -> None:
-    """Build the models in this process unless they are already built for this configuration."""
-    if _SCORERS is None or _SCORERS.resolved is not resolved:
-        init_worker(resolved)
+def build_scorers(resolved: Resolved) -> Scorers:
+    """A worker's state: every model the configuration asks for, loaded once."""
+    return Scorers(resolved)
 
 
 def _thumbnail(image: Image.Image, blur: bool) -> bytes:
@@ -171,10 +164,15 @@ def _phash(image: Image.Image) -> int:
     return int(str(imagehash.phash(image)), 16)
 
 
-def process_chunk(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np.ndarray]:
+def score_chunk(scorers: Scorers, items: list[dict[str, Any]]) -> pa.Table:
+    """The work-log table of one chunk: a row per item (same order), embeddings of the candidates."""
+    return chunk_table(*process_chunk(scorers, items))
+
+
+def process_chunk(
+    scorers: Scorers, items: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Rows for every item (one per record, same order) and the embeddings of the candidates."""
-    assert _SCORERS is not None, "init_worker was not called in this process"
-    scorers = _SCORERS
     resolved, config = scorers.resolved, scorers.resolved.config
     rows: list[dict[str, Any]] = []
     images: list[Image.Image] = []

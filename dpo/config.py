@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from model.config import LORA_BLOCK_LINEARS, TimestepOptions
+from model.config import LORA_BLOCK_LINEARS, ModelFiles, TimestepOptions
 
 ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
 
@@ -31,9 +31,19 @@ class IngestPrefsConfig(BaseModel):
         lt=0.5,
         description="Pick-a-Pic labels within this distance of 0.5 count as ties",
     )
+    split: Literal["train", "validation", "test", "validation_unique", "test_unique"] | None = (
+        Field(
+            None,
+            description="the split to read from a folder laid out like the hub download (data/SPLIT-00000-of-NNNNN"
+            ".parquet) or a saved DatasetDict; required when the folder holds more than one split",
+        )
+    )
+    max_pairs: int | None = Field(
+        None, ge=1, description="stop once this many pairs are kept (default: every pair)"
+    )
 
 
-class DPOConfig(TimestepOptions):
+class DPOConfig(ModelFiles, TimestepOptions):
     model: str = Field(
         ..., description="local diffusers SD3 folder: the base model the LoRA adapts"
     )
@@ -140,13 +150,23 @@ class DPOConfig(TimestepOptions):
     resume: bool = Field(
         True, description="continue from the latest checkpoint of an identical earlier run"
     )
-    device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
+    device: str | None = Field(
+        None,
+        description="cpu, cuda, ...; default: what accelerate picks (one GPU per process; use "
+        "`accelerate launch` for several, CUDA_VISIBLE_DEVICES to choose)",
+    )
     base_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32",
         description="dtype of the frozen base transformer: fp32, fp16 or bf16 (the LoRA stays fp32)",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute the transformer's activations in backward to save memory"
+    )
+    init_lora: str | None = Field(
+        None,
+        description="continue from an existing LoRA: a diffusers-format folder (pytorch_lora_weights"
+        ".safetensors) or .safetensors file; its rank, alpha and target layers replace --rank, --alpha "
+        "and --target-modules",
     )
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "bf16",

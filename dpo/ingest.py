@@ -4,15 +4,24 @@ Every layout becomes one preference table of `id, caption, image_w, image_l, sou
 as given; `id` = sha256 of winner bytes, a NUL, then loser bytes). Ties, identical images,
 undecodable images and empty captions are rejected with a reason, never dropped silently.
 
-Pick-a-Pic v2 (yuvalkirstain/pickapic_v2): `label_0` = 1 means `jpg_0` won, 0 that `jpg_1` won,
-0.5 a tie (about 12% of pairs; Diffusion-DPO drops them).
+Pick-a-Pic v2 (yuvalkirstain/pickapic_v2, 19 columns): `label_0` = 1 means `jpg_0` won, 0 that
+`jpg_1` won, 0.5 a tie (about 12% of pairs; Diffusion-DPO drops them). Rows with `has_label`
+false, `are_different` false, or `label_0 + label_1 != 1` are rejected too. The hub download
+keeps each split in its own files (data/train-00000-of-NNNNN.parquet, validation-..., test-...,
+validation_unique-..., test_unique-...); `--split` picks one, and a folder holding several
+splits is refused without it rather than mixed.
+
+Ingest streams: parquet is read one row group at a time (only the columns a layout uses) and
+kept pairs are written as they are read, so memory does not grow with the number of pairs
+(benchmarks/bench_prefs_ingest.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +29,16 @@ import datasets
 import pyarrow.parquet as pq
 
 from curate import reasons
-from curate.cells import image_cell
+from curate.cells import caption_text, image_cell
 from curate.decode import Invalid, decode_image
-from curate.store import Manifest, Rejection, StageWriter, fingerprint, is_done, load_samples
+from curate.ingest import read_inside
+from curate.stage_runtime import StageRun
+from curate.store import Manifest, Rejection, load_samples
 from dpo.config import IngestPrefsConfig
 
 STAGE = "prefs"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_LIMIT = 16_384  # bytes of a pair folder's caption.txt (curate's max_caption_bytes default)
 PREF_FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
@@ -36,6 +48,22 @@ PREF_FEATURES = datasets.Features(
         "source": datasets.Value("string"),
     }
 )
+# The columns each table layout reads (Pick-a-Pic's other 11 are metadata ingest does not need).
+PICKAPIC_COLUMNS = (
+    "caption",
+    "jpg_0",
+    "jpg_1",
+    "label_0",
+    "label_1",
+    "has_label",
+    "are_different",
+    "ranking_id",
+)
+GENERIC_COLUMNS = ("caption", "image_w", "image_l")
+# A hub shard name: SPLIT-00000-of-00012[-anything].parquet
+_SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)-\d{5}-of-\d{5}")
+LABEL_SUM_TOLERANCE = 1e-6
+BATCH_ROWS = 32  # rows converted to Python at a time, within one parquet row group
 
 
 def pair_id(winner: bytes, loser: bytes) -> str:
@@ -45,8 +73,11 @@ def pair_id(winner: bytes, loser: bytes) -> str:
 def _bytes(value: Any) -> bytes | None:
     """Image bytes from a raw bytes cell or a `datasets` Image cell ({'bytes', 'path'}).
 
-    Raises `Invalid` for a cell that is not bytes, and for a path cell (never read).
+    Raises `Invalid` for a cell that is not bytes, and for a path cell (never read), and
+    re-raises the refusal a pair folder's file carries (a link out of the folder, say).
     """
+    if isinstance(value, Invalid):
+        raise value
     return image_cell(value) or None
 
 
@@ -61,38 +92,122 @@ def _decodes(data: bytes | None) -> str:
     return ""
 
 
-def _rows(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a parquet file, a folder of parquet files or a saved `datasets` dataset."""
-    if path.is_dir() and (
+def split_of(file: Path) -> str | None:
+    """The split a hub-style parquet shard belongs to (train, validation, ...), None if unnamed."""
+    match = _SHARD_NAME.match(file.name)
+    return match["split"] if match else None
+
+
+def parquet_files(path: Path, split: str | None) -> list[Path]:
+    """The parquet files of PATH to read: all of them, or one split's; never several splits."""
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    by_split: dict[str | None, list[Path]] = {}
+    for file in files:
+        by_split.setdefault(split_of(file), []).append(file)
+    named = sorted(s for s in by_split if s is not None)
+    if split is not None:
+        if split not in by_split:
+            found = (
+                ", ".join(named) if named else "none (its files are not named SPLIT-00000-of-NNNNN)"
+            )
+            raise ValueError(f"{path} holds no {split} split; its splits: {found}")
+        return by_split[split]
+    if len(by_split) > 1:
+        raise ValueError(
+            f"{path} holds several splits ({', '.join(named + ['unnamed'] * (None in by_split))}); "
+            f"read one with `t2i prefs --split {'|'.join(named)}`"
+        )
+    return files
+
+
+def _saved_split(path: Path, split: str | None) -> datasets.Dataset:
+    """One split of a saved DatasetDict (dataset_dict.json lists them)."""
+    splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+    if split is None and len(splits) > 1:
+        raise ValueError(
+            f"{path} holds several splits ({', '.join(splits)}); read one with `t2i prefs --split {'|'.join(splits)}`"
+        )
+    chosen = split or splits[0]
+    if chosen not in splits:
+        raise ValueError(f"{path} holds no {chosen} split; its splits: {', '.join(splits)}")
+    return datasets.load_from_disk(str(path / chosen))
+
+
+def open_table(path: Path, split: str | None = None) -> tuple[list[str], Callable[..., Iterator]]:
+    """(column names, rows(columns)) of a parquet file or folder, a saved dataset or a stage output.
+
+    `rows(columns)` yields dicts of just those columns, reading parquet one record batch at a time.
+    """
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        table = _saved_split(path, split)
+    elif path.is_dir() and (
         (path / "dataset_info.json").is_file() or (path / "state.json").is_file()
     ):
-        yield from datasets.load_from_disk(str(path))
-        return
-    if path.is_dir() and (path / "samples").is_dir() and Manifest.read(path):
-        yield from load_samples(path)
-        return
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        table = datasets.load_from_disk(str(path))
+    elif path.is_dir() and (path / "samples").is_dir() and Manifest.read(path):
+        table = load_samples(path)
+    else:
+        table = None
+    if table is not None:
+        if split is not None and not (path / "dataset_dict.json").is_file():
+            raise ValueError(f"{path} is a single table with no splits; drop --split")
+
+        def table_rows(columns):
+            wanted = [c for c in columns if c in table.column_names]
+            yield from table.select_columns(wanted)
+
+        return list(table.column_names), table_rows
+    files = parquet_files(path, split)
     if not files:
         raise FileNotFoundError(
             f"{path} holds no parquet file or saved dataset; pass Pick-a-Pic v2 parquet, a generic "
             "(caption, image_w, image_l) parquet, or a folder of pair sub-folders with --layout folder"
         )
-    for file in files:
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=64):
-            yield from batch.to_pylist()
+    names = list(pq.ParquetFile(files[0]).schema_arrow.names)
+
+    def parquet_rows(columns):
+        for file in files:
+            handle = pq.ParquetFile(file)
+            wanted = [c for c in columns if c in handle.schema_arrow.names]
+            # One row group at a time: ParquetFile.iter_batches keeps what it has read alive
+            # (RSS grew with the file in benchmarks/bench_prefs_ingest.py); read_row_group does not.
+            for group in range(handle.num_row_groups):
+                table = handle.read_row_group(group, columns=wanted, use_threads=False)
+                for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+                    yield from batch.to_pylist()
+                del table
+
+    return names, parquet_rows
+
+
+def _inside(root: Path, file: Path, limit: int | None = None) -> bytes | Invalid:
+    """FILE's bytes when it (links resolved) lies inside ROOT, else the refusal, unread."""
+    try:
+        return read_inside(root, file.relative_to(root).as_posix(), limit)
+    except Invalid as invalid:
+        return invalid
 
 
 def _folder_rows(path: Path) -> Iterator[dict[str, Any]]:
     """One sub-folder per pair: caption.txt, winner.<ext>, loser.<ext>."""
     for pair in sorted(p for p in path.iterdir() if p.is_dir()):
-        found = {}
+        found: dict[str, Any] = {}
         for role in ("winner", "loser"):
             files = [
                 f for f in pair.iterdir() if f.stem == role and f.suffix.lower() in IMAGE_SUFFIXES
             ]
-            found[role] = files[0].read_bytes() if files else None
+            found[role] = _inside(path, files[0]) if files else None
         caption_file = pair / "caption.txt"
-        caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+        caption = ""
+        if caption_file.is_file():
+            text = _inside(path, caption_file, CAPTION_LIMIT)
+            if isinstance(text, Invalid):  # the pair is refused with the caption's reason
+                found["winner"] = Invalid(text.reason, f"caption.txt: {text.detail}")
+            else:
+                try:
+                    caption = caption_text(text, "caption.txt", CAPTION_LIMIT)
+                except Invalid as invalid:
+                    found["winner"] = invalid
         yield {
             "caption": caption,
             "image_w": found["winner"],
@@ -101,20 +216,45 @@ def _folder_rows(path: Path) -> Iterator[dict[str, Any]]:
         }
 
 
-def detect_layout(path: Path) -> str:
-    if path.is_dir() and any(p.is_dir() and (p / "caption.txt").is_file() for p in path.iterdir()):
-        return "folder"
-    first = next(_rows(path), None)
-    if first is None:
-        raise ValueError(f"{path} holds no preference rows")
-    if {"jpg_0", "jpg_1", "label_0"} <= first.keys():
-        return "pickapic"
-    if {"image_w", "image_l"} <= first.keys():
-        return "generic"
-    raise ValueError(
-        f"cannot tell the layout of {path}: its columns {sorted(first)} are neither Pick-a-Pic v2 "
-        "(caption, jpg_0, jpg_1, label_0) nor generic (caption, image_w, image_l); pass --layout"
+def is_pair_folder(path: Path) -> bool:
+    return path.is_dir() and any(
+        p.is_dir() and (p / "caption.txt").is_file() for p in path.iterdir()
     )
+
+
+def layout_of(columns: list[str]) -> str | None:
+    if {"jpg_0", "jpg_1", "label_0"} <= set(columns):
+        return "pickapic"
+    if {"image_w", "image_l"} <= set(columns):
+        return "generic"
+    return None
+
+
+def detect_layout(path: Path, split: str | None = None) -> str:
+    if is_pair_folder(path):
+        return "folder"
+    columns, _ = open_table(path, split)
+    layout = layout_of(columns)
+    if layout is None:
+        raise ValueError(
+            f"cannot tell the layout of {path}: its columns {sorted(columns)} are neither Pick-a-Pic v2 "
+            "(caption, jpg_0, jpg_1, label_0) nor generic (caption, image_w, image_l); pass --layout"
+        )
+    return layout
+
+
+def _label_problem(row: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, detail) when a Pick-a-Pic row's metadata says it is no usable preference."""
+    if row.get("has_label") is False:
+        return reasons.UNLABELED, "has_label is false (no vote recorded)"
+    if row.get("are_different") is False:
+        return reasons.NOT_DIFFERENT, "are_different is false (the two images are the same)"
+    label_0, label_1 = row.get("label_0"), row.get("label_1", "absent")
+    if label_0 is None or label_1 is None:
+        return reasons.BAD_LABELS, f"label_0 = {label_0}, label_1 = {label_1}"
+    if label_1 != "absent" and abs(float(label_0) + float(label_1) - 1.0) > LABEL_SUM_TOLERANCE:
+        return reasons.BAD_LABELS, f"label_0 + label_1 = {float(label_0) + float(label_1)}, not 1"
+    return None
 
 
 def _oriented(
@@ -130,50 +270,51 @@ def _oriented(
     return (first, second, "") if label > 0.5 else (second, first, "")
 
 
+def _reject(
+    rid: str, reason: str, detail: str, score: float | None = None, threshold: float | None = None
+) -> tuple[str, Rejection]:
+    return "reject", Rejection(rid, STAGE, reason, score, threshold, detail)
+
+
 def classify(rows: Iterator[dict[str, Any]], layout: str, tie_tolerance: float = 0.0):
     """Yield ('keep', row) or ('reject', Rejection) for each input row."""
     for index, row in enumerate(rows):
         name = row.get("_name") or row.get("ranking_id") or f"row {index}"
+        problem = _label_problem(row) if layout == "pickapic" else None
+        if problem is not None:
+            try:
+                first, second = _bytes(row.get("jpg_0")), _bytes(row.get("jpg_1"))
+            except Invalid:  # the label decides; the cells' own problem is not read further
+                first = second = None
+            rid = (
+                pair_id(first or b"", second or b"")
+                if (first or second)
+                else f"{layout}-row-{index}"
+            )
+            yield _reject(rid, problem[0], f"{name}: {problem[1]}")
+            continue
         try:
             winner, loser, tie = _oriented(row, layout, tie_tolerance)
         except Invalid as invalid:  # a cell that is not bytes, or names a file: never read
-            rid = f"{layout}-row-{index}"
-            yield (
-                "reject",
-                Rejection(rid, STAGE, invalid.reason, detail=f"{name}: {invalid.detail}"),
-            )
+            yield _reject(f"{layout}-row-{index}", invalid.reason, f"{name}: {invalid.detail}")
             continue
         rid = pair_id(winner or b"", loser or b"") if (winner or loser) else f"{layout}-row-{index}"
         caption = (row.get("caption") or "").strip()
-        if tie:
-            yield (
-                "reject",
-                Rejection(rid, STAGE, reasons.TIE, float(row["label_0"]), 0.5, f"{name}: {tie}"),
-            )
-            continue
         broken = [
             (role, why)
             for role, data in (("winner", winner), ("loser", loser))
             if (why := _decodes(data))
         ]
-        if broken:
-            detail = "; ".join(f"{role}: {why}" for role, why in broken)
-            yield "reject", Rejection(rid, STAGE, reasons.UNDECODABLE, detail=f"{name}: {detail}")
+        if tie:
+            yield _reject(rid, reasons.TIE, f"{name}: {tie}", float(row["label_0"]), 0.5)
+        elif broken:
+            yield _reject(
+                rid, reasons.UNDECODABLE, f"{name}: " + "; ".join(f"{r}: {w}" for r, w in broken)
+            )
         elif winner == loser:
-            yield (
-                "reject",
-                Rejection(
-                    rid,
-                    STAGE,
-                    reasons.IDENTICAL_PAIR,
-                    detail=f"{name}: both images are the same bytes",
-                ),
-            )
+            yield _reject(rid, reasons.IDENTICAL_PAIR, f"{name}: both images are the same bytes")
         elif not caption:
-            yield (
-                "reject",
-                Rejection(rid, STAGE, reasons.NO_CAPTION, detail=f"{name}: empty caption"),
-            )
+            yield _reject(rid, reasons.NO_CAPTION, f"{name}: empty caption")
         else:
             yield (
                 "keep",
@@ -190,46 +331,61 @@ def classify(rows: Iterator[dict[str, Any]], layout: str, tie_tolerance: float =
 def ingest_prefs(
     source: str | os.PathLike, output: str | os.PathLike, config: IngestPrefsConfig
 ) -> Path:
-    """Read preferences in any supported layout into a preference table at OUTPUT."""
+    """Read preferences in any supported layout into a preference table at OUTPUT, streaming."""
     source, output = Path(source), Path(output)
     if not source.exists():
         raise FileNotFoundError(f"preference input {source} does not exist")
-    layout = detect_layout(source) if config.layout == "auto" else config.layout
-    params = {**config.model_dump(), "layout": layout}
-    fp = fingerprint(source)
-    if is_done(output, STAGE, params, fp):
-        return output
-    rows = _folder_rows(source) if layout == "folder" else _rows(source)
-    kept, rejected, seen = [], [], set()
-    for verdict, item in classify(rows, layout, config.tie_tolerance):
-        if verdict == "reject":
-            rejected.append(item)
-        elif item["id"] in seen:
-            rejected.append(
-                Rejection(
-                    item["id"],
-                    STAGE,
-                    reasons.EXACT_DUPLICATE,
-                    detail=f"{item['source']}: repeated pair",
-                )
-            )
-        else:
-            seen.add(item["id"])
-            kept.append(item)
-    with StageWriter(output, STAGE, params, fp) as writer:
-        writer.write_samples(kept, PREF_FEATURES)
-        writer.write_rejected(rejected)
-        writer.counts.update(
-            {"in": len(kept) + len(rejected), "kept": len(kept), "rejected": len(rejected)}
-        )
-        by_reason: dict[str, int] = {}
-        for rejection in rejected:
-            by_reason[rejection.reason] = by_reason.get(rejection.reason, 0) + 1
-        writer.extra["rejected_by_reason"] = by_reason
-        writer.extra["layout"] = layout
+    if config.layout == "folder" or (config.layout == "auto" and is_pair_folder(source)):
+        if config.split is not None:
+            raise ValueError(f"{source} is a folder of pairs, which has no splits; drop --split")
+        layout, rows = "folder", _folder_rows(source)
+    else:
+        columns, read = open_table(source, config.split)
+        layout = config.layout if config.layout != "auto" else detect_layout(source, config.split)
+        rows = read(PICKAPIC_COLUMNS if layout == "pickapic" else GENERIC_COLUMNS)
+    params = {**config.model_dump(mode="json"), "layout": layout}
+    with StageRun(output, STAGE, config, {"input": source}, parameters=params) as run:
+        if run.finished:
+            return run.skip()
+        rejected: list[Rejection] = []  # small records; the images only pass through
+        counts = {"input": 0, "kept": 0}
+
+        def kept_pairs() -> Iterator[dict[str, Any]]:
+            seen: set[str] = set()
+            for verdict, item in classify(rows, layout, config.tie_tolerance):
+                counts["input"] += 1
+                if verdict == "reject":
+                    rejected.append(item)
+                elif item["id"] in seen:
+                    rejected.append(
+                        Rejection(
+                            item["id"],
+                            STAGE,
+                            reasons.EXACT_DUPLICATE,
+                            detail=f"{item['source']}: repeated pair",
+                        )
+                    )
+                else:
+                    seen.add(item["id"])
+                    counts["kept"] += 1
+                    yield item
+                    if config.max_pairs is not None and counts["kept"] >= config.max_pairs:
+                        return
+
+        with run.writer() as writer:
+            writer.write_samples(kept_pairs(), PREF_FEATURES)
+            writer.write_rejected(rejected)
+            writer.counts.update(counts)
+            by_reason: dict[str, int] = {}
+            for rejection in rejected:
+                by_reason[rejection.reason] = by_reason.get(rejection.reason, 0) + 1
+            writer.extra["rejected_by_reason"] = by_reason
+            writer.extra["layout"] = layout
+            if config.split is not None:
+                writer.extra["split"] = config.split
     return output
 
 
 def run_ingest_prefs(source: str, output: str, config: IngestPrefsConfig) -> Path:
-    """`t2i prefs`: see dpo/commands.py."""
+    """`t2i prefs`: see flows/cli.py."""
     return ingest_prefs(source, output, config)

@@ -20,7 +20,10 @@ from PIL import Image
 
 from curate.decode import to_rgb
 from curate.ingest import IngestOptions, read_records
+from curate.stage_runtime import StageRun
 from dpo.config import MakePrefsConfig
+
+STAGE = "make-prefs"
 
 
 def attribute_score(image: Image.Image, attribute: str) -> float:
@@ -98,28 +101,37 @@ def make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
     source, output = Path(config.source), Path(output)
     if not source.is_dir():
         raise FileNotFoundError(f"--source {source} is not a folder of images or a stage output")
-    images, skipped = source_images(source)
-    if not images:
-        raise ValueError(f"no decodable image in {source}")
-    rng = random.Random(config.seed)
-    output.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for name, image, caption in images:
-        for k in range(config.pairs_per_image):
-            crop = random_crop(image, rng)
-            good = edit(crop, config.attribute, config.strength, positive=not config.swap)
-            bad = edit(crop, config.attribute, config.strength, positive=config.swap)
-            pair = output / f"{name}-{k:02d}"
-            pair.mkdir(exist_ok=True)
-            good.save(pair / "winner.png")
-            bad.save(pair / "loser.png")
-            (pair / "caption.txt").write_text((config.caption or caption) + "\n")
-            count += 1
-    about = {"pairs": count, "skipped_sources": skipped, **config.model_dump()}
-    (output / "PAIRS.json").write_text(json.dumps(about, indent=2))
+    with StageRun(output, STAGE, config, {"source": source}) as run:
+        if run.finished:
+            return run.skip()
+        images, skipped = source_images(source)
+        if not images:
+            raise ValueError(f"no decodable image in {source}")
+        rng = random.Random(config.seed)
+        with run.writer(tables=False) as writer:
+            count = 0
+            for name, image, caption in images:
+                for k in range(config.pairs_per_image):
+                    crop = random_crop(image, rng)
+                    good = edit(crop, config.attribute, config.strength, positive=not config.swap)
+                    bad = edit(crop, config.attribute, config.strength, positive=config.swap)
+                    pair = writer.path / f"{name}-{k:02d}"
+                    pair.mkdir(exist_ok=True)
+                    good.save(pair / "winner.png")
+                    bad.save(pair / "loser.png")
+                    (pair / "caption.txt").write_text((config.caption or caption) + "\n")
+                    count += 1
+            about = {"pairs": count, "skipped_sources": skipped, **config.model_dump()}
+            (writer.path / "PAIRS.json").write_text(json.dumps(about, indent=2))
+            writer.counts.update(
+                input=len(images) + len(skipped),
+                kept=len(images),
+                rejected=len(skipped),
+                pairs=count,
+            )
     return output
 
 
 def run_make_prefs(output: str, config: MakePrefsConfig) -> Path:
-    """`t2i make-prefs`: see dpo/commands.py."""
+    """`t2i make-prefs`: see flows/cli.py."""
     return make_prefs(output, config)

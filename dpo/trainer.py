@@ -1,53 +1,53 @@
 """`t2i dpo`: rank-128 LoRA Diffusion-DPO on a rectified-flow SD3 transformer.
 
 Recipe (step comments read top to bottom):
-  1. ingest the preferences (unless PREFS already is a preference table) and pre-encode every pair;
-  2. freeze the transformer and attach the LoRA; the reference is the same network, adapter off;
+  1. ingest the preferences (unless PREFS already is a preference table) and pre-encode every pair
+     into the pre-encoding stage's shard format (dpo/encode.py), read back batch by batch;
+  2. freeze the transformer and attach the LoRA (or continue --init-lora); the reference is the
+     same network, adapter off;
   3. each step: draw pairs, one t (training density) and one noise per pair shared by winner and
      loser, the velocity errors with and without the adapter, the DPO loss (dpo/loss.py);
-  4. log metrics, checkpoint (resume is exact: every step's randomness is a function of seed and
-     step), stop cleanly on a non-finite loss;
+  4. log metrics, checkpoint through model/checkpoint.py (the LoRA and the optimizer, not the
+     frozen base; resume is exact: every step's randomness is a function of seed and step),
+     stop cleanly on a non-finite loss;
   5. report held-out implicit accuracy and export the LoRA in diffusers' format.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.store import (
-    Manifest,
-    StageWriter,
-    fingerprint,
-    is_done,
-    load_rejected,
-    load_samples,
-    params_hash,
-)
+from curate.seeds import seed_int, seed_unit
+from curate.stage_runtime import StageRun
+from curate.store import Manifest, fingerprint, load_rejected, load_samples, params_hash
 from dpo.config import DPOConfig, IngestPrefsConfig
-from dpo.encode import EncodedPairs, encode_pairs, native_resolution
+from dpo.encode import EncodedPairs, EncodedPairSet, encode_pairs, native_resolution
 from dpo.evaluate import evaluate_samples, report_markdown
 from dpo.guard import guard_summary, winner_drift_warning
 from dpo.ingest import STAGE as PREFS_STAGE
 from dpo.ingest import ingest_prefs
+from dpo.init_lora import add_init_lora, check_init_lora
 from dpo.lora import (
     add_lora,
     export_lora,
-    load_lora_state,
     lora_parameters,
-    save_lora_state,
 )
 from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
+from model import build
 from model.build import parse_dtype
+from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
 from model.nonfinite import NonFiniteLossError
 from model.objective import flow_loss
@@ -71,15 +71,22 @@ NOT_IN_RUN_KEY = (
     "scorer",
 )
 log = logging.getLogger(__name__)
+# Of those, the ones that never change the exported LoRA: a rerun differing only in them is skipped.
+VOLATILE = ("resume", "checkpoint_every")
+TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
+Pairs = EncodedPairs | EncodedPairSet  # in memory (dpo/proof.py) or streamed from disk
 
 
 def load_transformer(
-    model_dir: str | os.PathLike, device: str, dtype: torch.dtype
+    model_dir: str | os.PathLike,
+    device: str,
+    dtype: torch.dtype,
+    variant: str | None = None,
+    transformer_file: str | None = None,
 ) -> SD3Transformer2DModel:
-    """The base MMDiT of a local diffusers folder, frozen (the encoders are not loaded)."""
-    transformer = SD3Transformer2DModel.from_pretrained(
-        model_dir, subfolder="transformer", dtype=dtype, local_files_only=True
-    )
+    """The base MMDiT of a local diffusers folder (or a Stability single file), frozen (the
+    encoders are not loaded)."""
+    transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
 
 
@@ -90,7 +97,7 @@ def scheduler_shift(model_dir: str | os.PathLike) -> float:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(seed_int(seed, "dpo-step", step))
 
 
 def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
@@ -117,11 +124,12 @@ def dpo_terms(
     errors = velocity_errors(transformer, *args)
     with torch.no_grad():
         if reference is None:
-            transformer.disable_adapters()
+            base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel
+            base.disable_adapters()
             try:
-                ref_errors = velocity_errors(transformer, *args)
+                ref_errors = velocity_errors(base, *args)
             finally:
-                transformer.enable_adapters()
+                base.enable_adapters()
         else:
             ref_errors = velocity_errors(reference, *args)
     if config.error_units == "noise":
@@ -139,41 +147,48 @@ def dpo_terms(
 
 
 def draw(
-    pairs: EncodedPairs, batch: int, generator: torch.Generator, config: DPOConfig, shift: float
+    pairs: Pairs,
+    batch: int,
+    generator: torch.Generator,
+    config: DPOConfig,
+    shift: float,
+    rank: int = 0,
+    world: int = 1,
 ):
-    """One step's pairs, timesteps and noise, all from this step's generator."""
-    n = len(pairs)
+    """One step's pairs, timesteps and noise for process RANK of WORLD: every process draws the
+    same global batch of batch * world pairs from this step's generator and keeps its slice."""
+    n, total = len(pairs), batch * world
     index = (
-        torch.randperm(n, generator=generator)[:batch]
-        if n >= batch
-        else torch.randint(n, (batch,), generator=generator)
+        torch.randperm(n, generator=generator)[:total]
+        if n >= total
+        else torch.randint(n, (total,), generator=generator)
     )
-    chosen = pairs.select(index)
-    t = config.draw_timesteps(batch, shift, generator)
-    noise = torch.randn(chosen.latents_w.shape, generator=generator)
+    mine = slice(rank * batch, (rank + 1) * batch)
+    chosen = pairs.select(index[mine])
+    t = config.draw_timesteps(total, shift, generator)[mine]
+    noise = torch.randn((total, *chosen.latents_w.shape[1:]), generator=generator)[mine]
     return chosen, t, noise
 
 
-def split_heldout(
-    pairs: EncodedPairs, fraction: float, seed: int
-) -> tuple[EncodedPairs, EncodedPairs | None]:
+def split_heldout(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs | None]:
     """Hold out pairs by a hash of (seed, id): stable under reordering and across runs."""
 
     def score(pair_id: str) -> float:
-        return int(hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest()[:8], 16) / 2**32
+        return seed_unit(seed, "heldout", pair_id)
 
-    held = [i for i, pid in enumerate(pairs.ids) if score(pid) < fraction]
-    train = [i for i in range(len(pairs)) if i not in set(held)]
+    held, train = [], []
+    for i, pid in enumerate(pairs.ids):
+        (held if score(pid) < fraction else train).append(i)
     if not train:
         raise ValueError(
             f"--heldout-fraction {fraction} leaves no training pair out of {len(pairs)}"
         )
-    return pairs.select(train), (pairs.select(held) if held else None)
+    return pairs.subset(train), (pairs.subset(held) if held else None)
 
 
 @torch.no_grad()
 def implicit_accuracy(
-    transformer, pairs: EncodedPairs, config: DPOConfig, shift: float, draws: int = 4
+    transformer, pairs: Pairs, config: DPOConfig, shift: float, draws: int = 4
 ) -> float:
     """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference does."""
     correct, total = 0, 0
@@ -189,39 +204,28 @@ def implicit_accuracy(
     return correct / total
 
 
-def _latest_checkpoint(work: Path) -> Path | None:
-    done = sorted(
-        work.glob("checkpoint-*/state.json"), key=lambda p: int(p.parent.name.split("-")[1])
-    )
-    return done[-1].parent if done else None
-
-
-def _save_checkpoint(work: Path, step: int, transformer, optimizer) -> None:
-    tmp = work / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora_state(transformer, tmp / "lora.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    os.replace(tmp, work / f"checkpoint-{step}")
-    for old in work.glob("checkpoint-*"):
-        if old.name != f"checkpoint-{step}":
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def train_lora(
     transformer,
-    pairs: EncodedPairs,
+    pairs: Pairs,
     config: DPOConfig,
     work: Path,
     shift: float,
     start_step: int = 0,
     optimizer=None,
+    accelerator: Accelerator | None = None,
+    checkpoint: Callable[[int], object] | None = None,
 ):
-    """The DPO loop over pre-encoded pairs; writes metrics and checkpoints under WORK."""
+    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl.
+
+    With ACCELERATOR (transformer and optimizer prepared by it) each process trains on its slice
+    of every step's global batch and gradients are averaged across processes; CHECKPOINT(step) is
+    called every --checkpoint-every steps.
+    """
     optimizer = optimizer or torch.optim.AdamW(
         lora_parameters(transformer), lr=config.lr, weight_decay=config.weight_decay
     )
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    main = accelerator is None or accelerator.is_main_process
     metrics_path = work / METRICS
     window: list[dict[str, float]] = []
     warned = winner_drift_warning(_metric_rows(metrics_path)) is not None
@@ -232,25 +236,35 @@ def train_lora(
         unit="step",
         initial=start_step,
         total=config.max_steps,
+        disable=not main,
     ):
         optimizer.zero_grad(set_to_none=True)
         parts = []
         for micro in range(config.grad_accum):  # draws depend on (seed, step, micro) only
             generator = step_generator(config.seed, step * config.grad_accum + micro)
-            chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift)
+            chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
             terms = dpo_terms(transformer, chosen, t, noise, config)
-            if not torch.isfinite(terms.loss):
+            finite = torch.isfinite(terms.loss.detach()).reshape(1)
+            if accelerator is not None:
+                finite = accelerator.gather(finite)
+            if not finite.all():
                 raise NonFiniteLossError(
-                    f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
-                    f"before applying it. Checkpoints in {work} hold the last good state: lower --lr or --beta "
-                    "(or use --base-dtype fp32) and rerun"
+                    f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
+                    f"stopped before applying it. Checkpoints in {work} hold the last good state: lower "
+                    "--lr or --beta (or use --base-dtype fp32) and rerun"
                 )
-            (terms.loss / config.grad_accum).backward()
+            loss = terms.loss / config.grad_accum
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
             parts.append(terms.metrics())
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(transformer), config.grad_clip)
+        if accelerator is not None:
+            grad_norm = accelerator.clip_grad_norm_(lora_parameters(transformer), config.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                lora_parameters(transformer), config.grad_clip
+            )
         optimizer.step()
         window.append({**_mean_rows(parts), "grad_norm": float(grad_norm)})
-        if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
+        if main and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps):
             row = {"step": step + 1, **_mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -259,8 +273,12 @@ def train_lora(
                 warned = True
                 log.warning(message)
                 tqdm.write(f"warning: {message}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
-            _save_checkpoint(work, step + 1, transformer, optimizer)
+        if (
+            checkpoint is not None
+            and (step + 1) % config.checkpoint_every == 0
+            and step + 1 < config.max_steps
+        ):
+            checkpoint(step + 1)
     transformer.eval()
     return optimizer
 
@@ -289,14 +307,41 @@ def _metrics_until(path: Path, step: int) -> None:
 
 
 def resolve_prefs(prefs: Path, work: Path) -> Path:
-    """PREFS itself when it is a finished preference table, else its ingest into WORK/prefs."""
+    """PREFS itself when it is a finished preference table, else its ingest into WORK/prefs
+    (a folder holding several Pick-a-Pic splits is refused: run `t2i prefs --split` first)."""
     manifest = Manifest.read(prefs) if prefs.is_dir() else None
     if manifest is not None and manifest.stage == PREFS_STAGE:
         return prefs
     return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
 
 
-def eval_captions(config: DPOConfig, rows, pairs: EncodedPairs) -> list[str]:
+def make_accelerator(config: DPOConfig) -> Accelerator:
+    """One process per device, as `t2i train` (launch several with `accelerate launch`)."""
+    return Accelerator(mixed_precision="no", cpu=config.device == "cpu")
+
+
+def checkpoint_objects(transformer, optimizer) -> dict[str, object]:
+    """What a DPO checkpoint holds: the LoRA's tensors (not the frozen base: that is --model's,
+    unchanged, and can be gigabytes) and the optimizer; model/checkpoint.py adds the RNG."""
+    return {"lora": ModuleSubset(transformer, lambda name: "lora_" in name), "optimizer": optimizer}
+
+
+def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution: int) -> Path:
+    """Where a preference table's encodings live: keyed by the table and the encoding options only,
+    so runs that differ in training options (beta, lr, steps, ...) share one encode."""
+    key = params_hash(
+        {
+            "table": fingerprint(table_dir),
+            "model": fingerprint(config.model),
+            "resolution": resolution,
+            "t5": config.max_sequence_length,
+            "variant": config.variant,
+        }
+    )
+    return root / f"encoded-{key[:16]}"
+
+
+def eval_captions(config: DPOConfig, rows, pairs: Pairs) -> list[str]:
     """--eval-caption, else the first distinct captions of PAIRS (the held-out ones when any)."""
     if config.eval_captions:
         return list(config.eval_captions)
@@ -307,95 +352,151 @@ def eval_captions(config: DPOConfig, rows, pairs: EncodedPairs) -> list[str]:
 
 def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConfig) -> Path:
     """Train a Diffusion-DPO LoRA on PREFS; OUTPUT gets pytorch_lora_weights.safetensors and metrics."""
-    prefs, output = Path(prefs), Path(output).resolve()
+    try:
+        return _run_dpo(Path(prefs), Path(output).resolve(), config)
+    finally:
+        # accelerate keeps a process-wide singleton; clear it so a later stage can build its own.
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     if not prefs.exists():
         raise FileNotFoundError(f"preference input {prefs} does not exist")
-    params = config.model_dump()
-    fp = fingerprint(prefs) + ":" + fingerprint(config.model)
-    if is_done(output, STAGE, params, fp):
-        return output
-    run_key = params_hash(
-        {k: v for k, v in params.items() if k not in NOT_IN_RUN_KEY} | {"input": fp}
-    )
-    work = output.parent / f".{output.name}.work" / run_key
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    if config.init_lora:
+        check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
+    # a single-file transformer's content, not just its path, picks the base
+    reads = {"prefs": prefs, "model": config.model, "transformer_file": config.transformer_file}
+    reads["init_lora"] = config.init_lora
+    with StageRun(output, STAGE, config, reads, volatile=VOLATILE, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        return _train_dpo(run, prefs, config)
 
-    # 1. Preferences and their encodings (the pre-encoding stage's encoders, one at a time)
-    table_dir = resolve_prefs(prefs, work)
-    dtype = parse_dtype(config.base_dtype)
+
+def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
+    work = run.work_log(ignore=NOT_IN_RUN_KEY).path
+    root = work.parent  # the hidden .OUT.work/: the preference table and its encodings
+    torch.manual_seed(config.seed)
+    accelerator = make_accelerator(config)
+
+    # 1. Preferences, encoded once into the pre-encoding shard format and streamed from disk
     resolution = config.resolution or native_resolution(config.model)
-    pairs = encode_pairs(
-        config.model, load_samples(table_dir), resolution, config.max_sequence_length, config.device
-    )
+    with accelerator.main_process_first():
+        table_dir = resolve_prefs(prefs, root)
+        pairs = encode_pairs(
+            config.model,
+            table_dir,
+            encoded_pairs_dir(root, table_dir, config, resolution),
+            resolution,
+            config.max_sequence_length,
+            device=str(accelerator.device),
+            variant=config.variant,
+        )
     train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
     shift = config.shift if config.shift is not None else scheduler_shift(config.model)
 
-    # 2. The frozen transformer with a trainable LoRA
-    transformer = load_transformer(config.model, config.device, dtype)
-    lora_config = add_lora(
-        transformer, config.rank, config.alpha, config.target_modules, config.seed
+    # 2. The frozen transformer with a trainable LoRA (fresh, or continuing --init-lora)
+    transformer = load_transformer(
+        config.model,
+        accelerator.device,
+        parse_dtype(config.base_dtype),
+        config.variant,
+        config.transformer_file,
     )
+    if config.init_lora:
+        lora_config = add_init_lora(transformer, config.init_lora, config.model, config.seed)
+    else:
+        lora_config = add_lora(
+            transformer, config.rank, config.alpha, config.target_modules, config.seed
+        )
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(
+        lora_parameters(transformer), lr=config.lr, weight_decay=config.weight_decay
+    )
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    objects = checkpoint_objects(transformer, optimizer)
 
     # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
-    start, optimizer = 0, None
-    checkpoint = _latest_checkpoint(work) if config.resume else None
-    if checkpoint is not None:
-        start = json.loads((checkpoint / "state.json").read_text())["step"]
-        load_lora_state(transformer, checkpoint / "lora.safetensors")
-        optimizer = torch.optim.AdamW(
-            lora_parameters(transformer), lr=config.lr, weight_decay=config.weight_decay
-        )
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        _metrics_until(work / METRICS, start)
-    elif (work / METRICS).exists():
-        (work / METRICS).unlink()
-    if start < config.max_steps:
-        optimizer = train_lora(transformer, train, config, work, shift, start, optimizer)
-        _save_checkpoint(work, config.max_steps, transformer, optimizer)
+    checkpoints = work / "checkpoints"
+    resume_from = resolve_resume(checkpoints, "latest" if config.resume else None)
+    start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
+    if accelerator.is_main_process:
+        if resume_from is not None:
+            _metrics_until(work / METRICS, start)
+        elif (work / METRICS).exists():
+            (work / METRICS).unlink()
+    accelerator.wait_for_everyone()
 
-    # 5. Held-out accuracy and the diffusers-format LoRA
-    summary = {"train_pairs": len(train), "heldout_pairs": len(heldout) if heldout else 0,
-               "heldout_implicit_acc": implicit_accuracy(transformer, heldout, config, shift) if heldout else None,
-               "train_implicit_acc": implicit_accuracy(transformer, train, config, shift, draws=1),
-               "resolution": resolution, "shift": shift, "resumed_from_step": start,
-               "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
-               "guard": guard_summary(_metric_rows(work / METRICS))}  # fmt: skip
-    with StageWriter(output, STAGE, params, fp) as writer:
-        export_lora(transformer, lora_config, writer.path, config.save_dtype)
-        del transformer, optimizer  # the evaluation loads the stock pipeline instead
-        shutil.copy(work / METRICS, writer.path / METRICS)
-        # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
-        captions = eval_captions(config, load_samples(table_dir), heldout or train)
-        if config.eval_seeds and captions:
-            seeds = list(range(config.eval_seeds))
-            summary["sample_eval"] = asdict(
-                evaluate_samples(
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(accelerator, checkpoints, step, {}, keep=1, objects=objects)
+
+    if start < config.max_steps:
+        train_lora(
+            transformer, train, config, work, shift, start, optimizer, accelerator, checkpoint
+        )
+        checkpoint(config.max_steps)
+    accelerator.wait_for_everyone()
+    transformer = accelerator.unwrap_model(transformer)
+
+    # 5. Held-out accuracy and the diffusers-format LoRA (main process)
+    if accelerator.is_main_process:
+        summary = {
+            "train_pairs": len(train),
+            "heldout_pairs": len(heldout) if heldout else 0,
+            "heldout_implicit_acc": implicit_accuracy(transformer, heldout, config, shift)
+            if heldout
+            else None,
+            "train_implicit_acc": implicit_accuracy(
+                transformer,
+                train.subset(list(range(min(len(train), TRAIN_ACC_PAIRS)))),
+                config,
+                shift,
+                draws=1,
+            ),
+            "resolution": resolution,
+            "shift": shift,
+            "resumed_from_step": start,
+            "processes": accelerator.num_processes,
+            "init_lora": config.init_lora,
+            "lora_rank": lora_config.r,
+            "lora_alpha": lora_config.lora_alpha,
+            "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
+            "guard": guard_summary(_metric_rows(work / METRICS)),
+        }
+        with run.writer() as writer:
+            export_lora(transformer, lora_config, writer.path, config.save_dtype)
+            shutil.copy(work / METRICS, writer.path / METRICS)
+            # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
+            captions = eval_captions(config, load_samples(table_dir), heldout or train)
+            if config.eval_seeds and captions:
+                evaluation = evaluate_samples(
                     config.model,
                     writer.path,
                     captions,
-                    seeds,
+                    list(range(config.eval_seeds)),
                     writer.path,
                     config.eval_steps,
                     config.eval_guidance,
                     config.scorer,
-                    config.device,
+                    str(accelerator.device),
                     config.base_dtype,
                 )
+                summary["sample_eval"] = asdict(evaluation)
+                if evaluation.win_rate is not None:
+                    summary["sample_win_rate"] = evaluation.win_rate
+            (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
+            (writer.path / "report.md").write_text(report_markdown(summary))
+            # the ingest's rejections, then images the encoder could not encode (`<pair id>.w` / `.l`)
+            writer.write_rejected([*load_rejected(table_dir), *load_rejected(pairs.directory)])
+            writer.counts.update(
+                {
+                    "pairs": len(pairs),
+                    "train": summary["train_pairs"],
+                    "heldout": summary["heldout_pairs"],
+                }
             )
-            if summary["sample_eval"]["win_rate"] is not None:
-                summary["sample_win_rate"] = summary["sample_eval"]["win_rate"]
-        (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
-        (writer.path / "report.md").write_text(report_markdown(summary))
-        writer.write_rejected(load_rejected(table_dir))
-        writer.counts.update(
-            {
-                "pairs": len(pairs),
-                "train": summary["train_pairs"],
-                "heldout": summary["heldout_pairs"],
-            }
-        )
-        writer.extra.update(summary)
-    return output
+            writer.extra.update(summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run.output

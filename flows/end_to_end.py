@@ -1,13 +1,16 @@
 """The end_to_end flow: raw data -> curated -> captioned -> encoded -> trained -> DPO LoRA -> samples.
 
-Each step is the stage's own task (`flows.stages.run_stage`), fed the previous stage's output
-path; every stage's config is validated before the first one starts. Stages that are not
-installed are left out of the chain (sampling then uses the latest model there is).
+`CHAIN` is the only description of the chain: each stage once, in order, with the folder it
+writes under the run's workdir and the offline tiny kit's options. `plan` is the recipe, read
+top to bottom: each stage fed the outputs of earlier ones. Every stage's config is validated
+before the first one starts; each then runs as its own task (`flows.stages.run_stage`), and a
+stage whose output is already finished for the same inputs and parameters skips itself.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,76 +20,192 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
 
-from flows.config import EndToEndConfig, installed_chain
 from flows.stages import call_stage, describe, run_sample_shards, stage
 
-# Where each stage writes, under the run's workdir.
-FOLDERS = {
-    "demo-data": "raw", "init-model": "base-model", "curate": "curated", "init-captioner": "captioner",
-    "caption": "captioned", "precompute": "encoded", "train": "trained", "make-prefs": "prefs",
-    "dpo": "lora", "sample": "samples",
-}  # fmt: skip
+
+@dataclass(frozen=True)
+class Link:
+    command: str  # the `t2i` command
+    folder: str  # where it writes, under the workdir
+    tiny: dict[str, Any]  # the offline tiny kit's options (minutes on 2 CPU cores)
+
+    @property
+    def section(self) -> str:
+        """Its section of the end_to_end form."""
+        return self.command.replace("-", "_")
 
 
-def plan(config: BaseModel) -> list[tuple[str, dict[str, str], BaseModel]]:
-    """(stage, arguments, validated config) for every step, paths chained; raises before any work."""
-    work = Path(config.workdir).resolve()
-    sections = dict((name, section) for section, name in installed_chain())
-    steps: list[tuple[str, dict[str, str], BaseModel]] = []
-    paths: dict[str, str] = {}
+CHAIN = (
+    Link("demo-data", "raw", {"format": "folder"}),
+    Link("init-model", "base-model", {"preset": "tiny"}),
+    # 31 demo images: a second curate worker process costs more than it saves
+    Link("curate", "curated", {"workers": 1}),
+    Link("init-captioner", "captioner", {"preset": "tiny"}),
+    Link("caption", "captioned", {"max_new_tokens": 8, "batch_size": 8}),
+    Link("precompute", "encoded", {"resolution": 64, "batch_size": 8}),
+    Link(
+        "train",
+        "trained",
+        {
+            "max_steps": 20,
+            "batch_size": 4,
+            "warmup_steps": 2,
+            "log_every": 2,
+            "val_every": 10,
+            "sample_every": 10,
+            "sample_count": 2,
+            "sample_steps": 4,
+            "checkpoint_every": 10,
+        },
+    ),
+    Link("make-prefs", "prefs", {"pairs_per_image": 1}),
+    Link(
+        "dpo",
+        "lora",
+        {
+            "max_steps": 10,
+            "batch_size": 2,
+            "rank": 8,
+            "alpha": 8.0,
+            "lr": 1e-3,
+            "log_every": 2,
+            "checkpoint_every": 5,
+        },
+    ),
+    Link(
+        "sample",
+        "samples",
+        {
+            "prompt": ["a photo of a red cat", "a rocket on a launch pad"],
+            "seed": [0, 1],
+            "steps": 4,
+        },
+    ),
+)
+LINKS = {link.command: link for link in CHAIN}
+# Fields the chain fills from earlier stages when the form leaves them empty.
+CHAINED_FIELDS = ("model", "lora", "out", "source")
 
-    def add(name: str, arguments: dict[str, str], chained: dict[str, Any]) -> str:
-        spec = stage(name)
-        section = getattr(config, sections[name]).model_dump()
-        values = {
-            k: v
-            for k, v in chained.items()
-            if k in spec.config_model.model_fields and section.get(k) is None
-        }
+
+Step = tuple[str, dict[str, str], BaseModel]  # (command, positional arguments, validated config)
+
+
+class _Recipe:
+    """Collects validated steps; `add` returns where the step writes."""
+
+    def __init__(self, config: BaseModel) -> None:
+        self.config = config
+        self.work = Path(config.workdir).resolve()
+        self.steps: list[Step] = []
+
+    def add(self, name: str, **chained: str | None) -> str:
+        spec, link = stage(name), LINKS[name]
+        folder = str(self.work / link.folder)
+        arguments = {p: chained.pop(p) for p in spec.positionals if p in chained}
+        arguments |= {p: folder for p in spec.positionals if p in ("output", "out")}
+        section = getattr(self.config, link.section).model_dump()
+        values = {k: v for k, v in section.items() if v is not None}
+        values |= {k: v for k, v in chained.items() if section.get(k) is None}
+        if "out" in spec.config_model.model_fields and section.get("out") is None:
+            values["out"] = folder
         try:
-            cfg = spec.config_model.model_validate(
-                {**{k: v for k, v in section.items() if v is not None}, **values}
-            )
+            config = spec.config_model.model_validate(values)
         except Exception as error:
             raise ValueError(
                 f"end_to_end: invalid parameters for stage {name!r}:\n{error}"
             ) from None
-        output = str(spec.output_of(arguments, cfg))
-        steps.append((name, arguments, cfg))
-        paths[name] = output
-        return output
+        self.steps.append((name, arguments, config))
+        return str(spec.output_of(arguments, config))
 
-    def out(name: str) -> str:
-        return str(work / FOLDERS[name])
 
-    raw = config.source or add("demo-data", {"output": out("demo-data")}, {})
-    base = config.base_model or add("init-model", {"output": out("init-model")}, {})
-    data = raw
-    if "curate" in sections:
-        data = add("curate", {"input": raw, "output": out("curate")}, {})
-        if "caption" in sections:
-            captioner = config.captioner
-            if not captioner and "init-captioner" in sections:
-                captioner = add("init-captioner", {"output": out("init-captioner")}, {})
-            data = add(
-                "caption",
-                {"input": data, "output": out("caption")},
-                {"model": captioner, "captioner": captioner},
-            )
-    model = base
-    if "precompute" in sections and "curate" in sections:
-        encoded = add("precompute", {"input": data, "output": out("precompute")}, {"model": base})
-        if "train" in sections:
-            model = add("train", {"encoded": encoded, "output": out("train")}, {"model": base})
-    lora = None
-    if "make-prefs" in sections and "dpo" in sections:
-        prefs = add("make-prefs", {"output": out("make-prefs")}, {"source": raw})
-        lora = add("dpo", {"prefs": prefs, "output": out("dpo")}, {"model": model})
-    # With a LoRA, sampling writes base/ and lora/ images for the same seeds and a grid.
-    add("sample", {}, {"model": model, "out": out("sample"), "lora": lora})
-    return steps
+def plan(config: BaseModel) -> list[Step]:
+    """The recipe: every stage once, each on earlier outputs; raises before any work."""
+    recipe = _Recipe(config)
+    raw = config.source or recipe.add("demo-data")
+    base = config.base_model or recipe.add("init-model")
+    curated = recipe.add("curate", input=raw)
+    captioner = config.captioner or recipe.add("init-captioner")
+    captioned = recipe.add("caption", input=curated, model=captioner)
+    encoded = recipe.add("precompute", input=captioned, model=base)
+    trained = recipe.add("train", encoded=encoded, model=base)
+    prefs = recipe.add("make-prefs", source=raw)
+    lora = recipe.add("dpo", prefs=prefs, model=trained)
+    recipe.add("sample", model=trained, lora=lora)  # base/ and lora/ images, same seeds, a grid
+    return recipe.steps
+
+
+# ---- the form: one section per stage, its own config model ------------------------------------
+
+
+def chain_section_model(name: str) -> type[BaseModel]:
+    """The stage's config model with the chained fields (and any required one) made optional."""
+    model = stage(name).config_model
+    overrides = {}
+    for field_name, info in model.model_fields.items():
+        if field_name in CHAINED_FIELDS or info.is_required():
+            description = f"{info.description or field_name} (empty: set by the chain)"
+            overrides[field_name] = (info.annotation | None, Field(None, description=description))
+    if not overrides:
+        return model
+    return create_model(
+        f"{model.__name__}InChain", __base__=model, __module__=__name__, **overrides
+    )
+
+
+def _end_to_end_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {
+        "workdir": (
+            str,
+            Field(..., description="working directory; each stage writes a subfolder of it"),
+        ),
+        "source": (
+            str,
+            Field(
+                "",
+                description="raw image-text collection (folder, webdataset tars, parquet); empty: write the demo collection",
+            ),
+        ),
+        "base_model": (
+            str,
+            Field(
+                "",
+                description="local SD3 diffusers folder to start from; empty: write a random-weight tiny one",
+            ),
+        ),
+        "captioner": (
+            str,
+            Field(
+                "",
+                description="local image-text-to-text model folder; empty: write a random-weight tiny VLM",
+            ),
+        ),
+    }
+    for link in CHAIN:
+        section_model = chain_section_model(link.command)
+        globals()[section_model.__name__] = section_model  # importable, so it pickles by reference
+        summary = stage(link.command).command.summary
+        fields[link.section] = (
+            section_model,
+            Field(default_factory=section_model, description=summary),
+        )
+    return create_model("EndToEndConfig", __module__=__name__, **fields)
+
+
+EndToEndConfig = _end_to_end_model()
+
+
+def tiny_kit(workdir: str, **top: Any) -> dict[str, Any]:
+    """end_to_end parameters for the offline tiny kit (JSON-ready)."""
+    parameters: dict[str, Any] = {"workdir": workdir, **top}
+    for link in CHAIN:
+        model = EndToEndConfig.model_fields[link.section].annotation
+        parameters[link.section] = model(**link.tiny).model_dump(mode="json")
+    return EndToEndConfig.model_validate(parameters).model_dump(mode="json")
+
+
+# ---- the flow ---------------------------------------------------------------------------------
 
 
 def _signature() -> inspect.Signature:
@@ -146,7 +265,7 @@ def end_to_end(**parameters: Any) -> dict[str, Any]:
 end_to_end.__signature__ = _signature()
 end_to_end.__annotations__ = {p.name: p.annotation for p in _signature().parameters.values()}
 end_to_end.__doc__ = (
-    "Run every installed stage in order, each on the previous one's output.\n\nArgs:\n"
+    "Run every stage in order, each on the previous one's output.\n\nArgs:\n"
     + "\n".join(f"    {n}: {i.description}" for n, i in EndToEndConfig.model_fields.items())
 )
 
@@ -157,7 +276,7 @@ end_to_end = flow(
     name="end_to_end",
     description=(
         "Raw image-text data -> curate -> caption -> precompute -> train -> preference pairs -> "
-        "DPO LoRA -> samples with and without the LoRA. Finished stages are skipped by manifest."
+        "DPO LoRA -> samples with and without the LoRA. Finished stages skip themselves."
     ),
     validate_parameters=True,
     log_prints=False,  # stage libraries print freely; the run log keeps our own lines

@@ -13,8 +13,8 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from flows.config import EndToEndConfig, RunAllConfig, ServeConfig, tiny_kit
-from flows.end_to_end import end_to_end
+from flows.config import RunAllConfig, ServeConfig
+from flows.end_to_end import EndToEndConfig, end_to_end, tiny_kit
 from flows.stages import describe, stage_flows
 
 

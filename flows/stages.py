@@ -1,10 +1,11 @@
-"""Every stage as a Prefect task and a Prefect flow, generated from the stages' own declarations.
+"""Every stage as a Prefect task and a Prefect flow, made from the `t2i` command table.
 
-Each stage package declares its command as data (`<package>/commands.py`: runner, config model,
-positional inputs); the same declaration yields the `t2i` subcommand and, here, a flow whose
-parameters are the positionals plus the stage's pydantic config model, so the Prefect UI renders
-the same form the CLI exposes as flags. Prefect validates the parameters against the model before
-the flow starts, so an invalid value fails with pydantic's message and no work done.
+Each entry of `flows.cli.COMMANDS` (runner, config model, positional inputs) yields the `t2i`
+subcommand and, here, a flow whose parameters are the positionals plus the stage's pydantic
+config model, so the Prefect UI renders the same form the CLI exposes as flags. Prefect
+validates the parameters against the model before the flow starts, so an invalid value fails
+with pydantic's message and no work done. Each stage skips itself when its output is finished
+(curate/stage_runtime.py); a task whose stage skipped ends in state Skipped.
 
 Tasks pass paths and small manifest summaries between each other, never tensors or tables:
 Prefect keeps task results in memory for the whole flow run.
@@ -15,32 +16,23 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
-from curate.store import Manifest, canonical_json, fingerprint
+from curate.store import Manifest, fingerprint
 from flows import artifacts
-from flows.cli import Command, _load, stage_commands
+from flows.cli import COMMANDS, Command
 from flows.progress import tqdm_progress
 
 OUTPUT_NAMES = ("output", "out")
-PATH_FIELDS = (
-    "model",
-    "lora",
-    "captioner",
-    "reference",
-    "base_model",
-)  # config fields naming inputs
 # Stage code is not thread-safe: diffusers loads models under a process-global meta-device
 # context. Under the local thread runner a process runs one stage call at a time; Dask workers
 # are separate processes and run mapped shards in parallel.
@@ -59,7 +51,7 @@ class Stage:
 
     @property
     def config_model(self) -> type[BaseModel]:
-        return _load(self.command.config)
+        return self.command.config
 
     @property
     def positionals(self) -> list[str]:
@@ -77,12 +69,8 @@ class Stage:
 
 
 def stages() -> dict[str, Stage]:
-    """The stage commands of every package that has landed, by command name."""
-    return {
-        c.name: Stage(c)
-        for c in stage_commands()
-        if not c.run.startswith("flows.") and not c.name.startswith("serve")  # services, not stages
-    }
+    """The stage commands (not the services or the orchestrator), by command name."""
+    return {c.name: Stage(c) for c in COMMANDS if c.flow}
 
 
 def stage(name: str) -> Stage:
@@ -90,10 +78,6 @@ def stage(name: str) -> Stage:
     if name not in known:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(known)}")
     return known[name]
-
-
-def has_stage(name: str) -> bool:
-    return name in stages()
 
 
 # ---- the one task every stage runs through ------------------------------------------------
@@ -121,69 +105,6 @@ def _retry_on_transient_io(task, task_run, state) -> bool:
     return False
 
 
-def _flow_record_path(output: Path) -> Path:
-    return output.parent / f".{output.name}.t2i-flow.json"
-
-
-def _flow_record(
-    stage_name: str, output: Path, config: BaseModel, inputs: list[str]
-) -> dict[str, Any]:
-    """Stage, parameters, and fingerprints of everything read (inputs, models) and written."""
-    read = list(inputs) + [
-        str(getattr(config, name)) for name in PATH_FIELDS
-        if isinstance(getattr(config, name, None), str) and Path(getattr(config, name)).exists()
-    ]  # fmt: skip
-    return {
-        "stage": stage_name,
-        "parameters": config.model_dump(mode="json"),
-        "read": {path: fingerprint(path) for path in read},
-        "output": fingerprint(output),
-    }
-
-
-def is_finished(stage_name: str, output: Path, config: BaseModel, inputs: list[str]) -> bool:
-    """Finished for this config and these inputs and models, and untouched since.
-
-    The record beside the output pins the fingerprints of what the stage read and wrote (a
-    store's fingerprint is its manifest), so a retrained model or an edited input reruns the
-    stage. Without a record the stage runs; stages skip work their own manifest says is done.
-    """
-    record = _flow_record_path(output)
-    if not output.exists() or not record.is_file():
-        return False
-    try:
-        return json.loads(record.read_text()) == json.loads(
-            canonical_json(_flow_record(stage_name, output, config, inputs))
-        )
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-
-
-def set_aside(output: Path) -> Path | None:
-    """Move a finished output of other inputs or parameters out of the way, so the stage starts
-    fresh (a trainer refuses to mix a new run into old checkpoints). Kept, never deleted; an
-    output without a record (a killed run) stays, so the stage can resume it."""
-    record = _flow_record_path(output)
-    if not (output.exists() and record.is_file()):
-        return None
-    aside = output.with_name(f"{output.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(output, aside)
-    record.unlink()
-    get_run_logger().warning(
-        f"{output} was written for other inputs or parameters; moved to {aside}"
-    )
-    return aside
-
-
-def remember(stage_name: str, output: Path, config: BaseModel, inputs: list[str]) -> None:
-    if not output.exists():
-        return
-    record = _flow_record_path(output)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(canonical_json(_flow_record(stage_name, output, config, inputs)))
-    os.replace(tmp, record)
-
-
 def summary(stage_name: str, output: Path, skipped: bool) -> dict[str, Any]:
     """What a stage task hands the next one: where its output is, and its manifest's counts."""
     manifest = Manifest.read(output) if output.is_dir() else None
@@ -200,24 +121,39 @@ def summary(stage_name: str, output: Path, skipped: bool) -> dict[str, Any]:
 def _run_stage(
     stage_name: str, arguments: dict[str, str], config: dict[str, Any], label: str
 ) -> dict[str, Any]:
-    """Run one stage (skipped when its output's manifest matches), then publish its artifacts."""
+    """Run one stage (it skips itself when its output is finished), then publish its artifacts."""
     spec = stage(stage_name)
     cfg = spec.config_model.model_validate(config)
-    inputs = [arguments[name] for name in spec.inputs if arguments.get(name)]
     output = spec.output_of(arguments, cfg)
-    if is_finished(stage_name, output, cfg, inputs):
-        result = summary(stage_name, output, skipped=True)
-        artifacts.publish_stage(label, output)
-        return Completed(
-            message=f"{stage_name}: {output} is already finished", name="Skipped", data=result
-        )
-    set_aside(output)
+    before = fingerprint(output) if output.exists() else None
     positionals = [arguments[name] for name in spec.positionals]
     with _STAGE_LOCK, tqdm_progress(label):
-        written = Path(_load(spec.command.run)(*positionals, config=cfg) or output)
-    remember(stage_name, written, cfg, inputs)
+        written = Path(spec.command.run(*positionals, config=on_flow_cluster(cfg)) or output)
+    skipped = before is not None and before == fingerprint(written)  # the stage skipped itself
     artifacts.publish_stage(label, written)
-    return summary(stage_name, written, skipped=False)
+    result = summary(stage_name, written, skipped=skipped)
+    if skipped:
+        return Completed(
+            message=f"{stage_name}: {written} is already finished", name="Skipped", data=result
+        )
+    return result
+
+
+def on_flow_cluster(config: BaseModel) -> BaseModel:
+    """A sharded stage's config pointed at the flow's Dask cluster, when the flow runs on one
+    and the config names no executor itself: its shards then fan out across that cluster."""
+    from prefect.context import FlowRunContext
+
+    if (
+        "dask_address" not in type(config).model_fields
+        or config.dask_address
+        or config.dask_workers
+    ):
+        return config
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    if type(runner).__name__ != "DaskTaskRunner":
+        return config
+    return config.model_copy(update={"dask_address": runner.client.scheduler.address})
 
 
 def run_sample_shards(
@@ -235,11 +171,6 @@ def run_sample_shards(
         )
         for s in seeds
     ]
-    for shard in shards:  # a shard that is not finished starts from an empty folder
-        shard_spec = stage("sample")
-        shard_cfg = shard_spec.config_model.model_validate(shard)
-        if not is_finished("sample", Path(shard["out"]), shard_cfg, []):
-            shutil.rmtree(shard["out"], ignore_errors=True)
     futures = run_stage.map(
         unmapped("sample"), unmapped(arguments), shards, [f"{label}-seed-{s}" for s in seeds]
     )

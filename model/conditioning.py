@@ -65,17 +65,25 @@ def sample_encoder_keep(
     return torch.rand(batch, 3, generator=generator, device=device) >= p_drop
 
 
-def drop_encoders(text: TextEncoding, keep: torch.Tensor) -> TextEncoding:
-    """Zero each dropped encoder's outputs, sample by sample (keep: [B, 3] for CLIP-L, CLIP-G, T5)."""
+def drop_encoders(
+    text: TextEncoding, keep: torch.Tensor, empty: TextEncoding | None = None
+) -> TextEncoding:
+    """Replace each dropped encoder's outputs, sample by sample (keep: [B, 3] for CLIP-L, CLIP-G,
+    T5), with zeros, or with EMPTY (that encoder's encoding of the empty prompt, unbatched): the
+    unconditional input classifier-free guidance then contrasts with at sampling time."""
 
-    def mask(x: torch.Tensor, column: int) -> torch.Tensor:
-        return x * keep[:, column].view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    def mask(name: str, column: int) -> torch.Tensor:
+        x = getattr(text, name)
+        kept = keep[:, column].view(-1, *([1] * (x.ndim - 1)))
+        if empty is None:
+            return x * kept.to(x.dtype)
+        return torch.where(kept, x, getattr(empty, name).to(x.device, x.dtype))
 
     return TextEncoding(
-        clip_l=mask(text.clip_l, 0),
-        clip_l_pooled=mask(text.clip_l_pooled, 0),
-        clip_g=mask(text.clip_g, 1),
-        clip_g_pooled=mask(text.clip_g_pooled, 1),
-        t5=mask(text.t5, 2),
+        clip_l=mask("clip_l", 0),
+        clip_l_pooled=mask("clip_l_pooled", 0),
+        clip_g=mask("clip_g", 1),
+        clip_g_pooled=mask("clip_g_pooled", 1),
+        t5=mask("t5", 2),
         t5_mask=text.t5_mask,
     )

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from curate.executor import ExecutorOptions
+
 # Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
 # streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second
 # attention (attn2) too. Suffixes of module names inside `transformer_blocks`.
@@ -18,6 +20,27 @@ LORA_BLOCK_LINEARS = [
 ]  # fmt: skip
 
 
+class VariantOption(BaseModel):
+    """Which weight files of --model to load (every command that loads an SD3 folder takes it)."""
+
+    variant: str | None = Field(
+        None,
+        description="weight variant of --model, e.g. fp16: load its *.fp16.safetensors files (a folder "
+        "saved with save_pretrained(variant='fp16')); default: the files without a variant",
+    )
+
+
+class ModelFiles(VariantOption):
+    """--variant, plus a Stability single-file transformer in place of --model's."""
+
+    transformer_file: str | None = Field(
+        None,
+        description="Stability single-file SD3/SD3.5 checkpoint (e.g. sd3.5_medium.safetensors, MMDiT keys "
+        "model.diffusion_model.joint_blocks.*) used as the transformer; --model supplies its "
+        "transformer/config.json, the VAE, encoders and scheduler",
+    )
+
+
 class InitModelConfig(BaseModel):
     preset: str = Field(
         "tiny", description="model size: 'tiny' or 'tiny-d4' (offline test kits with tiny encoders)"
@@ -25,7 +48,7 @@ class InitModelConfig(BaseModel):
     seed: int = Field(0, description="seed for the random weights")
 
 
-class SampleConfig(BaseModel):
+class SampleConfig(ModelFiles):
     model: str = Field(..., description="local diffusers SD3 folder to sample from")
     prompt: list[str] = Field(default_factory=list, description="one or more prompts")
     prompts: str | None = Field(None, description="text file with one prompt per line")
@@ -38,6 +61,13 @@ class SampleConfig(BaseModel):
     )
     height: int | None = Field(None, description="image height; default: the model's native size")
     width: int | None = Field(None, description="image width; default: the model's native size")
+    max_sequence_length: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="T5 tokens per prompt; default: the length --model was trained with (recorded by `t2i train` "
+        "in its manifest.json), else 256 (the pipeline's default)",
+    )
     out: str = Field("samples", description="directory for the PNGs")
     device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
     dtype: str = Field("fp32", description="fp32, fp16 or bf16")
@@ -51,7 +81,7 @@ class SampleConfig(BaseModel):
     )
 
 
-class PrecomputeConfig(BaseModel):
+class PrecomputeConfig(VariantOption, ExecutorOptions):
     model: str = Field(
         ...,
         description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set",
@@ -97,10 +127,11 @@ class TimestepOptions(BaseModel):
     shift: float | None = Field(
         None,
         gt=0,
-        description="resolution shift alpha of Eq. 23 applied to every drawn timestep; default: for "
-        "`t2i train` max(1, sqrt(pixels / 256^2)) of the encoded set (4.0 at 1024^2, where SD3 picked 3.0 "
-        "by human preference; 1.0 at 256^2 and below), stored in the output scheduler for sampling; for "
-        "`t2i dpo` the base model scheduler's shift",
+        description="resolution shift alpha of Eq. 23 applied to every drawn timestep; default: the base "
+        "model scheduler's shift when continuing a transformer (`t2i dpo`, and `t2i train` without --preset, "
+        "which then leaves the exported scheduler as it was); for a fresh `t2i train --preset` model "
+        "max(1, sqrt(pixels / 256^2)) of the encoded set (4.0 at 1024^2, where SD3 picked 3.0 by human "
+        "preference; 1.0 at 256^2 and below), stored in the output scheduler for sampling",
     )
 
     def draw_timesteps(self, batch: int, shift: float, generator=None):
@@ -118,7 +149,7 @@ class TimestepOptions(BaseModel):
         )
 
 
-class TrainConfig(TimestepOptions):
+class TrainConfig(ModelFiles, TimestepOptions):
     """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
 
     model: str = Field(
@@ -173,6 +204,12 @@ class TrainConfig(TimestepOptions):
         "none",
         description="extra loss weight per timestep (SD3: none; the density does the weighting)",
     )
+    unconditional: Literal["empty", "zeros"] = Field(
+        "empty",
+        description="what a dropped text encoder is replaced by: 'empty' = that encoder's encoding of the empty "
+        "prompt (stored by precompute; the same negative input the stock StableDiffusion3Pipeline uses for "
+        "guidance), 'zeros' = zero tensors",
+    )
     encoder_drop: float = Field(
         0.464,
         ge=0,
@@ -193,6 +230,11 @@ class TrainConfig(TimestepOptions):
     val_timesteps: list[float] = Field(
         default_factory=lambda: [(i + 0.5) / 8 for i in range(8)],
         description="fixed timestep grid of the validation loss (the paper finds it tracks sample quality)",
+    )
+    val_ema: bool = Field(
+        True,
+        description="compute the validation loss with the EMA weights (what is exported and what SD3 selects "
+        "by); --no-val-ema: the raw weights",
     )
     val_every: int = Field(
         500, ge=0, description="validation loss every N steps (0: only at the end)"
@@ -226,6 +268,13 @@ class TrainConfig(TimestepOptions):
     )
     seed: int = Field(
         0, description="seed for weights, data order, timesteps, noise, encoder drop and captions"
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer (worth it on GPUs; the first steps pay the compile time)",
+    )
+    tf32: bool = Field(
+        True, description="allow TF32 matmuls for fp32 work on NVIDIA GPUs (no effect on CPU)"
     )
     # low-memory mode: a LoRA on the frozen base (model/lora_train.py)
     lora_rank: int | None = Field(

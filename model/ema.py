@@ -24,16 +24,39 @@ class EMA:
             for name, p in module.named_parameters()
             if p.requires_grad
         }
+        self._cached_for: int | None = None
+        self._cache: tuple[list[torch.Tensor], list[torch.Tensor], bool] = ([], [], True)
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
+    def _pairs(
+        self, module: torch.nn.Module
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+        """(shadows, parameters, all fp32 on the shadows' device), cached per module: no
+        per-step name lookups."""
+        key = id(module)
+        if self._cached_for != key:
+            found = dict(module.named_parameters())
+            names = [n for n in self.shadow if n in found]
+            shadows, params = [self.shadow[n] for n in names], [found[n] for n in names]
+            direct = all(
+                p.dtype == torch.float32 and p.device == s.device for s, p in zip(shadows, params)
+            )
+            self._cache = (shadows, params, direct)
+            self._cached_for = key
+        return self._cache
+
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        decay = self.current_decay()
-        for name, p in module.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().to(torch.float32), 1.0 - decay)
+        """shadow <- shadow + (1 - decay) (param - shadow), for all tensors in one foreach call."""
+        shadows, params, direct = self._pairs(module)
+        weight = 1.0 - self.current_decay()
+        if direct:
+            torch._foreach_lerp_(shadows, [p.detach() for p in params], weight)
+        else:  # 16-bit or sharded weights: convert each on the shadow's device
+            converted = [p.detach().to(s.device, torch.float32) for s, p in zip(shadows, params)]
+            torch._foreach_lerp_(shadows, converted, weight)
         self.updates += 1
 
     @torch.no_grad()

@@ -7,7 +7,9 @@ Each encoder maps a batch to named tensors, exactly as `StableDiffusion3Pipeline
     "clip_l"  captions -> clip_l [B, 77, d] (hidden_states[-2]), clip_l_pooled [B, p] (text_embeds)
     "clip_g"  captions -> clip_g, clip_g_pooled (same, with text_encoder_2)
     "t5"      captions -> t5 [B, L, d] (last hidden state, run WITHOUT an attention mask as the
-              pipeline does), t5_mask [B, L] (the tokenizer's mask, stored for reference)
+              pipeline does), t5_mask [B, L] (the tokenizer's mask, stored for reference); for a
+              T5-less folder (text_encoder_3 null) zeros [B, L, joint_attention_dim] and an
+              all-False mask, what the pipeline feeds without T5 (and what SD3's encoder drop trains)
 
 Latents use the posterior mean, not a sample: pre-encoded latents are reused every epoch, so a
 frozen noise draw would be baked into the data, and the mean makes encoding deterministic (a
@@ -19,13 +21,14 @@ Public helpers for other stages (DPO encodes preference pairs with them):
     encode_texts(model_dir, captions, t5_length=77) -> TextEncoding (batched, float32)
     encode_images(model_dir, images, resolution=256) -> latents [N, C, h, w] (float32)
 
+Components load through model.build.load_component (`variant="fp16"` picks *.fp16.safetensors).
+
 Both load one encoder, run it over everything in batches, release it, then load the next.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -39,6 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from model.buckets import center_crop_resize
+from model.build import MissingModelFile, has_t5, load_component, model_index, t5_width
 from model.conditioning import TextEncoding
 
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
@@ -52,32 +56,11 @@ FIELDS = {"vae": ("latents",), "clip_l": ("clip_l", "clip_l_pooled"),
 LATENT_MODE = "mean"  # latent_dist.mean, see the module docstring
 
 
-def model_index(model_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(model_dir) / "model_index.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is not a diffusers pipeline folder (no model_index.json); pass a local "
-            "SD3 folder such as stable-diffusion-3-medium-diffusers, or make one with "
-            "`t2i init-model DIR --preset tiny`"
-        )
-    return json.loads(path.read_text())
-
-
-def _component_class(model_dir: str | os.PathLike, component: str) -> type:
-    entry = model_index(model_dir).get(component)
-    if not entry or entry[0] is None:
-        raise ValueError(
-            f"{model_dir} has no {component}; pre-encoding needs all three SD3 text encoders and the VAE"
-        )
-    library, name = entry
-    return getattr(importlib.import_module(library), name)
-
-
 def read_config(model_dir: str | os.PathLike, component: str) -> dict[str, Any]:
     """A component's config.json (no weights loaded)."""
     path = Path(model_dir) / component / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingModelFile(
             f"{path} is missing; {model_dir} is not a complete SD3 diffusers folder"
         )
     return json.loads(path.read_text())
@@ -90,7 +73,7 @@ def encoder_dims(model_dir: str | os.PathLike) -> dict[str, Any]:
         read_config(model_dir, "text_encoder"),
         read_config(model_dir, "text_encoder_2"),
     )
-    t5, vae = read_config(model_dir, "text_encoder_3"), read_config(model_dir, "vae")
+    vae = read_config(model_dir, "vae")
     transformer = Path(model_dir) / "transformer" / "config.json"
     patch = json.loads(transformer.read_text()).get("patch_size", 2) if transformer.is_file() else 2
     return {
@@ -99,7 +82,8 @@ def encoder_dims(model_dir: str | os.PathLike) -> dict[str, Any]:
         "clip_g": clip_g["hidden_size"],
         "clip_g_pooled": clip_g["projection_dim"],
         "clip_tokens": clip_l.get("max_position_embeddings", 77),
-        "t5": t5["d_model"],
+        "t5": t5_width(model_dir),
+        "t5_encoder": "present" if has_t5(model_dir) else "absent (zeros, as the pipeline feeds)",
         "latent_channels": vae["latent_channels"],
         "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
         "patch_size": patch,
@@ -111,8 +95,15 @@ def encoder_dims(model_dir: str | os.PathLike) -> dict[str, Any]:
 class Encoder:
     """One loaded encoder: `encoder(batch) -> {field: tensor}` (see the module docstring)."""
 
-    def __init__(self, model_dir: str | os.PathLike, name: str, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, t5_length: int = 77) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        t5_length: int = 77,
+        variant: str | None = None,
+    ) -> None:
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder {name!r}; use one of {', '.join(ENCODERS)}")
         self.name, self.device, self.dtype, self.t5_length = (
@@ -122,17 +113,15 @@ class Encoder:
             t5_length,
         )
         module_name, tokenizer_name = COMPONENTS[name]
-        cls = _component_class(model_dir, module_name)
-        self.module = cls.from_pretrained(
-            model_dir, subfolder=module_name, dtype=dtype, local_files_only=True
-        )
+        self.module, self.tokenizer = None, None
+        if name == "t5" and not has_t5(model_dir):
+            # T5-less folder: zeros [B, t5_length, width], as StableDiffusion3Pipeline feeds
+            self.zeros_width = t5_width(model_dir)
+            return
+        self.module = load_component(model_dir, module_name, variant, dtype)
         self.module.to(self.device).eval().requires_grad_(False)
-        self.tokenizer = None
         if tokenizer_name is not None:
-            tok_cls = _component_class(model_dir, tokenizer_name)
-            self.tokenizer = tok_cls.from_pretrained(
-                Path(model_dir) / tokenizer_name, local_files_only=True
-            )
+            self.tokenizer = load_component(model_dir, tokenizer_name)
         if name == "vae":
             del self.module.decoder  # encoding needs only the encoder half
             config = self.module.config
@@ -161,6 +150,10 @@ class Encoder:
         return {self.name: out.hidden_states[-2], f"{self.name}_pooled": out.text_embeds}
 
     def _encode_t5(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.module is None:  # no T5: zeros, and a mask of no tokens
+            shape = (len(captions), self.t5_length)
+            zeros = torch.zeros(*shape, self.zeros_width, device=self.device, dtype=self.dtype)
+            return {"t5": zeros, "t5_mask": torch.zeros(shape, dtype=torch.bool)}
         # StableDiffusion3Pipeline._get_t5_prompt_embeds: pad to max_sequence_length, no mask.
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.t5_length, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")  # fmt: skip
@@ -205,6 +198,7 @@ def encode_images(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
     progress: bool = True,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """VAE latents [N, C, H/f, W/f] (after shift and scaling) of PIL images.
 
@@ -213,7 +207,7 @@ def encode_images(
     """
     size = size or (resolution, resolution)
     out = []
-    with loaded(model_dir, "vae", device=device, dtype=dtype) as vae:
+    with loaded(model_dir, "vae", device=device, dtype=dtype, variant=variant) as vae:
         for start in tqdm(range(0, len(images), batch_size), desc="vae", disable=not progress):
             batch = pixels_from_images(images[start : start + batch_size], size)
             out.append(vae(batch)["latents"].float().cpu())
@@ -228,13 +222,15 @@ def encode_texts(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 32,
     progress: bool = True,
+    variant: str | None = None,
 ) -> TextEncoding:
     """CLIP-L, CLIP-G and T5 encodings of captions, batched [N, ...], as the SD3 pipeline computes them."""
     if not captions:
         raise ValueError('encode_texts needs at least one caption (use "" for the empty prompt)')
     fields: dict[str, list[torch.Tensor]] = {}
     for name in TEXT_ENCODERS:
-        with loaded(model_dir, name, device=device, dtype=dtype, t5_length=t5_length) as encoder:
+        kwargs = {"device": device, "dtype": dtype, "t5_length": t5_length, "variant": variant}
+        with loaded(model_dir, name, **kwargs) as encoder:
             for start in tqdm(range(0, len(captions), batch_size), desc=name, disable=not progress):
                 for key, value in encoder(captions[start : start + batch_size]).items():
                     fields.setdefault(key, []).append(

@@ -9,17 +9,23 @@ module; file formats and key styles live in `model.lora_formats`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 
-from model.lora_formats import (
+# peft imports bitsandbytes (our 8-bit AdamW) when installed; on CPUs with AVX512-BF16 that logs a
+# warning about an optional 4-bit matmul kernel this project never uses.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from peft import LoraConfig  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from model.lora_formats import (  # noqa: E402
     LORA_FILE,
     LoraFormatError,
     LoraModule,
@@ -103,12 +109,17 @@ def _lora_layers(transformer: torch.nn.Module) -> dict[str, LoraLayer]:
     }
 
 
-def lora_weights(transformer: torch.nn.Module) -> LoraWeights:
-    """The transformer's adapter as LoraWeights (fp32 copies, each layer's own alpha)."""
+def lora_weights(
+    transformer: torch.nn.Module, shadow: dict[str, torch.Tensor] | None = None
+) -> LoraWeights:
+    """The transformer's adapter as LoraWeights (fp32 copies, each layer's own alpha); SHADOW
+    (parameter name -> tensor, e.g. the EMA's) replaces the live LoRA matrices it names."""
+    shadow = shadow or {}
     modules = {}
     for name, layer in _lora_layers(transformer).items():
-        down = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
-        up = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+        a_name, b_name = f"{name}.lora_A.{ADAPTER}.weight", f"{name}.lora_B.{ADAPTER}.weight"
+        down = shadow.get(a_name, layer.lora_A[ADAPTER].weight).detach().float().cpu().clone()
+        up = shadow.get(b_name, layer.lora_B[ADAPTER].weight).detach().float().cpu().clone()
         modules[name] = LoraModule(down, up, float(layer.scaling[ADAPTER] * down.shape[0]))
     return LoraWeights(modules)
 

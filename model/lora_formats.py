@@ -16,8 +16,9 @@ a down matrix A [r, in], an up matrix B [out, r] and alpha, so the module's upda
 Stability's names fuse q, k and v into one ``qkv`` linear. Fusing LoRAs that have separate down
 matrices stacks the downs (rank 3r) and puts the ups on a block diagonal; the fused alpha is
 3 * alpha so that alpha / rank (what kohya and ComfyUI apply, rank = rows of the down matrix)
-is unchanged. Splitting inverts that exactly; a fused LoRA trained with one shared down matrix
-(kohya's default) splits into q, k and v LoRAs that share it. The last block's text-stream
+is unchanged. Splitting inverts that exactly (our files record each part's rank in the metadata;
+without it, equal thirds with zero off-diagonal blocks are split as such); a fused LoRA trained
+with one shared down matrix (kohya's default) splits into q, k and v LoRAs that share it. The last block's text-stream
 modulation and the final layer's modulation store (shift, scale) in Stability's order and
 (scale, shift) in diffusers', so their up rows swap halves on the way.
 
@@ -102,6 +103,7 @@ _DOTTED_PREFIXES = (
     "model.diffusion_model.",
     "diffusion_model.",
 )
+QKV_RANKS_KEY = "t2i_qkv_ranks"  # safetensors metadata: how our fused q/k/v LoRAs split back
 _FLAT_PREFIXES = {
     "lora_unet_": "stability",
     "lora_transformer_": "diffusers",
@@ -222,8 +224,11 @@ def _metadata_alphas(metadata: Mapping[str, str] | None) -> tuple[float | None, 
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
         return None, {}
-    config = json.loads(raw)
-    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    try:
+        config = json.loads(raw)
+        config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    except (ValueError, AttributeError):
+        raise LoraFormatError(f"unreadable LoRA adapter metadata: {raw[:80]!r}") from None
     alpha = config.get("lora_alpha")
     return (float(alpha) if alpha is not None else None), {
         k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()
@@ -241,6 +246,12 @@ def from_state_dict(
     state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> LoraWeights:
     """Any supported key style -> LoraWeights on diffusers module names (see the module doc)."""
+    dora = [k for k in state_dict if "dora_scale" in k or "lora_magnitude_vector" in k]
+    if dora:
+        raise LoraFormatError(
+            f"this is a DoRA (e.g. {dora[0]}): its magnitude vectors change what the update means, "
+            "and only plain LoRAs are supported"
+        )
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     styles: set[str] = set()
     ignored: list[str] = []
@@ -253,6 +264,10 @@ def from_state_dict(
         styles.add(_style(key))
         parts.setdefault(resolved, {})[split[1]] = tensor
     default_alpha, patterns = _metadata_alphas(metadata)
+    try:  # our own writer's record of fused q/k/v ranks; without it, split by structure
+        splits = dict(json.loads((metadata or {}).get(QKV_RANKS_KEY) or "{}"))
+    except (ValueError, TypeError):
+        splits = {}
     modules: dict[str, LoraModule] = {}
     for (naming, name), found in parts.items():
         if "down" not in found or "up" not in found:
@@ -270,7 +285,7 @@ def from_state_dict(
         if naming == "diffusers":
             modules[name] = LoraModule(down, up, alpha)
         else:
-            modules.update(_from_stability(name, LoraModule(down, up, alpha)))
+            modules.update(_from_stability(name, LoraModule(down, up, alpha), splits.get(name)))
     return LoraWeights(modules, styles, ignored)
 
 
@@ -323,7 +338,9 @@ def _is_pre_only_modulation(name: str, module: LoraModule) -> bool:
     )
 
 
-def _from_stability(name: str, module: LoraModule) -> dict[str, LoraModule]:
+def _from_stability(
+    name: str, module: LoraModule, ranks: list[int] | None = None
+) -> dict[str, LoraModule]:
     if name in GLOBAL_FROM_STABILITY:
         target = GLOBAL_FROM_STABILITY[name]
         up = _swap_halves(module.up) if target in SWAPPED_GLOBALS else module.up
@@ -331,15 +348,36 @@ def _from_stability(name: str, module: LoraModule) -> dict[str, LoraModule]:
     _, index, suffix = name.split(".", 2)
     prefix = f"transformer_blocks.{index}."
     if suffix in QKV_PARTS:
-        return {prefix + s: m for s, m in zip(QKV_PARTS[suffix], _split_qkv(module), strict=True)}
+        parts = _split_qkv(module, ranks)
+        return {
+            prefix + s: m for s, m in zip(QKV_PARTS[suffix], parts, strict=True) if m is not None
+        }
     up = _swap_halves(module.up) if _is_pre_only_modulation(name, module) else module.up
     return {prefix + BLOCK_FROM_STABILITY[suffix]: LoraModule(module.down, up, module.alpha)}
 
 
-def _split_qkv(fused: LoraModule) -> list[LoraModule]:
-    """q, k, v LoRAs of one fused qkv LoRA, exactly (see the module doc)."""
+def _split_qkv(fused: LoraModule, ranks: list[int] | None = None) -> list[LoraModule | None]:
+    """q, k, v LoRAs of one fused qkv LoRA, exactly (see the module doc). RANKS: the parts' ranks
+    as our writer records them (0: no LoRA on that projection)."""
     rank, out = fused.rank, fused.up.shape[0] // 3
     ups = fused.up.split(out, dim=0)
+    valid = (
+        isinstance(ranks, list)
+        and len(ranks) == 3
+        and all(isinstance(r, int) and r >= 0 for r in ranks)
+    )
+    if valid and sum(ranks) == rank:
+        parts: list[LoraModule | None] = []
+        start = 0
+        for i, r in enumerate(ranks):
+            block = LoraModule(
+                fused.down[start : start + r],
+                ups[i][:, start : start + r].clone(),
+                fused.alpha * r / rank,
+            )
+            parts.append(block if r else None)
+            start += r
+        return parts
     if rank % 3 == 0:
         r = rank // 3
         off_diagonal = [
@@ -394,6 +432,18 @@ def to_stability(weights: LoraWeights) -> dict[str, LoraModule]:
     return dict(sorted(result.items(), key=lambda kv: _natural(kv[0])))
 
 
+def qkv_ranks(weights: LoraWeights) -> dict[str, list[int]]:
+    """Fused Stability module -> the ranks of its q, k, v parts (0: none), for exact splitting."""
+    ranks: dict[str, list[int]] = {}
+    for name, module in weights.modules.items():
+        match = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name)
+        target = BLOCK_TO_STABILITY.get(match.group(2)) if match else None
+        if target is not None and target[1] is not None:
+            key = f"joint_blocks.{match.group(1)}.{target[0]}"
+            ranks.setdefault(key, [0, 0, 0])[target[1]] = module.rank
+    return ranks
+
+
 def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -425,7 +475,8 @@ def to_state_dict(
         tensors[f"{key}.lora_up.weight"] = cast(module.up)
         tensors[f"{key}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
     ranks = Counter(m.rank for m in to_stability(weights).values())
-    metadata = {"ss_network_module": "networks.lora_sd3", "ss_base_model_version": "sd3"}
+    metadata = {"ss_network_module": "networks.lora_sd3", "ss_base_model_version": "sd3",
+                QKV_RANKS_KEY: json.dumps(qkv_ranks(weights))}  # fmt: skip
     if len(ranks) == 1:
         metadata["ss_network_dim"] = str(next(iter(ranks)))
     return tensors, metadata
@@ -528,7 +579,7 @@ def peft_state_dict(weights: LoraWeights, prefix: str = "transformer.") -> dict[
 
 
 def run_lora_convert(input: str, output: str, config) -> Path:
-    """`t2i lora-convert IN OUT --to FORMAT`: see model/commands.py."""
+    """`t2i lora-convert IN OUT --to FORMAT`: see flows/cli.py."""
     weights = read_lora(input)
     if weights.ignored:
         print(

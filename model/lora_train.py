@@ -1,13 +1,11 @@
 """`t2i train --lora-rank R`: train a LoRA on a frozen base transformer instead of all its weights.
 
-The trainer (model/train.py) calls four functions here; everything else (data, objective, EMA,
-accelerate, resume) is the same loop as full fine-tuning:
+The trainer (model/train.py) calls three functions here; everything else (data, objective, EMA,
+checkpoints: the adapter only, via model.checkpoint.ModuleSubset) is the same loop as full fine-tuning:
 
 - `attach_lora`: the base goes to 16 bits when the run autocasts in 16 bits (bf16/fp16 on GPUs),
   else stays fp32; a fp32 LoRA (peft) is attached to the chosen block linears and only it trains.
 - `make_optimizer`: AdamW, or bitsandbytes' 8-bit AdamW (states in 8 bits, block-wise scaled).
-- `keep_only_lora_in_checkpoints`: accelerate's checkpoints hold the LoRA, not the frozen base, and
-  load back exactly (the base comes from --model / --init-from again).
 - `export_trained_lora`: OUTPUT/pytorch_lora_weights.safetensors in diffusers' format (alpha folded),
   which `t2i lora-convert` turns into kohya or ComfyUI files.
 """
@@ -17,12 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from model.lora import add_lora, export_lora
-from model.lora_formats import LORA_FILE
+from model.lora import add_lora, lora_weights
+from model.lora_formats import LORA_FILE, save_lora
 
-MODEL_FILE = "model.safetensors"  # accelerate's name for the first prepared model's weights
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -48,13 +44,14 @@ def attach_lora(transformer: torch.nn.Module, config, mixed_precision: str):
     return add_lora(transformer, config.lora_rank, alpha, config.lora_targets, config.seed)
 
 
-def make_optimizer(parameters, config) -> torch.optim.Optimizer:
-    """--optimizer adamw (torch) or adamw8bit (bitsandbytes), with the run's AdamW settings."""
+def make_optimizer(parameters, config, fused: bool = False) -> torch.optim.Optimizer:
+    """--optimizer adamw (torch; FUSED: one kernel for all tensors) or adamw8bit (bitsandbytes),
+    with the run's AdamW settings."""
     trainable = [p for p in parameters if p.requires_grad]
     kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                   weight_decay=config.weight_decay)  # fmt: skip
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(trainable, **kwargs)
+        return torch.optim.AdamW(trainable, fused=fused or None, **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError as error:
@@ -64,36 +61,11 @@ def make_optimizer(parameters, config) -> torch.optim.Optimizer:
     return bnb.optim.AdamW8bit(trainable, **kwargs)
 
 
-def keep_only_lora_in_checkpoints(accelerator, transformer: torch.nn.Module) -> None:
-    """Checkpoints of a LoRA run store the adapter's tensors only; loading puts them back exactly."""
-
-    def lora_only(state: dict) -> None:
-        for key in [k for k in state if "lora_" not in k]:
-            del state[key]
-
-    def save_hook(models, weights, output_dir) -> None:
-        for state in weights:
-            lora_only(state)
-
-    def load_hook(models, input_dir) -> None:
-        model = accelerator.unwrap_model(models[0])
-        state = load_file(str(Path(input_dir) / MODEL_FILE))
-        expected = {k for k in model.state_dict() if "lora_" in k}
-        if set(state) != expected:
-            raise ValueError(
-                f"checkpoint {input_dir} does not hold this run's LoRA ({len(state)} tensors, "
-                f"{len(expected)} expected): was it written with other --lora-rank/--lora-targets?"
-            )
-        model.load_state_dict(state, strict=False)
-        models.pop(0)  # accelerate must not load it again (strictly, without the base)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def export_trained_lora(model: torch.nn.Module, output: Path, config) -> Path:
-    """OUTPUT/pytorch_lora_weights.safetensors (diffusers format, --save-dtype)."""
-    return export_lora(model, None, Path(output), config.save_dtype)
+def export_trained_lora(model: torch.nn.Module, output: Path, config, ema=None) -> Path:
+    """OUTPUT/pytorch_lora_weights.safetensors (diffusers format, --save-dtype); with EMA, its
+    shadow matrices (no copy of the frozen base is made)."""
+    weights = lora_weights(model, ema.shadow if ema is not None else None)
+    return save_lora(weights, Path(output), "diffusers", config.save_dtype)
 
 
 __all__ = [
@@ -101,6 +73,5 @@ __all__ = [
     "attach_lora",
     "base_dtype",
     "export_trained_lora",
-    "keep_only_lora_in_checkpoints",
     "make_optimizer",
 ]

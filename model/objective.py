@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from curate.seeds import seed_int
 from model import rectified_flow as rf
 from model.conditioning import TextEncoding, drop_encoders, joint_condition, sample_encoder_keep
-from model.train_data import hash_seed
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Draws:
 def draw_noise_and_time(latents: torch.Tensor, settings: FlowSettings, seed: int, j: int) -> Draws:
     """Timesteps (the configured density, then the Eq. 23 shift), noise and encoder-drop masks
     for micro-batch j; drawn on the CPU so every device and resume sees the same numbers."""
-    generator = torch.Generator().manual_seed(hash_seed(seed, "draws", j))
+    generator = torch.Generator().manual_seed(seed_int(seed, "draws", j))
     batch = latents.shape[0]
     t = rf.sample_timesteps(
         batch,
@@ -89,9 +89,11 @@ def training_loss(
     text: TextEncoding,
     draws: Draws,
     settings: FlowSettings,
+    empty: TextEncoding | None = None,
 ) -> torch.Tensor:
-    """Mean loss of a micro-batch with its encoders dropped per sample (p = 0.464 each)."""
-    text = drop_encoders(text, draws.keep)
+    """Mean loss of a micro-batch with its encoders dropped per sample (p = 0.464 each), to zeros
+    or, given EMPTY, to the empty prompt's encoding (the unconditional input of sampling)."""
+    text = drop_encoders(text, draws.keep, empty)
     return flow_loss(transformer, latents, text, draws.t, draws.noise, settings.weighting).mean()
 
 
@@ -107,7 +109,7 @@ def validation_loss(
     """Loss at each fixed timestep of the grid, [len(timesteps)], with each sample's noise fixed by
     its id: the same numbers at every evaluation, so changes come from the weights alone."""
     noise = torch.stack(
-        [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(hash_seed(seed, "val", i)))
+        [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed_int(seed, "val", i)))
          for i in ids]
     ).to(latents.device)  # fmt: skip
     losses = []

@@ -27,11 +27,14 @@ A caption's rows in a shard: its originals first, then the synthetic captions, i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +46,9 @@ from tqdm.auto import tqdm
 from curate import reasons
 from curate.cells import image_cell
 from curate.decode import open_image
-from curate.store import (
-    Rejection,
-    StageWriter,
-    StoreError,
-    WorkLog,
-    fingerprint,
-    is_done,
-    load_samples,
-    params_hash,
-)
+from curate.executor import EXECUTION_FIELDS, Executor, Setup, executor_for
+from curate.stage_runtime import StageRun
+from curate.store import Rejection, StageWriter, StoreError, load_samples, params_hash
 from model.buckets import center_crop_resize, make_buckets, nearest_bucket
 from model.build import parse_dtype
 from model.config import PrecomputeConfig
@@ -81,29 +77,31 @@ def run_precompute(
 ) -> Path:
     """Pre-encode IN into OUT (see the module docstring); skipped when OUT is already done."""
     input, output = Path(input), Path(output)
-    params = config.model_dump()
-    input_fp = f"{fingerprint(input)}+model:{fingerprint(config.model)}"
-    if is_done(output, STAGE, params, input_fp):
-        return output
-    dims = encoder_dims(config.model)
-    table = _open_input(input)
-    step = dims["vae_scale_factor"] * dims["patch_size"]
-    if config.buckets:
-        buckets = make_buckets(config.resolution, step, config.bucket_max_ratio)
-    elif config.resolution % step:
-        raise ValueError(
-            f"--resolution {config.resolution} is not a multiple of {step} (VAE factor x patch size)"
-        )
-    else:
-        buckets = [(config.resolution, config.resolution)]
-    work = WorkLog(output, params_hash({**params, "input": input_fp}))
-    run = _Run(config, dims, table, buckets, work.path)
-    run.encode_images()
-    for name in TEXT_ENCODERS:
-        run.encode_captions(name)
-    with StageWriter(output, STAGE, params, input_fp) as writer:
-        run.assemble(writer)
-    work.clear()
+    reads = {"input": input, "model": config.model}
+    with StageRun(output, STAGE, config, reads, volatile=EXECUTION_FIELDS) as run:
+        if run.finished:
+            return run.skip()
+        dims = encoder_dims(config.model)
+        table = _open_input(input)
+        step = dims["vae_scale_factor"] * dims["patch_size"]
+        if config.buckets:
+            buckets = make_buckets(config.resolution, step, config.bucket_max_ratio)
+        elif config.resolution % step:
+            raise ValueError(
+                f"--resolution {config.resolution} is not a multiple of {step} (VAE factor x patch size)"
+            )
+        else:
+            buckets = [(config.resolution, config.resolution)]
+        work = run.work_log()
+        # Map each encoder over the shards in turn (one encoder in a worker's memory at a time).
+        with executor_for(config, STAGE) as executor:
+            encoding = _Run(config, dims, table, buckets, work.path, executor)
+            encoding.encode_images()
+            for name in TEXT_ENCODERS:
+                encoding.encode_captions(name)
+        with run.writer() as writer:
+            encoding.assemble(writer)
+        work.clear()
     return output
 
 
@@ -112,6 +110,10 @@ def _open_input(input: Path) -> datasets.Dataset:
         table = load_samples(input)
     except StoreError as error:
         raise StoreError(f"{error}; `t2i precompute` reads a curated or captioned store") from None
+    if table.num_rows == 0:
+        raise ValueError(
+            f"{input} holds no samples to encode; see its report (every input may have been rejected)"
+        )
     missing = {"id", "image", "caption"} - set(table.column_names)
     if missing:
         raise ValueError(
@@ -140,16 +142,27 @@ def _open_image(cell: dict[str, Any]) -> Image.Image:
 class _Run:
     """One precompute run's work: per-shard parts in `parts`, one encoder at a time."""
 
-    def __init__(self, config: PrecomputeConfig, dims: dict[str, Any], table: datasets.Dataset,
-                 buckets: list[tuple[int, int]], parts: Path) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: PrecomputeConfig,
+        dims: dict[str, Any],
+        table: datasets.Dataset,
+        buckets: list[tuple[int, int]],
+        parts: Path,
+        executor: Executor,
+    ) -> None:
         self.config, self.dims, self.table = config, dims, table
-        self.buckets, self.parts = buckets, parts
+        self.buckets, self.parts, self.executor = buckets, parts, executor
         # encoder -> {"load": s, "encode": s, "items": images or captions encoded in this run}
         self.timings: dict[str, dict[str, float]] = {}
         self.num_shards = (table.num_rows + config.shard_size - 1) // config.shard_size
         self.store_dtype = parse_dtype(config.dtype)
-        self.encoder_kwargs = {"device": config.device, "dtype": parse_dtype(config.compute_dtype),
-                               "t5_length": config.t5_length}  # fmt: skip
+        self.encoder_kwargs = {
+            "device": config.device,
+            "dtype": parse_dtype(config.compute_dtype),
+            "t5_length": config.t5_length,
+            "variant": config.variant,
+        }
 
     def _part(self, shard: int | str, encoder: str) -> Path:
         return self.parts / shard_file(shard, encoder)
@@ -162,115 +175,64 @@ class _Run:
 
     # -- images ---------------------------------------------------------------------------------
 
+    def _shard_rows(self, shard: int) -> list[dict[str, Any]]:
+        size = self.config.shard_size
+        rows = self.table.select(range(shard * size, min((shard + 1) * size, self.table.num_rows)))
+        synthetic = "caption_synthetic" in rows.column_names
+        return [
+            {
+                "id": row["id"],
+                "image": row["image"],
+                "caption": row["caption"],
+                "caption_synthetic": row["caption_synthetic"] if synthetic else None,
+            }
+            for row in rows
+        ]
+
+    def _setup(self, name: str) -> Setup:
+        spec = (self.config.model, name, self.encoder_kwargs)
+        return Setup(build_encoder, spec, params_hash({"encoder": spec}))
+
     def encode_images(self) -> None:
         todo = [s for s in range(self.num_shards) if not self._part(s, "vae").is_file()]
         if not todo:
             return
-        start = time.monotonic()
-        encoder = Encoder(self.config.model, "vae", **self.encoder_kwargs)
-        loaded, size = time.monotonic(), self.config.shard_size
-        rows = {s: min(size, self.table.num_rows - s * size) for s in range(self.num_shards)}
-        try:
-            with tqdm(total=self.table.num_rows, desc="vae", unit="image") as bar:
-                bar.update(sum(n for s, n in rows.items() if s not in todo))
-                for shard in todo:
-                    self._encode_image_shard(encoder, shard)
-                    bar.update(rows[shard])
-        finally:
-            encoder.release()
-            self._timed("vae", start, loaded, sum(rows[s] for s in todo))
-
-    def _timed(self, name: str, start: float, loaded: float, items: int) -> None:
-        self.timings[name] = {"load": round(loaded - start, 3), "encode": round(time.monotonic() - loaded, 3),
-                              "items": items}  # fmt: skip
-
-    def _encode_image_shard(self, encoder: Encoder, shard: int) -> None:
+        job = ImageJob(
+            self.buckets,
+            self.dims["vae_scale_factor"],
+            self.config.batch_size,
+            self.store_dtype,
+            self.config.dtype,
+        )
         size = self.config.shard_size
-        start, stop = shard * size, min((shard + 1) * size, self.table.num_rows)
-        rows = self.table.select(range(start, stop))
-        f = self.dims["vae_scale_factor"]
-        planned, failed = [], {}
-        for pos, row in enumerate(rows):
-            record = {"id": row["id"], "caption": _caption(row["caption"]) or "",
-                      "caption_synthetic": _caption(row.get("caption_synthetic"))}  # fmt: skip
-            try:
-                image = _open_image(row["image"])
-                record.update(width=image.width, height=image.height)
-                planned.append(
-                    (pos, record, nearest_bucket(image.width, image.height, self.buckets))
-                )
-            except Exception as error:  # any unreadable header: rejected with the reason
-                failed[pos] = (record["id"], _reason("could not open image", error))
-        latents: dict[int, torch.Tensor] = {}
-        by_bucket: dict[tuple[int, int], list] = defaultdict(list)
-        for item in planned:
-            by_bucket[item[2]].append(item)
-        for bucket, items in by_bucket.items():
-            for b in range(0, len(items), self.config.batch_size):
-                self._encode_image_batch(
-                    encoder, rows, items[b : b + self.config.batch_size], bucket, latents, failed
-                )
-        kept: list[dict[str, Any]] = []
-        tensors: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for pos, record, (h, w) in planned:
-            if pos not in latents:
-                continue
-            key = latent_key(h // f, w // f)
-            record.update(
-                bucket_h=h // f,
-                bucket_w=w // f,
-                latent_row=len(tensors[key]),
-                **record.pop("_crop"),
-            )
-            tensors[key].append(latents[pos])
-            kept.append(record)
-        meta = {
-            "kept": kept,
-            "rejected": [{"id": i, "detail": d} for _, (i, d) in sorted(failed.items())],
-        }
-        tmp = self._meta_path(shard).with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self._meta_path(shard))
-        save_atomic({k: torch.stack(v) for k, v in tensors.items()}, self._part(shard, "vae"))
+        rows = {s: min(size, self.table.num_rows - s * size) for s in range(self.num_shards)}
+        shards = ((f"{s:05d}", (job, self._shard_rows(s))) for s in todo)
+        with tqdm(total=self.table.num_rows, desc="vae", unit="image") as bar:
+            bar.update(sum(n for s, n in rows.items() if s not in todo))
+            with self._timed("vae", sum(rows[s] for s in todo)) as loads:
+                for result in self.executor.map(self._setup("vae"), encode_image_shard, shards):
+                    meta, tensors = result.value
+                    shard = int(result.name)
+                    tmp = self._meta_path(shard).with_suffix(".tmp")
+                    tmp.write_text(json.dumps(meta))
+                    os.replace(tmp, self._meta_path(shard))
+                    save_atomic(tensors, self._part(shard, "vae"))
+                    loads.append(result.load_s)
+                    bar.update(rows[shard])
 
-    def _encode_image_batch(self, encoder, rows, items, bucket, latents, failed) -> None:
-        """Encode one same-bucket batch into `latents` {pos: tensor}; failures go to `failed`."""
-        ids = {pos: record["id"] for pos, record, _ in items}
-        pixels: dict[int, torch.Tensor] = {}
-        for pos, record, _ in items:
-            try:
-                image = _open_image(rows[pos]["image"])
-                image.load()
-                crop, record["_crop"] = center_crop_resize(image.convert("RGB"), bucket)
-                pixels[pos] = to_pixels(crop)
-            except Exception as error:  # truncated or corrupt pixel data
-                failed[pos] = (ids[pos], _reason("could not decode image", error))
-        if not pixels:
-            return
+    @contextlib.contextmanager
+    def _timed(self, name: str, items: int) -> Iterator[list[float]]:
+        """Record NAME's load seconds (the slowest worker's) and encode seconds (the rest of the wall)."""
+        start, loads = time.monotonic(), []
         try:
-            out = dict(
-                zip(pixels, encoder(torch.stack(list(pixels.values())))["latents"], strict=True)
-            )
-        except Exception as batch_error:  # isolate the failing image, one at a time
-            out, errors = {}, {}
-            for pos, p in pixels.items():
-                try:
-                    out[pos] = encoder(p[None])["latents"][0]
-                except Exception as error:
-                    errors[pos] = error
-            if len(errors) == len(pixels):
-                raise batch_error  # every image fails: the device or model, not the data
-            for pos, error in errors.items():
-                failed[pos] = (ids[pos], _reason("VAE encode failed", error))
-        for pos, z in out.items():
-            stored = z.to("cpu", self.store_dtype)
-            if torch.isfinite(stored).all():
-                latents[pos] = stored
-            else:
-                failed[pos] = (
-                    ids[pos],
-                    f"non-finite latents in {self.config.dtype} (try --dtype bf16)",
-                )
+            yield loads
+        finally:
+            load = max(loads, default=0.0)
+            self.timings[name] = {
+                "load": round(load, 3),
+                "encode": round(time.monotonic() - start - load, 3),
+                "items": items,
+            }
 
     # -- captions -------------------------------------------------------------------------------
 
@@ -285,36 +247,17 @@ class _Run:
         if not todo and self._part(EMPTY, name).is_file():
             return
         counts = {s: len(self._captions(s)) for s in range(self.num_shards)}
-        start = time.monotonic()
-        encoder = Encoder(self.config.model, name, **self.encoder_kwargs)
-        loaded = time.monotonic()
-        try:
-            if not self._part(EMPTY, name).is_file():
-                self._save_text(encoder, name, [""], self._part(EMPTY, name))
-            with tqdm(total=sum(counts.values()), desc=name, unit="caption") as bar:
-                bar.update(sum(n for s, n in counts.items() if s not in todo))
-                for shard in todo:
-                    self._save_text(encoder, name, self._captions(shard), self._part(shard, name))
-                    bar.update(counts[shard])
-        finally:
-            encoder.release()
-            self._timed(name, start, loaded, sum(n for s, n in counts.items() if s in todo))
-
-    def _save_text(self, encoder: Encoder, name: str, captions: list[str], path: Path) -> None:
-        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for b in range(0, len(captions), self.config.batch_size):
-            for key, value in encoder(captions[b : b + self.config.batch_size]).items():
-                parts[key].append(
-                    value.cpu() if value.dtype == torch.bool else value.to("cpu", self.store_dtype)
-                )
-        tensors = {key: torch.cat(values) for key, values in parts.items()}
-        for key, value in tensors.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(
-                    f"{name} produced values that overflow {self.config.dtype} ({key}); "
-                    "store in bf16 (--dtype bf16) or run the encoder in fp32 (--compute-dtype fp32)"
-                )
-        save_atomic(tensors, path)
+        job = TextJob(name, self.config.batch_size, self.store_dtype, self.config.dtype)
+        shards = [(str(EMPTY), (job, [""]))] if not self._part(EMPTY, name).is_file() else []
+        shards += [(f"{s:05d}", (job, self._captions(s))) for s in todo]
+        with tqdm(total=sum(counts.values()), desc=name, unit="caption") as bar:
+            bar.update(sum(n for s, n in counts.items() if s not in todo))
+            with self._timed(name, sum(n for s, n in counts.items() if s in todo)) as loads:
+                for result in self.executor.map(self._setup(name), encode_text_shard, shards):
+                    shard = EMPTY if result.name == str(EMPTY) else int(result.name)
+                    save_atomic(result.value, self._part(shard, name))
+                    loads.append(result.load_s)
+                    bar.update(counts.get(shard, 0))
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -349,9 +292,11 @@ class _Run:
         writer.write_rejected(rejected)
         kept = len(index)
         writer.counts.update(
-            input=self.table.num_rows, kept=kept, rejected=len(rejected),
+            input=self.table.num_rows,
+            kept=kept,
+            rejected=len(rejected),
             with_synthetic=sum(r["text_row_synthetic"] >= 0 for r in index),
-        )  # fmt: skip
+        )
         writer.extra["info"] = self.info()
         writer.extra["bytes"] = storage_bytes(shards, kept)
         writer.extra["timings_s"] = self.timings
@@ -359,8 +304,142 @@ class _Run:
     def info(self) -> dict[str, Any]:
         c = self.config
         return {
-            "model": str(Path(c.model).resolve()), "resolution": c.resolution, "buckets": c.buckets,
-            "pixel_buckets": [list(b) for b in self.buckets], "t5_length": c.t5_length, "dtype": c.dtype,
-            "latent_mode": LATENT_MODE, "num_shards": self.num_shards, "shard_size": c.shard_size,
-            "fields": {k: list(v) for k, v in FIELDS.items()}, **self.dims,
-        }  # fmt: skip
+            "model": str(Path(c.model).resolve()),
+            "resolution": c.resolution,
+            "buckets": c.buckets,
+            "pixel_buckets": [list(b) for b in self.buckets],
+            "t5_length": c.t5_length,
+            "dtype": c.dtype,
+            "latent_mode": LATENT_MODE,
+            "num_shards": self.num_shards,
+            "shard_size": c.shard_size,
+            "fields": {k: list(v) for k, v in FIELDS.items()},
+            **self.dims,
+        }
+
+
+# ---- the per-shard functions (run on a worker, whose state is one encoder) ----------------------
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    buckets: list[tuple[int, int]]
+    vae_scale_factor: int
+    batch_size: int
+    store_dtype: torch.dtype
+    dtype_name: str
+
+
+@dataclass(frozen=True)
+class TextJob:
+    name: str
+    batch_size: int
+    store_dtype: torch.dtype
+    dtype_name: str
+
+
+def build_encoder(spec: tuple[str, str, dict[str, Any]]) -> Encoder:
+    model, name, kwargs = spec
+    return Encoder(model, name, **kwargs)
+
+
+def encode_image_shard(
+    encoder: Encoder, payload: tuple[ImageJob, list[dict[str, Any]]]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One shard's latents by bucket and its index records (kept and rejected)."""
+    job, rows = payload
+    f = job.vae_scale_factor
+    planned, failed = [], {}
+    for pos, row in enumerate(rows):
+        record = {
+            "id": row["id"],
+            "caption": _caption(row["caption"]) or "",
+            "caption_synthetic": _caption(row.get("caption_synthetic")),
+        }
+        try:
+            image = _open_image(row["image"])
+            record.update(width=image.width, height=image.height)
+            planned.append((pos, record, nearest_bucket(image.width, image.height, job.buckets)))
+        except Exception as error:  # any unreadable header: rejected with the reason
+            failed[pos] = (record["id"], _reason("could not open image", error))
+    latents: dict[int, torch.Tensor] = {}
+    by_bucket: dict[tuple[int, int], list] = defaultdict(list)
+    for item in planned:
+        by_bucket[item[2]].append(item)
+    for bucket, items in by_bucket.items():
+        for b in range(0, len(items), job.batch_size):
+            _encode_image_batch(
+                encoder, job, rows, items[b : b + job.batch_size], bucket, latents, failed
+            )
+    kept: list[dict[str, Any]] = []
+    tensors: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for pos, record, (h, w) in planned:
+        if pos not in latents:
+            continue
+        key = latent_key(h // f, w // f)
+        record.update(
+            bucket_h=h // f, bucket_w=w // f, latent_row=len(tensors[key]), **record.pop("_crop")
+        )
+        tensors[key].append(latents[pos])
+        kept.append(record)
+    meta = {
+        "kept": kept,
+        "rejected": [{"id": i, "detail": d} for _, (i, d) in sorted(failed.items())],
+    }
+    return meta, {k: torch.stack(v) for k, v in tensors.items()}
+
+
+def _encode_image_batch(encoder, job: ImageJob, rows, items, bucket, latents, failed) -> None:
+    """Encode one same-bucket batch into `latents` {pos: tensor}; failures go to `failed`."""
+    ids = {pos: record["id"] for pos, record, _ in items}
+    pixels: dict[int, torch.Tensor] = {}
+    for pos, record, _ in items:
+        try:
+            image = _open_image(rows[pos]["image"])
+            image.load()
+            crop, record["_crop"] = center_crop_resize(image.convert("RGB"), bucket)
+            pixels[pos] = to_pixels(crop)
+        except Exception as error:  # truncated or corrupt pixel data
+            failed[pos] = (ids[pos], _reason("could not decode image", error))
+    if not pixels:
+        return
+    try:
+        out = dict(zip(pixels, encoder(torch.stack(list(pixels.values())))["latents"], strict=True))
+    except Exception as batch_error:  # isolate the failing image, one at a time
+        out, errors = {}, {}
+        for pos, p in pixels.items():
+            try:
+                out[pos] = encoder(p[None])["latents"][0]
+            except Exception as error:
+                errors[pos] = error
+        if len(errors) == len(pixels):
+            raise batch_error  # every image fails: the device or model, not the data
+        for pos, error in errors.items():
+            failed[pos] = (ids[pos], _reason("VAE encode failed", error))
+    for pos, z in out.items():
+        stored = z.to("cpu", job.store_dtype)
+        if torch.isfinite(stored).all():
+            latents[pos] = stored
+        else:
+            failed[pos] = (ids[pos], f"non-finite latents in {job.dtype_name} (try --dtype bf16)")
+
+
+def encode_text_shard(
+    encoder: Encoder, payload: tuple[TextJob, list[str]]
+) -> dict[str, torch.Tensor]:
+    """One shard's captions through one text encoder, stacked in 16-bit."""
+    job, captions = payload
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for b in range(0, len(captions), job.batch_size):
+        for key, value in encoder(captions[b : b + job.batch_size]).items():
+            parts[key].append(
+                value.cpu() if value.dtype == torch.bool else value.to("cpu", job.store_dtype)
+            )
+    tensors = {key: torch.cat(values) for key, values in parts.items()}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(
+                f"{job.name} produced values that overflow {job.dtype_name} ({key}); "
+                "store in bf16 (--dtype bf16) or run the encoder in fp32 (--compute-dtype fp32)"
+            )
+    return tensors

@@ -113,11 +113,15 @@ def model_timestep(t: torch.Tensor) -> torch.Tensor:
     return t * 1000.0
 
 
-def sampling_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """steps + 1 times from 1 (noise) to 0 (data), shifted as in training (Eq. 23)."""
-    return torch.cat(
-        [shift_timesteps(torch.linspace(1.0, 0.0, steps + 1)[:-1], shift), torch.zeros(1)]
-    )
+def sampling_schedule(steps: int, shift: float = 3.0, train_timesteps: int = 1000) -> torch.Tensor:
+    """steps + 1 times from 1 (noise) to 0 (data), shifted as in training (Eq. 23).
+
+    The grid of SD3's reference sampler and of diffusers' FlowMatchEulerDiscreteScheduler: steps
+    points evenly spaced from t = 1 down to the smallest training time (the shifted 1 /
+    train_timesteps), each shifted, then a final 0."""
+    smallest = shift_timesteps(torch.tensor(1.0 / train_timesteps, dtype=torch.float64), shift)
+    grid = torch.linspace(1.0, float(smallest), steps, dtype=torch.float64)
+    return torch.cat([shift_timesteps(grid, shift), torch.zeros(1, dtype=torch.float64)]).float()
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,11 +12,13 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from curate.stage_runtime import StageRun
 from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
 from model.lora import load_into_pipeline, read_lora_for
 
 LORA_ADAPTER = "lora"
+STAGE = "sample"
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -36,6 +39,7 @@ def generate(
     guidance_scale: float = 7.0,
     height: int | None = None,
     width: int | None = None,
+    max_sequence_length: int = 256,
 ) -> list[tuple[str, int, Image.Image]]:
     """(prompt, seed, image) for every prompt and seed; the same seed gives the same noise."""
     results = []
@@ -49,6 +53,7 @@ def generate(
                 height=height,
                 width=width,
                 generator=generator,
+                max_sequence_length=max_sequence_length,
             ).images[0]
             results.append((prompt, seed, image))
     return results
@@ -85,21 +90,48 @@ def _save(results, folder: Path) -> list[Image.Image]:
     return [image for _, _, image in results]
 
 
+def trained_t5_length(model_dir: str | Path) -> int | None:
+    """The T5 length a `t2i train` output was trained with (its manifest), or None."""
+    manifest = Path(model_dir) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        record = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return None
+    value = (record.get("extra") or {}).get("t5_length") if record.get("stage") == "train" else None
+    return int(value) if value else None
+
+
 def run_sample(config: SampleConfig) -> Path:
-    # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.
-    lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
-    pipe = load_pipeline(config.model, config.device, parse_dtype(config.dtype))
-    pipe.set_progress_bar_config(disable=True)
-    prompts = read_prompts(config.prompt, config.prompts)
-    out = Path(config.out)
-    options = (config.steps, config.guidance_scale, config.height, config.width)
-    if lora is None:
-        _save(generate(pipe, prompts, config.seed, *options), out)
-        return out
-    load_lora(pipe, lora, config.lora_scale)
-    pipe.disable_lora()
-    base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
-    pipe.enable_lora()
-    adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
-    side_by_side(base, adapted).save(out / "grid.png")
-    return out
+    reads = {"model": config.model, "lora": config.lora, "prompts": config.prompts}
+    reads["transformer_file"] = config.transformer_file
+    with StageRun(config.out, STAGE, config, reads, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.
+        lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
+        pipe = load_pipeline(
+            config.model,
+            config.device,
+            parse_dtype(config.dtype),
+            variant=config.variant,
+            transformer_file=config.transformer_file,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        prompts = read_prompts(config.prompt, config.prompts)
+        t5_length = config.max_sequence_length or trained_t5_length(config.model) or 256
+        options = (config.steps, config.guidance_scale, config.height, config.width, t5_length)
+        with run.writer(tables=False) as writer:
+            out = writer.path
+            if lora is None:
+                _save(generate(pipe, prompts, config.seed, *options), out)
+            else:
+                load_lora(pipe, lora, config.lora_scale)
+                pipe.disable_lora()
+                base = _save(generate(pipe, prompts, config.seed, *options), out / "base")
+                pipe.enable_lora()
+                adapted = _save(generate(pipe, prompts, config.seed, *options), out / "lora")
+                side_by_side(base, adapted).save(out / "grid.png")
+            writer.counts["images"] = len(prompts) * len(config.seed) * (1 if lora is None else 2)
+    return run.output

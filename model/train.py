@@ -13,7 +13,6 @@ import json
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -21,25 +20,35 @@ from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.store import Manifest, fingerprint, is_done, library_versions
+from curate.stage_runtime import StageRun
+from curate.store import Manifest, library_versions
 from model import rectified_flow as rf
-from model.build import build_transformer, text_dims, transformer_config_for
-from model.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from model.build import (
+    build_transformer,
+    folder_text_dims,
+    load_component,
+    load_transformer,
+    transformer_config_for,
+)
+from model.checkpoint import (
+    ModuleSubset,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from model.config import TrainConfig
 from model.ema import EMA
 from model.export import export_pipeline
 from model.latent_sampling import decode_latents, sample_latents, save_grid
-from model.lora_train import (
-    attach_lora,
-    export_trained_lora,
-    keep_only_lora_in_checkpoints,
-    make_optimizer,
-)
+from model.lora_train import attach_lora, export_trained_lora, make_optimizer
 from model.nonfinite import NonFiniteLossError
 from model.objective import FlowSettings, draw_noise_and_time, training_loss, validation_loss
 from model.train_data import BatchPlan, EncodedReader, load_batch, split_indices
 
 STAGE = "train"
+# Options that never change the trained weights: a rerun that differs only in them is skipped.
+VOLATILE = ("resume", "checkpoints_total_limit")
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -59,29 +68,21 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def _encoder_dims(model_dir: Path) -> dict[str, int]:
-    """Encoder widths from --model's configs, without loading any encoder weights."""
-    from transformers import CLIPTextConfig, T5Config
-
-    parts = {
-        "text_encoder": CLIPTextConfig.from_pretrained(model_dir / "text_encoder"),
-        "text_encoder_2": CLIPTextConfig.from_pretrained(model_dir / "text_encoder_2"),
-        "text_encoder_3": T5Config.from_pretrained(model_dir / "text_encoder_3"),
-    }
-    return text_dims({name: SimpleNamespace(config=c) for name, c in parts.items()})
-
-
 def build_or_load_transformer(config: TrainConfig) -> SD3Transformer2DModel:
     """A fresh MMDiT from --preset (widths read from --model's encoders and VAE), or the
-    transformer to continue: --init-from, else --model/transformer."""
+    transformer to continue: --init-from, else --transformer-file, else --model/transformer."""
     model_dir = Path(config.model)
     if config.preset:
-        spec = transformer_config_for(config.preset, _encoder_dims(model_dir))
+        spec = transformer_config_for(config.preset, folder_text_dims(model_dir))
         vae = AutoencoderKL.load_config(model_dir / "vae")
         spec["in_channels"] = spec["out_channels"] = vae["latent_channels"]
         torch.manual_seed(config.seed)
         return build_transformer(spec)
-    source = Path(config.init_from) if config.init_from else model_dir / "transformer"
+    if config.init_from and config.transformer_file:
+        raise ValueError("pass --init-from or --transformer-file, not both")
+    if not config.init_from:
+        return load_transformer(model_dir, config.variant, torch.float32, config.transformer_file)
+    source = Path(config.init_from)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no transformer at {source}; pass --preset to start a fresh one")
     return SD3Transformer2DModel.from_pretrained(source, torch_dtype=torch.float32)
@@ -117,14 +118,44 @@ def check_compatible(transformer: SD3Transformer2DModel, sample: dict) -> None:
         )  # fmt: skip
 
 
+def base_shift(model_dir: Path) -> float | None:
+    """The shift in --model's scheduler config, or None when it has none."""
+    path = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("shift")
+    return float(value) if value is not None else None
+
+
 def training_shift(config: TrainConfig, model_dir: Path, latents: torch.Tensor) -> float:
-    """--shift, else alpha = sqrt(pixels / 256^2) for the set's resolution (Eq. 23), never below 1
-    (the paper's base schedule is 256^2; smaller sets keep it unshifted)."""
+    """--shift; else, continuing a transformer, the base scheduler's own shift (what it was trained
+    and is sampled with); else, for a fresh --preset model, alpha = sqrt(pixels / 256^2) for the
+    set's resolution (Eq. 23), never below 1 (the paper's base schedule is 256^2)."""
     if config.shift is not None:
         return config.shift
+    if not config.preset:
+        kept = base_shift(model_dir)
+        if kept is not None:
+            return kept
     vae = AutoencoderKL.load_config(Path(model_dir) / "vae")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return max(1.0, rf.resolution_shift(latents.shape[1] * factor * latents.shape[2] * factor))
+
+
+def exported_shift(config: TrainConfig, shift: float) -> float | None:
+    """The shift to write into the exported scheduler: None (leave it as it was) when continuing
+    a transformer without --shift."""
+    return shift if config.shift is not None or config.preset else None
+
+
+def gradient_norm(
+    accelerator: Accelerator, transformer: torch.nn.Module, clip: float
+) -> torch.Tensor:
+    """The global gradient norm, clipped to CLIP when CLIP > 0; stays on the device."""
+    if clip > 0:
+        return accelerator.clip_grad_norm_(transformer.parameters(), clip)
+    grads = [p.grad for p in transformer.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads)
 
 
 def warmup_schedule(warmup_steps: int):
@@ -173,18 +204,26 @@ def ema_copy(transformer: torch.nn.Module, ema: EMA) -> torch.nn.Module:
 
 
 def train(
-    reader: EncodedReader, output: str | Path, config: TrainConfig, input_fingerprint: str = ""
+    reader: EncodedReader,
+    output: str | Path,
+    config: TrainConfig,
+    input_fingerprint: str = "",
+    run: StageRun | None = None,
 ) -> Path:
     """Train on READER's samples and write OUTPUT as a diffusers SD3 folder; returns OUTPUT."""
     try:
-        return _train(reader, Path(output), config, input_fingerprint)
+        return _train(reader, Path(output), config, input_fingerprint, run)
     finally:
         # accelerate keeps a process-wide singleton; clear it so a later stage (DPO) can build its own.
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _train(
-    reader: EncodedReader, output: Path, config: TrainConfig, input_fingerprint: str
+    reader: EncodedReader,
+    output: Path,
+    config: TrainConfig,
+    input_fingerprint: str,
+    run: StageRun | None = None,
 ) -> Path:
     started = time.time()
     work = output / "training"
@@ -198,6 +237,8 @@ def _train(
     accelerator = make_accelerator(config)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
+    if device.type == "cuda" and config.tf32:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 work outside autocast
 
     # Data: a held-out split by id hash, and a deterministic batch plan for the rest.
     train_idx, val_idx = split_indices(
@@ -205,6 +246,9 @@ def _train(
     )
     plan = BatchPlan.for_reader(reader, train_idx, config.batch_size, config.seed)
     first = reader.sample(train_idx[0])
+    empty = reader.empty_text() if config.unconditional == "empty" else None
+    if empty is not None:
+        empty = empty.to(device, torch.float32)
 
     # Model, EMA, optimizer (AdamW, eps 1e-15 with QK-norm) and warmup.
     transformer = build_or_load_transformer(config)
@@ -214,12 +258,27 @@ def _train(
         transformer.enable_gradient_checkpointing()
     transformer.train()
     ema = EMA(transformer, config.ema_decay)
-    optimizer = make_optimizer(transformer.parameters(), config)  # AdamW or 8-bit AdamW
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    if lora is not None:
-        keep_only_lora_in_checkpoints(accelerator, transformer)
-    accelerator.register_for_checkpointing(scheduler, ema)
+    # AdamW (one fused kernel on CPU/CUDA) or 8-bit AdamW, then linear warmup.
+    raw_optimizer = make_optimizer(
+        transformer.parameters(), config, fused=device.type in ("cpu", "cuda")
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        raw_optimizer, warmup_schedule(config.warmup_steps)
+    )
+    transformer, optimizer = accelerator.prepare(transformer, raw_optimizer)
+    if config.compile:
+        accelerator.unwrap_model(transformer).compile()
+    # Skip a non-finite step inside the fused kernel (no host sync); fp16's GradScaler does its own.
+    skip_in_kernel = (
+        isinstance(raw_optimizer, torch.optim.AdamW)
+        and bool(raw_optimizer.defaults.get("fused"))
+        and accelerator.scaler is None
+    )
+    # What a checkpoint holds: a LoRA run keeps the adapter's tensors only (the base is --model's).
+    weights = (
+        ModuleSubset(transformer, lambda key: "lora_" in key) if lora is not None else transformer
+    )
+    objects = {"model": weights, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
     shift = training_shift(config, Path(config.model), first["latents"])
     settings = FlowSettings(
         config.density, config.logit_mean, config.logit_std, config.mode_scale, shift, config.weighting,
@@ -228,7 +287,7 @@ def _train(
 
     start = 0
     if resume_from is not None:
-        start = load_checkpoint(accelerator, resume_from)["step"]
+        start = load_checkpoint(accelerator, resume_from, objects)["step"]
         accelerator.print(f"resumed from {resume_from} at step {start}")
     last_good = str(resume_from) if resume_from else "none (no checkpoint written yet)"
 
@@ -238,7 +297,7 @@ def _train(
 
         writer = SummaryWriter(str(work / "logs"), purge_step=start + 1 if start else None)
         if config.sample_count > 0:
-            vae = AutoencoderKL.from_pretrained(Path(config.model) / "vae").to(device).eval()
+            vae = load_component(config.model, "vae", config.variant).to(device).eval()
     grid_idx = (val_idx or train_idx)[: config.sample_count]
     grid_idx = (
         [i for i in grid_idx if tuple(reader.bucket(i)) == tuple(reader.bucket(grid_idx[0]))]
@@ -250,31 +309,49 @@ def _train(
         model = accelerator.unwrap_model(transformer)
         model.eval()
         if val_idx:
-            losses = evaluate(model, reader, val_idx, config, device)
+            judged = ema_copy(model, ema) if config.val_ema else model
+            losses = evaluate(judged, reader, val_idx, config, device)
             if writer is not None:
                 writer.add_scalar("val/loss", losses.mean().item(), step)
                 for t, value in zip(config.val_timesteps, losses.tolist(), strict=True):
                     writer.add_scalar(f"val/loss_t{t:.3f}", value, step)
             accelerator.print(
-                f"step {step}: validation loss {losses.mean().item():.4f} over {len(val_idx)} samples"
+                f"step {step}: validation loss ({'EMA' if config.val_ema else 'raw'} weights) "
+                f"{losses.mean().item():.4f} over {len(val_idx)} samples"
             )
         if vae is not None and grid_idx:
             path = sample_grid(
-                ema_copy(model, ema),
-                vae,
-                reader,
-                grid_idx,
-                config,
-                shift,
+                ema_copy(model, ema), vae, reader, grid_idx, config, shift,
                 work / "samples" / f"step-{step:08d}.png",
-            )
+            )  # fmt: skip
             accelerator.print(f"step {step}: sample grid {path}")
         model.train()
 
-    window_loss, window_start, window_steps = 0.0, time.time(), 0
+    # Non-finite guard: the step number of the first non-finite loss or gradient norm stays on the
+    # device (-1: none yet) and is read only when logging, checkpointing, evaluating or exporting.
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def check_finite() -> None:
+        bad_step = int(first_bad.item())
+        if bad_step < 0:
+            return
+        js = [
+            ((bad_step - 1) * config.grad_accum + k) * world + rank
+            for k in range(config.grad_accum)
+        ]
+        ids = [reader.ids[i] for j in js for i in plan.micro_batch(j)][:4]
+        raise NonFiniteLossError(
+            f"the loss or its gradient became non-finite at step {bad_step} (micro-batches {js}, samples "
+            f"{ids}); the weights were not updated with it. The last good checkpoint is {last_good}. "
+            "Lower --lr, check the encoded set for NaN/inf, or try --mixed-precision no, then --resume latest."
+        )
+
+    window_loss = torch.zeros((), device=device)
+    window_start, window_steps = time.time(), 0
     progress = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="train",
                     unit="step", disable=not accelerator.is_main_process)  # fmt: skip
     for step in progress:
+        step_loss = torch.zeros((), device=device)
         for k in range(config.grad_accum):
             j = (step * config.grad_accum + k) * world + rank  # this process's micro-batch
             batch = load_batch(
@@ -283,29 +360,36 @@ def _train(
             draws = draw_noise_and_time(batch.latents, settings, config.seed, j)
             with accelerator.accumulate(transformer):
                 with accelerator.autocast():
-                    loss = training_loss(transformer, batch.latents, batch.text, draws, settings)
-                finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
-                if not finite:
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at step {step + 1} (micro-batch {j}, samples "
-                        f"{batch.ids[:4]}); the weights were not updated with it. The last good "
-                        f"checkpoint is {last_good}. Lower --lr, check the encoded set for NaN/inf, "
-                        "or try --mixed-precision no, then --resume latest."
+                    loss = training_loss(
+                        transformer, batch.latents, batch.text, draws, settings, empty
                     )
+                step_loss += loss.detach().float() / config.grad_accum
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.grad_clip > 0:
-                    accelerator.clip_grad_norm_(transformer.parameters(), config.grad_clip)
+                if accelerator.sync_gradients:
+                    bad = ~torch.isfinite(step_loss) | ~torch.isfinite(gradient_norm(
+                        accelerator, transformer, config.grad_clip))  # fmt: skip
+                    if world > 1:  # every process skips (or applies) the same steps
+                        bad = accelerator.reduce(bad.to(torch.float32), "sum") > 0
+                    if skip_in_kernel:
+                        raw_optimizer.found_inf = bad.to(torch.float32)
+                    elif bad.item():  # no fused kernel to skip in: stop before the step
+                        first_bad.fill_(step + 1)
+                        check_finite()
+                    first_bad.copy_(torch.where(bad & (first_bad < 0), step + 1, first_bad))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.item() / config.grad_accum
+        if skip_in_kernel:
+            del raw_optimizer.found_inf
+        window_loss += step_loss
         scheduler.step()
         ema.update(accelerator.unwrap_model(transformer))
         done = step + 1
         window_steps += 1
 
         if done % config.log_every == 0 or done == config.max_steps:
+            check_finite()
             rate = window_steps / max(time.time() - window_start, 1e-9)
-            mean_loss, lr = window_loss / window_steps, scheduler.get_last_lr()[0]
+            mean_loss, lr = window_loss.item() / window_steps, scheduler.get_last_lr()[0]
             if writer is not None:
                 writer.add_scalar("train/loss", mean_loss, done)
                 writer.add_scalar("train/lr", lr, done)
@@ -314,38 +398,63 @@ def _train(
                 progress.write(
                     f"step {done}/{config.max_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s"
                 )
-            window_loss, window_start, window_steps = 0.0, time.time(), 0
+            window_loss.zero_()
+            window_start, window_steps = time.time(), 0
         if done < config.max_steps and (
             (config.val_every and done % config.val_every == 0)
             or (config.sample_every and done % config.sample_every == 0)
         ):
+            check_finite()
             evaluate_and_sample(done)
         if config.checkpoint_every and done % config.checkpoint_every == 0:
+            check_finite()
             last_good = str(
                 save_checkpoint(
-                    accelerator, checkpoints, done, {"shift": shift}, config.checkpoints_total_limit
-                )
+                    accelerator,
+                    checkpoints,
+                    done,
+                    {"shift": shift},
+                    config.checkpoints_total_limit,
+                    objects,
+                )  # fmt: skip
             )
     progress.close()
+    check_finite()
 
     # Final evaluation and export (EMA weights by default).
     evaluate_and_sample(config.max_steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(transformer)
-        final = ema_copy(model, ema) if config.export_ema else model
-        if lora is not None:
-            export_trained_lora(final, output, config)
+        if lora is not None:  # the EMA's LoRA matrices, without copying the frozen base
+            export_trained_lora(model, output, config, ema if config.export_ema else None)
         else:
-            export_pipeline(Path(config.model), final, output, shift)
+            final = ema_copy(model, ema) if config.export_ema else model
+            export_pipeline(
+                Path(config.model), final, output, exported_shift(config, shift), config.variant
+            )
         (work / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2))
-        Manifest(
-            stage=STAGE, parameters=config.model_dump(), input_fingerprint=input_fingerprint,
-            counts={"train": len(train_idx), "validation": len(val_idx), "steps": config.max_steps},
-            versions=library_versions(), wall_time_s=round(time.time() - started, 2),
-            extra={"shift": shift, "batches_per_epoch": plan.batches_per_epoch,
-                   "epochs": math.ceil(config.max_steps * config.grad_accum * world / plan.batches_per_epoch)},
-        ).write(output)  # fmt: skip
+        counts = {"train": len(train_idx), "validation": len(val_idx), "steps": config.max_steps}
+        epochs = math.ceil(config.max_steps * config.grad_accum * world / plan.batches_per_epoch)
+        extra = {
+            "shift": shift,
+            "t5_length": int(first["text"].t5.shape[-2]),
+            "unconditional": config.unconditional,
+            "batches_per_epoch": plan.batches_per_epoch,
+            "epochs": epochs,
+        }
+        if run is not None:  # `t2i train`: the stage contract writes config.toml and the manifest
+            run.commit_in_place(counts, extra, time.time() - started)
+        else:
+            Manifest(
+                stage=STAGE,
+                parameters=config.model_dump(),
+                input_fingerprint=input_fingerprint,
+                counts=counts,
+                versions=library_versions(),
+                wall_time_s=round(time.time() - started, 2),
+                extra=extra,
+            ).write(output)
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -353,11 +462,13 @@ def _train(
 
 
 def run_train(encoded: str, output: str, config: TrainConfig) -> Path:
-    """`t2i train ENCODED OUTPUT --model DIR`: see model/commands.py."""
+    """`t2i train ENCODED OUTPUT --model DIR`: see flows/cli.py."""
     from model.encoded import EncodedDataset
 
-    input_fp = fingerprint(encoded)
-    if config.resume is None and is_done(output, STAGE, config.model_dump(), input_fp):
-        print(f"{output} is already trained from {encoded} with these options; nothing to do")
-        return Path(output)
-    return train(EncodedDataset(encoded), output, config, input_fp)
+    reads = {"encoded": encoded, "model": config.model, "init_from": config.init_from}
+    reads["transformer_file"] = config.transformer_file
+    with StageRun(output, STAGE, config, reads, volatile=VOLATILE, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        run.invalidate()  # the output is rewritten in place: it must not look finished meanwhile
+        return train(EncodedDataset(encoded), output, config, run.input_fingerprint, run)

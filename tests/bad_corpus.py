@@ -160,9 +160,13 @@ def build(base: Path, demo_folder: Path) -> Corpus:
     expect["shards/garbage.tar"] = reasons.CORRUPT_SHARD
     full = _tar(
         shards / "cut.tar",
-        [("hubble.jpg", demo("hubble.jpg")), ("hubble.txt", caption("hubble.jpg").encode()),
-         ("text.jpg", demo("text.jpg")), ("text.txt", b"formulas")],
-    )  # fmt: skip
+        [
+            ("hubble.jpg", demo("hubble.jpg")),
+            ("hubble.txt", caption("hubble.jpg").encode()),
+            ("text.jpg", demo("text.jpg")),
+            ("text.txt", b"formulas"),
+        ],
+    )
     cut = full.index(demo("text.jpg")) + 1000
     (shards / "cut.tar").write_bytes(full[:cut])
     expect["shards/cut.tar/hubble.jpg"] = "keep"
@@ -177,10 +181,15 @@ def build(base: Path, demo_folder: Path) -> Corpus:
         ("in_path", {"bytes": None, "path": "astronaut.jpg"}, "x"),
     ]
     pq.write_table(
-        pa.table({"key": [c[0] for c in cells], "image": pa.array([c[1] for c in cells], struct_type),
-                  "caption": [c[2] for c in cells]}),
+        pa.table(
+            {
+                "key": [c[0] for c in cells],
+                "image": pa.array([c[1] for c in cells], struct_type),
+                "caption": [c[2] for c in cells],
+            }
+        ),
         root / "cells.parquet",
-    )  # fmt: skip
+    )
     expect["cells.parquet:good"] = "keep"
     for key in ("abs_path", "rel_path", "in_path"):
         expect[f"cells.parquet:{key}"] = reasons.UNSAFE_PATH

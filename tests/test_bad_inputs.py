@@ -36,9 +36,13 @@ from model.precompute import run_precompute
 CHEAP = {"nsfw_detector": "none", "aesthetic_scorer": "none", "workers": 1}
 FAST_CAPTION = {"max_new_tokens": 12, "max_caption_tokens": 12, "chunk_size": 4, "batch_size": 4}
 IMAGE_FEATURES = datasets.Features(
-    {"id": datasets.Value("string"), "image": datasets.Image(), "caption": datasets.Value("string"),
-     "source": datasets.Value("string")}
-)  # fmt: skip
+    {
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "caption": datasets.Value("string"),
+        "source": datasets.Value("string"),
+    }
+)
 
 
 def _snapshot(root):
@@ -101,10 +105,17 @@ def crafted_store(corpus, tmp_path_factory):
     features = datasets.Features({**IMAGE_FEATURES, "image": cell})
     with StageWriter(out, "curate", {"crafted": True}, "crafted") as writer:
         writer.write_samples(
-            [{"id": f"{name}-{index}", "image": cell, "caption": f"<b>{name}</b>", "source": name}
-             for index, (name, cell) in enumerate(rows)],
+            [
+                {
+                    "id": f"{name}-{index}",
+                    "image": cell,
+                    "caption": f"<b>{name}</b>",
+                    "source": name,
+                }
+                for index, (name, cell) in enumerate(rows)
+            ],
             features,
-        )  # fmt: skip
+        )
         writer.counts.update(input=len(rows), kept=len(rows), rejected=0)
     return out
 
@@ -233,10 +244,15 @@ def test_prefs_rejects_hostile_cells_without_reading_paths(corpus, area):
         ("bomb", {"bytes": corpus.bomb, "path": None}, {"bytes": blue, "path": None}),
     ]
     pq.write_table(
-        pa.table({"caption": [r[0] for r in rows], "image_w": pa.array([r[1] for r in rows], cell),
-                  "image_l": pa.array([r[2] for r in rows], cell)}),
+        pa.table(
+            {
+                "caption": [r[0] for r in rows],
+                "image_w": pa.array([r[1] for r in rows], cell),
+                "image_l": pa.array([r[2] for r in rows], cell),
+            }
+        ),
         source / "pairs.parquet",
-    )  # fmt: skip
+    )
     out = ingest_prefs(source, area / "prefs", IngestPrefsConfig())
     counts = Manifest.read(out).counts
     assert counts["kept"] == 1 and counts["kept"] + counts["rejected"] == len(rows)
@@ -282,3 +298,20 @@ def test_make_prefs_turns_crafted_ids_into_safe_folder_names(tmp_path):
     pairs = [p for p in out.iterdir() if (p / "caption.txt").is_file()]
     assert len(pairs) == 1 and pairs[0].parent == out
     assert not (tmp_path / "escaped-00").exists() and not (tmp_path / "a" / "escaped-00").exists()
+
+
+def test_prefs_pair_folders_never_follow_links_out_or_keep_binary_captions(corpus, tmp_path):
+    source = tmp_path / "pairs"
+    red, blue = _pair_png((200, 0, 0)), _pair_png((0, 0, 200))
+    for name in ("good", "link", "garbage"):
+        (source / name).mkdir(parents=True)
+        (source / name / "winner.png").write_bytes(red)
+        (source / name / "loser.png").write_bytes(blue)
+        (source / name / "caption.txt").write_text(f"a {name} pair")
+    (source / "link" / "winner.png").unlink()
+    os.symlink(corpus.outside / "canary.png", source / "link" / "winner.png")
+    (source / "garbage" / "caption.txt").write_bytes(bytes(range(256)))
+    out = ingest_prefs(source, tmp_path / "prefs", IngestPrefsConfig())
+    assert Manifest.read(out).counts["kept"] == 1
+    rejected = {r["detail"].split(":")[0]: r["reason"] for r in load_rejected(out).to_list()}
+    assert rejected == {"link": reasons.UNSAFE_PATH, "garbage": reasons.BAD_CAPTION}

@@ -69,7 +69,7 @@ def test_a_row_that_cannot_be_captioned_keeps_its_caption_and_is_reported(captio
     report = (captioned / "report.md").read_text()
     assert failures[0]["id"] in report and "truncated" in report
     assert Manifest.read(captioned).counts == {
-        "in": 21,
+        "input": 21,
         "kept": 21,
         "rejected": 0,
         "captioned": 20,

@@ -68,7 +68,7 @@ def test_ties_identical_undecodable_and_captionless_pairs_are_rejected_with_reas
     assert rejected[reasons.TIE]["score"] == 0.5
     assert "winner" in rejected[reasons.UNDECODABLE]["detail"]
     manifest = Manifest.read(out)
-    assert manifest.counts == {"in": 6, "kept": 2, "rejected": 4}
+    assert manifest.counts == {"input": 6, "kept": 2, "rejected": 4}
     assert manifest.extra["layout"] == "pickapic"
 
 
@@ -115,11 +115,21 @@ def test_make_prefs_from_a_stage_output_gives_winners_the_attribute_the_losers_l
     from dpo.config import MakePrefsConfig
     from dpo.synthetic import attribute_score, make_prefs
 
-    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Value("binary"),
-                                  "caption": datasets.Value("string")})  # fmt: skip
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Value("binary"),
+            "caption": datasets.Value("string"),
+        }
+    )
     with StageWriter(tmp_path / "store", "curate", {}, "fp") as writer:
-        writer.write_samples([{"id": sample_id(png(c)), "image": png(c), "caption": f"a {c} square"}
-                              for c in ["gray", "olive"]], features)  # fmt: skip
+        writer.write_samples(
+            [
+                {"id": sample_id(png(c)), "image": png(c), "caption": f"a {c} square"}
+                for c in ["gray", "olive"]
+            ],
+            features,
+        )
     for attribute in ("warm", "bright"):
         out = make_prefs(
             tmp_path / attribute,
@@ -143,3 +153,161 @@ def test_make_prefs_from_a_stage_output_gives_winners_the_attribute_the_losers_l
     assert attribute_score(Image.open(pair / "winner.png"), "warm") < attribute_score(
         Image.open(pair / "loser.png"), "warm"
     )
+
+
+# --- Pick-a-Pic v2 as published: 19 columns, hub split layout ---------------------------------
+
+PICKAPIC_SCHEMA = pa.schema(
+    [
+        ("are_different", pa.bool_()),
+        ("best_image_uid", pa.string()),
+        ("caption", pa.string()),
+        ("created_at", pa.timestamp("ns")),
+        ("has_label", pa.bool_()),
+        ("image_0_uid", pa.string()),
+        ("image_0_url", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("image_1_url", pa.string()),
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+        ("ranking_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("num_example_per_prompt", pa.int64()),
+        ("__index_level_0__", pa.int64()),
+    ]
+)
+
+
+def pickapic_row(
+    ranking_id, caption, jpg_0, jpg_1, label_0, label_1, has_label=True, are_different=True
+):
+    return {
+        "are_different": are_different,
+        "best_image_uid": f"uid-{ranking_id}-0",
+        "caption": caption,
+        "created_at": None,
+        "has_label": has_label,
+        "image_0_uid": f"uid-{ranking_id}-0",
+        "image_0_url": f"https://example.invalid/{ranking_id}/0.jpg",
+        "image_1_uid": f"uid-{ranking_id}-1",
+        "image_1_url": f"https://example.invalid/{ranking_id}/1.jpg",
+        "jpg_0": jpg_0,
+        "jpg_1": jpg_1,
+        "label_0": label_0,
+        "label_1": label_1,
+        "model_0": "sdxl",
+        "model_1": "sd15",
+        "ranking_id": ranking_id,
+        "user_id": 7,
+        "num_example_per_prompt": 1,
+        "__index_level_0__": ranking_id,
+    }
+
+
+def write_pickapic(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=PICKAPIC_SCHEMA), path)
+    return path
+
+
+def test_published_pickapic_rows_without_a_usable_label_are_rejected_with_their_reason(tmp_path):
+    rows = [
+        pickapic_row(1, "a vote for jpg_1", RED, BLUE, 0.0, 1.0),
+        pickapic_row(2, "nobody voted", RED, GREEN, 0.0, 0.0, has_label=False),
+        pickapic_row(3, "the same image twice", BLUE, GREEN, 1.0, 0.0, are_different=False),
+        pickapic_row(4, "labels that sum to 1.5", GREEN, RED, 1.0, 0.5),
+        pickapic_row(5, "a missing label", GREEN, BLUE, 1.0, None),
+        pickapic_row(6, "a tie", BLUE, RED, 0.5, 0.5),
+    ]
+    source = write_pickapic(tmp_path / "data" / "train-00000-of-00001.parquet", rows)
+    assert pq.read_schema(source).names == PICKAPIC_SCHEMA.names and len(PICKAPIC_SCHEMA) == 19
+    out = ingest_prefs(tmp_path / "data", tmp_path / "prefs", IngestPrefsConfig())
+    (kept,) = list(load_samples(out))
+    assert (kept["caption"], kept["image_w"], kept["image_l"], kept["source"]) == (
+        "a vote for jpg_1",
+        BLUE,
+        RED,
+        "1",
+    )
+    rejected = {row["detail"].split(":")[0]: row for row in load_rejected(out)}
+    assert {k: r["reason"] for k, r in rejected.items()} == {
+        "2": reasons.UNLABELED,
+        "3": reasons.NOT_DIFFERENT,
+        "4": reasons.BAD_LABELS,
+        "5": reasons.BAD_LABELS,
+        "6": reasons.TIE,
+    }
+    assert "1.5" in rejected["4"]["detail"] and "None" in rejected["5"]["detail"]
+    manifest = Manifest.read(out)
+    assert manifest.counts == {"input": 6, "kept": 1, "rejected": 5}
+    assert manifest.extra["rejected_by_reason"] == {
+        reasons.UNLABELED: 1,
+        reasons.NOT_DIFFERENT: 1,
+        reasons.BAD_LABELS: 2,
+        reasons.TIE: 1,
+    }
+
+
+@pytest.fixture
+def hub_download(tmp_path):
+    """data/ as the hub lays it out: two train shards, one validation and one validation_unique."""
+    data = tmp_path / "pickapic_v2" / "data"
+    colours = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
+    images = [png(c) for c in colours]
+    for split, shard, of, ids in (
+        ("train", 0, 2, [1, 2, 3]),
+        ("train", 1, 2, [4, 5]),
+        ("validation", 0, 1, [6]),
+        ("validation_unique", 0, 1, [7]),
+    ):
+        rows = [pickapic_row(i, f"{split} {i}", images[i], images[0], 1.0, 0.0) for i in ids]
+        write_pickapic(data / f"{split}-{shard:05d}-of-{of:05d}.parquet", rows)
+    return data.parent
+
+
+def test_split_picks_one_split_of_a_hub_download_and_never_mixes_them(hub_download, tmp_path):
+    from flows.cli import main as t2i
+
+    for split, expected in (
+        ("train", ["train 1", "train 2", "train 3", "train 4", "train 5"]),
+        ("validation", ["validation 6"]),
+        ("validation_unique", ["validation_unique 7"]),
+    ):
+        out = ingest_prefs(hub_download, tmp_path / split, IngestPrefsConfig(split=split))
+        assert sorted(load_samples(out)["caption"]) == expected
+        assert Manifest.read(out).extra["split"] == split
+    with pytest.raises(
+        ValueError, match="no test split; its splits: train, validation, validation_unique"
+    ):
+        ingest_prefs(hub_download, tmp_path / "test", IngestPrefsConfig(split="test"))
+    with pytest.raises(
+        ValueError, match=r"several splits \(train, validation, validation_unique\)"
+    ):
+        ingest_prefs(hub_download, tmp_path / "mixed", IngestPrefsConfig())
+    assert t2i(["prefs", str(hub_download), str(tmp_path / "cli")]) == 1  # a one-line error
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "cli").exists()
+
+
+def test_max_pairs_stops_once_that_many_pairs_are_kept(hub_download, tmp_path):
+    config = IngestPrefsConfig(split="train", max_pairs=3)
+    out = ingest_prefs(hub_download, tmp_path / "prefs", config)
+    assert list(load_samples(out)["caption"]) == ["train 1", "train 2", "train 3"]
+    assert Manifest.read(out).counts == {"input": 3, "kept": 3, "rejected": 0}
+
+
+def test_a_saved_dataset_dict_needs_a_split_too(tmp_path):
+    rows = {
+        split: [pickapic_row(i, f"{split} {i}", RED, BLUE, 1.0, 0.0)]
+        for i, split in enumerate(["train", "test"])
+    }
+    datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(r) for split, r in rows.items()}
+    ).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"several splits \(test, train\)"):
+        ingest_prefs(tmp_path / "saved", tmp_path / "mixed", IngestPrefsConfig())
+    out = ingest_prefs(tmp_path / "saved", tmp_path / "prefs", IngestPrefsConfig(split="test"))
+    assert list(load_samples(out)["caption"]) == ["test 1"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from curate import reasons
 from curate.store import Manifest, load_rejected
-from dpo.config import DPOConfig
+from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.trainer import run_dpo
 from flows.cli import main as t2i
 from model.nonfinite import NonFiniteLossError
@@ -92,6 +92,10 @@ def test_dpo_writes_a_diffusers_lora_metrics_and_a_held_out_accuracy(dpo_out):
     manifest = Manifest.read(dpo_out)
     assert manifest.stage == "dpo" and manifest.parameters["rank"] == 4
     assert [r["reason"] for r in load_rejected(dpo_out)] == [reasons.IDENTICAL_PAIR]
+    # checkpoints (model/checkpoint.py) hold the LoRA and the optimizer, never the frozen base
+    (step,) = (dpo_out.parent / f".{dpo_out.name}.work").glob("*/checkpoints/step-*")
+    lora = load_file(str(step / "lora.safetensors"))
+    assert lora and all("lora_" in k for k in lora) and not (step / "model.safetensors").exists()
 
 
 def test_the_report_shows_base_vs_lora_samples_and_the_scorers_win_rate(dpo_out):
@@ -217,7 +221,7 @@ def _loss_and_grads(transformer, pairs, t, noise):
     from dpo.lora import lora_parameters
     from dpo.trainer import dpo_terms
 
-    terms = dpo_terms(transformer, pairs, t, noise, beta=1000.0)
+    terms = dpo_terms(transformer, pairs, t, noise, DPOConfig(model="-", beta=1000.0))
     terms.loss.backward()
     return terms, [p.grad.clone() for p in lora_parameters(transformer)]
 
@@ -249,3 +253,188 @@ def test_a_16_bit_frozen_base_keeps_an_fp32_lora_that_trains(tiny_model_dir, dty
     # the base's rounding moves the errors by about its precision, not more
     for ours, fp32 in ((terms.err_w, reference.err_w), (terms.ref_l, reference.ref_l)):
         assert torch.allclose(ours.float(), fp32, rtol=0.03)
+
+
+# --- pairs on disk in the pre-encoding shard format, streamed; --init-lora ---------------------
+
+
+def test_pairs_are_encoded_once_in_the_precompute_format_and_read_back_pair_by_pair(
+    pairs, dpo_out, tiny_model_dir
+):
+    from dpo.encode import EncodedPairSet
+    from model.encoded import EncodedDataset
+
+    (encoded,) = (dpo_out.parent / f".{dpo_out.name}.work").glob("encoded-*/")
+    assert Manifest.read(encoded).stage == "precompute"  # `t2i precompute`'s own layout
+    assert sorted(p.name.split(".")[1] for p in (encoded / "shards").glob("00000.*")) == [
+        "clip_g",
+        "clip_l",
+        "t5",
+        "vae",
+    ]
+    images = EncodedDataset(encoded)
+    pair_set = EncodedPairSet(encoded)
+    assert len(images) == 2 * len(pair_set) == 2 * Manifest.read(dpo_out).counts["pairs"]
+    batch = pair_set.select([1, 0])
+    winner = images.sample(images.ids.index(batch.ids[0] + ".w"))
+    loser = images.sample(images.ids.index(batch.ids[0] + ".l"))
+    assert torch.equal(batch.latents_w[0], winner["latents"].float())
+    assert torch.equal(batch.latents_l[0], loser["latents"].float())
+    assert torch.equal(batch.text.t5[0], winner["text"].t5.float())
+    assert batch.latents_w.dtype == torch.float32 and batch.text.t5_mask.dtype == torch.bool
+    assert not list(encoded.parent.glob("encoded-*-images"))  # the bytes' copy is gone once encoded
+
+
+def test_a_killed_encode_continues_where_it_stopped(pairs, tiny_model_dir, tmp_path, monkeypatch):
+    import model.precompute
+    from dpo.encode import encode_pairs
+    from dpo.ingest import ingest_prefs
+
+    table = ingest_prefs(pairs, tmp_path / "prefs", IngestPrefsConfig())
+    real = model.precompute.Encoder
+
+    def dies_at_t5(model_dir, name, **kwargs):
+        if name == "t5":
+            raise KeyboardInterrupt("killed while T5 loads")
+        return real(model_dir, name, **kwargs)
+
+    monkeypatch.setattr(model.precompute, "Encoder", dies_at_t5)
+    with pytest.raises(KeyboardInterrupt):
+        encode_pairs(tiny_model_dir, table, tmp_path / "encoded", 32, 8, shard_size=4)
+    assert not (tmp_path / "encoded").exists()
+    monkeypatch.setattr(model.precompute, "Encoder", real)
+    pair_set = encode_pairs(tiny_model_dir, table, tmp_path / "encoded", 32, 8, shard_size=4)
+    timings = Manifest.read(tmp_path / "encoded").extra["timings_s"]
+    assert set(timings) == {"t5"}  # VAE and both CLIPs were kept from the killed run
+    assert len(pair_set) == Manifest.read(table).counts["kept"]
+
+
+@pytest.fixture(scope="module")
+def old_lora(tiny_model_dir, tmp_path_factory):
+    """(transformer with a trained-looking rank-4 alpha-8 LoRA, its diffusers folder, a kohya copy)."""
+    from lora_kit import random_trained_lora
+
+    root = tmp_path_factory.mktemp("old-lora")
+    trained, folder = random_trained_lora(tiny_model_dir, root / "diffusers", 4, 8.0, 0.05, 1)
+    kohya = root / "kohya.safetensors"
+    assert (
+        t2i(["lora-convert", str(folder), str(kohya), "--to", "kohya", "--save-dtype", "fp32"]) == 0
+    )
+    return trained, folder, kohya
+
+
+@pytest.mark.parametrize("style", ["diffusers", "kohya"])
+def test_init_lora_starts_where_the_old_lora_is_in_either_key_style(
+    tiny_model_dir, old_lora, style
+):
+    from dpo.init_lora import add_init_lora
+    from dpo.trainer import load_transformer
+
+    trained, folder, kohya = old_lora
+    fresh = load_transformer(tiny_model_dir, "cpu", torch.float32)
+    config = add_init_lora(fresh, folder if style == "diffusers" else kohya, tiny_model_dir)
+    assert config.r == 4
+    generator = torch.Generator().manual_seed(0)
+    cfg = fresh.config
+    x = {
+        "hidden_states": torch.randn(
+            1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator
+        ),
+        "encoder_hidden_states": torch.randn(1, 9, cfg.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([500.0]),
+    }
+    with torch.no_grad():
+        assert torch.allclose(fresh(**x).sample, trained(**x).sample, atol=1e-5)
+        fresh.disable_adapters()
+        assert not torch.allclose(fresh(**x).sample, trained(**x).sample, atol=1e-3)
+
+
+def test_dpo_init_lora_trains_on_from_the_old_adapter(pairs, tiny_model_dir, old_lora, tmp_path):
+    _, folder, _ = old_lora
+    out = tmp_path / "continued"
+    argv = ["dpo", str(pairs), str(out), "--model", tiny_model_dir, "--max-steps", "2", *FAST]
+    assert t2i([*argv, "--init-lora", str(folder), "--save-dtype", "fp32"]) == 0
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    old = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    assert weights.keys() == old.keys()  # the old adapter's layers, not --target-modules
+    assert {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {4}  # its rank, not --rank
+    assert json.loads((out / "summary.json").read_text())["init_lora"] == str(folder)
+    assert any(not torch.equal(weights[k], old[k].float()) for k in old)  # and it trained on
+
+
+def test_an_init_lora_that_is_no_lora_is_a_one_line_error_before_any_work(
+    pairs, tiny_model_dir, tmp_path, capsys
+):
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd.safetensors"
+    save_file({"some.other.weight": torch.zeros(4, 8)}, str(odd))
+    argv = ["dpo", str(pairs), str(tmp_path / "out"), "--model", tiny_model_dir, "--max-steps", "1"]
+    assert t2i([*argv, *FAST, "--init-lora", str(odd)]) == 1
+    assert "holds no SD3 transformer LoRA" in capsys.readouterr().err
+    assert not (tmp_path / ".out.work").exists()
+
+
+def test_two_processes_train_the_same_lora_as_one_process_with_their_global_batch(
+    pairs, tiny_model_dir, tmp_path
+):
+    """DDP over gloo on the CPU (torchrun; accelerate reads its environment): 2 processes x 2 pairs
+    draw the same global batch as 1 process x 4 pairs, and averaged gradients give the same LoRA."""
+    import os
+    import shutil
+
+    common = [
+        str(pairs),
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "3",
+        "--rank",
+        "4",
+        "--alpha",
+        "4",
+        "--beta",
+        "1000",
+        "--lr",
+        "1e-3",
+        "--heldout-fraction",
+        "0",
+        "--save-dtype",
+        "fp32",
+    ]
+    assert t2i(["dpo", common[0], str(tmp_path / "one"), *common[1:], "--batch-size", "4"]) == 0
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "flows.cli",
+            "dpo",
+            common[0],
+            str(tmp_path / "two"),
+            *common[1:],
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    one = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    two = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert one.keys() == two.keys()
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    assert (
+        max((one[k] - two[k]).abs().max() for k in one)
+        < 1e-5
+        < max(one[k].abs().max() for k in one)
+    )

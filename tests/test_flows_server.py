@@ -14,8 +14,7 @@ import pytest
 from prefect_services import PrefectServices, api
 
 from flows.artifacts import read_scalars
-from flows.config import EndToEndConfig
-from flows.end_to_end import plan
+from flows.end_to_end import EndToEndConfig, plan
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [

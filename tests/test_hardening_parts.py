@@ -319,3 +319,83 @@ def test_ingest_streams_every_layout_without_holding_the_collection(tmp_path):
         assert (one["bytes_mb"], four["bytes_mb"]) == (pytest.approx(48.0), pytest.approx(192.0))
         assert four["held_mb"] < 1.25 * one["held_mb"] + 4, (layout, figures)
         assert four["held_mb"] < four["bytes_mb"] / 4, (layout, figures)
+
+
+PEAK_SCRIPT = (
+    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+    "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            "curate",
+            "{src}",
+            "{out}",
+            "--nsfw-detector",
+            "none",
+            "--aesthetic-scorer",
+            "none",
+            "--workers",
+            "1",
+        ],
+        ["make-prefs", "{out}", "--source", "{src}"],
+    ],
+    ids=["curate", "make-prefs"],
+)
+def test_whole_commands_on_bombs_stay_under_one_gigabyte_peak_rss(tmp_path, demo_folder, command):
+    """`t2i curate` and `t2i make-prefs` on a 900 MP and a 108 MP bomb beside one good image:
+    peak RSS of the command's process under 1 GB (decoding the first bomb alone takes 2.7 GB)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "bomb.png").write_bytes(bad_corpus.bomb_png())
+    (source / "bomb2.png").write_bytes(bad_corpus.bomb_png(12_000, 9_000))
+    (source / "good.jpg").write_bytes((demo_folder / "astronaut.jpg").read_bytes())
+    argv = [part.format(src=source, out=tmp_path / "out") for part in command]
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, sys.executable, "-m", "flows.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    code, peak_kb = (int(x) for x in done.stdout.strip().splitlines()[-1].split())
+    assert code == 0, done.stderr[-2000:]
+    assert peak_kb < 1024 * 1024, peak_kb
+
+
+def test_prefect_stage_markdown_shows_paths_and_image_names_as_text(tmp_path):
+    from flows.artifacts import stage_markdown
+
+    out = tmp_path / "<img src=x onerror=alert(1)>"
+    out.mkdir()
+    Image.new("RGB", (8, 8)).save(out / "<script>x.png")
+    (out / "report.md").write_text(f"# report\n\n{escape('<script>alert(1)</script>')}\n")
+    text = stage_markdown("curate", out, None, None)
+    assert "<img" not in text and "<script" not in text
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in text and "&lt;script&gt;x.png" in text
+
+
+def test_allow_path_cells_reads_paths_inside_the_input_only(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.ingest import IngestOptions
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(_png())
+    (tmp_path / "secret.png").write_bytes(_png(color=(1, 2, 3)))
+    cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    paths = ["a.png", "../secret.png", str(tmp_path / "secret.png")]
+    cells = pa.array([{"bytes": None, "path": p} for p in paths], cell)
+    pq.write_table(pa.table({"image": cells}), tmp_path / "in" / "t.parquet")
+    for root in (tmp_path / "in", tmp_path / "in" / "t.parquet"):
+        records = read_records(root, IngestOptions(allow_path_cells=True))
+        records = [r for r in records if r.key.startswith("t.parquet:")]
+        assert [(r.refused, r.data == _png()) for r in records] == [
+            ("", True),
+            (reasons.UNSAFE_PATH, False),
+            (reasons.UNSAFE_PATH, False),
+        ]

@@ -441,3 +441,72 @@ def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
             or "no SD3 transformer LoRA" in err
         ), err
         assert not list(out.rglob("*.png")), case
+
+
+def test_init_lora_from_a_kohya_file_restores_the_trainers_model_at_another_alpha(
+    trained, tiny_model_dir, tmp_path
+):
+    """`t2i dpo --init-lora` / resuming from a foreign file: the adapter (here alpha 4, not 8)
+    gets the file's down matrices and rescaled ups, so the update is the file's."""
+    from dpo.config import ALL_BLOCK_LINEARS
+    from model.lora import init_lora_from
+
+    transformer, _ = trained
+    file = save_lora(lora_weights(transformer), tmp_path / "k.safetensors", "kohya", "fp32")
+    fresh = load_pipeline(tiny_model_dir).transformer.eval()
+    add_lora(fresh, RANK, 4.0, ALL_BLOCK_LINEARS)
+    assert init_lora_from(fresh, file) == len(lora_weights(transformer).modules)
+    assert (outputs(fresh) - outputs(transformer)).abs().max() < TOLERANCE
+
+    other_rank = load_pipeline(tiny_model_dir).transformer
+    add_lora(other_rank, 2, 2.0, ALL_BLOCK_LINEARS)
+    with pytest.raises(ValueError, match="rank 4 .* rank 2"):
+        init_lora_from(other_rank, file)
+
+
+def test_partial_and_untrained_qkv_loras_round_trip_matrix_for_matrix(tmp_path):
+    """q and v without k, and a fresh LoRA (B = 0): fused for kohya, split back to the same matrices."""
+    g = torch.Generator().manual_seed(2)
+    for name, std in (("partial", 0.1), ("fresh", 0.0)):
+        modules = {
+            "transformer_blocks.0.attn.to_q": LoraModule(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g) * std, 8.0),
+            "transformer_blocks.0.attn.to_v": LoraModule(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g) * std, 8.0),
+            "transformer_blocks.0.attn.add_k_proj": LoraModule(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g) * std, 1.0),
+        }  # fmt: skip
+        if name == "fresh":
+            modules["transformer_blocks.0.attn.to_k"] = LoraModule(torch.randn(4, 32, generator=g), torch.zeros(32, 4), 8.0)  # fmt: skip
+        for fmt in ("kohya", "comfyui"):
+            file = save_lora(
+                LoraWeights(modules), tmp_path / f"{name}-{fmt}.safetensors", fmt, "fp32"
+            )
+            back = read_lora(file).modules
+            assert back.keys() == modules.keys(), (name, fmt)
+            for key, module in modules.items():
+                assert torch.equal(back[key].down, module.down), (name, fmt, key)
+                assert torch.equal(back[key].up, module.up), (name, fmt, key)
+                assert back[key].alpha == module.alpha, (name, fmt, key)
+
+
+def test_t2i_lora_convert_chains_formats_back_to_the_same_file(trained, tmp_path, capsys):
+    _, folder = trained
+    assert t2i(["lora-convert", str(folder), str(tmp_path / "k.safetensors"), "--to", "kohya", "--save-dtype", "fp32"]) == 0  # fmt: skip
+    assert t2i(["lora-convert", str(tmp_path / "k.safetensors"), str(tmp_path / "c.safetensors"), "--to", "comfyui", "--save-dtype", "fp32"]) == 0  # fmt: skip
+    assert t2i(["lora-convert", str(tmp_path / "c.safetensors"), str(tmp_path / "d"), "--to", "diffusers", "--save-dtype", "fp32"]) == 0  # fmt: skip
+    original, again = load_file(str(folder / "pytorch_lora_weights.safetensors")), load_file(str(tmp_path / "d" / "pytorch_lora_weights.safetensors"))  # fmt: skip
+    assert original.keys() == again.keys()
+    assert all(torch.allclose(original[k], again[k], atol=1e-7) for k in original)
+    capsys.readouterr()
+    save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "not-a-lora.safetensors"))
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 16)
+    save_file({"lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_down.weight": torch.zeros(1, 32),
+               "lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_up.weight": torch.zeros(128, 1),
+               "lora_unet_joint_blocks_0_x_block_mlp_fc1.dora_scale": torch.ones(1, 32)}, str(tmp_path / "dora.safetensors"))  # fmt: skip
+    for bad in (
+        "not-a-lora.safetensors",
+        "garbage.safetensors",
+        "missing.safetensors",
+        "dora.safetensors",
+    ):
+        assert t2i(["lora-convert", str(tmp_path / bad), str(tmp_path / "x"), "--to", "kohya"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("t2i lora-convert: error:"), err

@@ -57,6 +57,18 @@ def test_a_lora_run_resumed_from_its_checkpoint_ends_bit_identical(
     assert [p.name for p in checkpoints] == ["step-00000003", "step-00000006"]
     saved = load_file(str(checkpoints[0] / "model.safetensors"))
     assert saved and all("lora_" in k for k in saved)  # the frozen base stays out of checkpoints
+    # The export is the EMA's LoRA (decay 0.5 here), alpha / rank = 2 folded into B.
+    ema = load_file(str(checkpoints[-1] / "ema.safetensors"))
+    raw_final = load_file(str(checkpoints[-1] / "model.safetensors"))
+    for key, value in lora.items():
+        param = key.removeprefix("transformer.").replace(".weight", ".default.weight")
+        (shadow,) = [v for k, v in ema.items() if k.endswith(param)]
+        expected = shadow * 2.0 if ".lora_B." in key else shadow
+        assert torch.equal(value, expected), key
+    b_key = next(k for k in raw_final if ".lora_B." in k)
+    assert not torch.equal(
+        raw_final[b_key] * 2.0, lora["transformer." + b_key.replace(".default", "")]
+    )
 
     # A run killed right after its step-3 checkpoint: the same folder without what came later.
     killed = tmp_path / "killed"

@@ -104,8 +104,48 @@ def test_the_shift_stored_in_the_scheduler_is_the_one_diffusers_samples_with():
     )
     # The scheduler's 1000 training sigmas, before set_timesteps picks an inference grid.
     assert torch.allclose(rf.shift_timesteps(plain.sigmas, 3.0), shifted.sigmas, atol=1e-6)
-    ours = rf.sampling_schedule(10, shift=3.0)
-    assert torch.allclose(ours[:-1], rf.shift_timesteps(torch.linspace(1, 0, 11)[:-1], 3.0))
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 28, 50])
+@pytest.mark.parametrize("shift", [1.0, 3.0, 4.0])
+def test_our_sampling_grid_is_diffusers_set_timesteps_grid(steps, shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    ours = rf.sampling_schedule(steps, shift=shift)
+    assert ours.shape == scheduler.sigmas.shape
+    assert torch.allclose(ours, scheduler.sigmas, atol=1e-6, rtol=0)
+    # The schedule the stock pipeline passes to the transformer is 1000 x these times.
+    assert torch.allclose(rf.model_timestep(ours[:-1]), scheduler.timesteps, atol=1e-3, rtol=0)
+
+
+class TimestepProbe(torch.nn.Module):
+    """Stands in for the MMDiT: records the timestep it is given, returns zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = None
+
+    def forward(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict
+    ):
+        self.seen = timestep.detach().clone()
+        return (torch.zeros_like(hidden_states),)
+
+
+def test_the_transformer_receives_1000_t_as_diffusers_trains_and_samples_it():
+    from model.conditioning import TextEncoding
+    from model.objective import flow_loss
+
+    probe = TimestepProbe()
+    text = TextEncoding(torch.zeros(2, 77, 4), torch.zeros(2, 4), torch.zeros(2, 77, 4),
+                        torch.zeros(2, 4), torch.zeros(2, 5, 8), torch.ones(2, 5))  # fmt: skip
+    t = torch.tensor([0.25, 0.9])
+    flow_loss(probe, torch.zeros(2, 4, 2, 2), text, t, torch.zeros(2, 4, 2, 2))
+    assert torch.equal(probe.seen, torch.tensor([250.0, 900.0]))
+    # diffusers' scheduler hands the transformer sigma * num_train_timesteps (1000) as well.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(5)
+    assert torch.allclose(scheduler.timesteps, scheduler.sigmas[:-1] * 1000)
 
 
 def test_the_objective_interpolates_data_and_noise_and_targets_their_difference():

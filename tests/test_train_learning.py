@@ -23,9 +23,13 @@ def test_training_makes_samples_follow_the_caption_far_above_chance_and_the_untr
 ):
     result = load_bench().measure(
         preset="tiny", steps=120, n=32, batch=8, lr=5e-3, warmup=12, seeds=4, sample_steps=6,
-        solid=True, colours=("red", "blue"), held_out=0, work=tmp_path,
+        solid=True, colours=("red", "blue"), held_out=0, work=tmp_path, pipeline=True,
     )  # fmt: skip
     assert result["chance"] == 0.5
     assert result["untrained_accuracy"] <= 0.75
     assert result["trained_accuracy"] >= 0.9
     assert result["trained_accuracy"] >= result["untrained_accuracy"] + 0.25
+    # The exported folder through diffusers' stock StableDiffusion3Pipeline (its own encoders,
+    # scheduler, empty-prompt guidance): samples are classified, against the base folder's.
+    assert result["pipeline_trained_accuracy"] >= 0.9
+    assert result["pipeline_untrained_accuracy"] <= 0.75

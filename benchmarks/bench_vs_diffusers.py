@@ -1,0 +1,146 @@
+"""`t2i train` against diffusers' own SD3 full fine-tune script, side by side in one run.
+
+Both trainers get the same model (SD3 MMDiT, 4 layers, hidden 256 = 9.0M parameters, with the
+tiny kit's random CLIP-L/CLIP-G/T5 and VAE), the same 16 images at 64 px (16x16 latents, 64
+image tokens + 77 CLIP + 77 T5), batch 8, lr 1e-4, fp32, one thread. Ours reads the images
+pre-encoded by `t2i precompute`; the peer VAE-encodes its batch at every step, as it does by
+default. Steady-state steps/s = (40 - 10) / (time of a 40-step process - time of a 10-step
+process), so start-up, loading and saving cancel. Repeats alternate the order of the trainers.
+
+    python benchmarks/bench_vs_diffusers.py --peer PATH/train_dreambooth_sd3.py \
+        --shim PATH/shim [--repeats 3] [--work DIR]
+
+The peer script is run as given, from its own path; nothing of it is copied here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "a photo of sks thing"
+
+
+def prepare(work: Path) -> tuple[Path, Path, Path]:
+    """(model folder, images-only folder, pre-encoded set) under WORK; reused when present."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+
+    from model.build import build_tiny_components
+    from model.config import PrecomputeConfig
+    from model.precompute import run_precompute
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_sets import shape_image, write_store
+
+    model, images, encoded = work / "model", work / "images", work / "encoded"
+    if not (model / "model_index.json").is_file():
+        StableDiffusion3Pipeline(**build_tiny_components(0, "d4")).save_pretrained(model)
+    if not (encoded / "manifest.json").is_file():
+        rng = np.random.default_rng(0)
+        colours, shapes = ("red", "green", "blue", "yellow"), ("circle", "square")
+        pictures = [shape_image(colours[k % 4], shapes[k // 4 % 2], 64, rng) for k in range(16)]
+        images.mkdir(parents=True, exist_ok=True)
+        for k, picture in enumerate(pictures):
+            picture.save(images / f"{k:02d}.png")
+        store = write_store(work / "store", pictures, [PROMPT] * 16, [None] * 16)
+        run_precompute(
+            store, encoded, PrecomputeConfig(model=str(model), resolution=64, t5_length=77)
+        )
+    return model, images, encoded
+
+
+def environment(extra_path: str | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ACCELERATE_USE_CPU": "1",
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env["PYTHONPATH"] = extra_path or str(ROOT)
+    return env
+
+
+def peer_command(args, model: Path, images: Path, steps: int, out: Path) -> list[str]:
+    return [sys.executable, str(args.peer), "--pretrained_model_name_or_path", str(model),
+            "--instance_data_dir", str(images), "--instance_prompt", PROMPT, "--resolution", "64",
+            "--train_batch_size", "8", "--max_train_steps", str(steps), "--learning_rate", "1e-4",
+            "--mixed_precision", "no", "--weighting_scheme", "logit_normal", "--seed", "0",
+            "--output_dir", str(out)]  # fmt: skip
+
+
+def ours_command(model: Path, encoded: Path, steps: int, out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "train", str(encoded), str(out), "--model", str(model),
+            "--batch-size", "8", "--max-steps", str(steps), "--lr", "1e-4", "--warmup-steps", "0",
+            "--val-fraction", "0", "--sample-count", "0", "--checkpoint-every", "0",
+            "--log-every", "1000", "--mixed-precision", "no", "--device", "cpu", *extra]  # fmt: skip
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[1]} failed:\n{result.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--peer", type=Path, required=True, help="diffusers' train_dreambooth_sd3.py"
+    )
+    parser.add_argument(
+        "--shim", type=Path, help="folder put first on the peer's PYTHONPATH (torchvision stand-in)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, nargs=2, default=(10, 40), help="short and long run")
+    parser.add_argument(
+        "--work", type=Path, help="folder for the model, images and runs (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--ours-extra", default="", help="extra `t2i train` flags, e.g. '--no-export-ema'"
+    )
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-vs-diffusers-"))
+    model, images, encoded = prepare(work)
+    short, long = args.steps
+    peer_env = environment(f"{args.shim}:{ROOT}" if args.shim else None)
+    ours_env = environment(None)
+    runners = {
+        "peer": lambda n, out: timed(peer_command(args, model, images, n, out), peer_env),
+        "t2i": lambda n, out: timed(
+            ours_command(model, encoded, n, out, args.ours_extra.split()), ours_env
+        ),
+    }
+    rates: dict[str, list[float]] = {"peer": [], "t2i": []}
+    for repeat in range(args.repeats):
+        order = ["peer", "t2i"] if repeat % 2 == 0 else ["t2i", "peer"]
+        for name in order:
+            seconds = {
+                n: runners[name](n, work / "runs" / f"{name}-{repeat}-{n}") for n in (short, long)
+            }
+            rates[name].append((long - short) / (seconds[long] - seconds[short]))
+            print(json.dumps({"repeat": repeat, "trainer": name, "seconds": seconds,
+                              "steps_per_s": round(rates[name][-1], 3)}), flush=True)  # fmt: skip
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(json.dumps({
+        "peer_steps_per_s": round(medians["peer"], 3), "peer_range": [round(min(rates["peer"]), 3), round(max(rates["peer"]), 3)],
+        "t2i_steps_per_s": round(medians["t2i"], 3), "t2i_range": [round(min(rates["t2i"]), 3), round(max(rates["t2i"]), 3)],
+        "ratio_of_medians": round(medians["t2i"] / medians["peer"], 3),
+        "ratio_per_repeat": [round(a / b, 3) for a, b in zip(rates["t2i"], rates["peer"], strict=True)],
+        "work": str(work),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

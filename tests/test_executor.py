@@ -1,0 +1,61 @@
+"""The shard executor: state built once per worker, results for every shard, a dead worker's shard rerun."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from curate.executor import Executor, Setup, worker_state
+
+BUILDS: list[str] = []
+
+
+def build(spec: str) -> dict:
+    BUILDS.append(spec)
+    return {"spec": spec, "pid": os.getpid(), "builds": len(BUILDS)}
+
+
+def square(state: dict, payload: int) -> tuple[int, int, int]:
+    return payload * payload, state["pid"], state["builds"]
+
+
+def die_once(state: dict, payload: tuple[int, str]) -> int:
+    """SIGKILL this worker the first time shard 3 runs (a marker file remembers across processes)."""
+    value, marker = payload
+    if value == 3 and not Path(marker).exists():
+        Path(marker).write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value * 10
+
+
+def test_a_worker_builds_its_state_once_and_a_new_setup_replaces_it():
+    first, load = worker_state(Setup(build, "a", "key-a"))
+    again, reload = worker_state(Setup(build, "a", "key-a"))
+    assert again is first and reload == 0.0
+    other, _ = worker_state(Setup(build, "b", "key-b"))
+    assert other["spec"] == "b" and other is not first
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_shard_comes_back_once_and_models_load_once_per_worker(workers):
+    shards = [(f"s{i}", i) for i in range(9)]
+    with Executor(workers=workers) as executor:
+        results = list(executor.map(Setup(build, "m", f"key-{workers}"), square, shards))
+    assert sorted(r.name for r in results) == sorted(name for name, _ in shards)
+    assert {r.name: r.value[0] for r in results} == {name: i * i for name, i in shards}
+    pids = {r.value[1] for r in results}
+    assert len(pids) <= workers and (workers == 1) == (pids == {os.getpid()})
+    assert len({r.value[1:] for r in results}) == len(pids)  # one state per worker, built once
+    assert sum(r.load_s > 0 for r in results) == len(pids)
+
+
+def test_a_killed_local_worker_is_replaced_and_its_shard_reruns(tmp_path):
+    marker = str(tmp_path / "killed-once")
+    shards = [(f"s{i}", (i, marker)) for i in range(8)]
+    with Executor(workers=2) as executor:
+        results = {r.name: r.value for r in executor.map(Setup(build, "m", "k"), die_once, shards)}
+    assert Path(marker).exists()  # a worker really died mid-shard
+    assert results == {f"s{i}": i * 10 for i in range(8)}
