@@ -31,8 +31,22 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Scorers that cost the same per image at any N; the dedup embedder (EfficientNet-Lite0) stays on.
-CURATE = ["--nsfw-detector", "none", "--aesthetic-scorer", "none", "--workers", "1"]
+# The stage's own work at tiny model cost: no NSFW or quality scorer, a tiny random CLIP as the
+# dedup embedder (decode, validation, pHash, thumbnails, dedup and the tables all run as usual).
+CURATE = [
+    "--nsfw-detector",
+    "none",
+    "--aesthetic-scorer",
+    "none",
+    "--embedder",
+    "clip",
+    "--similarity-threshold",
+    "1.0",
+    "--phash-distance",
+    "0",
+    "--workers",
+    "1",
+]
 CAPTION = ["--max-new-tokens", "8", "--batch-size", "16", "--chunk-size", "256"]
 PRECOMPUTE = ["--resolution", "64", "--batch-size", "16", "--shard-size", "256"]
 
@@ -57,13 +71,35 @@ def make_images(folder: Path, n: int, side: int = 160, seed: int = 0) -> None:
         (folder / f"img{i:06d}.txt").write_text(f"shapes on a coloured ground, number {i}")
 
 
+def write_tiny_clip(folder: Path) -> str:
+    """A random 2-layer CLIP image tower (32 px, 16-d embeddings), from its config."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return str(folder)
+
+
 def run(argv: list[str], log: Path) -> dict[str, float]:
-    """Run `t2i ARGV` niced; wall seconds and peak RSS (driver, and driver plus descendants) in MiB."""
+    """Run `t2i ARGV`; wall seconds and peak RSS (driver, and driver plus descendants) in MiB."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
     with log.open("w") as handle:
         process = subprocess.Popen(
-            ["nice", "-n", "5", sys.executable, "-m", "flows.cli", *argv],
+            [sys.executable, "-m", "flows.cli", *argv],
             cwd=ROOT,
             env=env,
             stdout=handle,
@@ -92,12 +128,13 @@ def run(argv: list[str], log: Path) -> dict[str, float]:
 
 
 def chain(root: Path, n: int, model: str, captioner: str) -> dict[str, dict[str, float]]:
+    curate = [*CURATE, "--clip-model", str(root / "clip")]
     raw, logs = root / f"raw-{n}", root / "logs"
     logs.mkdir(exist_ok=True)
     make_images(raw, n)
     figures = {}
     curated, captioned, encoded = (root / f"{stage}-{n}" for stage in ("cur", "cap", "enc"))
-    figures["curate"] = run(["curate", str(raw), str(curated), *CURATE], logs / f"curate-{n}.log")
+    figures["curate"] = run(["curate", str(raw), str(curated), *curate], logs / f"curate-{n}.log")
     figures["caption"] = run(
         ["caption", str(curated), str(captioned), "--model", captioner, *CAPTION],
         logs / f"caption-{n}.log",
@@ -150,10 +187,13 @@ def main() -> None:
         model, captioner = str(root / "model"), str(root / "vlm")
         run(["init-model", model, "--preset", "tiny"], root / "init-model.log")
         run(["init-captioner", captioner, "--preset", "tiny"], root / "init-captioner.log")
+        write_tiny_clip(root / "clip")
         results: dict[str, object] = {"n": {}}
         for n in args.n:
             results["n"][n] = chain(root, n, model, captioner)
             print(json.dumps({n: results["n"][n]}), flush=True)
+            if args.json:  # what is finished survives an interrupted run
+                Path(args.json).write_text(json.dumps(results, indent=1))
         results["dask"] = dask_ratio(root, min(args.n), args.repeats)
         print(json.dumps(results["dask"]), flush=True)
         smallest, largest = min(args.n), max(args.n)

@@ -143,6 +143,7 @@ def _caption(
                 yield name, (table[start:stop].select(columns).to_pylist(), previous)
 
         with executor_for(config, STAGE) as executor:
+            where = executor.describe()
             for result in executor.map(setup, caption_chunk, planned()):
                 results, chunk_counts = result.value
                 log.write(result.name, pa.Table.from_pylist(results, schema=CHUNK_SCHEMA))
@@ -161,6 +162,7 @@ def _caption(
         writer.write_samples(_merged(table, chunks, log, failures, stats, examples), features)
         writer.counts.update({"input": len(samples), **stats})
         writer.extra["captioner"] = captioner
+        writer.extra["executor"] = where
         writer.extra["this_run"] = {
             "resumed_rows": counts["resumed"],
             "captioned_rows": counts["captioned"],

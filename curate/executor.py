@@ -186,6 +186,10 @@ class Executor:
             self._cluster.close()
         self._client = self._cluster = self._inside = None
 
+    def describe(self) -> str:
+        """Where the shards run, for the manifest: 'in-process x1', 'processes x4', 'dask x8'."""
+        return f"{self.kind} x{self.capacity()}"
+
     def capacity(self) -> int:
         """Shards that can run at once."""
         if self._client is not None:

@@ -119,7 +119,7 @@ def _score_all(inp: Path, work: WorkLog, resolved, timing: dict[str, Any]) -> in
 
     try:
         with executor_for(config, STAGE) as executor:
-            timing["executor"] = f"{executor.kind} x{executor.capacity()}"
+            timing["executor"] = executor.describe()
             for result in executor.map(setup, score_chunk, planned()):
                 work.write(result.name, result.value)
                 progress.update(result.value.num_rows)

@@ -63,22 +63,20 @@ class EncodedPairs:
 class EncodedPairSet:
     """The pairs of an `encode_pairs` output, read on demand (see the module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike, _rows: np.ndarray | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike) -> None:
         from model.encoded import EncodedDataset
 
         self.directory = Path(directory)
         self.data = EncodedDataset(self.directory)
-        if _rows is None:
-            position = {sample: i for i, sample in enumerate(self.data.ids)}
-            _rows = np.array(
-                [
-                    (i, position[s[: -len(WINNER)] + LOSER])
-                    for i, s in enumerate(self.data.ids)
-                    if s.endswith(WINNER) and s[: -len(WINNER)] + LOSER in position
-                ],
-                dtype=np.int64,
-            ).reshape(-1, 2)
-        self._rows = _rows  # [N, 2]: the winner's and the loser's sample index
+        position = {sample: i for i, sample in enumerate(self.data.ids)}
+        pairs = [
+            (i, position[sample[: -len(WINNER)] + LOSER])
+            for i, sample in enumerate(self.data.ids)
+            if sample.endswith(WINNER) and sample[: -len(WINNER)] + LOSER in position
+        ]
+        # [N, 2]: each pair's winner and loser sample index (a pair missing a side is skipped:
+        # precompute rejected that image, and its reason is in the encoded set's rejected/)
+        self._rows = np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self._rows)

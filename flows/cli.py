@@ -281,9 +281,10 @@ COMMANDS: tuple[Command, ...] = (
         "ingest preference pairs (Pick-a-Pic v2, generic, or a folder of pairs)",
         "Reads Pick-a-Pic v2 (caption, jpg_0, jpg_1, label_0; parquet or a saved dataset), a "
         "generic layout (caption, image_w, image_l) or a folder with one sub-folder per pair "
-        "(caption.txt, winner.*, loser.*) and writes a preference table. Ties (label 0.5), "
-        "identical images, undecodable images and empty captions go to rejected/ with their "
-        "reason.",
+        "(caption.txt, winner.*, loser.*) and writes a preference table. Ties (label 0.5), rows "
+        "with has_label or are_different false or labels not summing to 1, identical images, "
+        "undecodable images and empty captions go to rejected/ with their reason. A hub-layout "
+        "folder (data/SPLIT-00000-of-NNNNN.parquet) is read one --split at a time.",
         IngestPrefsConfig,
         prefs,
         (("source", "preference data in any supported layout"), ("output", "output directory")),
@@ -302,14 +303,15 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "dpo",
         "align a model with rank-128 LoRA Diffusion-DPO on preference pairs",
-        "Diffusion-DPO (Wallace et al. 2023) on the rectified-flow velocity target, with a LoRA "
-        "(rank 128, alpha 128) on every linear layer of the MMDiT blocks (SD3 appendix C). "
-        "Winner and loser share t and noise; the reference is the same network with the adapter "
-        "disabled. PREFS is raw preference data (any layout `t2i prefs` reads) or its output. "
-        "Writes OUTPUT/pytorch_lora_weights.safetensors (StableDiffusion3Pipeline."
-        "load_lora_weights reads it), metrics.jsonl (loss, implicit accuracy, reward margin, "
-        "model/reference errors) and summary.json (held-out implicit accuracy). Rerunning an "
-        "interrupted run resumes from its last checkpoint.",
+        "Diffusion-DPO (Wallace et al. 2023) on a rectified-flow model, errors in noise-prediction "
+        "units so beta means Diffusion-DPO's beta, with a LoRA (rank 128, alpha 128) on the "
+        "attention projections of the MMDiT blocks. Winner and loser share t and noise; the "
+        "reference is the same network with the adapter disabled. PREFS is raw preference data "
+        "(any layout `t2i prefs` reads) or its output. Writes OUTPUT/pytorch_lora_weights."
+        "safetensors (StableDiffusion3Pipeline.load_lora_weights reads it), report.md (base vs "
+        "LoRA samples for held-out captions, the --scorer win rate, then training diagnostics), "
+        "metrics.jsonl (loss, implicit accuracy, margin, winner drift, saturation) and "
+        "summary.json. Rerunning an interrupted run resumes from its last checkpoint.",
         DPOConfig,
         dpo,
         (("prefs", "preference data or a `t2i prefs` output"), ("output", "output directory")),

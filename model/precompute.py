@@ -153,6 +153,7 @@ class _Run:
     ) -> None:
         self.config, self.dims, self.table = config, dims, table
         self.buckets, self.parts, self.executor = buckets, parts, executor
+        self.where = executor.describe()
         # encoder -> {"load": s, "encode": s, "items": images or captions encoded in this run}
         self.timings: dict[str, dict[str, float]] = {}
         self.num_shards = (table.num_rows + config.shard_size - 1) // config.shard_size
@@ -300,6 +301,7 @@ class _Run:
         writer.extra["info"] = self.info()
         writer.extra["bytes"] = storage_bytes(shards, kept)
         writer.extra["timings_s"] = self.timings
+        writer.extra["executor"] = self.where
 
     def info(self) -> dict[str, Any]:
         c = self.config

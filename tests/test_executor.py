@@ -59,3 +59,29 @@ def test_a_killed_local_worker_is_replaced_and_its_shard_reruns(tmp_path):
         results = {r.name: r.value for r in executor.map(Setup(build, "m", "k"), die_once, shards)}
     assert Path(marker).exists()  # a worker really died mid-shard
     assert results == {f"s{i}": i * 10 for i in range(8)}
+
+
+def test_curate_chunks_close_at_the_pixel_bound_whatever_the_image_count():
+    import io
+
+    from PIL import Image
+
+    from curate.config import CurateConfig
+    from curate.ingest import Record
+    from curate.stage import _chunks
+
+    def jpeg(side: int, shade: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (side, side), (shade, 0, 0)).save(buffer, "JPEG")
+        return buffer.getvalue()
+
+    sides = [400, 400, 400, 1000, 100, 100, 100, 100]  # 160k px each, then one 1 Mpx image
+    records = [Record(f"{i}.jpg", jpeg(side, i), "") for i, side in enumerate(sides)]
+    records.append(Record("broken.jpg", b"not an image", ""))
+    config = CurateConfig(chunk_size=5, chunk_pixels=500_000)
+    chunks = [[item["key"] for item in chunk] for chunk in _chunks(iter(records), config)]
+    assert chunks == [
+        ["0.jpg", "1.jpg", "2.jpg"],
+        ["3.jpg"],
+        ["4.jpg", "5.jpg", "6.jpg", "7.jpg", "broken.jpg"],
+    ]

@@ -122,6 +122,7 @@ def test_caption_through_dask_address_writes_the_local_run_tables(
     assert result.returncode == 0, result.stderr[-3000:]
     assert tables(tmp_path / "dask") == tables(local)
     assert Manifest.read(tmp_path / "dask").counts == Manifest.read(local).counts
+    assert Manifest.read(tmp_path / "dask").extra["executor"] == "dask x2"
 
 
 def test_precompute_through_dask_address_writes_the_local_run_index_and_shards(
@@ -175,4 +176,4 @@ def test_end_to_end_on_a_dask_task_runner_completes_with_curate_fanned_out(clust
         "caption",
         "precompute",
     ):  # each mapped its shards over the flow's cluster
-        assert Manifest.read(done[stage]["output"]).parameters["dask_address"] == cluster.address
+        assert Manifest.read(done[stage]["output"]).extra["executor"] == "dask x2"
