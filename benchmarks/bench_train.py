@@ -2,7 +2,8 @@
 
 MFU = (FLOPs of one training step, counted by torch's FlopCounterMode over forward + backward)
 x steps/s / the machine's own measured matmul rate (a large fp32 GEMM timed in the same process
-and thread count). Peak memory: the process's peak RSS on CPU (each model runs in a fresh
+and thread count). On CPU both are timed in process CPU time, so other jobs on a shared machine
+barely move the ratio; `--breakdown` adds where the step's time goes (GEMMs, attention, the rest). Peak memory: the process's peak RSS on CPU (each model runs in a fresh
 process), torch.cuda.max_memory_allocated on GPU.
 
     python benchmarks/bench_train.py                        # tiny and d4 (hidden 256) at batch 8
@@ -37,17 +38,24 @@ MODELS = {
 }
 
 
+def clock(device: torch.device):
+    """This process's CPU time on CPU (steady on a shared machine: other jobs do not count), the
+    wall clock on GPUs."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
 def matmul_rate(device: torch.device, n: int = 1024, repeats: int = 20) -> float:
     """Measured fp32 FLOP/s of an n x n GEMM on this device."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
     sync(device)
-    start = time.perf_counter()
+    now = clock(device)
+    start = now()
     for _ in range(repeats):
         a @ b
     sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+    return 2 * n**3 * repeats / (now() - start)
 
 
 def sync(device: torch.device) -> None:
@@ -66,10 +74,42 @@ def synthetic_batch(name: str, batch: int, device: torch.device):
     return rand(batch, config["in_channels"], side, side), text
 
 
-def bench(name: str, batch: int, steps: int, device: torch.device) -> dict:
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::_flash_attention")
+
+
+def time_breakdown(step, j: int) -> dict:
+    """Where a step's time goes (torch.profiler self time): GEMMs, attention, the rest; and the
+    FLOP rate inside the GEMMs themselves (what the model's matrix shapes reach on this machine)."""
+    from torch.profiler import profile
+
+    with profile(with_flops=True) as prof:
+        step(j)
+    gemm_us = attention_us = total_us = 0.0
+    gemm_flops = 0
+    for event in prof.key_averages():
+        total_us += event.self_cpu_time_total
+        if event.key in GEMM_OPS:
+            gemm_us += event.self_cpu_time_total
+            gemm_flops += event.flops
+        elif event.key.startswith(ATTENTION_OPS):
+            attention_us += event.self_cpu_time_total
+    return {
+        "gemm_share": round(gemm_us / total_us, 3),
+        "attention_share": round(attention_us / total_us, 3),
+        "other_share": round(1 - (gemm_us + attention_us) / total_us, 3),
+        "GFLOPs_inside_gemms": round(gemm_flops / (gemm_us * 1e-6) / 1e9, 2) if gemm_us else None,
+    }
+
+
+def bench(
+    name: str, batch: int, steps: int, device: torch.device, breakdown_wanted: bool = False
+) -> dict:
     torch.manual_seed(0)
     model = build_transformer(MODELS[name][0], device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-15)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, eps=1e-15, fused=True
+    )  # as the trainer
     latents, text = synthetic_batch(name, batch, device)
     settings = FlowSettings()
 
@@ -93,11 +133,13 @@ def bench(name: str, batch: int, steps: int, device: torch.device) -> dict:
     flops = counter.get_total_flops()
     peak_rate = matmul_rate(device)
     sync(device)
-    start = time.perf_counter()
+    now = clock(device)
+    start = now()
     for j in range(steps):
         step(j + 2)
     sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    seconds = (now() - start) / steps
+    breakdown = time_breakdown(step, steps + 2) if breakdown_wanted else None
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device)
     else:
@@ -116,6 +158,7 @@ def bench(name: str, batch: int, steps: int, device: torch.device) -> dict:
         "peak_memory_MB": round(peak_mem / 2**20, 1),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        **({"breakdown": breakdown} if breakdown else {}),
     }
 
 
@@ -132,15 +175,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="profile one more step: GEMM/attention/other shares",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
-        print(json.dumps(bench(args.model, args.batch, args.steps, torch.device(args.device))))
+        result = bench(
+            args.model, args.batch, args.steps, torch.device(args.device), args.breakdown
+        )
+        print(json.dumps(result))
         return
     for name in ("tiny", "d4"):
         steps = args.steps if name == "d4" else args.steps * 10
         command = [sys.executable, __file__, "--model", name, "--batch", str(args.batch), "--steps", str(steps),
-                   "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
+                   "--device", args.device, "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else [])  # fmt: skip
         print(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip())
 
 

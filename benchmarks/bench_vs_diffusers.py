@@ -5,7 +5,9 @@ tiny kit's random CLIP-L/CLIP-G/T5 and VAE), the same 16 images at 64 px (16x16 
 image tokens + 77 CLIP + 77 T5), batch 8, lr 1e-4, fp32, one thread. Ours reads the images
 pre-encoded by `t2i precompute`; the peer VAE-encodes its batch at every step, as it does by
 default. Steady-state steps/s = (40 - 10) / (time of a 40-step process - time of a 10-step
-process), so start-up, loading and saving cancel. Repeats alternate the order of the trainers.
+process), so start-up, loading and saving cancel; measured on the wall clock and on the processes'
+own CPU time (both trainers run one thread; CPU time is the steadier figure on a shared machine).
+Each repeat runs both short processes, then both long ones, and flips the order every repeat.
 
     python benchmarks/bench_vs_diffusers.py --peer PATH/train_dreambooth_sd3.py \
         --shim PATH/shim [--repeats 3] [--work DIR]
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -83,13 +86,18 @@ def ours_command(model: Path, encoded: Path, steps: int, out: Path, extra: list[
             "--log-every", "1000", "--mixed-precision", "no", "--device", "cpu", *extra]  # fmt: skip
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one whole process; CPU time is what the process itself
+    used, so other jobs on a shared machine disturb it much less than the wall clock."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise RuntimeError(f"{command[1]} failed:\n{result.stderr[-3000:]}")
-    return seconds
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu
 
 
 def main() -> None:
@@ -122,24 +130,36 @@ def main() -> None:
             ours_command(model, encoded, n, out, args.ours_extra.split()), ours_env
         ),
     }
-    rates: dict[str, list[float]] = {"peer": [], "t2i": []}
+    rates: dict[str, dict[str, list[float]]] = {
+        "wall": {"peer": [], "t2i": []},
+        "cpu": {"peer": [], "t2i": []},
+    }
     for repeat in range(args.repeats):
+        # Alternate at the finest grain: both short runs, then both long runs, order flipped each repeat.
         order = ["peer", "t2i"] if repeat % 2 == 0 else ["t2i", "peer"]
+        times: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in order}
+        for n in (short, long):
+            for name in order:
+                times[name][n] = runners[name](n, work / "runs" / f"{name}-{repeat}-{n}")
         for name in order:
-            seconds = {
-                n: runners[name](n, work / "runs" / f"{name}-{repeat}-{n}") for n in (short, long)
-            }
-            rates[name].append((long - short) / (seconds[long] - seconds[short]))
-            print(json.dumps({"repeat": repeat, "trainer": name, "seconds": seconds,
-                              "steps_per_s": round(rates[name][-1], 3)}), flush=True)  # fmt: skip
-    medians = {name: statistics.median(values) for name, values in rates.items()}
-    print(json.dumps({
-        "peer_steps_per_s": round(medians["peer"], 3), "peer_range": [round(min(rates["peer"]), 3), round(max(rates["peer"]), 3)],
-        "t2i_steps_per_s": round(medians["t2i"], 3), "t2i_range": [round(min(rates["t2i"]), 3), round(max(rates["t2i"]), 3)],
-        "ratio_of_medians": round(medians["t2i"] / medians["peer"], 3),
-        "ratio_per_repeat": [round(a / b, 3) for a, b in zip(rates["t2i"], rates["peer"], strict=True)],
-        "work": str(work),
-    }))  # fmt: skip
+            for k, clock in enumerate(("wall", "cpu")):
+                rates[clock][name].append(
+                    (long - short) / (times[name][long][k] - times[name][short][k])
+                )
+            print(json.dumps({"repeat": repeat, "trainer": name, "wall_s": {n: round(t[0], 2) for n, t in times[name].items()},
+                              "cpu_s": {n: round(t[1], 2) for n, t in times[name].items()},
+                              "steps_per_s_wall": round(rates["wall"][name][-1], 3),
+                              "steps_per_s_cpu": round(rates["cpu"][name][-1], 3)}), flush=True)  # fmt: skip
+    summary = {"work": str(work), "repeats": args.repeats}
+    for clock, by_name in rates.items():
+        medians = {name: statistics.median(values) for name, values in by_name.items()}
+        summary[clock] = {
+            "peer_steps_per_s": round(medians["peer"], 3), "peer_range": [round(min(by_name["peer"]), 3), round(max(by_name["peer"]), 3)],
+            "t2i_steps_per_s": round(medians["t2i"], 3), "t2i_range": [round(min(by_name["t2i"]), 3), round(max(by_name["t2i"]), 3)],
+            "ratio_of_medians": round(medians["t2i"] / medians["peer"], 3),
+            "ratio_per_repeat": [round(a / b, 3) for a, b in zip(by_name["t2i"], by_name["peer"], strict=True)],
+        }  # fmt: skip
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
@@ -193,6 +194,13 @@ def _default_objects(accelerator: Accelerator) -> dict[str, Any]:
     return objects
 
 
+def _sharded(accelerator: Accelerator, objects: dict[str, Any]) -> list[str]:
+    """Objects whose state differs per process: optimizers under FSDP (unmeasured: no GPUs here)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return []
+    return sorted(name for name, obj in objects.items() if hasattr(obj, "param_groups"))
+
+
 def _state_of(accelerator: Accelerator, obj: Any) -> dict[str, Any]:
     if isinstance(obj, torch.nn.Module):
         return accelerator.get_state_dict(obj)  # unwraps DDP, gathers FSDP
@@ -214,11 +222,19 @@ def save_checkpoint(
     final = checkpoint_path(root, step)
     tmp = root / f".tmp-{final.name}"
     objects = _default_objects(accelerator) if objects is None else objects
+    sharded = _sharded(accelerator, objects)
     states = {name: _state_of(accelerator, obj) for name, obj in objects.items()}  # collective
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    for name in sharded:  # FSDP: every process writes its own shard of the optimizer state
+        save_object(tmp, f"{name}.rank{accelerator.process_index}", states[name])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         for name, obj in objects.items():
+            if name in sharded:
+                continue
             if isinstance(obj, torch.nn.Module):
                 tensors = {k: v.detach().cpu().contiguous() for k, v in states[name].items()}
                 save_file(tensors, str(tmp / f"{name}.safetensors"))
@@ -226,6 +242,8 @@ def save_checkpoint(
                 save_object(tmp, name, states[name])
         save_object(tmp, RNG, rng_state())
         record = {"format": FORMAT, "step": step, "objects": sorted(objects), **state}
+        if sharded:
+            record["sharded"] = {"objects": sharded, "processes": accelerator.num_processes}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -233,6 +251,16 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_full_state_into_fsdp(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every process loads the full (unsharded) weights; FSDP keeps its own shard of them."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+        model.load_state_dict(state)
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -262,12 +290,24 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} holds {sorted(record['objects'])}, this run needs {sorted(objects)}"
         )
+    sharded = record.get("sharded") or {"objects": [], "processes": accelerator.num_processes}
+    if sharded["objects"] and sharded["processes"] != accelerator.num_processes:
+        raise CheckpointError(
+            f"{path} holds optimizer shards of {sharded['processes']} FSDP processes; resume it with "
+            f"as many (this run has {accelerator.num_processes})"
+        )
     for name, obj in objects.items():
+        stored = f"{name}.rank{accelerator.process_index}" if name in sharded["objects"] else name
         for suffix in (".safetensors",) + (() if isinstance(obj, torch.nn.Module) else (".json",)):
-            if not (path / f"{name}{suffix}").is_file():
-                raise CheckpointError(f"{path} is incomplete: {name}{suffix} is missing")
-        state = load_object(path, name)
-        if isinstance(obj, torch.nn.Module):
+            if not (path / f"{stored}{suffix}").is_file():
+                raise CheckpointError(f"{path} is incomplete: {stored}{suffix} is missing")
+        state = load_object(path, stored)
+        if (
+            isinstance(obj, torch.nn.Module)
+            and accelerator.distributed_type == DistributedType.FSDP
+        ):
+            _load_full_state_into_fsdp(obj, state)  # unmeasured: no GPUs here
+        elif isinstance(obj, torch.nn.Module):
             accelerator.unwrap_model(obj).load_state_dict(state)
         else:
             obj.load_state_dict(state)

@@ -40,14 +40,22 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     max_sequence_length: int = 256,
+    zero_negative: bool = False,
 ) -> list[tuple[str, int, Image.Image]]:
-    """(prompt, seed, image) for every prompt and seed; the same seed gives the same noise."""
+    """(prompt, seed, image) for every prompt and seed; the same seed gives the same noise.
+    ZERO_NEGATIVE: guide against zero embeddings (a model trained with `--unconditional zeros`)
+    instead of the pipeline's encoding of the empty prompt."""
     results = []
     for prompt in tqdm(prompts, desc="sampling", unit="prompt", disable=len(prompts) < 2):
+        text = (
+            zero_negative_inputs(pipe, prompt, max_sequence_length)
+            if zero_negative
+            else {"prompt": prompt}
+        )
         for seed in seeds:
             generator = torch.Generator("cpu").manual_seed(seed)
             image = pipe(
-                prompt=prompt,
+                **text,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 height=height,
@@ -57,6 +65,20 @@ def generate(
             ).images[0]
             results.append((prompt, seed, image))
     return results
+
+
+def zero_negative_inputs(
+    pipe: StableDiffusion3Pipeline, prompt: str, max_sequence_length: int
+) -> dict:
+    """The prompt's embeddings, with zeros as the negative (unconditional) embeddings."""
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt, prompt, prompt, device=pipe.device, do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+    )  # fmt: skip
+    return {
+        "prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+        "negative_prompt_embeds": torch.zeros_like(embeds), "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
+    }  # fmt: skip
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -90,16 +112,21 @@ def _save(results, folder: Path) -> list[Image.Image]:
     return [image for _, _, image in results]
 
 
-def trained_t5_length(model_dir: str | Path) -> int | None:
-    """The T5 length a `t2i train` output was trained with (its manifest), or None."""
+def trained_record(model_dir: str | Path) -> dict:
+    """What `t2i train` recorded about an output folder (its manifest's extra), or {}."""
     manifest = Path(model_dir) / "manifest.json"
     if not manifest.is_file():
-        return None
+        return {}
     try:
         record = json.loads(manifest.read_text())
     except json.JSONDecodeError:
-        return None
-    value = (record.get("extra") or {}).get("t5_length") if record.get("stage") == "train" else None
+        return {}
+    return (record.get("extra") or {}) if record.get("stage") == "train" else {}
+
+
+def trained_t5_length(model_dir: str | Path) -> int | None:
+    """The T5 length a `t2i train` output was trained with, or None."""
+    value = trained_record(model_dir).get("t5_length")
     return int(value) if value else None
 
 
@@ -121,7 +148,15 @@ def run_sample(config: SampleConfig) -> Path:
         pipe.set_progress_bar_config(disable=True)
         prompts = read_prompts(config.prompt, config.prompts)
         t5_length = config.max_sequence_length or trained_t5_length(config.model) or 256
-        options = (config.steps, config.guidance_scale, config.height, config.width, t5_length)
+        zeros = trained_record(config.model).get("unconditional") == "zeros"
+        options = (
+            config.steps,
+            config.guidance_scale,
+            config.height,
+            config.width,
+            t5_length,
+            zeros,
+        )
         with run.writer(tables=False) as writer:
             out = writer.path
             if lora is None:

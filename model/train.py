@@ -37,6 +37,7 @@ from model.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from model.conditioning import TextEncoding
 from model.config import TrainConfig
 from model.ema import EMA
 from model.export import export_pipeline
@@ -187,8 +188,13 @@ def sample_grid(
 ):
     """PNG grid: the same held-out captions and seeds at every call."""
     batch = load_batch(reader, indices, 0, config.seed, p_synthetic=0.0)
+    negative = reader.empty_text()
+    if config.unconditional == "zeros":
+        negative = TextEncoding(
+            **{k: v if k == "t5_mask" else torch.zeros_like(v) for k, v in vars(negative).items()}
+        )
     latents = sample_latents(
-        transformer, batch.text, reader.empty_text(), list(range(len(indices))), tuple(batch.latents.shape[1:]),
+        transformer, batch.text, negative, list(range(len(indices))), tuple(batch.latents.shape[1:]),
         steps=config.sample_steps, shift=shift, guidance=config.sample_guidance,
     )  # fmt: skip
     return save_grid(decode_latents(vae, latents), path)

@@ -175,17 +175,22 @@ def test_continuing_a_pretrained_model_keeps_its_scheduler_shift_and_records_the
     assert scheduler["shift"] == 1.0
 
 
-def test_sample_uses_the_t5_length_the_model_was_trained_with(
+def test_sample_uses_the_t5_length_and_unconditional_input_the_model_was_trained_with(
     tmp_path, encoded, tiny_model_dir, monkeypatch
 ):
     import model.sampling as sampling
 
     out = run_train(str(encoded), str(tmp_path / "run"), quick(tiny_model_dir, max_steps=2))
+    zeros = run_train(
+        str(encoded),
+        str(tmp_path / "zeros"),
+        quick(tiny_model_dir, max_steps=2, unconditional="zeros"),
+    )
     seen = []
     real = sampling.generate
 
     def spy(pipe, prompts, seeds, *options):
-        seen.append(options[-1])
+        seen.append(options[-2:])
         return real(pipe, prompts, seeds, *options)
 
     monkeypatch.setattr(sampling, "generate", spy)
@@ -194,4 +199,17 @@ def test_sample_uses_the_t5_length_the_model_was_trained_with(
     sampling.run_sample(config)
     sampling.run_sample(config.model_copy(update={"max_sequence_length": 20}))
     sampling.run_sample(config.model_copy(update={"model": tiny_model_dir}))
-    assert seen == [32, 20, 256]
+    sampling.run_sample(config.model_copy(update={"model": str(zeros)}))
+    assert seen == [(32, False), (20, False), (256, False), (32, True)]
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+
+def test_rerunning_the_original_command_after_a_resumed_run_finishes_skips_it(
+    tmp_path, encoded, tiny_model_dir, capsys
+):
+    config = quick(tiny_model_dir, max_steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    run_train(str(encoded), str(out), config.model_copy(update={"resume": "latest"}))
+    capsys.readouterr()
+    assert run_train(str(encoded), str(out), config) == out  # no FileExistsError
+    assert "already finished" in capsys.readouterr().err
