@@ -68,7 +68,7 @@ def one_mode(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         terms = dpo_terms(
-            transformer, pairs, torch.rand(b), torch.randn(b, c, s, s), dpo.beta, reference
+            transformer, pairs, torch.rand(b), torch.randn(b, c, s, s), dpo, reference
         )
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()

@@ -1,17 +1,25 @@
-"""Does DPO move a model the right way? (issue 7, item 7)
+"""Does `t2i dpo` move samples toward the preferred images at its defaults, and only there? (issue 11)
 
-Fits a tiny SD3 transformer to warm- and cool-tinted textures with rectified flow, builds pairs
-(winner warm, loser cool), runs LoRA Diffusion-DPO with the true and with swapped labels from
-the same base, and reports the warm rate of samples for held-out seeds, the mean warmth (0 =
-cool centroid, 1 = warm centroid), held-out implicit accuracy, and the drift of a prompt that is
-outside the preference set. See dpo/proof.py for the measurement.
+dpo/proof.py's toy: a tiny-d4 MMDiT fitted to solid-colour images ("a {colour} image" for four
+colours, "an image" for red and blue alike), pairs on "an image" where red beats blue. The base
+is fitted once and cached (--cache). Modes:
 
-    python benchmarks/bench_dpo_proof.py [--preset tiny] [--size 64] [--base-steps 600] ...
+    proof   the shipped DPOConfig defaults (only --steps scaled down), true and swapped labels:
+            red share of "an image" samples vs the base, and the colour accuracy of the
+            colour-naming prompts (outside the preference set) vs the base
+    sweep   beta x lr x LoRA targets (x remedies), DPO arm only, one JSON line per run in --out;
+            runs already in --out are skipped, --shard K/N splits the grid across processes
+    table   print the markdown table of a sweep's --out
+
+    PYTHONPATH=. python benchmarks/bench_dpo_proof.py proof --steps 300
+    PYTHONPATH=. python benchmarks/bench_dpo_proof.py sweep --out /tmp/sweep.jsonl --shard 0/2
+    PYTHONPATH=. python benchmarks/bench_dpo_proof.py table --out /tmp/sweep.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -20,45 +28,208 @@ from pathlib import Path
 
 import torch
 
-from dpo.config import DPOConfig
-from dpo.proof import run_proof
-from model.build import init_model
+from dpo.config import ALL_BLOCK_LINEARS, ATTENTION_PROJECTIONS, DPOConfig
+from dpo.proof import build_base, held_out_seeds, measure, run_arm, run_proof
+from dpo.trainer import load_transformer
+
+TARGETS = {"attn": ATTENTION_PROJECTIONS, "all": ALL_BLOCK_LINEARS}
+
+
+def base_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "t2i-dpo-proof"),
+        help="folder for the fitted base (built once per settings)",
+    )
+    parser.add_argument("--preset", default="tiny-d4")
+    parser.add_argument("--base-steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=300, help="DPO optimizer steps")
+    parser.add_argument("--seeds", type=int, default=64, help="held-out sampling seeds")
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def sweep_grid(args) -> list[dict]:
+    grid = [
+        {
+            "beta": b,
+            "lr": lr,
+            "targets": tg,
+            "units": "noise",
+            "dpop_lambda": 0.0,
+            "sft_weight": 0.0,
+        }
+        for b, lr, tg in itertools.product(args.betas, args.lrs, args.targets)
+    ]
+    for remedy in args.remedies:  # "dpop:50@5000:1e-4:attn" or "sft:0.1@..." or "velocity@..."
+        kind, _, where = remedy.partition("@")
+        beta, lr, targets = where.split(":")
+        row = {
+            "beta": float(beta),
+            "lr": float(lr),
+            "targets": targets,
+            "units": "noise",
+            "dpop_lambda": 0.0,
+            "sft_weight": 0.0,
+        }
+        name, _, value = kind.partition(":")
+        if name == "velocity":
+            row["units"] = "velocity"
+        else:
+            row[{"dpop": "dpop_lambda", "sft": "sft_weight"}[name]] = float(value)
+        grid.append(row)
+    return grid
+
+
+def run_key(row: dict, steps: int, batch: int, accum: int, rank: int) -> str:
+    return json.dumps(
+        {**row, "steps": steps, "batch": batch, "accum": accum, "rank": rank}, sort_keys=True
+    )
+
+
+def sweep(args) -> None:
+    model, data = build_base(args.cache, args.preset, steps=args.base_steps)
+    seeds = held_out_seeds(args.seeds)
+    out = Path(args.out)
+    done = set()
+    if out.is_file():
+        done = {json.loads(line)["key"] for line in out.read_text().splitlines() if line.strip()}
+    base = measure(load_transformer(model, "cpu", torch.float32), data, seeds)
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    for k, row in enumerate(sweep_grid(args)):
+        key = run_key(row, args.steps, args.batch, args.accum, args.rank)
+        if k % shards != shard or key in done:
+            continue
+        config = DPOConfig(
+            model=str(model),
+            beta=row["beta"],
+            lr=row["lr"],
+            rank=args.rank,
+            alpha=args.rank,
+            target_modules=TARGETS[row["targets"]],
+            error_units=row["units"],
+            dpop_lambda=row["dpop_lambda"],
+            sft_weight=row["sft_weight"],
+            max_steps=args.steps,
+            batch_size=args.batch,
+            grad_accum=args.accum,
+            log_every=10,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            arm = run_arm(model, data, config, tmp, seeds)
+            swapped = (
+                run_arm(model, data, config, Path(tmp) / "s", seeds, True) if args.control else None
+            )
+        record = {
+            "key": key,
+            **row,
+            "steps": args.steps,
+            "batch": args.batch,
+            "accum": args.accum,
+            "rank": args.rank,
+            "base": asdict(base),
+            "dpo": asdict(arm),
+            "swapped": asdict(swapped) if swapped else None,
+        }
+        with out.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(
+            f"{row} rise {arm.samples.preferred_rate - base.preferred_rate:+.3f} other "
+            f"{arm.samples.colour_accuracy - base.colour_accuracy:+.3f} drift "
+            f"{arm.guard['winner_drift']:.4g} sat {arm.guard['saturated_frac']:.2f} "
+            f"{arm.seconds:.0f}s",
+            flush=True,
+        )
+
+
+def table(args) -> None:
+    rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+    print(
+        "| beta | units | lr | targets | remedy | red share (base) | change | swapped change | "
+        "colour acc. change (other prompts) | err_w - ref_w | saturated | held-out impl. acc. | s |"
+    )
+    print("| " + " | ".join(["---"] * 13) + " |")
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            r["units"],
+            r["targets"],
+            r["beta"],
+            r["lr"],
+            r["dpop_lambda"],
+            r["sft_weight"],
+        ),
+    ):
+        base, dpo, swapped = r["base"], r["dpo"], r["swapped"]
+        remedy = (
+            f"DPOP {r['dpop_lambda']:g}"
+            if r["dpop_lambda"]
+            else f"SFT {r['sft_weight']:g}"
+            if r["sft_weight"]
+            else "-"
+        )
+        rise = dpo["samples"]["preferred_rate"] - base["preferred_rate"]
+        fall = (
+            f"{swapped['samples']['preferred_rate'] - base['preferred_rate']:+.2f}"
+            if swapped
+            else ""
+        )
+        other = dpo["samples"]["colour_accuracy"] - base["colour_accuracy"]
+        print(
+            f"| {r['beta']:g} | {r['units']} | {r['lr']:g} | {r['targets']} | {remedy} | "
+            f"{dpo['samples']['preferred_rate']:.2f} ({base['preferred_rate']:.2f}) | {rise:+.2f} | "
+            f"{fall} | {other:+.2f} | {dpo['guard']['winner_drift']:+.4f} | "
+            f"{dpo['guard']['saturated_frac']:.2f} | {dpo['heldout_implicit_acc']:.2f} | "
+            f"{dpo['seconds']:.0f} |"
+        )
+
+
+def proof(args) -> None:
+    model, data = build_base(args.cache, args.preset, steps=args.base_steps)
+    config = DPOConfig(model=str(model), max_steps=args.steps, log_every=10)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_proof(model, data, config, tmp, seeds=args.seeds)
+    report = {
+        "args": vars(args),
+        "config": config.model_dump(exclude={"model"}),
+        "classifier_accuracy": data.classifier_accuracy,
+        **result.as_dict(),
+        "total_s": round(time.monotonic() - start, 1),
+    }
+    print(json.dumps(report, indent=2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--preset", default="tiny", help="init-model preset of the base (tiny, tiny-d4)"
+    modes = parser.add_subparsers(dest="mode", required=True)
+    p_proof = modes.add_parser("proof")
+    base_args(p_proof)
+    p_sweep = modes.add_parser("sweep")
+    base_args(p_sweep)
+    p_sweep.add_argument("--out", required=True, help="JSON-lines file of results (appended)")
+    p_sweep.add_argument("--betas", type=float, nargs="+", default=[500.0, 2000.0, 5000.0, 20000.0])
+    p_sweep.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
+    p_sweep.add_argument("--targets", nargs="+", default=["attn", "all"], choices=list(TARGETS))
+    p_sweep.add_argument(
+        "--remedies",
+        nargs="*",
+        default=[],
+        help="extra runs: dpop:LAMBDA@BETA:LR:TARGETS, sft:GAMMA@..., velocity@...",
     )
-    parser.add_argument("--size", type=int, default=64, help="image size in pixels")
-    parser.add_argument(
-        "--pairs", type=int, default=64, help="preference pairs (a quarter held out)"
-    )
-    parser.add_argument(
-        "--base-images", type=int, default=64, help="images the base model is fitted to"
-    )
-    parser.add_argument("--base-steps", type=int, default=600)
-    parser.add_argument("--base-lr", type=float, default=4e-3)
-    parser.add_argument("--dpo-steps", type=int, default=100)
-    parser.add_argument("--beta", type=float, default=1000.0)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--seeds", type=int, default=128, help="held-out sampling seeds")
-    parser.add_argument("--threads", type=int, default=1)
+    p_sweep.add_argument("--batch", type=int, default=4)
+    p_sweep.add_argument("--accum", type=int, default=1)
+    p_sweep.add_argument("--rank", type=int, default=128)
+    p_sweep.add_argument("--control", action="store_true", help="also run swapped labels")
+    p_sweep.add_argument("--shard", default="0/1")
+    p_table = modes.add_parser("table")
+    p_table.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.mode == "table":
+        return table(args)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = init_model(Path(tmp) / "model", args.preset)
-        config = DPOConfig(model=str(model), beta=args.beta, lr=args.lr, rank=args.rank, alpha=args.rank,
-                           max_steps=args.dpo_steps, batch_size=8, log_every=10)  # fmt: skip
-        start = time.monotonic()
-        result = run_proof(model, Path(tmp) / "work", size=args.size, n_base=args.base_images,
-                           n_pairs=args.pairs, base_steps=args.base_steps, base_lr=args.base_lr, dpo=config,
-                           seeds=args.seeds)  # fmt: skip
-    report = {"args": vars(args), **asdict(result), "total_s": round(time.monotonic() - start, 1)}
-    print(json.dumps(report, indent=2))
+    {"proof": proof, "sweep": sweep}[args.mode](args)
 
 
 if __name__ == "__main__":

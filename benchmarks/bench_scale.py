@@ -162,6 +162,8 @@ def dask_ratio(root: Path, n: int, repeats: int) -> dict[str, object]:
                 str(raw),
                 str(out),
                 *CURATE[:-2],
+                "--clip-model",
+                str(root / "clip"),
                 "--dask-workers",
                 str(workers),
                 "--chunk-size",

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from curate.redact import strip_credentials
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -45,7 +47,8 @@ def read_config_file(path: str | Path, model: type[BaseModel]) -> dict[str, Any]
 def config_toml(config: BaseModel, header: str = "") -> str:
     """The config as TOML, one line per field; unset (None) fields are left as comments."""
     lines = [f"# {line}" for line in header.splitlines()]
-    for name, value in config.model_dump(mode="json").items():
+    recorded = strip_credentials(config.model_dump(mode="json"))  # no user:password@ of a URL
+    for name, value in recorded.items():
         if value is None:
             lines.append(f"# {name}: unset")
         else:

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from model.config import LORA_BLOCK_LINEARS, ModelFiles, TimestepOptions
 
 ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
+
+# The attention projections of both streams only (no feed-forward, no AdaLN modulation).
+ATTENTION_PROJECTIONS = [name for name in ALL_BLOCK_LINEARS if name.startswith(("attn.", "attn2."))]
+# Shorthands accepted by --target-modules.
+TARGET_SETS = {"attention": ATTENTION_PROJECTIONS, "all-linears": ALL_BLOCK_LINEARS}
 
 
 class IngestPrefsConfig(BaseModel):
@@ -45,11 +50,33 @@ class DPOConfig(ModelFiles, TimestepOptions):
     beta: float = Field(
         5000.0,
         gt=0.0,
-        description="DPO strength beta, in units of 1 / (per-element mean squared velocity error): "
-        "loss = -log sigmoid(-beta/2 * ((err_w - ref_w) - (err_l - ref_l))); 5000 is Diffusion-DPO's "
-        "SD1.5/SDXL value in the same per-element-mean units",
+        description="DPO strength beta, in units of 1 / (per-element mean squared noise-prediction error), "
+        "Diffusion-DPO's units: loss = -log sigmoid(-beta/2 * ((err_w - ref_w) - (err_l - ref_l))) with "
+        "each err the velocity MSE times (1 - t)^2 (see --error-units)",
     )
-    lr: float = Field(1e-5, gt=0.0, description="AdamW learning rate of the LoRA matrices")
+    error_units: Literal["noise", "velocity"] = Field(
+        "noise",
+        description="units of the per-sample errors inside the loss: noise = velocity MSE x (1 - t)^2, "
+        "the noise-prediction MSE Diffusion-DPO's beta refers to; velocity = the raw velocity MSE "
+        "(beta then acts 1/(1-t)^2 times stronger: ~16x at SD3's median t with shift 3)",
+    )
+    dpop_lambda: float = Field(
+        0.0,
+        ge=0.0,
+        description="DPO-Positive (Pal et al. 2024) penalty lambda: the margin loses "
+        "beta/2 * lambda * max(0, err_w - ref_w), so winners may not get worse than the reference; 0 = off",
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight gamma of an SFT term on winners, + gamma * beta/2 * mean(err_w - ref_w) "
+        "(the winners' diffusion loss in the DPO term's units); 0 = off",
+    )
+    lr: float = Field(
+        1e-4,
+        gt=0.0,
+        description="AdamW learning rate of the LoRA matrices (measured: benchmarks/RESULTS.md, issue 11)",
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     grad_clip: float = Field(
         1.0, gt=0.0, description="clip the LoRA gradients' global norm to this"
@@ -59,15 +86,31 @@ class DPOConfig(ModelFiles, TimestepOptions):
         128.0, gt=0.0, description="LoRA alpha; the update is scaled by alpha / rank"
     )
     target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_BLOCK_LINEARS),
-        description="module-name suffixes inside transformer_blocks that get a LoRA (default: every "
-        "linear layer of the blocks, as SD3 appendix C)",
+        default_factory=lambda: list(ATTENTION_PROJECTIONS),
+        description="module-name suffixes inside transformer_blocks that get a LoRA, or the shorthand "
+        "`attention` / `all-linears`. Default: the attention "
+        "projections of both streams; every block linear as in SD3 appendix C (feed-forwards and AdaLN "
+        "modulation too) moved prompts outside the preference set far more in the measurements "
+        "(benchmarks/RESULTS.md, issue 11)",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _expand_target_sets(cls, value: list[str]) -> list[str]:
+        return [name for item in value for name in TARGET_SETS.get(item, [item])]
+
     max_steps: int = Field(
         4000, ge=1, description="optimizer steps (SD3 appendix C: 4k for the 2B model)"
     )
     batch_size: int = Field(
-        4, ge=1, description="preference pairs per step on each device (accelerate: per process)"
+        4,
+        ge=1,
+        description="preference pairs per micro-batch on each device (accelerate: per process)",
+    )
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimizer step (effective batch = batch size x grad accum)",
     )
     resolution: int | None = Field(
         None, description="square training resolution in pixels; default: the model's native size"
@@ -78,6 +121,29 @@ class DPOConfig(ModelFiles, TimestepOptions):
         ge=0.0,
         lt=1.0,
         description="pairs held out (by a hash of their id) for the final implicit accuracy",
+    )
+    eval_seeds: int = Field(
+        4,
+        ge=0,
+        description="after training, sample each evaluation caption with seeds 0..N-1 without and with "
+        "the LoRA (side by side in OUT/eval/, win rate under --scorer in report.md); 0 = skip",
+    )
+    eval_captions: list[str] = Field(
+        default_factory=list,
+        description="captions for that comparison; default: the held-out pairs' captions",
+    )
+    eval_max_captions: int = Field(
+        4, ge=1, description="at most this many held-out captions when --eval-captions is not given"
+    )
+    eval_steps: int = Field(28, ge=1, description="sampling steps of the comparison")
+    eval_guidance: float = Field(
+        7.0, ge=1.0, description="classifier-free guidance of the comparison"
+    )
+    scorer: str | None = Field(
+        None,
+        description="judge of the comparison: a local CLIP-style preference model folder (e.g. PickScore, "
+        "a CLIPModel with its processor) or attribute:warm / attribute:bright (t2i make-prefs' attribute); "
+        "report.md then gives the LoRA's win rate over the base",
     )
     log_every: int = Field(10, ge=1, description="steps per metrics row in metrics.jsonl")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")

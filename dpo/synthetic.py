@@ -13,12 +13,14 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from curate.decode import to_rgb
+from curate import reasons
+from curate.decode import Invalid, decode_image
 from curate.ingest import IngestOptions, read_records
 from curate.stage_runtime import StageRun
 from dpo.config import MakePrefsConfig
@@ -72,45 +74,48 @@ def safe_name(key: str, used: set[str]) -> str:
     return clean
 
 
-def source_images(folder: Path) -> tuple[list[tuple[str, Image.Image, str]], list[str]]:
-    """(safe name, image, caption) for every usable image of FOLDER; the sources that were not.
+def source_images(folder: Path, skipped: dict[str, str]) -> Iterator[tuple[str, Image.Image, str]]:
+    """(safe name, image, caption) for each usable image of FOLDER, one at a time.
 
     FOLDER is read by curate's ingest (an image folder, tar shards, parquet, a saved dataset or a
     stage output), so links out of the folder, path cells, hidden files and bad captions are
-    refused there; images decode under the pixel cap. A skipped source is named by its key.
+    refused there; images decode under the pixel cap. Every source that is not used lands in
+    SKIPPED as {source key: "reason: detail"}.
     """
-    usable, skipped, used = [], [], set()
+    used: set[str] = set()
     for record in read_records(folder, IngestOptions()):
         if record.refused:
-            skipped.append(record.key)
+            skipped[record.key] = f"{record.refused}: {record.detail}"
             continue
         try:
-            image = to_rgb(record.data)  # under curate.decode's pixel cap
-        except ValueError:  # to_rgb names every way a file can fail to decode
-            skipped.append(record.key)
+            image = decode_image(record.data)  # under curate.decode's pixel cap
+        except Invalid as invalid:
+            skipped[record.key] = f"{invalid.reason}: {invalid.detail}"
             continue
         if min(image.size) < 16:
-            skipped.append(record.key)
+            skipped[record.key] = f"{reasons.TOO_SMALL}: {image.width}x{image.height}, under 16 px"
             continue
         name = safe_name(record.key, used)
-        usable.append((name, image, record.caption or name.replace("_", " ")))
-    return usable, skipped
+        yield name, image, record.caption or name.replace("_", " ")
 
 
 def make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
+    """Write pairs from --source into OUTPUT, atomically: a failed run leaves no OUTPUT behind.
+
+    Sources are read and edited one at a time, so memory does not grow with their number.
+    """
     source, output = Path(config.source), Path(output)
     if not source.is_dir():
         raise FileNotFoundError(f"--source {source} is not a folder of images or a stage output")
     with StageRun(output, STAGE, config, {"source": source}) as run:
         if run.finished:
             return run.skip()
-        images, skipped = source_images(source)
-        if not images:
-            raise ValueError(f"no decodable image in {source}")
         rng = random.Random(config.seed)
+        skipped: dict[str, str] = {}
         with run.writer(tables=False) as writer:
-            count = 0
-            for name, image, caption in images:
+            count = used = 0
+            for name, image, caption in source_images(source, skipped):
+                used += 1
                 for k in range(config.pairs_per_image):
                     crop = random_crop(image, rng)
                     good = edit(crop, config.attribute, config.strength, positive=not config.swap)
@@ -121,13 +126,17 @@ def make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
                     bad.save(pair / "loser.png")
                     (pair / "caption.txt").write_text((config.caption or caption) + "\n")
                     count += 1
-            about = {"pairs": count, "skipped_sources": skipped, **config.model_dump()}
+            if not used:  # raised inside the writer: nothing is committed
+                raise ValueError(f"no decodable image in {source}")
+            about = {
+                "pairs": count,
+                "skipped_sources": list(skipped),
+                "skipped_reasons": skipped,
+                **config.model_dump(),
+            }
             (writer.path / "PAIRS.json").write_text(json.dumps(about, indent=2))
             writer.counts.update(
-                input=len(images) + len(skipped),
-                kept=len(images),
-                rejected=len(skipped),
-                pairs=count,
+                input=used + len(skipped), kept=used, rejected=len(skipped), pairs=count
             )
     return output
 

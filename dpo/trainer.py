@@ -16,10 +16,11 @@ Recipe (step comments read top to bottom):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -30,9 +31,11 @@ from tqdm.auto import tqdm
 
 from curate.seeds import seed_int, seed_unit
 from curate.stage_runtime import StageRun
-from curate.store import Manifest, fingerprint, load_rejected, params_hash
+from curate.store import Manifest, fingerprint, load_rejected, load_samples, params_hash
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.encode import EncodedPairs, EncodedPairSet, encode_pairs, native_resolution
+from dpo.evaluate import evaluate_samples, report_markdown
+from dpo.guard import guard_summary, winner_drift_warning
 from dpo.ingest import STAGE as PREFS_STAGE
 from dpo.ingest import ingest_prefs
 from dpo.init_lora import add_init_lora, check_init_lora
@@ -41,7 +44,7 @@ from dpo.lora import (
     export_lora,
     lora_parameters,
 )
-from dpo.loss import DPOTerms, diffusion_dpo_loss
+from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
 from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
@@ -54,7 +57,20 @@ METRICS = "metrics.jsonl"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
-NOT_IN_RUN_KEY = ("max_steps", "log_every", "checkpoint_every", "resume", "save_dtype")
+NOT_IN_RUN_KEY = (
+    "max_steps",
+    "log_every",
+    "checkpoint_every",
+    "resume",
+    "save_dtype",
+    "eval_captions",
+    "eval_max_captions",
+    "eval_seeds",
+    "eval_steps",
+    "eval_guidance",
+    "scorer",
+)
+log = logging.getLogger(__name__)
 # Of those, the ones that never change the exported LoRA: a rerun differing only in them is skipped.
 VOLATILE = ("resume", "checkpoint_every")
 TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
@@ -92,15 +108,19 @@ def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch
     )
 
 
-def dpo_terms(transformer, pairs: EncodedPairs, t, noise, beta: float, reference=None) -> DPOTerms:
-    """Winner and loser in one forward batch with shared t and noise; reference = adapter off (or a copy)."""
+def dpo_terms(
+    transformer, pairs: EncodedPairs, t, noise, config: DPOConfig, reference=None
+) -> DPOTerms:
+    """Winner and loser in one forward batch with shared t and noise; reference = adapter off (or
+    a copy). Errors enter the loss in the configured units (dpo/loss.py: noise-equivalent)."""
     device = next(transformer.parameters()).device
     text = pairs.text.to(device)
     both = TextEncoding(
         **{f.name: torch.cat([getattr(text, f.name)] * 2) for f in fields(TextEncoding)}
     )
     latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
-    args = (latents, torch.cat([noise, noise]).to(device), torch.cat([t, t]).to(device), both)
+    times = torch.cat([t, t]).to(device)
+    args = (latents, torch.cat([noise, noise]).to(device), times, both)
     errors = velocity_errors(transformer, *args)
     with torch.no_grad():
         if reference is None:
@@ -112,8 +132,18 @@ def dpo_terms(transformer, pairs: EncodedPairs, t, noise, beta: float, reference
                 base.enable_adapters()
         else:
             ref_errors = velocity_errors(reference, *args)
+    if config.error_units == "noise":
+        errors, ref_errors = noise_equivalent(errors, times), noise_equivalent(ref_errors, times)
     n = len(pairs)
-    return diffusion_dpo_loss(errors[:n], errors[n:], ref_errors[:n], ref_errors[n:], beta)
+    return diffusion_dpo_loss(
+        errors[:n],
+        errors[n:],
+        ref_errors[:n],
+        ref_errors[n:],
+        config.beta,
+        config.dpop_lambda,
+        config.sft_weight,
+    )
 
 
 def draw(
@@ -168,7 +198,7 @@ def implicit_accuracy(
             chunk = pairs.select(list(range(start, min(start + config.batch_size, len(pairs)))))
             t = config.draw_timesteps(len(chunk), shift, generator)
             noise = torch.randn(chunk.latents_w.shape, generator=generator)
-            margin = dpo_terms(transformer, chunk, t, noise, config.beta).margin
+            margin = dpo_terms(transformer, chunk, t, noise, config).margin
             correct += int((margin > 0).sum())
             total += len(chunk)
     return correct / total
@@ -198,6 +228,7 @@ def train_lora(
     main = accelerator is None or accelerator.is_main_process
     metrics_path = work / METRICS
     window: list[dict[str, float]] = []
+    warned = winner_drift_warning(_metric_rows(metrics_path)) is not None
     transformer.train()
     for step in tqdm(
         range(start_step, config.max_steps),
@@ -207,37 +238,41 @@ def train_lora(
         total=config.max_steps,
         disable=not main,
     ):
-        generator = step_generator(config.seed, step)
-        chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
-        terms = dpo_terms(transformer, chosen, t, noise, config.beta)
-        finite = torch.isfinite(terms.loss.detach()).reshape(1)
-        if accelerator is not None:
-            finite = accelerator.gather(finite)
-        if not finite.all():
-            raise NonFiniteLossError(
-                f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); stopped "
-                f"before applying it. Checkpoints in {work} hold the last good state: lower --lr or --beta "
-                "(or use --base-dtype fp32) and rerun"
-            )
         optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for micro in range(config.grad_accum):  # draws depend on (seed, step, micro) only
+            generator = step_generator(config.seed, step * config.grad_accum + micro)
+            chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
+            terms = dpo_terms(transformer, chosen, t, noise, config)
+            finite = torch.isfinite(terms.loss.detach()).reshape(1)
+            if accelerator is not None:
+                finite = accelerator.gather(finite)
+            if not finite.all():
+                raise NonFiniteLossError(
+                    f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
+                    f"stopped before applying it. Checkpoints in {work} hold the last good state: lower "
+                    "--lr or --beta (or use --base-dtype fp32) and rerun"
+                )
+            loss = terms.loss / config.grad_accum
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
+            parts.append(terms.metrics())
         if accelerator is not None:
-            accelerator.backward(terms.loss)
             grad_norm = accelerator.clip_grad_norm_(lora_parameters(transformer), config.grad_clip)
         else:
-            terms.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 lora_parameters(transformer), config.grad_clip
             )
         optimizer.step()
-        window.append({**terms.metrics(), "grad_norm": float(grad_norm)})
+        window.append({**_mean_rows(parts), "grad_norm": float(grad_norm)})
         if main and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps):
-            row = {
-                "step": step + 1,
-                **{k: sum(m[k] for m in window) / len(window) for k in window[0]},
-            }
+            row = {"step": step + 1, **_mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             window = []
+            if not warned and (message := winner_drift_warning(_metric_rows(metrics_path))):
+                warned = True
+                log.warning(message)
+                tqdm.write(f"warning: {message}")
         if (
             checkpoint is not None
             and (step + 1) % config.checkpoint_every == 0
@@ -246,6 +281,10 @@ def train_lora(
             checkpoint(step + 1)
     transformer.eval()
     return optimizer
+
+
+def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 def _metric_rows(path: Path) -> list[dict]:
@@ -300,6 +339,15 @@ def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution
         }
     )
     return root / f"encoded-{key[:16]}"
+
+
+def eval_captions(config: DPOConfig, rows, pairs: Pairs) -> list[str]:
+    """--eval-caption, else the first distinct captions of PAIRS (the held-out ones when any)."""
+    if config.eval_captions:
+        return list(config.eval_captions)
+    by_id = dict(zip(rows["id"], rows["caption"], strict=True))
+    distinct = dict.fromkeys(by_id[i] for i in pairs.ids if i in by_id)
+    return list(distinct)[: config.eval_max_captions]
 
 
 def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConfig) -> Path:
@@ -414,11 +462,31 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             "lora_rank": lora_config.r,
             "lora_alpha": lora_config.lora_alpha,
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
+            "guard": guard_summary(_metric_rows(work / METRICS)),
         }
         with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
             shutil.copy(work / METRICS, writer.path / METRICS)
+            # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
+            captions = eval_captions(config, load_samples(table_dir), heldout or train)
+            if config.eval_seeds and captions:
+                evaluation = evaluate_samples(
+                    config.model,
+                    writer.path,
+                    captions,
+                    list(range(config.eval_seeds)),
+                    writer.path,
+                    config.eval_steps,
+                    config.eval_guidance,
+                    config.scorer,
+                    str(accelerator.device),
+                    config.base_dtype,
+                )
+                summary["sample_eval"] = asdict(evaluation)
+                if evaluation.win_rate is not None:
+                    summary["sample_win_rate"] = evaluation.win_rate
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
+            (writer.path / "report.md").write_text(report_markdown(summary))
             # the ingest's rejections, then images the encoder could not encode (`<pair id>.w` / `.l`)
             writer.write_rejected([*load_rejected(table_dir), *load_rejected(pairs.directory)])
             writer.counts.update(

@@ -303,14 +303,15 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "dpo",
         "align a model with rank-128 LoRA Diffusion-DPO on preference pairs",
-        "Diffusion-DPO (Wallace et al. 2023) on the rectified-flow velocity target, with a LoRA "
-        "(rank 128, alpha 128) on every linear layer of the MMDiT blocks (SD3 appendix C). "
-        "Winner and loser share t and noise; the reference is the same network with the adapter "
-        "disabled. PREFS is raw preference data (any layout `t2i prefs` reads) or its output. "
-        "Writes OUTPUT/pytorch_lora_weights.safetensors (StableDiffusion3Pipeline."
-        "load_lora_weights reads it), metrics.jsonl (loss, implicit accuracy, reward margin, "
-        "model/reference errors) and summary.json (held-out implicit accuracy). Rerunning an "
-        "interrupted run resumes from its last checkpoint.",
+        "Diffusion-DPO (Wallace et al. 2023) on a rectified-flow model, errors in noise-prediction "
+        "units so beta means Diffusion-DPO's beta, with a LoRA (rank 128, alpha 128) on the "
+        "attention projections of the MMDiT blocks. Winner and loser share t and noise; the "
+        "reference is the same network with the adapter disabled. PREFS is raw preference data "
+        "(any layout `t2i prefs` reads) or its output. Writes OUTPUT/pytorch_lora_weights."
+        "safetensors (StableDiffusion3Pipeline.load_lora_weights reads it), report.md (base vs "
+        "LoRA samples for held-out captions, the --scorer win rate, then training diagnostics), "
+        "metrics.jsonl (loss, implicit accuracy, margin, winner drift, saturation) and "
+        "summary.json. Rerunning an interrupted run resumes from its last checkpoint.",
         DPOConfig,
         dpo,
         (("prefs", "preference data or a `t2i prefs` output"), ("output", "output directory")),

@@ -267,6 +267,8 @@ def test_make_prefs_on_the_corpus_uses_only_the_good_images_and_writes_only_in_o
     out = make_prefs(area / "pairs", MakePrefsConfig(source=str(corpus.root)))
     about = json.loads((out / "PAIRS.json").read_text())
     skipped = set(about["skipped_sources"])
+    for key, want in corpus.expect.items():  # each skipped source names its reason
+        assert key not in skipped or about["skipped_reasons"][key].startswith(want), key
     assert about["pairs"] + len(skipped) == len(corpus.expect)  # every source used or skipped
     for key, want in corpus.expect.items():  # every rejected source but the duplicate is skipped
         assert (key in skipped) == (
@@ -315,3 +317,27 @@ def test_prefs_pair_folders_never_follow_links_out_or_keep_binary_captions(corpu
     assert Manifest.read(out).counts["kept"] == 1
     rejected = {r["detail"].split(":")[0]: r["reason"] for r in load_rejected(out).to_list()}
     assert rejected == {"link": reasons.UNSAFE_PATH, "garbage": reasons.BAD_CAPTION}
+
+
+def test_a_make_prefs_run_that_fails_midway_leaves_no_output_prefs_would_accept(
+    corpus, tmp_path, monkeypatch
+):
+    import dpo.synthetic
+
+    made = []
+    real_edit = dpo.synthetic.edit
+
+    def failing_edit(*args, **kwargs):
+        made.append(1)
+        if len(made) > 3:  # a few pairs are written, then the run dies
+            raise OSError(28, "No space left on device")
+        return real_edit(*args, **kwargs)
+
+    monkeypatch.setattr(dpo.synthetic, "edit", failing_edit)
+    out = tmp_path / "pairs"
+    with pytest.raises(OSError, match="No space"):
+        make_prefs(out, MakePrefsConfig(source=str(corpus.root)))
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    with pytest.raises((FileNotFoundError, ValueError)):
+        ingest_prefs(out, tmp_path / "prefs", IngestPrefsConfig())

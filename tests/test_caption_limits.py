@@ -132,7 +132,7 @@ def test_credentials_in_the_endpoint_are_used_but_never_recorded(store, tmp_path
     with _Hostile("drip") as server:
         endpoint = server.url.replace("http://", "http://alice:s3cret@")
         out = run_caption(store, tmp_path / "out", config.model_copy(update={"endpoint": endpoint}))
-    for name in ("manifest.json", "report.md", "failures.json"):
+    for name in ("manifest.json", "report.md", "failures.json", "config.toml"):
         assert "s3cret" not in (out / name).read_text(), name
     assert json.loads((out / "manifest.json").read_text())["parameters"]["endpoint"] == server.url
 

@@ -17,7 +17,7 @@ from flows.cli import main as t2i
 from model.nonfinite import NonFiniteLossError
 
 FAST = ["--rank", "4", "--alpha", "8", "--batch-size", "2", "--beta", "1000", "--lr", "1e-3"]
-FAST += ["--log-every", "2", "--heldout-fraction", "0.3"]
+FAST += ["--log-every", "2", "--heldout-fraction", "0.3", "--eval-seeds", "2", "--eval-steps", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def pairs(demo_folder, tmp_path_factory):
 def dpo_out(pairs, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo") / "lora"
     argv = ["dpo", str(pairs), str(out), "--model", tiny_model_dir, "--max-steps", "4", *FAST]
-    assert t2i(argv) == 0
+    assert t2i([*argv, "--scorer", "attribute:warm"]) == 0
     return out
 
 
@@ -80,9 +80,15 @@ def test_dpo_writes_a_diffusers_lora_metrics_and_a_held_out_accuracy(dpo_out):
         "err_l",
         "ref_err_w",
         "ref_err_l",
+        "winner_drift",
+        "saturated_frac",
     }
     summary = json.loads((dpo_out / "summary.json").read_text())
-    assert summary["heldout_pairs"] > 0 and 0.0 <= summary["heldout_implicit_acc"] <= 1.0
+    # 12 pairs, warm crop beats cool crop: the LoRA ranks pairs it never trained on as labelled
+    # (the reference itself scores 0: its margin is exactly 0)
+    assert summary["heldout_pairs"] > 0 and summary["train_pairs"] + summary["heldout_pairs"] == 12
+    assert summary["heldout_implicit_acc"] >= 0.75 and summary["train_implicit_acc"] >= 0.75
+    assert set(summary["guard"]) >= {"winner_drift", "saturated_frac", "warning"}
     manifest = Manifest.read(dpo_out)
     assert manifest.stage == "dpo" and manifest.parameters["rank"] == 4
     assert [r["reason"] for r in load_rejected(dpo_out)] == [reasons.IDENTICAL_PAIR]
@@ -90,6 +96,41 @@ def test_dpo_writes_a_diffusers_lora_metrics_and_a_held_out_accuracy(dpo_out):
     (step,) = (dpo_out.parent / f".{dpo_out.name}.work").glob("*/checkpoints/step-*")
     lora = load_file(str(step / "lora.safetensors"))
     assert lora and all("lora_" in k for k in lora) and not (step / "model.safetensors").exists()
+
+
+def test_the_report_shows_base_vs_lora_samples_and_the_scorers_win_rate(dpo_out):
+    from PIL import Image
+
+    from dpo.synthetic import attribute_score
+
+    summary = json.loads((dpo_out / "summary.json").read_text())
+    evaluation = summary["sample_eval"]
+    assert evaluation["seeds"] == [0, 1] and evaluation["scorer"] == "attribute:warm"
+    assert 1 <= len(evaluation["captions"]) <= 4 and len(evaluation["grids"]) == len(
+        evaluation["captions"]
+    )
+    grid = Image.open(dpo_out / evaluation["grids"][0])
+    assert grid.size == (64 * 2 + 4, 64 * 2 + 4)  # base left, LoRA right, one row per seed
+    left, right = grid.crop((0, 0, 64, 64)), grid.crop((68, 0, 132, 64))  # seed 0
+    assert evaluation["base_scores"][0][0] == pytest.approx(attribute_score(left, "warm"), abs=1e-6)
+    assert evaluation["lora_scores"][0][0] == pytest.approx(
+        attribute_score(right, "warm"), abs=1e-6
+    )
+    pairs = [
+        (b, a)
+        for bs, ls in zip(evaluation["base_scores"], evaluation["lora_scores"])
+        for b, a in zip(bs, ls)
+    ]
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for b, a in pairs) / len(pairs)
+    assert summary["sample_win_rate"] == pytest.approx(expected)
+    report = (dpo_out / "report.md").read_text()
+    assert report.index("Win rate of the LoRA over the base") < report.index("implicit accuracy")
+    assert f"({evaluation['grids'][0]})" in report
+    from flows.artifacts import stage_markdown  # what the Prefect UI shows for the stage
+
+    shown = stage_markdown("dpo", dpo_out, Manifest.read(dpo_out), None)
+    assert "Win rate of the LoRA over the base" in shown
+    assert f"({evaluation['grids'][0]})" not in shown and "](data:image/jpeg;base64," in shown
 
 
 def test_an_interrupted_run_resumes_exactly_even_past_a_torn_metrics_line(
@@ -180,7 +221,7 @@ def _loss_and_grads(transformer, pairs, t, noise):
     from dpo.lora import lora_parameters
     from dpo.trainer import dpo_terms
 
-    terms = dpo_terms(transformer, pairs, t, noise, beta=1000.0)
+    terms = dpo_terms(transformer, pairs, t, noise, DPOConfig(model="-", beta=1000.0))
     terms.loss.backward()
     return terms, [p.grad.clone() for p in lora_parameters(transformer)]
 

@@ -220,7 +220,8 @@ BOMB_SCRIPT = textwrap.dedent(
             decode_data_url("data:image/png;base64," + base64.b64encode(bomb).decode())
         except RequestError:
             refused += 1
-    usable, skipped = source_images(folder)
+    skipped = {}
+    usable = list(source_images(folder, skipped))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"refused": refused, "skipped": len(skipped), "usable": len(usable),
                       "grew_kb": peak - base}))
