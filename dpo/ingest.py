@@ -154,7 +154,13 @@ def open_table(path: Path, split: str | None = None) -> tuple[list[str], Callabl
 
         def table_rows(columns):
             wanted = [c for c in columns if c in table.column_names]
-            yield from table.select_columns(wanted)
+            view = table.select_columns(wanted)
+            # Image columns come back undecoded ({'bytes', 'path'}): our capped decoder and the
+            # cell reader judge them, never `datasets`' own PIL decode (a bomb would abort).
+            for column, feature in view.features.items():
+                if isinstance(feature, datasets.Image) and feature.decode:
+                    view = view.cast_column(column, datasets.Image(decode=False))
+            yield from view
 
         return list(table.column_names), table_rows
     files = parquet_files(path, split)

@@ -311,3 +311,35 @@ def test_a_saved_dataset_dict_needs_a_split_too(tmp_path):
         ingest_prefs(tmp_path / "saved", tmp_path / "mixed", IngestPrefsConfig())
     out = ingest_prefs(tmp_path / "saved", tmp_path / "prefs", IngestPrefsConfig(split="test"))
     assert list(load_samples(out)["caption"]) == ["test 1"]
+
+
+def test_a_bomb_in_a_saved_dataset_with_image_features_is_one_rejected_pair(tmp_path):
+    from bad_corpus import bomb_png
+
+    saved = tmp_path / "generic-images"
+    features = datasets.Features(
+        {
+            "caption": datasets.Value("string"),
+            "image_w": datasets.Image(),
+            "image_l": datasets.Image(),
+        }
+    )
+    rows = [
+        {
+            "caption": "red beats blue",
+            "image_w": {"bytes": RED, "path": None},
+            "image_l": {"bytes": BLUE, "path": None},
+        },
+        {
+            "caption": "a bomb",
+            "image_w": {"bytes": bomb_png(), "path": None},
+            "image_l": {"bytes": BLUE, "path": None},
+        },
+    ]
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(saved))
+    out = ingest_prefs(saved, tmp_path / "prefs", IngestPrefsConfig())
+    (kept,) = list(load_samples(out))
+    assert kept["caption"] == "red beats blue"
+    rejected = {row["reason"] for row in load_rejected(out)}
+    assert rejected == {"undecodable"}
+    assert Manifest.read(out).counts == {"input": 2, "kept": 1, "rejected": 1}
