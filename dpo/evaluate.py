@@ -109,16 +109,30 @@ def evaluate_samples(
     scorer: str | None = None,
     device: str = "cpu",
     dtype: str = "fp32",
+    variant: str | None = None,
+    transformer_file: str | os.PathLike | None = None,
 ) -> SampleEval:
     """Sample every caption x seed without and with the LoRA in LORA_DIR, write OUTPUT/eval/grid-*.png."""
     from model.build import load_pipeline, parse_dtype
-    from model.sampling import generate, load_lora, side_by_side, slug
+    from model.sampling import (
+        generate,
+        load_lora,
+        side_by_side,
+        slug,
+        trained_record,
+        trained_t5_length,
+    )
 
-    pipe = load_pipeline(model_dir, device, parse_dtype(dtype))
+    pipe = load_pipeline(model_dir, device, parse_dtype(dtype), variant, transformer_file)
     pipe.set_progress_bar_config(disable=True)
-    base = generate(pipe, captions, seeds, steps, guidance)
+    # Sampled as `t2i sample` would: the T5 length and unconditional input the base trained with.
+    options = (
+        trained_t5_length(model_dir) or 256,
+        trained_record(model_dir).get("unconditional") == "zeros",
+    )
+    base = generate(pipe, captions, seeds, steps, guidance, None, None, *options)
     load_lora(pipe, str(lora_dir), 1.0)
-    lora = generate(pipe, captions, seeds, steps, guidance)
+    lora = generate(pipe, captions, seeds, steps, guidance, None, None, *options)
     del pipe
     folder = Path(output) / EVAL_DIR
     folder.mkdir(parents=True, exist_ok=True)

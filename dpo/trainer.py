@@ -481,6 +481,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
                     config.scorer,
                     str(accelerator.device),
                     config.base_dtype,
+                    config.variant,
+                    config.transformer_file,
                 )
                 summary["sample_eval"] = asdict(evaluation)
                 if evaluation.win_rate is not None:
