@@ -25,13 +25,21 @@ def free_port() -> int:
 
 
 def api(url: str, method: str = "GET", body: Any = None, timeout: float = 30) -> Any:
+    """One API call. A 503 (Prefect answers it while its SQLite database is busy, e.g. while
+    `t2i serve` registers deployments) is retried a few times; any other error is raised."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        text = response.read().decode()
-    return json.loads(text) if text else None
+    for attempt in range(5):
+        request = urllib.request.Request(
+            url, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read().decode()
+            return json.loads(text) if text else None
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == 4:
+                raise
+            time.sleep(1 + attempt)
 
 
 def wait_for(

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import httpx
 import pytest
@@ -113,6 +114,17 @@ def test_a_request_still_failing_after_its_retries_fails_only_its_row(
 
 def test_requests_in_flight_never_exceed_the_concurrency(store, tiny_captioner_dir, tmp_path):
     with _serve(tiny_captioner_dir) as counting:
+        enter = counting.enter
+
+        def linger(delta: int) -> None:
+            # Each request stays in flight long enough for every other one the client allows
+            # to arrive: a tiny model answers so fast that, on a loaded machine, the client's
+            # second request could otherwise start only after the first had finished.
+            enter(delta)
+            if delta > 0:
+                time.sleep(0.5)
+
+        counting.enter = linger
         run_caption(store, tmp_path / "out", _openai(counting.url, concurrency=2, chunk_size=16))
         assert counting.max_in_flight == 2
 
