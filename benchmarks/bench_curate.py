@@ -137,10 +137,11 @@ def write_clip_kit(folder: Path) -> dict[str, str]:
     """A random CLIP ViT-B/32 image tower and LAION-layout heads for its 512-d embeddings."""
     import torch
     from safetensors.torch import save_file
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
+    from curate.clip import init_clip_vision
+
+    init_clip_vision(  # ViT-B/32's image tower
+        folder / "clip",
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=12,
@@ -149,10 +150,6 @@ def write_clip_kit(folder: Path) -> dict[str, str]:
         patch_size=32,
         projection_dim=512,
     )
-    CLIPVisionModelWithProjection(config).save_pretrained(folder / "clip")
-    CLIPImageProcessor(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-    ).save_pretrained(folder / "clip")
     dims = [512, 1024, 128, 64, 16, 1]  # LAION aesthetic v2's MLP on a 512-d CLIP
     head = {}
     for index, (a, b) in zip([0, 2, 4, 6, 7], zip(dims[:-1], dims[1:])):

@@ -73,24 +73,9 @@ def make_images(folder: Path, n: int, side: int = 160, seed: int = 0) -> None:
 
 def write_tiny_clip(folder: Path) -> str:
     """A random 2-layer CLIP image tower (32 px, 16-d embeddings), from its config."""
-    import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from curate.clip import TINY_CLIP_VISION, init_clip_vision
 
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    CLIPVisionModelWithProjection(config).save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(folder)
-    return str(folder)
+    return str(init_clip_vision(folder, **TINY_CLIP_VISION))
 
 
 def run(argv: list[str], log: Path) -> dict[str, float]:

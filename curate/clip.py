@@ -12,6 +12,33 @@ import numpy as np
 import torch
 from PIL import Image
 
+# A 2-layer, 32 px CLIP image tower with 16-d embeddings: the offline stand-in tests use.
+TINY_CLIP_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+
+
+def init_clip_vision(folder: str | Path, **config) -> Path:
+    """Save a random-weight (seed 0) CLIPVisionModelWithProjection built from CONFIG (fields of
+    CLIPVisionConfig) and its image processor to FOLDER: a local CLIP for tests and benchmarks."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(**config)
+    CLIPVisionModelWithProjection(vision).save_pretrained(folder)
+    side = vision.image_size
+    CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    ).save_pretrained(folder)
+    return folder
+
 
 def require_folder(path: str | None, option: str, what: str) -> Path:
     if not path:

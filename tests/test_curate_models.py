@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from curate.aesthetic import BrisqueQuality, LaionAestheticV2
-from curate.clip import ClipImageEmbedder
+from curate.clip import TINY_CLIP_VISION, ClipImageEmbedder, init_clip_vision
 from curate.config import CurateConfig
 from curate.embed import SSCD, EfficientNetLite0, HFVision
 from curate.nsfw import HFImageClassifierNSFW, LaionClipNSFW, OpenNSFW
@@ -27,9 +27,6 @@ def _images(n=3, size=48):
 def tiny(tmp_path_factory):
     """A tiny CLIP vision tower, LAION-style heads, an HF classifier, an HF vision model and an SSCD TorchScript."""
     from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
         ViTConfig,
         ViTForImageClassification,
         ViTImageProcessor,
@@ -37,20 +34,7 @@ def tiny(tmp_path_factory):
     )
 
     root = tmp_path_factory.mktemp("tiny-curate-models")
-    torch.manual_seed(0)
-    clip_config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    CLIPVisionModelWithProjection(clip_config).save_pretrained(root / "clip")
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(root / "clip")
+    init_clip_vision(root / "clip", **TINY_CLIP_VISION)
     # LAION aesthetic v2 layout (Linear only, dropout between): 16-32-8-4-2-1 instead of 768-1024-128-64-16-1
     dims = [16, 32, 8, 4, 2, 1]
     aesthetic = {}
