@@ -89,3 +89,21 @@ def make_caption_store(demo_folder):
 @pytest.fixture(scope="session")
 def caption_store(make_caption_store, tmp_path_factory):
     return make_caption_store(tmp_path_factory.mktemp("caption-store") / "curated")
+
+
+# --- training: a small pre-encoded set (tests/test_train*.py; a module may override `encoded`) ---
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model_dir, tmp_path_factory):
+    """24 coloured shapes at 32x32, through a captioned store and `t2i precompute` (tiny kit)."""
+    from train_sets import shapes_encoded
+
+    return shapes_encoded(tiny_model_dir, tmp_path_factory.mktemp("shapes"), 24)[0]
+
+
+@pytest.fixture(scope="module")
+def shapes(encoded):
+    from model.encoded import EncodedDataset
+
+    return EncodedDataset(encoded)

@@ -14,27 +14,14 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
-from train_sets import shapes_encoded
 
 from model.checkpoint import list_checkpoints
 from model.config import TrainConfig
 from model.ema import EMA
-from model.encoded import EncodedDataset
 from model.train import NonFiniteLossError, run_train, train
 from model.train_data import BatchPlan, split_indices
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def encoded(tiny_model_dir, tmp_path_factory) -> Path:
-    """24 coloured shapes at 32x32, through a captioned store and `t2i precompute` (tiny kit)."""
-    return shapes_encoded(tiny_model_dir, tmp_path_factory.mktemp("shapes"), 24)[0]
-
-
-@pytest.fixture(scope="module")
-def shapes(encoded) -> EncodedDataset:
-    return EncodedDataset(encoded)
 
 
 def quick(model: str, **overrides) -> TrainConfig:

@@ -10,24 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_sets import shapes_encoded
 
 from model.checkpoint import CheckpointError, list_checkpoints
 from model.config import SampleConfig, TrainConfig
-from model.encoded import EncodedDataset
 from model.sampling import trained_t5_length
 from model.train import evaluate, run_train, train
 from model.train_data import BatchPlan, MappedShards, load_batch, split_indices
-
-
-@pytest.fixture(scope="module")
-def encoded(tiny_model_dir, tmp_path_factory) -> Path:
-    return shapes_encoded(tiny_model_dir, tmp_path_factory.mktemp("shapes"), 24)[0]
-
-
-@pytest.fixture(scope="module")
-def shapes(encoded) -> EncodedDataset:
-    return EncodedDataset(encoded)
 
 
 def quick(model: str, **overrides) -> TrainConfig:
