@@ -390,8 +390,3 @@ def ingest_prefs(
             if config.split is not None:
                 writer.extra["split"] = config.split
     return output
-
-
-def run_ingest_prefs(source: str, output: str, config: IngestPrefsConfig) -> Path:
-    """`t2i prefs`: see flows/cli.py."""
-    return ingest_prefs(source, output, config)

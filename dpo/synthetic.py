@@ -139,8 +139,3 @@ def make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
                 input=used + len(skipped), kept=used, rejected=len(skipped), pairs=count
             )
     return output
-
-
-def run_make_prefs(output: str, config: MakePrefsConfig) -> Path:
-    """`t2i make-prefs`: see flows/cli.py."""
-    return make_prefs(output, config)

@@ -221,14 +221,14 @@ def runner(name: str, kit: dict, out: Path):
         return lambda: run_train(str(kit["encoded"]), str(out), config)
     if name == "prefs":
         from dpo.config import IngestPrefsConfig
-        from dpo.ingest import run_ingest_prefs
+        from dpo.ingest import ingest_prefs
 
-        return lambda: run_ingest_prefs(str(kit["pairs"]), str(out), IngestPrefsConfig())
+        return lambda: ingest_prefs(str(kit["pairs"]), str(out), IngestPrefsConfig())
     if name == "make-prefs":
         from dpo.config import MakePrefsConfig
-        from dpo.synthetic import run_make_prefs
+        from dpo.synthetic import make_prefs
 
-        return lambda: run_make_prefs(str(out), MakePrefsConfig(source=str(kit["images"])))
+        return lambda: make_prefs(str(out), MakePrefsConfig(source=str(kit["images"])))
     if name == "dpo":
         from dpo.config import DPOConfig
         from dpo.trainer import run_dpo
