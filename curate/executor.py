@@ -86,6 +86,7 @@ def worker_state(setup: Setup) -> tuple[Any, float]:
     with _STATE_LOCK:
         if setup.key in _STATE:
             return _STATE[setup.key], 0.0
+        _heap_for_tensors()
         for old in list(_STATE):
             _release(_STATE.pop(old))
         started = time.monotonic()
@@ -97,6 +98,39 @@ def release_state() -> None:
     with _STATE_LOCK:
         for old in list(_STATE):
             _release(_STATE.pop(old))
+
+
+# glibc's mallopt parameters and the sizes restored (its own ceilings for the sliding thresholds)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
+
+
+def _heap_for_tensors() -> bool:
+    """Undo a small MALLOC_TRIM_THRESHOLD_ in this process (Dask's nanny starts workers with 64 KiB).
+
+    Setting that variable switches off glibc's sliding mmap threshold, so every buffer above
+    128 KiB (most image tensors and activations) is mmapped, zero-filled by page faults and
+    unmapped again on every use: the scorers took twice the CPU time per chunk on a Dask worker
+    than in a local process (benchmarks/RESULTS.md). Fixed thresholds at glibc's own ceilings
+    keep such buffers on the heap, at the cost of up to 64 MiB per worker not handed back.
+    Returns whether anything was changed.
+    """
+    import ctypes
+    import os
+    import sys
+
+    small = os.environ.get("MALLOC_TRIM_THRESHOLD_", "")
+    if not sys.platform.startswith("linux") or not small.isdigit() or int(small) >= TRIM_THRESHOLD:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to undo
+        return False
+    changed = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    changed &= libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = str(TRIM_THRESHOLD)  # done once per process
+    return changed
 
 
 def run_shard(setup: Setup, task: Callable[[Any, Any], Any], name: str, payload: Any) -> Result:

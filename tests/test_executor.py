@@ -85,3 +85,44 @@ def test_curate_chunks_close_at_the_pixel_bound_whatever_the_image_count():
         ["3.jpg"],
         ["4.jpg", "5.jpg", "6.jpg", "7.jpg", "broken.jpg"],
     ]
+
+
+FAULTS = """
+import resource, sys
+import numpy as np
+from curate.executor import _heap_for_tensors
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(100):
+        buffer = np.ones(1 << 18, np.float32)  # 1 MiB, like an image tensor
+        del buffer
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+small = faults()
+changed = _heap_for_tensors()
+faults()
+print(small, faults(), changed)
+"""
+
+
+@pytest.mark.skipif(not Path("/lib/x86_64-linux-gnu/libc.so.6").exists(), reason="glibc only")
+def test_a_worker_started_with_a_small_trim_threshold_stops_page_faulting_on_every_tensor():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536: each 1 MiB buffer is then mmapped afresh."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    small, restored, changed = int(out[0]), int(out[1]), out[2]
+    assert changed == "True"
+    assert small >= 100 * 200  # every buffer faulted in page by page (256 pages of 4 KiB)
+    assert restored * 20 < small
+    env.pop("MALLOC_TRIM_THRESHOLD_")  # glibc's defaults: nothing to undo
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[2] == "False"
