@@ -205,10 +205,11 @@ def read_records(root: str | Path, options: IngestOptions | None = None) -> Iter
             count += 1
             yield record
     if count == 0:
-        raise ValueError(_nothing_to_read(root))
+        raise ValueError(nothing_to_read(root))
 
 
-def _nothing_to_read(root: Path) -> str:
+def nothing_to_read(root: Path) -> str:
+    """Why an input that yielded no record cannot be curated, in one line."""
     if root.is_dir():
         files = [p for p in root.rglob("*") if p.is_file()]
         captions = sum(p.suffix.lower() in CAPTION_EXTENSIONS for p in files)

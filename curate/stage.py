@@ -1,14 +1,19 @@
 """`t2i curate IN OUT`: validate, score, deduplicate, and write the sample table with every drop recorded.
 
 Recipe (SD3 section 5.3.1 and appendix E): decode and validate every file, drop exact byte
-copies, score NSFW and aesthetics, then remove near-duplicates with Algorithm 1. Work is done
-in resumable chunks by parallel workers (one intra-op thread each); a killed run picks up the
-chunks already finished, and the committed tables do not depend on where it was killed.
+copies, score NSFW and aesthetics, then remove near-duplicates with Algorithm 1.
+
+The driver only plans the input (shards: groups of files, tars, row ranges) and reduces. The
+workers (in this process, local processes or a Dask cluster; one intra-op thread each) read
+their shards themselves and write each chunk's table to the work log beside OUT
+(curate/shards.py), so image bytes never pass through the driver. The driver then settles exact
+byte copies across shards, deduplicates and writes the tables. A killed run picks up the chunks
+already finished, and the committed tables do not depend on where it was killed or where the
+shards ran.
 """
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +21,16 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 from tqdm import tqdm
 
-from curate import reasons
+from curate import ingest, reasons
 from curate.config import CurateConfig
 from curate.executor import EXECUTION_FIELDS, Setup, executor_for
-from curate.ingest import IngestOptions, Record, read_records
+from curate.shards import ChunkDone, Ledger, ShardTask, files_per_shard, score_shard
 from curate.stage_runtime import StageRun, local_path
-from curate.store import Rejection, WorkLog, params_hash, sample_id
+from curate.store import Rejection, WorkLog, params_hash
 
 STAGE = "curate"
 # Options that change how fast the work runs, never what it produces.
@@ -47,95 +52,96 @@ SAMPLE_FEATURES = datasets.Features(
 )
 
 
-def _declared_pixels(data: bytes, max_pixels: int) -> int:
-    """Pixels the image header declares (no decode); 0 for what will be rejected before decoding."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = image.width * image.height
-    except Exception:  # not an image: rejected by validation, never decoded
-        return 0
-    return pixels if pixels <= max_pixels else 0
-
-
-def _chunks(records: Iterator[Record], config: CurateConfig) -> Iterator[list[dict[str, Any]]]:
-    """Chunks in input order, each closed at `chunk_size` images or `chunk_pixels` declared pixels.
-
-    Exact byte copies are refused here, the one global step before scoring (they share the id).
-    """
-    seen: dict[str, str] = {}
-    chunk: list[dict[str, Any]] = []
-    pixels = 0
-    for record in records:
-        item = {
-            "key": record.key,
-            "data": record.data,
-            "caption": record.caption,
-            "refused": record.refused,
-            "detail": record.detail,
-        }
-        item["id"] = sample_id(record.data)
-        if not record.refused and len(record.data) > 0:
-            original = seen.setdefault(item["id"], record.key)
-            if original != record.key:
-                item.update(
-                    refused=reasons.EXACT_DUPLICATE,
-                    detail=f"dup_of={item['id']} original={original}",
-                )
-        size = 0 if item["refused"] else _declared_pixels(record.data, config.max_pixels)
-        if chunk and pixels + size > config.chunk_pixels:
-            yield chunk
-            chunk, pixels = [], 0
-        chunk.append(item)
-        pixels += size
-        if len(chunk) == config.chunk_size:
-            yield chunk
-            chunk, pixels = [], 0
-    if chunk:
-        yield chunk
-
-
 def _score_all(inp: Path, work: WorkLog, resolved, timing: dict[str, Any]) -> int:
-    """Fill the WorkLog with one table per chunk, scored by the configured executor; returns the number of records.
+    """Fill the WorkLog with every shard's chunk tables, read and scored by the executor's workers;
+    returns the number of records.
 
-    TIMING receives when the first chunk finished (start-up: workers started, models loaded),
-    how many images were scored after it (for a steady-state rate), and where the work ran.
+    The driver sends each worker a shard's name (curate/shards.py), never its bytes. TIMING
+    receives when the first chunk finished (start-up: workers started, models loaded), how many
+    images were scored after it (for a steady-state rate), and where the work ran.
     """
-    from curate.workers import build_scorers, score_chunk
+    from curate.workers import build_scorers
 
     config = resolved.config
     setup = Setup(build_scorers, resolved, params_hash({"stage": STAGE, **config.model_dump()}))
-    total = 0
+    plan = ingest.plan(inp, files_per_shard(config))
+    ledger = Ledger(work)
+    root = str(inp.resolve())
     progress = tqdm(desc="curate: scoring", unit="img")
 
-    def planned() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-        nonlocal total
-        for index, chunk in enumerate(_chunks(read_records(inp, _ingest_options(config)), config)):
-            total += len(chunk)
-            name = f"chunk-{index:08d}"
-            if work.has(name):
-                progress.update(len(chunk))
+    def pending() -> Iterator[tuple[str, ShardTask]]:
+        for index, shard in enumerate(plan):
+            if index in ledger.done:
+                progress.update(ledger.rows(index))
             else:
-                yield name, chunk
+                yield f"shard-{index:08d}", ShardTask(root, index, shard, work)
 
     try:
         with executor_for(config, STAGE) as executor:
             timing["executor"] = executor.describe()
-            for result in executor.map(setup, score_chunk, planned()):
-                work.write(result.name, result.value)
-                progress.update(result.value.num_rows)
-                now = time.monotonic()
-                if "first_chunk" not in timing:
-                    timing["first_chunk"] = now
-                else:
-                    timing["after_first"] = timing.get("after_first", 0) + result.value.num_rows
-                timing["last_chunk"] = now
+            for result in executor.map(setup, score_shard, pending()):
+                ledger.add(int(result.name.removeprefix("shard-")), result.value)
+                progress.update(sum(chunk.rows for chunk in result.value))
+                _clock(timing, result.value)
     finally:
         progress.close()
+    total = ledger.rows()
+    if total == 0:
+        raise ValueError(ingest.nothing_to_read(inp))
+    _reject_exact_duplicates(work)
     return total
 
 
-def _ingest_options(config: CurateConfig) -> IngestOptions:
-    return IngestOptions(config.max_caption_bytes, config.allow_path_cells)
+def _clock(timing: dict[str, Any], chunks: list[ChunkDone]) -> None:
+    """Fold the finishing times of a shard's newly scored chunks into TIMING (wall clock)."""
+    for chunk in chunks:
+        if chunk.finished is None:
+            continue
+        first = timing.get("first_chunk")
+        if first is None or chunk.finished < first:
+            if first is not None:  # the old first chunk now counts as steady work
+                timing["after_first"] = timing.get("after_first", 0) + timing["first_rows"]
+            timing["first_chunk"], timing["first_rows"] = chunk.finished, chunk.rows
+        else:
+            timing["after_first"] = timing.get("after_first", 0) + chunk.rows
+        timing["last_chunk"] = max(timing.get("last_chunk", chunk.finished), chunk.finished)
+
+
+def _reject_exact_duplicates(work: WorkLog) -> int:
+    """The global step before dedup: in input order, the first record with an id stays and every
+    later one becomes an `exact_duplicate` rejection naming it (rewritten in its chunk table).
+
+    Copies inside one shard were already refused by the worker, against the shard's first copy;
+    here they name the first copy in the whole input. Returns the number of tables rewritten.
+    """
+    seen: dict[str, str] = {}
+    rewritten = 0
+    for name in work.names():
+        table = work.read(name)
+        rows = table.select(["id", "source", "exact_check", "detail"]).to_pylist()
+        changes: dict[int, str] = {}
+        for position, row in enumerate(rows):
+            if not row["exact_check"]:
+                continue
+            original = seen.setdefault(row["id"], row["source"])
+            detail = f"source={row['source']} dup_of={row['id']} original={original}"
+            if original != row["source"] and row["detail"] != detail:
+                changes[position] = detail
+        if changes:
+            work.write(name, _as_duplicates(table, changes))
+            rewritten += 1
+    return rewritten
+
+
+def _as_duplicates(table: pa.Table, changes: dict[int, str]) -> pa.Table:
+    """TABLE with the rows at CHANGES' positions turned into exact_duplicate rejections."""
+    rows = table.to_pylist()
+    for position, detail in changes.items():
+        row = rows[position]
+        kept = {key: row[key] for key in ("id", "source", "caption", "exact_check")}
+        rows[position] = {key: None for key in row} | kept
+        rows[position].update(status="rejected", reason=reasons.EXACT_DUPLICATE, detail=detail)
+    return pa.Table.from_pylist(rows, schema=table.schema)
 
 
 def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
@@ -300,10 +306,10 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
         if run.finished:
             return run.skip()
         work = run.work_log(ignore=("contact_sheet_max",))  # only the report depends on it
-        started = time.monotonic()
+        started = time.time()  # wall clock: chunk finishing times come from the workers
         timing: dict[str, float] = {}
         total = _score_all(inp, work, resolved, timing)
-        scored_s = time.monotonic() - started
+        scored_s = time.time() - started
         steady = None
         if timing.get("after_first") and timing["last_chunk"] > timing["first_chunk"]:
             steady = round(

@@ -1,10 +1,11 @@
 """Score one chunk of records: decode, validate, NSFW, aesthetic, pHash, embedding.
 
-`score_chunk(scorers, items)` is curate's per-shard function: each worker builds its `Scorers`
-once (one intra-op thread) and reuses them for every chunk it is given (curate/executor.py).
-Chunks are independent, so a chunk's result is a pure function of its records and the
-configuration: a killed run resumes from the chunks it already finished, and a chunk lost with
-its worker reruns elsewhere to the same table.
+`score_chunk(scorers, items)` turns a chunk into its work-log table. Each worker builds its
+`Scorers` once (one intra-op thread) and reuses them for every shard it is given
+(curate/executor.py); curate/shards.py reads a shard and scores it chunk by chunk. Chunks are
+independent, so a chunk's table is a pure function of its records and the configuration: a
+killed run resumes from the chunks it already finished, and a shard lost with its worker reruns
+elsewhere to the same tables.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ ROW_SCHEMA_FIELDS = [
     ("aesthetic_score", pa.float64()),
     ("phash", pa.uint64()),
     ("nbytes", pa.int64()),
+    ("exact_check", pa.bool_()),  # takes part in the exact-duplicate check (read, not refused)
 ]
 
 
@@ -185,6 +187,7 @@ def process_chunk(
             caption=item["caption"],
             status="rejected",
             detail=f"source={item['key']}",
+            exact_check=item.get("exact_check", False),
         )
         rows.append(row)
         if item["refused"]:

@@ -68,7 +68,7 @@ def test_curate_chunks_close_at_the_pixel_bound_whatever_the_image_count():
 
     from curate.config import CurateConfig
     from curate.ingest import Record
-    from curate.stage import _chunks
+    from curate.shards import chunks as cut
 
     def jpeg(side: int, shade: int) -> bytes:
         buffer = io.BytesIO()
@@ -79,7 +79,7 @@ def test_curate_chunks_close_at_the_pixel_bound_whatever_the_image_count():
     records = [Record(f"{i}.jpg", jpeg(side, i), "") for i, side in enumerate(sides)]
     records.append(Record("broken.jpg", b"not an image", ""))
     config = CurateConfig(chunk_size=5, chunk_pixels=500_000)
-    chunks = [[item["key"] for item in chunk] for chunk in _chunks(iter(records), config)]
+    chunks = [[item["key"] for item in chunk] for chunk in cut(iter(records), config)]
     assert chunks == [
         ["0.jpg", "1.jpg", "2.jpg"],
         ["3.jpg"],
