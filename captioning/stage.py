@@ -6,8 +6,9 @@ model, prompt, decoding settings, token budget and cleaning rules). A row whose 
 fails keeps its original caption, gets nulls, and is listed with its reason in `report.md`
 and `failures.json`; rows are never dropped.
 
-Work is done in chunks of `chunk_size` rows, each saved to a WorkLog as soon as it is finished,
-so a killed run loses at most the chunk in flight and a rerun continues where it stopped. A
+Work is done in chunks of `chunk_size` rows, each saved to a WorkLog as soon as it is finished.
+A worker is sent a chunk's row range and reads the rows from IN itself, so image bytes never
+pass from the driver to the workers; only the captions come back. A killed run loses at most the chunk in flight and a rerun continues where it stopped. A
 rerun skips ids already captioned by the same captioner (in the work log, or in IN itself when
 IN was captioned before); a finished run that left failures keeps its work log, and rerunning
 it retries only the failed rows.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,15 @@ from curate.decode import Invalid, decode_image, open_image, plain_format
 from curate.executor import EXECUTION_FIELDS, Setup, executor_for
 from curate.markdown import escape, fenced
 from curate.stage_runtime import StageRun, local_path
-from curate.store import Manifest, StoreError, WorkLog, load_samples, params_hash, require_store
+from curate.store import (
+    Manifest,
+    StoreError,
+    WorkLog,
+    load_rows,
+    load_samples,
+    params_hash,
+    require_store,
+)
 
 STAGE = "caption"
 # Options that change how the work is scheduled, never a caption.
@@ -131,16 +141,17 @@ def _caption(
         (config, template, captioner),
         params_hash({"stage": STAGE, "captioner": captioner, **config.model_dump()}),
     )
+    store = str(source.resolve())  # every worker opens the input itself
     with tqdm(total=len(samples), unit="row", desc=f"caption ({config.backend})") as bar:
 
-        def planned() -> Iterator[tuple[str, tuple[list[dict], list[dict]]]]:
+        def planned() -> Iterator[tuple[str, ChunkTask]]:
             for name, start, stop in chunks:
                 previous = log.read(name).to_pylist() if log.has(name) else []
                 if previous and all(r["error"] is None for r in previous):
                     counts["resumed"] += len(previous)
                     bar.update(len(previous))
                     continue
-                yield name, (table[start:stop].select(columns).to_pylist(), previous)
+                yield name, ChunkTask(store, start, stop, tuple(columns), previous)
 
         with executor_for(config, STAGE) as executor:
             where = executor.describe()
@@ -274,11 +285,24 @@ def build_chunk_worker(spec: tuple[CaptionConfig, str, str]) -> ChunkWorker:
     return ChunkWorker(*spec)
 
 
+@dataclass(frozen=True)
+class ChunkTask:
+    """A chunk as a worker receives it: a row range of the input store, which the worker reads
+    itself (no image travels from the driver), and the range's earlier results."""
+
+    store: str  # the input store, as an absolute path every worker can open
+    start: int
+    stop: int
+    columns: tuple[str, ...]
+    previous: list[dict[str, Any]]
+
+
 def caption_chunk(
-    worker: ChunkWorker, payload: tuple[list[dict[str, Any]], list[dict[str, Any]]]
+    worker: ChunkWorker, task: ChunkTask
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Caption's per-shard function: (rows, previous results) -> (results, counts)."""
-    return worker.chunk(*payload)
+    """Caption's per-shard function: a row range -> (a result per row, counts)."""
+    rows = load_rows(task.store, task.start, task.stop, task.columns)
+    return worker.chunk(rows, task.previous)
 
 
 def _declared_pixels(row: dict[str, Any]) -> int:

@@ -179,6 +179,16 @@ def load_samples(directory: str | os.PathLike) -> datasets.Dataset:
     return datasets.load_from_disk(str(Path(directory) / SAMPLES))
 
 
+def load_rows(
+    directory: str | os.PathLike, start: int, stop: int, columns: Iterable[str]
+) -> list[dict[str, Any]]:
+    """Rows [START, STOP) of a finished stage output's sample table, as stored (an image cell is
+    `{"bytes", "path"}`, never decoded); only the COLUMNS the table has. What a shard's worker
+    reads, so that rows never travel from the driver."""
+    rows = load_samples(directory).with_format("arrow")[start:stop]
+    return rows.select([c for c in columns if c in rows.column_names]).to_pylist()
+
+
 def load_rejected(directory: str | os.PathLike) -> datasets.Dataset:
     require_store(directory)
     path = Path(directory) / REJECTED

@@ -9,7 +9,9 @@ VAE-encoded; its original caption, its synthetic caption when present, and the e
 
 Work runs one encoder at a time over all shards (VAE, then CLIP-L, CLIP-G, T5: T5-XXL alone
 is 19 GB), each with its own progress bar, and lands as one safetensors file per shard and
-encoder in a work directory beside OUT, so a killed run resumes at the first missing
+encoder in a work directory beside OUT. A worker is sent a shard's row range and reads the rows
+from IN itself (no image passes through the driver); the captions for the text encoders are
+short strings and are sent. A killed run resumes at the first missing
 (shard, encoder) and ends with the same bytes as an uninterrupted run. Output:
 
     OUT/manifest.json           parameters, counts, extra.info (dims, factors, dtype, buckets),
@@ -48,7 +50,14 @@ from curate.cells import image_cell
 from curate.decode import open_image
 from curate.executor import EXECUTION_FIELDS, Executor, Setup, executor_for
 from curate.stage_runtime import StageRun
-from curate.store import Rejection, StageWriter, StoreError, load_samples, params_hash
+from curate.store import (
+    Rejection,
+    StageWriter,
+    StoreError,
+    load_rows,
+    load_samples,
+    params_hash,
+)
 from model.buckets import center_crop_resize, make_buckets, nearest_bucket
 from model.build import parse_dtype
 from model.config import PrecomputeConfig
@@ -70,6 +79,8 @@ from model.shards import (
     shard_file,
     storage_bytes,
 )
+
+INPUT_COLUMNS = ("id", "image", "caption", "caption_synthetic")  # what a shard's worker reads
 
 
 def run_precompute(
@@ -95,7 +106,8 @@ def run_precompute(
         work = run.work_log()
         # Map each encoder over the shards in turn (one encoder in a worker's memory at a time).
         with executor_for(config, STAGE) as executor:
-            encoding = _Run(config, dims, table, buckets, work.path, executor)
+            store = str(input.resolve())  # every worker reads its shards' rows from it
+            encoding = _Run(config, dims, table, store, buckets, work.path, executor)
             encoding.encode_images()
             for name in TEXT_ENCODERS:
                 encoding.encode_captions(name)
@@ -147,11 +159,12 @@ class _Run:
         config: PrecomputeConfig,
         dims: dict[str, Any],
         table: datasets.Dataset,
+        store: str,
         buckets: list[tuple[int, int]],
         parts: Path,
         executor: Executor,
     ) -> None:
-        self.config, self.dims, self.table = config, dims, table
+        self.config, self.dims, self.table, self.store = config, dims, table, store
         self.buckets, self.parts, self.executor = buckets, parts, executor
         self.where = executor.describe()
         # encoder -> {"load": s, "encode": s, "items": images or captions encoded in this run}
@@ -176,19 +189,9 @@ class _Run:
 
     # -- images ---------------------------------------------------------------------------------
 
-    def _shard_rows(self, shard: int) -> list[dict[str, Any]]:
+    def _shard_range(self, shard: int) -> RowRange:
         size = self.config.shard_size
-        rows = self.table.select(range(shard * size, min((shard + 1) * size, self.table.num_rows)))
-        synthetic = "caption_synthetic" in rows.column_names
-        return [
-            {
-                "id": row["id"],
-                "image": row["image"],
-                "caption": row["caption"],
-                "caption_synthetic": row["caption_synthetic"] if synthetic else None,
-            }
-            for row in rows
-        ]
+        return RowRange(self.store, shard * size, min((shard + 1) * size, self.table.num_rows))
 
     def _setup(self, name: str) -> Setup:
         spec = (self.config.model, name, self.encoder_kwargs)
@@ -207,7 +210,7 @@ class _Run:
         )
         size = self.config.shard_size
         rows = {s: min(size, self.table.num_rows - s * size) for s in range(self.num_shards)}
-        shards = ((f"{s:05d}", (job, self._shard_rows(s))) for s in todo)
+        shards = ((f"{s:05d}", (job, self._shard_range(s))) for s in todo)
         with tqdm(total=self.table.num_rows, desc="vae", unit="image") as bar:
             bar.update(sum(n for s, n in rows.items() if s not in todo))
             with self._timed("vae", sum(rows[s] for s in todo)) as loads:
@@ -333,6 +336,19 @@ class ImageJob:
 
 
 @dataclass(frozen=True)
+class RowRange:
+    """A shard as a worker receives it: rows [start, stop) of the input store, read by the worker."""
+
+    store: str  # an absolute path every worker can open
+    start: int
+    stop: int
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = load_rows(self.store, self.start, self.stop, INPUT_COLUMNS)
+        return [{"caption_synthetic": None, **row} for row in rows]
+
+
+@dataclass(frozen=True)
 class TextJob:
     name: str
     batch_size: int
@@ -346,10 +362,11 @@ def build_encoder(spec: tuple[str, str, dict[str, Any]]) -> Encoder:
 
 
 def encode_image_shard(
-    encoder: Encoder, payload: tuple[ImageJob, list[dict[str, Any]]]
+    encoder: Encoder, payload: tuple[ImageJob, RowRange]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One shard's latents by bucket and its index records (kept and rejected)."""
-    job, rows = payload
+    job, shard = payload
+    rows = shard.rows()
     f = job.vae_scale_factor
     planned, failed = [], {}
     for pos, row in enumerate(rows):
