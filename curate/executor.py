@@ -6,7 +6,8 @@ A stage plans its input as shards (a name and a payload), and the executor runs
 later shard with the same setup, so model loading is paid once per worker, not once per shard.
 Results come back to the driver as shards finish, with at most a few shards per worker in
 flight, so the driver's memory stays flat in the number of shards; the stage writes each result
-to its work log under the shard's name. A shard's result depends on its payload and setup alone,
+to its work log under the shard's name, or the task writes its own (curate: a payload names
+input to read, and the worker writes each chunk's table itself and returns only the names). A shard's result depends on its payload and setup alone,
 so a shard lost with its worker reruns elsewhere and gives the same result.
 
 Executors: in this process (one worker, no Dask), local worker processes (`workers` > 1), a Dask
