@@ -117,8 +117,7 @@ def _reject_exact_duplicates(work: WorkLog) -> int:
     seen: dict[str, str] = {}
     rewritten = 0
     for name in work.names():
-        table = work.read(name)
-        rows = table.select(["id", "source", "exact_check", "detail"]).to_pylist()
+        rows = work.read(name, ["id", "source", "exact_check", "detail"]).to_pylist()
         changes: dict[int, str] = {}
         for position, row in enumerate(rows):
             if not row["exact_check"]:
@@ -128,7 +127,7 @@ def _reject_exact_duplicates(work: WorkLog) -> int:
             if original != row["source"] and row["detail"] != detail:
                 changes[position] = detail
         if changes:
-            work.write(name, _as_duplicates(table, changes))
+            work.write(name, _as_duplicates(work.read(name), changes))
             rewritten += 1
     return rewritten
 
@@ -150,8 +149,9 @@ def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.nda
     scores, hashes, pixels, sizes = [], [], [], []
     dim, count = 0, 0
     for name in work.names():
-        table = work.read(name).select(
-            ["status", "id", "aesthetic_score", "phash", "width", "height", "nbytes", "embedding"]
+        table = work.read(
+            name,
+            ["status", "id", "aesthetic_score", "phash", "width", "height", "nbytes", "embedding"],
         )
         table = table.filter(pc.equal(table["status"], "candidate"))
         ids += table["id"].to_pylist()
@@ -170,7 +170,7 @@ def _candidates(work: WorkLog) -> tuple[list[str], dict[str, np.ndarray], np.nda
     ]
     row = 0
     for name in work.names():
-        table = work.read(name).select(["status", "embedding"])
+        table = work.read(name, ["status", "embedding"])
         table = table.filter(pc.equal(table["status"], "candidate"))
         if table.num_rows:
             values = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -247,7 +247,7 @@ def _sample_rows(work: WorkLog, removed, clusters, kind: str) -> Iterator[dict[s
         "aesthetic_score",
     ]
     for name in work.names():
-        for row in work.read(name).select(columns).to_pylist():
+        for row in work.read(name, columns).to_pylist():
             if row["status"] != "candidate" or row["id"] in removed:
                 continue
             yield {
@@ -260,11 +260,8 @@ def _sample_rows(work: WorkLog, removed, clusters, kind: str) -> Iterator[dict[s
 
 def _rejections(work: WorkLog, removed, threshold: float) -> Iterator[Rejection]:
     for name in work.names():
-        for row in (
-            work.read(name)
-            .select(["status", "id", "reason", "score", "threshold", "detail", "source"])
-            .to_pylist()
-        ):
+        columns = ["status", "id", "reason", "score", "threshold", "detail", "source"]
+        for row in work.read(name, columns).to_pylist():
             if row["status"] == "rejected":
                 yield Rejection(
                     row["id"],

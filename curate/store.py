@@ -412,8 +412,9 @@ class WorkLog:
         pq.write_table(table, tmp)
         os.replace(tmp, self.path / f"{name}.parquet")
 
-    def read(self, name: str) -> pa.Table:
-        return pq.read_table(self.path / f"{name}.parquet")
+    def read(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """Chunk NAME, or only its COLUMNS (the others are not read from disk)."""
+        return pq.read_table(self.path / f"{name}.parquet", columns=columns)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for name in self.names():
