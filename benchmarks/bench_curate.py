@@ -8,6 +8,7 @@ offsets, random flips and colour jitter), then times on the same files:
   2. `run_curate` with W local worker processes, end to end (ingest, validation, all scorers,
      pHash, dedup, writing the tables and the report), wall clock;
   3. the same on a Dask cluster of W one-thread workers started beforehand (`dask_address`);
+     with --dask-ratio R, also on clusters of 1 and of W workers, alternated R times;
   4. with --clip: a random CLIP ViT-B/32 image tower (from its config, no download) feeding the
      LAION aesthetic head, the CLIP NSFW head and the dedup embedding. Alone, each of the three
      runs its own CLIP forward; curate runs one forward per image and gives it to all three.
@@ -22,6 +23,7 @@ import argparse
 import json
 import multiprocessing
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -133,6 +135,36 @@ def end_to_end(folder: Path, out: Path, config: CurateConfig) -> dict[str, float
     }
 
 
+def dask_scaling(
+    folder: Path, out: Path, config: CurateConfig, workers: int, repeats: int
+) -> dict[str, object]:
+    """Images/s on a local Dask cluster of 1 worker and of WORKERS, alternated; clusters started beforehand."""
+    from distributed import LocalCluster
+
+    rates: dict[int, list[float]] = {1: [], workers: []}
+    for repeat in range(repeats):
+        for size in (1, workers) if repeat % 2 == 0 else (workers, 1):
+            with LocalCluster(
+                n_workers=size,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                host="127.0.0.1",
+            ) as cluster:
+                figures = end_to_end(
+                    folder,
+                    out,
+                    config.model_copy(update={"dask_address": cluster.scheduler_address}),
+                )
+            rates[size].append(figures["img_s"])
+    return {
+        "img_s": rates,
+        f"speedup_{workers}_vs_1": round(
+            statistics.median(rates[workers]) / statistics.median(rates[1]), 2
+        ),
+    }
+
+
 def write_clip_kit(folder: Path) -> dict[str, str]:
     """A random CLIP ViT-B/32 image tower and LAION-layout heads for its 512-d embeddings."""
     import torch
@@ -209,6 +241,13 @@ def main() -> None:
     )
     parser.add_argument("--chunk-size", type=int, default=32, help="curate's chunk size")
     parser.add_argument("--clip", action="store_true", help="also the shared-CLIP comparison")
+    parser.add_argument(
+        "--dask-ratio",
+        type=int,
+        default=0,
+        metavar="REPEATS",
+        help="also curate on local Dask clusters of 1 and of --workers workers, alternated REPEATS times",
+    )
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
 
@@ -245,6 +284,10 @@ def main() -> None:
             "dask": on_dask,
             "dask_vs_ceiling": round(on_dask["img_s"] / limit, 3),
         }
+        if args.dask_ratio:
+            figures["dask_scaling"] = dask_scaling(
+                root / "in", root / "out", base, args.workers, args.dask_ratio
+            )
         if args.clip:
             kit = write_clip_kit(root / "clip-kit")
             clip_kinds = ("laion_v2", "laion_clip", "clip")

@@ -2,12 +2,15 @@
 
 Both trainers get the same model (SD3 MMDiT, 4 layers, hidden 256 = 9.0M parameters, with the
 tiny kit's random CLIP-L/CLIP-G/T5 and VAE), the same 16 images at 64 px (16x16 latents, 64
-image tokens + 77 CLIP + 77 T5), batch 8, lr 1e-4, fp32, one thread. Ours reads the images
+image tokens + 77 CLIP + 77 T5), batch 8, lr 1e-4, fp32 (or both at bf16 autocast with
+`--mixed-precision bf16`), one thread. Ours reads the images
 pre-encoded by `t2i precompute`; the peer VAE-encodes its batch at every step, as it does by
 default. Steady-state steps/s = (40 - 10) / (time of a 40-step process - time of a 10-step
 process), so start-up, loading and saving cancel; measured on the wall clock and on the processes'
 own CPU time (both trainers run one thread; CPU time is the steadier figure on a shared machine).
-Each repeat runs both short processes, then both long ones, and flips the order every repeat.
+Each repeat runs both short processes, then both long ones, and flips the order every repeat;
+one untimed short run of each comes first (it fills the OS file cache and, with `--compile`,
+torch.compile's on-disk cache, so compiling is not counted as steps).
 
     python benchmarks/bench_vs_diffusers.py --peer PATH/train_dreambooth_sd3.py \
         --shim PATH/shim [--repeats 3] [--work DIR]
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,15 +79,17 @@ def peer_command(args, model: Path, images: Path, steps: int, out: Path) -> list
     return [sys.executable, str(args.peer), "--pretrained_model_name_or_path", str(model),
             "--instance_data_dir", str(images), "--instance_prompt", PROMPT, "--resolution", "64",
             "--train_batch_size", "8", "--max_train_steps", str(steps), "--learning_rate", "1e-4",
-            "--mixed_precision", "no", "--weighting_scheme", "logit_normal", "--seed", "0",
+            "--mixed_precision", args.mixed_precision, "--weighting_scheme", "logit_normal", "--seed", "0",
             "--output_dir", str(out)]  # fmt: skip
 
 
-def ours_command(model: Path, encoded: Path, steps: int, out: Path, extra: list[str]) -> list[str]:
+def ours_command(
+    args, model: Path, encoded: Path, steps: int, out: Path, extra: list[str]
+) -> list[str]:
     return [sys.executable, "-m", "flows.cli", "train", str(encoded), str(out), "--model", str(model),
             "--batch-size", "8", "--max-steps", str(steps), "--lr", "1e-4", "--warmup-steps", "0",
             "--val-fraction", "0", "--sample-count", "0", "--checkpoint-every", "0",
-            "--log-every", "1000", "--mixed-precision", "no", "--device", "cpu", *extra]  # fmt: skip
+            "--log-every", "1000", "--mixed-precision", args.mixed_precision, "--device", "cpu", *extra]  # fmt: skip
 
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -116,6 +122,12 @@ def main() -> None:
         "--work", type=Path, help="folder for the model, images and runs (default: a temp dir)"
     )
     parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="both trainers: fp32, or bf16 autocast with fp32 weights (CPUs with AVX512-BF16/AMX)",
+    )
+    parser.add_argument(
         "--ours-extra", default="", help="extra `t2i train` flags, e.g. '--no-export-ema'"
     )
     args = parser.parse_args()
@@ -127,13 +139,16 @@ def main() -> None:
     runners = {
         "peer": lambda n, out: timed(peer_command(args, model, images, n, out), peer_env),
         "t2i": lambda n, out: timed(
-            ours_command(model, encoded, n, out, args.ours_extra.split()), ours_env
+            ours_command(args, model, encoded, n, out, args.ours_extra.split()), ours_env
         ),
     }
     rates: dict[str, dict[str, list[float]]] = {
         "wall": {"peer": [], "t2i": []},
         "cpu": {"peer": [], "t2i": []},
     }
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a finished run would be skipped, not timed
+    for name, runner in runners.items():  # untimed: file caches, and torch.compile's cache
+        runner(short, work / "runs" / f"{name}-warmup")
     for repeat in range(args.repeats):
         # Alternate at the finest grain: both short runs, then both long runs, order flipped each repeat.
         order = ["peer", "t2i"] if repeat % 2 == 0 else ["t2i", "peer"]
