@@ -31,7 +31,7 @@ def resident_mb() -> float:
 
 
 def one_mode(args: argparse.Namespace) -> dict:
-    from dpo.config import ALL_BLOCK_LINEARS, DPOConfig
+    from dpo.config import TARGET_SETS, DPOConfig
     from dpo.encode import EncodedPairs
     from dpo.lora import add_lora, lora_parameters
     from dpo.trainer import dpo_terms
@@ -48,7 +48,7 @@ def one_mode(args: argparse.Namespace) -> dict:
     reference = None
     if args.mode == "frozen-copy":
         reference = copy.deepcopy(transformer).requires_grad_(False)
-    add_lora(transformer, args.rank, args.rank, ALL_BLOCK_LINEARS)
+    add_lora(transformer, args.rank, args.rank, TARGET_SETS[args.targets])
     optimizer = torch.optim.AdamW(lora_parameters(transformer), lr=1e-5)
     b, c, s, t5 = args.batch, config["in_channels"], args.latent, args.t5_tokens
     dims = SD3_TEXT_DIMS
@@ -60,13 +60,13 @@ def one_mode(args: argparse.Namespace) -> dict:
         [str(i) for i in range(b)], torch.randn(b, c, s, s), torch.randn(b, c, s, s), text
     )
     dpo = DPOConfig(model="-")
-    times = []
+    times, cpu_times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         terms = dpo_terms(
             transformer, pairs, torch.rand(b), torch.randn(b, c, s, s), dpo, reference
         )
@@ -77,6 +77,7 @@ def one_mode(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
         if step > 0:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -86,6 +87,7 @@ def one_mode(args: argparse.Namespace) -> dict:
         "mode": args.mode,
         "step_s_median": sorted(times)[len(times) // 2],
         "step_s_all": [round(t, 3) for t in times],
+        "cpu_step_s_median": sorted(cpu_times)[len(cpu_times) // 2],
         "peak_mb": round(peak_mb, 1),
         "base_params_m": round(params / 1e6, 2),
         "lora_params_m": round(sum(p.numel() for p in lora_parameters(transformer)) / 1e6, 2),
@@ -104,6 +106,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="preference pairs per step")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument(
+        "--targets",
+        choices=sorted(("attention", "all-linears")),
+        default="attention",
+        help="LoRA targets (t2i dpo's default: attention)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -117,8 +125,9 @@ def main() -> None:
         print(json.dumps(one_mode(args)))
         return
     results = []
-    for _ in range(args.repeats):  # alternate, so load changes on a shared machine hit both modes
-        for mode in ("adapter-disabled", "frozen-copy"):
+    modes = ("adapter-disabled", "frozen-copy")
+    for repeat in range(args.repeats):  # alternate, so load changes on a shared machine hit both
+        for mode in modes if repeat % 2 == 0 else modes[::-1]:
             argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
             done = subprocess.run(argv, capture_output=True, text=True, check=True)
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -128,7 +128,10 @@ def main() -> None:
         help="both trainers: fp32, or bf16 autocast with fp32 weights (CPUs with AVX512-BF16/AMX)",
     )
     parser.add_argument(
-        "--ours-extra", default="", help="extra `t2i train` flags, e.g. '--no-export-ema'"
+        "--ours-extra",
+        action="append",
+        help="a variant of `t2i train` to time, as extra flags (repeatable: '' and '--compile' "
+        "time both in one run); default: one plain variant",
     )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-vs-diffusers-"))
@@ -136,26 +139,25 @@ def main() -> None:
     short, long = args.steps
     peer_env = environment(f"{args.shim}:{ROOT}" if args.shim else None)
     ours_env = environment(None)
-    runners = {
-        "peer": lambda n, out: timed(peer_command(args, model, images, n, out), peer_env),
-        "t2i": lambda n, out: timed(
-            ours_command(args, model, encoded, n, out, args.ours_extra.split()), ours_env
-        ),
-    }
-    rates: dict[str, dict[str, list[float]]] = {
-        "wall": {"peer": [], "t2i": []},
-        "cpu": {"peer": [], "t2i": []},
-    }
+    variants = {("t2i " + extra).strip(): extra.split() for extra in args.ours_extra or [""]}
+    runners = {"peer": lambda n, out: timed(peer_command(args, model, images, n, out), peer_env)}
+    for name, extra in variants.items():
+        runners[name] = lambda n, out, extra=extra: timed(
+            ours_command(args, model, encoded, n, out, extra), ours_env
+        )
+    names = list(runners)
+    rates = {clock: {name: [] for name in names} for clock in ("wall", "cpu")}
     shutil.rmtree(work / "runs", ignore_errors=True)  # a finished run would be skipped, not timed
-    for name, runner in runners.items():  # untimed: file caches, and torch.compile's cache
-        runner(short, work / "runs" / f"{name}-warmup")
+    for index, runner in enumerate(runners.values()):  # untimed: file caches, compile's cache
+        runner(short, work / "runs" / f"warmup-{index}")
     for repeat in range(args.repeats):
-        # Alternate at the finest grain: both short runs, then both long runs, order flipped each repeat.
-        order = ["peer", "t2i"] if repeat % 2 == 0 else ["t2i", "peer"]
+        # Alternate at the finest grain: every short run, then every long run; order flipped each repeat.
+        order = names if repeat % 2 == 0 else names[::-1]
         times: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in order}
         for n in (short, long):
             for name in order:
-                times[name][n] = runners[name](n, work / "runs" / f"{name}-{repeat}-{n}")
+                folder = work / "runs" / f"{names.index(name)}-{repeat}-{n}"
+                times[name][n] = runners[name](n, folder)
         for name in order:
             for k, clock in enumerate(("wall", "cpu")):
                 rates[clock][name].append(
@@ -165,15 +167,22 @@ def main() -> None:
                               "cpu_s": {n: round(t[1], 2) for n, t in times[name].items()},
                               "steps_per_s_wall": round(rates["wall"][name][-1], 3),
                               "steps_per_s_cpu": round(rates["cpu"][name][-1], 3)}), flush=True)  # fmt: skip
-    summary = {"work": str(work), "repeats": args.repeats}
+    summary: dict[str, object] = {
+        "work": str(work),
+        "repeats": args.repeats,
+        "mixed_precision": args.mixed_precision,
+    }
     for clock, by_name in rates.items():
-        medians = {name: statistics.median(values) for name, values in by_name.items()}
+        peer = by_name["peer"]
         summary[clock] = {
-            "peer_steps_per_s": round(medians["peer"], 3), "peer_range": [round(min(by_name["peer"]), 3), round(max(by_name["peer"]), 3)],
-            "t2i_steps_per_s": round(medians["t2i"], 3), "t2i_range": [round(min(by_name["t2i"]), 3), round(max(by_name["t2i"]), 3)],
-            "ratio_of_medians": round(medians["t2i"] / medians["peer"], 3),
-            "ratio_per_repeat": [round(a / b, 3) for a, b in zip(by_name["t2i"], by_name["peer"], strict=True)],
-        }  # fmt: skip
+            name: {
+                "steps_per_s": round(statistics.median(values), 3),
+                "range": [round(min(values), 3), round(max(values), 3)],
+                "ratio_of_medians": round(statistics.median(values) / statistics.median(peer), 3),
+                "ratio_per_repeat": [round(a / b, 3) for a, b in zip(values, peer, strict=True)],
+            }
+            for name, values in by_name.items()
+        }
     print(json.dumps(summary))
 
 
