@@ -2,11 +2,13 @@
 
 Both modes run the same LoRA Diffusion-DPO step (dpo.trainer.dpo_terms, backward, AdamW) on the
 same MMDiT (depth d of the SD3 family, SD3's text widths) and batch of random pre-encoded pairs;
-only the reference differs. Each mode runs in its own process so peak memory is its own:
+only the reference differs (ours, dpo/reference.py, also replays the policy's input layers;
+`--attribution` adds ours without that replay). Each mode runs in its own process so peak memory is its own:
 CUDA reports torch.cuda.max_memory_allocated, CPU the process's peak resident set size above
 what it held after the imports (the model, the step's activations and the optimizer state).
 
     python benchmarks/bench_dpo.py --depth 8 --latent 32 --batch 2 --steps 5 [--device cuda]
+        [--repeats 4] [--targets attention|all-linears] [--attribution]
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def one_mode(args: argparse.Namespace) -> dict:
     from model.conditioning import TextEncoding
     from model.presets import SD3_TEXT_DIMS, mmdit_config
 
+    if args.mode == "adapter-disabled-no-replay":  # attribution: the reference reruns every layer
+        import dpo.reference
+
+        dpo.reference.STEM = ()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     baseline_mb = resident_mb()  # torch, diffusers and peft imported, nothing built yet
@@ -118,7 +124,14 @@ def main() -> None:
         "--repeats", type=int, default=1, help="alternate the two modes this many times"
     )
     parser.add_argument(
-        "--mode", choices=["adapter-disabled", "frozen-copy"], help=argparse.SUPPRESS
+        "--mode",
+        choices=["adapter-disabled", "frozen-copy", "adapter-disabled-no-replay"],
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--attribution",
+        action="store_true",
+        help="also time the adapter-disabled reference without replaying the input layers",
     )
     args = parser.parse_args()
     if args.mode:
@@ -126,9 +139,12 @@ def main() -> None:
         return
     results = []
     modes = ("adapter-disabled", "frozen-copy")
+    if args.attribution:
+        modes += ("adapter-disabled-no-replay",)
     for repeat in range(args.repeats):  # alternate, so load changes on a shared machine hit both
         for mode in modes if repeat % 2 == 0 else modes[::-1]:
             argv = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
+            argv = [a for a in argv if a != "--attribution"]
             done = subprocess.run(argv, capture_output=True, text=True, check=True)
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(json.dumps({"args": vars(args), "results": results}, indent=2))

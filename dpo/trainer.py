@@ -45,6 +45,7 @@ from dpo.lora import (
     lora_parameters,
 )
 from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
+from dpo.reference import adapter_off, recording, replaying
 from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
@@ -111,8 +112,9 @@ def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch
 def dpo_terms(
     transformer, pairs: EncodedPairs, t, noise, config: DPOConfig, reference=None
 ) -> DPOTerms:
-    """Winner and loser in one forward batch with shared t and noise; reference = adapter off (or
-    a copy). Errors enter the loss in the configured units (dpo/loss.py: noise-equivalent)."""
+    """Winner and loser in one forward batch with shared t and noise; reference = adapter off,
+    replaying the policy's input layers (dpo/reference.py), or a given copy. Errors enter the
+    loss in the configured units (dpo/loss.py: noise-equivalent)."""
     device = next(transformer.parameters()).device
     text = pairs.text.to(device)
     both = TextEncoding(
@@ -121,15 +123,13 @@ def dpo_terms(
     latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
     times = torch.cat([t, t]).to(device)
     args = (latents, torch.cat([noise, noise]).to(device), times, both)
-    errors = velocity_errors(transformer, *args)
+    stem: dict[str, torch.Tensor] = {}  # the input layers' outputs, the same for the reference
+    with recording(getattr(transformer, "module", transformer), stem):
+        errors = velocity_errors(transformer, *args)
     with torch.no_grad():
         if reference is None:
-            base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel
-            base.disable_adapters()
-            try:
+            with adapter_off(transformer) as base, replaying(base, stem):
                 ref_errors = velocity_errors(base, *args)
-            finally:
-                base.enable_adapters()
         else:
             ref_errors = velocity_errors(reference, *args)
     if config.error_units == "noise":
