@@ -135,22 +135,27 @@ def end_to_end(folder: Path, out: Path, config: CurateConfig) -> dict[str, float
     }
 
 
+def dask_cluster(workers: int):
+    """A local Dask cluster of WORKERS one-thread worker processes, started before curate runs."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        host="127.0.0.1",
+    )
+
+
 def dask_scaling(
     folder: Path, out: Path, config: CurateConfig, workers: int, repeats: int
 ) -> dict[str, object]:
     """Images/s on a local Dask cluster of 1 worker and of WORKERS, alternated; clusters started beforehand."""
-    from distributed import LocalCluster
-
     rates: dict[int, list[float]] = {1: [], workers: []}
     for repeat in range(repeats):
         for size in (1, workers) if repeat % 2 == 0 else (workers, 1):
-            with LocalCluster(
-                n_workers=size,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                host="127.0.0.1",
-            ) as cluster:
+            with dask_cluster(size) as cluster:
                 figures = end_to_end(
                     folder,
                     out,
@@ -251,8 +256,6 @@ def main() -> None:
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
 
-    from distributed import LocalCluster
-
     root = Path(tempfile.mkdtemp(prefix="bench-curate-"))
     try:
         paths = make_images(root / "in", args.n)
@@ -261,13 +264,7 @@ def main() -> None:
         limit = ceiling(alone, args.workers)
         base = CurateConfig(workers=args.workers, chunk_size=args.chunk_size)
         local = end_to_end(root / "in", root / "out", base)
-        with LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster:
+        with dask_cluster(args.workers) as cluster:
             on_dask = end_to_end(
                 root / "in",
                 root / "out",

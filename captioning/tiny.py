@@ -167,11 +167,11 @@ def init_captioner(output: str | Path, preset: str = "tiny", seed: int = 0) -> P
 
 
 def run_init_captioner(output: str, config: InitCaptionerConfig = InitCaptionerConfig()) -> Path:
-    from curate.stage_runtime import StageRun
+    from curate.stage_runtime import write_folder
 
-    with StageRun(output, "init-captioner", config, {}, accounting=False) as run:
-        if run.finished:
-            return run.skip()
-        with run.writer(tables=False) as writer:
-            init_captioner(writer.path, config.preset, config.seed)
-    return run.output
+    return write_folder(
+        output,
+        "init-captioner",
+        config,
+        lambda path: init_captioner(path, config.preset, config.seed),
+    )

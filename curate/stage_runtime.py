@@ -353,6 +353,19 @@ def local_path(value: str | os.PathLike | None) -> str | None:
     return str(value)
 
 
+def write_folder(
+    output: str | os.PathLike, stage: str, config: Any, write: Callable[[Path], Any]
+) -> Path:
+    """For stages that read nothing and write a model folder (init-model, init-captioner): WRITE
+    into the stage writer's folder under the contract (lock, skip when done, atomic commit)."""
+    with StageRun(output, stage, config, {}, accounting=False) as run:
+        if run.finished:
+            return run.skip()
+        with run.writer(tables=False) as writer:
+            write(writer.path)
+    return run.output
+
+
 def generate(output: str | os.PathLike, stage: str, write: Callable[[Path], Any]) -> Path:
     """For generators whose output is raw data, not a stage output (demo-data): WRITE into a
     fresh sibling under OUT's lock, then keep OUT untouched when it already holds exactly those

@@ -71,11 +71,10 @@ def replaying(transformer: nn.Module, outputs: dict[str, torch.Tensor]) -> Itera
 
 
 @contextmanager
-def adapter_off(transformer: nn.Module) -> Iterator[nn.Module]:
-    """TRANSFORMER (unwrapped from DistributedDataParallel) with its LoRA disabled while inside."""
-    base = getattr(transformer, "module", transformer)
-    base.disable_adapters()
+def adapter_off(transformer: nn.Module) -> Iterator[None]:
+    """TRANSFORMER (a peft-adapted model, not a DDP wrapper) with its LoRA disabled while inside."""
+    transformer.disable_adapters()
     try:
-        yield base
+        yield
     finally:
-        base.enable_adapters()
+        transformer.enable_adapters()

@@ -123,12 +123,13 @@ def dpo_terms(
     latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
     times = torch.cat([t, t]).to(device)
     args = (latents, torch.cat([noise, noise]).to(device), times, both)
+    base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel
     stem: dict[str, torch.Tensor] = {}  # the input layers' outputs, the same for the reference
-    with recording(getattr(transformer, "module", transformer), stem):
+    with recording(base, stem):
         errors = velocity_errors(transformer, *args)
     with torch.no_grad():
         if reference is None:
-            with adapter_off(transformer) as base, replaying(base, stem):
+            with adapter_off(base), replaying(base, stem):
                 ref_errors = velocity_errors(base, *args)
         else:
             ref_errors = velocity_errors(reference, *args)

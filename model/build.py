@@ -383,11 +383,8 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def run_init_model(output: str, config) -> Path:
     """`t2i init-model`: see flows/cli.py."""
-    from curate.stage_runtime import StageRun
+    from curate.stage_runtime import write_folder
 
-    with StageRun(output, "init-model", config, {}, accounting=False) as run:
-        if run.finished:
-            return run.skip()
-        with run.writer(tables=False) as writer:
-            init_model(writer.path, config.preset, config.seed)
-    return run.output
+    return write_folder(
+        output, "init-model", config, lambda path: init_model(path, config.preset, config.seed)
+    )
