@@ -42,6 +42,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from curate.store import share_like_umask
+
 Format = Literal["diffusers", "kohya", "comfyui"]
 FORMATS: tuple[str, ...] = ("diffusers", "kohya", "comfyui")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
@@ -518,6 +520,7 @@ def save_lora(
     metadata = {**metadata, "format": "pt", "t2i_lora_format": fmt}
     tmp = output.with_name(output.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    share_like_umask(tmp)
     os.replace(tmp, output)
     return output
 
