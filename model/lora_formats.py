@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from curate.store import share_like_umask
 from model.lora_stability import (
     BLOCK_FROM_STABILITY,
     BLOCK_TO_STABILITY,
@@ -323,6 +324,7 @@ def save_lora(
     metadata = {**metadata, "format": "pt", "t2i_lora_format": fmt}
     tmp = output.with_name(output.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    share_like_umask(tmp)
     os.replace(tmp, output)
     return output
 
