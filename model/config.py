@@ -43,7 +43,10 @@ class ModelFiles(VariantOption):
 
 class InitModelConfig(BaseModel):
     preset: str = Field(
-        "tiny", description="model size: 'tiny' or 'tiny-d4' (offline test kits with tiny encoders)"
+        "tiny",
+        description="model size: 'tiny', 'tiny-d4' or 'tiny-d2-64' (offline test kits with tiny "
+        "encoders; tiny-d2-64 has SD3's 64-wide heads, hidden 64 x depth, as sd-scripts and ComfyUI "
+        "expect)",
     )
     seed: int = Field(0, description="seed for the random weights")
 

@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from curate.store import share_like_umask  # noqa: E402
 from model.lora_formats import (  # noqa: E402
     LORA_FILE,
     LoraFormatError,
@@ -90,6 +91,7 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora_state(transformer: torch.nn.Module, path: str | os.PathLike) -> None:
     save_file(lora_state_dict(transformer), str(path))
+    share_like_umask(path)
 
 
 def load_lora_state(transformer: torch.nn.Module, path: str | os.PathLike) -> None:
