@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from tqdm.auto import tqdm
 
 from curate.stage_runtime import StageRun
-from curate.store import Manifest, library_versions
 from model import rectified_flow as rf
 from model.build import (
     build_transformer,
@@ -43,9 +41,18 @@ from model.ema import EMA
 from model.export import export_pipeline
 from model.latent_sampling import decode_latents, sample_latents, save_grid
 from model.lora_train import attach_lora, export_trained_lora, make_optimizer
-from model.nonfinite import NonFiniteLossError
 from model.objective import FlowSettings, draw_noise_and_time, training_loss, validation_loss
-from model.train_data import BatchPlan, EncodedReader, load_batch, split_indices
+from model.toolbox import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    accelerator_released,
+    heldout_split,
+    make_accelerator,
+    nonfinite,
+    scheduler_shift,
+    write_run_manifest,
+)
+from model.train_data import BatchPlan, EncodedReader, load_batch
 
 STAGE = "train"
 # Options that never change the trained weights: a rerun that differs only in them is skipped.
@@ -53,20 +60,6 @@ VOLATILE = ("resume", "checkpoints_total_limit")
 
 
 # ----------------------------------------------------------------------------- setup helpers
-
-
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    precision = config.mixed_precision
-    if precision == "auto":
-        gpu_bf16 = (
-            torch.cuda.is_available() and torch.cuda.is_bf16_supported() and config.device != "cpu"
-        )
-        precision = "bf16" if gpu_bf16 else "no"
-    return Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=config.device == "cpu",
-    )
 
 
 def build_or_load_transformer(config: TrainConfig) -> SD3Transformer2DModel:
@@ -119,25 +112,14 @@ def check_compatible(transformer: SD3Transformer2DModel, sample: dict) -> None:
         )  # fmt: skip
 
 
-def base_shift(model_dir: Path) -> float | None:
-    """The shift in --model's scheduler config, or None when it has none."""
-    path = Path(model_dir) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text()).get("shift")
-    return float(value) if value is not None else None
-
-
 def training_shift(config: TrainConfig, model_dir: Path, latents: torch.Tensor) -> float:
     """--shift; else, continuing a transformer, the base scheduler's own shift (what it was trained
-    and is sampled with); else, for a fresh --preset model, alpha = sqrt(pixels / 256^2) for the
+    and is sampled with, 1.0 when its config names none); else, for a fresh --preset model, alpha = sqrt(pixels / 256^2) for the
     set's resolution (Eq. 23), never below 1 (the paper's base schedule is 256^2)."""
     if config.shift is not None:
         return config.shift
     if not config.preset:
-        kept = base_shift(model_dir)
-        if kept is not None:
-            return kept
+        return scheduler_shift(model_dir)
     vae = AutoencoderKL.load_config(Path(model_dir) / "vae")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return max(1.0, rf.resolution_shift(latents.shape[1] * factor * latents.shape[2] * factor))
@@ -217,11 +199,8 @@ def train(
     run: StageRun | None = None,
 ) -> Path:
     """Train on READER's samples and write OUTPUT as a diffusers SD3 folder; returns OUTPUT."""
-    try:
+    with accelerator_released():
         return _train(reader, Path(output), config, input_fingerprint, run)
-    finally:
-        # accelerate keeps a process-wide singleton; clear it so a later stage (DPO) can build its own.
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _train(
@@ -240,14 +219,14 @@ def _train(
             f"{checkpoints} already holds checkpoints of an earlier run; pass --resume latest to "
             "continue it, or choose a new output folder"
         )
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config.device, config.mixed_precision, config.grad_accum)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     if device.type == "cuda" and config.tf32:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 work outside autocast
 
     # Data: a held-out split by id hash, and a deterministic batch plan for the rest.
-    train_idx, val_idx = split_indices(
+    train_idx, val_idx = heldout_split(
         reader.ids, config.val_fraction, config.val_max_samples, config.seed
     )
     plan = BatchPlan.for_reader(reader, train_idx, config.batch_size, config.seed)
@@ -335,11 +314,11 @@ def _train(
 
     # Non-finite guard: the step number of the first non-finite loss or gradient norm stays on the
     # device (-1: none yet) and is read only when logging, checkpointing, evaluating or exporting.
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    guard = NonFiniteGuard(device)
 
     def check_finite() -> None:
-        bad_step = int(first_bad.item())
-        if bad_step < 0:
+        bad_step = guard.first_bad_step()
+        if bad_step is None:
             return
         js = [
             ((bad_step - 1) * config.grad_accum + k) * world + rank
@@ -372,16 +351,14 @@ def _train(
                 step_loss += loss.detach().float() / config.grad_accum
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    bad = ~torch.isfinite(step_loss) | ~torch.isfinite(gradient_norm(
-                        accelerator, transformer, config.grad_clip))  # fmt: skip
-                    if world > 1:  # every process skips (or applies) the same steps
-                        bad = accelerator.reduce(bad.to(torch.float32), "sum") > 0
+                    norm = gradient_norm(accelerator, transformer, config.grad_clip)
+                    bad = nonfinite(step_loss, norm, accelerator=accelerator)  # same on every process
                     if skip_in_kernel:
                         raw_optimizer.found_inf = bad.to(torch.float32)
                     elif bad.item():  # no fused kernel to skip in: stop before the step
-                        first_bad.fill_(step + 1)
+                        guard.record(bad, step + 1)
                         check_finite()
-                    first_bad.copy_(torch.where(bad & (first_bad < 0), step + 1, first_bad))
+                    guard.record(bad, step + 1)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if skip_in_kernel:
@@ -449,18 +426,7 @@ def _train(
             "batches_per_epoch": plan.batches_per_epoch,
             "epochs": epochs,
         }
-        if run is not None:  # `t2i train`: the stage contract writes config.toml and the manifest
-            run.commit_in_place(counts, extra, time.time() - started)
-        else:
-            Manifest(
-                stage=STAGE,
-                parameters=config.model_dump(),
-                input_fingerprint=input_fingerprint,
-                counts=counts,
-                versions=library_versions(),
-                wall_time_s=round(time.time() - started, 2),
-                extra=extra,
-            ).write(output)
+        write_run_manifest(output, STAGE, config, counts, extra, started, run, input_fingerprint)
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,6 +1,7 @@
 """LoRA files that travel: diffusers <-> kohya <-> ComfyUI <-> OneTrainer (model/lora_formats.py).
 
-The Stability-side meaning of a kohya/ComfyUI file is checked against diffusers' own single-file
+Run on the tiny-d2-64 kit (64-wide heads, the widths sd-scripts and ComfyUI accept). The
+Stability-side meaning of a kohya/ComfyUI file is checked against diffusers' own single-file
 converter (Stability MMDiT checkpoint -> diffusers): a LoRA merged into Stability-named weights the
 way kohya and ComfyUI apply it, converted by diffusers, must give the model our importer builds.
 """
@@ -143,10 +144,10 @@ def dual_attention_config():
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """Rank 4, alpha 8, non-zero B on every block linear of the tiny kit's transformer."""
+def trained(tiny64_model_dir, tmp_path_factory):
+    """Rank 4, alpha 8, non-zero B on every block linear of the tiny-d2-64 kit's transformer."""
     return random_trained_lora(
-        tiny_model_dir, tmp_path_factory.mktemp("lora"), RANK, ALPHA, 0.05, 1
+        tiny64_model_dir, tmp_path_factory.mktemp("lora"), RANK, ALPHA, 0.05, 1
     )
 
 
@@ -178,7 +179,7 @@ def fresh_pipeline(model_dir):
 
 @pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
 def test_our_lora_through_kohya_or_comfyui_and_back_gives_the_trainers_outputs(
-    fmt, trained, tiny_model_dir, tmp_path
+    fmt, trained, tiny64_model_dir, tmp_path
 ):
     transformer, _ = trained
     file = save_lora(lora_weights(transformer), tmp_path / f"{fmt}.safetensors", fmt, "fp32")
@@ -196,18 +197,18 @@ def test_our_lora_through_kohya_or_comfyui_and_back_gives_the_trainers_outputs(
         assert torch.equal(got.down, module.down) and torch.equal(got.up, module.up), name
         assert got.alpha == module.alpha == ALPHA
 
-    pipe = fresh_pipeline(tiny_model_dir)
+    pipe = fresh_pipeline(tiny64_model_dir)
     load_into_pipeline(pipe, file, "imported", 1.0)
     ours = outputs(transformer)
     assert (
         pipe.transformer(**inputs(pipe.transformer.config, 3)).sample - ours
     ).abs().max() < TOLERANCE
-    plain = outputs(load_pipeline(tiny_model_dir).transformer)
+    plain = outputs(load_pipeline(tiny64_model_dir).transformer)
     assert (ours - plain).abs().max() > 1e-3
 
     # -> diffusers format -> the stock loader
     folder = save_lora(back, tmp_path / "diffusers", "diffusers", "fp32").parent
-    stock = fresh_pipeline(tiny_model_dir)
+    stock = fresh_pipeline(tiny64_model_dir)
     stock.load_lora_weights(str(folder), adapter_name="x")
     assert (outputs(stock.transformer) - ours).abs().max() < TOLERANCE
 
@@ -228,11 +229,11 @@ def test_kohya_and_comfyui_files_mean_on_stabilitys_weights_what_the_trainer_tra
         assert (outputs(merged) - expected).abs().max() < TOLERANCE
 
 
-def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny_model_dir, tmp_path):
+def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny64_model_dir, tmp_path):
     """A kohya file written here by hand (fused qkv with one shared down, alpha 2 at rank 4; the
     last block's text modulation): importing it equals adding alpha/rank * up @ down to the
     matching Stability weights."""
-    pipe = fresh_pipeline(tiny_model_dir)
+    pipe = fresh_pipeline(tiny64_model_dir)
     base = pipe.transformer
     dim = base.config.num_attention_heads * base.config.attention_head_dim
     last = base.config.num_layers - 1
@@ -253,7 +254,7 @@ def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny_mode
     file = tmp_path / "known.safetensors"
     save_file(state, str(file))
 
-    by_hand = load_pipeline(tiny_model_dir).transformer.eval()
+    by_hand = load_pipeline(tiny64_model_dir).transformer.eval()
     with torch.no_grad():
         delta = 2.0 / 4 * qkv_up @ qkv_down
         for i, name in enumerate(("to_q", "to_k", "to_v")):
@@ -275,7 +276,7 @@ def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny_mode
     load_into_pipeline(pipe, file, "known", 1.0)
     assert (outputs(pipe.transformer) - outputs(by_hand)).abs().max() < TOLERANCE
     assert (
-        outputs(by_hand) - outputs(load_pipeline(tiny_model_dir).transformer)
+        outputs(by_hand) - outputs(load_pipeline(tiny64_model_dir).transformer)
     ).abs().max() > 1e-4
 
 
@@ -402,13 +403,13 @@ def pixels(path):
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
-def test_t2i_sample_takes_a_single_file_in_every_key_style(trained, tiny_model_dir, tmp_path):
+def test_t2i_sample_takes_a_single_file_in_every_key_style(trained, tiny64_model_dir, tmp_path):
     weights = lora_weights(trained[0])
     files = {fmt: save_lora(weights, tmp_path / f"{fmt}.safetensors", fmt, "fp32") for fmt in ("diffusers", "kohya", "comfyui")}  # fmt: skip
     files["onetrainer"] = onetrainer_file(weights, tmp_path / "onetrainer.safetensors")
     images = {}
     for style, file in files.items():
-        assert sample(tiny_model_dir, tmp_path / style, "--lora", str(file)) == 0
+        assert sample(tiny64_model_dir, tmp_path / style, "--lora", str(file)) == 0
         images[style] = pixels(tmp_path / style / "lora" / "000-a-red-cat-seed0.png")
     base = pixels(tmp_path / "kohya" / "base" / "000-a-red-cat-seed0.png")
     assert np.abs(images["kohya"] - base).max() > 0
@@ -417,7 +418,7 @@ def test_t2i_sample_takes_a_single_file_in_every_key_style(trained, tiny_model_d
 
 
 def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
-    tiny_model_dir, tmp_path, capsys
+    tiny64_model_dir, tmp_path, capsys
 ):
     wrong = LoraWeights(
         {
@@ -433,7 +434,7 @@ def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
     save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 4)}, str(cases["nothing"]))  # fmt: skip
     for case, file in cases.items():
         out = tmp_path / case
-        assert sample(tiny_model_dir, out, "--lora", str(file)) == 1
+        assert sample(tiny64_model_dir, out, "--lora", str(file)) == 1
         err = capsys.readouterr().err.strip()
         assert (
             len(err.splitlines()) == 1
@@ -444,7 +445,7 @@ def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
 
 
 def test_init_lora_from_a_kohya_file_restores_the_trainers_model_at_another_alpha(
-    trained, tiny_model_dir, tmp_path
+    trained, tiny64_model_dir, tmp_path
 ):
     """`t2i dpo --init-lora` / resuming from a foreign file: the adapter (here alpha 4, not 8)
     gets the file's down matrices and rescaled ups, so the update is the file's."""
@@ -453,12 +454,12 @@ def test_init_lora_from_a_kohya_file_restores_the_trainers_model_at_another_alph
 
     transformer, _ = trained
     file = save_lora(lora_weights(transformer), tmp_path / "k.safetensors", "kohya", "fp32")
-    fresh = load_pipeline(tiny_model_dir).transformer.eval()
+    fresh = load_pipeline(tiny64_model_dir).transformer.eval()
     add_lora(fresh, RANK, 4.0, ALL_BLOCK_LINEARS)
     assert init_lora_from(fresh, file) == len(lora_weights(transformer).modules)
     assert (outputs(fresh) - outputs(transformer)).abs().max() < TOLERANCE
 
-    other_rank = load_pipeline(tiny_model_dir).transformer
+    other_rank = load_pipeline(tiny64_model_dir).transformer
     add_lora(other_rank, 2, 2.0, ALL_BLOCK_LINEARS)
     with pytest.raises(ValueError, match="rank 4 .* rank 2"):
         init_lora_from(other_rank, file)
