@@ -137,20 +137,6 @@ class TimestepOptions(BaseModel):
         "preference; 1.0 at 256^2 and below), stored in the output scheduler for sampling",
     )
 
-    def draw_timesteps(self, batch: int, shift: float, generator=None):
-        """[batch] timesteps in (0, 1) from this density, then shifted by SHIFT (the resolved --shift)."""
-        from model.rectified_flow import sample_timesteps
-
-        return sample_timesteps(
-            batch,
-            self.density,
-            m=self.logit_mean,
-            s=self.logit_std,
-            mode_scale=self.mode_scale,
-            shift=shift,
-            generator=generator,
-        )
-
 
 class TrainConfig(ModelFiles, TimestepOptions):
     """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
