@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from model.config import LORA_BLOCK_LINEARS, ModelFiles, TimestepOptions
+from model.config import LORA_BLOCK_LINEARS, ModelFiles, ReportOptions, TimestepOptions
 
 ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
 
@@ -52,7 +52,7 @@ class IngestPrefsConfig(BaseModel):
     )
 
 
-class DPOConfig(ModelFiles, TimestepOptions):
+class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
     model: str = Field(
         ..., description="local diffusers SD3 folder: the base model the LoRA adapts"
     )
