@@ -277,8 +277,9 @@ class TrainConfig(ModelFiles, TimestepOptions):
     )
     lora_targets: list[str] = Field(
         default_factory=lambda: list(LORA_BLOCK_LINEARS),
-        description="module-name suffixes inside transformer_blocks that get a LoRA (default: every "
-        "linear layer of the blocks)",
+        description="module-name suffixes of the transformer's linear/conv layers that get a LoRA "
+        "(default: every linear layer of the blocks; proj_out, context_embedder, pos_embed.proj, "
+        "time_text_embed.* reach outside them; * is a wildcard)",
     )
     lora_base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",

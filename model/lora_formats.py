@@ -46,7 +46,13 @@ from model.lora_stability import (
     qkv_ranks,
     to_stability,
 )
-from model.lora_types import LoraFormatError, LoraModule, LoraWeights
+from model.lora_types import (  # noqa: F401  (check_fits, linear_shapes: re-exported)
+    LoraFormatError,
+    LoraModule,
+    LoraWeights,
+    check_fits,
+    linear_shapes,
+)
 
 Format = Literal["diffusers", "kohya", "comfyui"]
 FORMATS: tuple[str, ...] = ("diffusers", "kohya", "comfyui")
@@ -203,9 +209,10 @@ def from_state_dict(
             ignored += [f"{name} (no {'up' if 'down' in found else 'down'} matrix)"]
             continue
         down, up = found["down"], found["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        if not _is_pair(down, up):
             raise LoraFormatError(
-                f"{name}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a linear LoRA pair"
+                f"{name}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a linear (or "
+                "1x1-up conv) LoRA pair"
             )
         if "alpha" in found:
             alpha = float(found["alpha"].float().item())
@@ -216,6 +223,13 @@ def from_state_dict(
         else:
             modules.update(from_stability(name, LoraModule(down, up, alpha), splits.get(name)))
     return LoraWeights(modules, styles, ignored)
+
+
+def _is_pair(down: torch.Tensor, up: torch.Tensor) -> bool:
+    """A linear LoRA ([r, in], [out, r]) or a conv one ([r, in, kh, kw], [out, r, 1, 1])."""
+    linear = down.ndim == up.ndim == 2
+    conv = down.ndim == up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)
+    return (linear or conv) and up.shape[1] == down.shape[0]
 
 
 def read_lora(path: str | os.PathLike) -> LoraWeights:
@@ -327,53 +341,6 @@ def save_lora(
     share_like_umask(tmp)
     os.replace(tmp, output)
     return output
-
-
-# ----------------------------------------------------------------------------- fitting a model
-
-
-def check_fits(weights: LoraWeights, shapes: Mapping[str, tuple[int, int]], source: str) -> None:
-    """Refuse a LoRA none of whose modules exist in the model, or whose shapes do not fit it.
-
-    SHAPES: (out, in) of every nn.Linear of the transformer, by module name.
-    """
-    matched = [n for n in weights.modules if n in shapes]
-    if not matched:
-        example = next(iter(weights.modules))
-        raise LoraFormatError(
-            f"LoRA {source} matches none of the model's modules (e.g. {example} is not in this "
-            f"transformer, which has {sum(n.startswith('transformer_blocks.') for n in shapes)} block "
-            "linears); it was made for another model"
-        )
-    missing = [n for n in weights.modules if n not in shapes]
-    if missing:
-        raise LoraFormatError(
-            f"LoRA {source} has {len(missing)} of {len(weights.modules)} modules this model lacks "
-            f"(e.g. {missing[0]}); it was made for another model (e.g. SD3.5 dual attention on SD3)"
-        )
-    for name, module in weights.modules.items():
-        out, inp = shapes[name]
-        if tuple(module.up.shape[:1]) + tuple(module.down.shape[1:]) != (out, inp):
-            raise LoraFormatError(
-                f"LoRA {source}: {name} maps {module.down.shape[1]} -> {module.up.shape[0]} features, "
-                f"the model's layer maps {inp} -> {out}; it was made for another model size"
-            )
-
-
-def linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """(out, in) of every nn.Linear in a transformer (peft-wrapped layers count by their base)."""
-    shapes = {}
-    for name, module in transformer.named_modules():
-        if (
-            isinstance(module, torch.nn.Linear)
-            and ".lora_" not in name
-            and "base_layer" not in name
-        ):
-            shapes[name] = (module.out_features, module.in_features)
-        base = getattr(module, "base_layer", None)
-        if isinstance(base, torch.nn.Linear):
-            shapes[name] = (base.out_features, base.in_features)
-    return shapes
 
 
 def peft_state_dict(weights: LoraWeights, prefix: str = "transformer.") -> dict[str, torch.Tensor]:

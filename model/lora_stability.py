@@ -39,8 +39,9 @@ BLOCK_TO_STABILITY: dict[str, tuple[str, int | None]] = {
     "norm1.linear": ("x_block.adaLN_modulation.1", None),
     "norm1_context.linear": ("context_block.adaLN_modulation.1", None),
 }
-# Linears outside the blocks (kohya's optional emb_dims targets).
+# Layers outside the blocks (sd-scripts' optional emb_dims targets); the patch embedder is a Conv2d.
 GLOBAL_TO_STABILITY: dict[str, str] = {
+    "pos_embed.proj": "x_embedder.proj",
     "context_embedder": "context_embedder",
     "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
     "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",

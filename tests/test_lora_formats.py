@@ -16,6 +16,7 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 from lora_kit import random_trained_lora
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from sd_scripts_kit import merged_like_comfyui, stability_checkpoint
 
 from flows.cli import main as t2i
 from model.build import build_transformer, load_pipeline
@@ -48,90 +49,6 @@ def inputs(config, seed=0):
 def outputs(transformer, seed=3):
     with torch.no_grad():
         return transformer(**inputs(transformer.config, seed)).sample
-
-
-# ----------------------------------------------------------------------------- Stability names
-
-
-def stability_checkpoint(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """A diffusers SD3 transformer state dict under Stability's MMDiT names (written out here, by
-    hand, from the MMDiT reference layout; diffusers' converter below checks it)."""
-
-    def swap(t):
-        shift, scale = t.chunk(2, dim=0)
-        return torch.cat([scale, shift])
-
-    out = {
-        "pos_embed": sd["pos_embed.pos_embed"],
-        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-        "context_embedder.weight": sd["context_embedder.weight"],
-        "context_embedder.bias": sd["context_embedder.bias"],
-        "final_layer.linear.weight": sd["proj_out.weight"],
-        "final_layer.linear.bias": sd["proj_out.bias"],
-        "final_layer.adaLN_modulation.1.weight": swap(sd["norm_out.linear.weight"]),
-        "final_layer.adaLN_modulation.1.bias": swap(sd["norm_out.linear.bias"]),
-    }
-    for ours, theirs in (("timestep_embedder", "t_embedder"), ("text_embedder", "y_embedder")):
-        for i, j in ((1, 0), (2, 2)):
-            for end in ("weight", "bias"):
-                out[f"{theirs}.mlp.{j}.{end}"] = sd[f"time_text_embed.{ours}.linear_{i}.{end}"]
-    for i in range(num_layers):
-        d, s = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        last = i == num_layers - 1
-        pairs = {
-            "x_block.attn.proj": "attn.to_out.0", "x_block.mlp.fc1": "ff.net.0.proj",
-            "x_block.mlp.fc2": "ff.net.2", "x_block.adaLN_modulation.1": "norm1.linear",
-        }  # fmt: skip
-        if not last:
-            pairs |= {
-                "context_block.attn.proj": "attn.to_add_out", "context_block.mlp.fc1": "ff_context.net.0.proj",
-                "context_block.mlp.fc2": "ff_context.net.2", "context_block.adaLN_modulation.1": "norm1_context.linear",
-            }  # fmt: skip
-        qkv = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-               "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
-        if d + "attn2.to_q.weight" in sd:
-            pairs["x_block.attn2.proj"] = "attn2.to_out.0"
-            qkv["x_block.attn2.qkv"] = ("attn2.to_q", "attn2.to_k", "attn2.to_v")
-        for end in ("weight", "bias"):
-            for theirs, ours in pairs.items():
-                out[f"{s}{theirs}.{end}"] = sd[f"{d}{ours}.{end}"]
-            for theirs, parts in qkv.items():
-                out[f"{s}{theirs}.{end}"] = torch.cat([sd[f"{d}{p}.{end}"] for p in parts])
-            if last:
-                out[f"{s}context_block.adaLN_modulation.1.{end}"] = swap(
-                    sd[f"{d}norm1_context.linear.{end}"]
-                )
-        for theirs, ours in (("x_block.attn", "attn.norm_"), ("context_block.attn", "attn.norm_added_"),
-                             ("x_block.attn2", "attn2.norm_")):  # fmt: skip
-            for qk in ("q", "k"):
-                if f"{d}{ours}{qk}.weight" in sd:
-                    out[f"{s}{theirs}.ln_{qk}.weight"] = sd[f"{d}{ours}{qk}.weight"]
-    return out
-
-
-def merged_like_comfyui(transformer, file) -> torch.nn.Module:
-    """TRANSFORMER's weights with a kohya/ComfyUI LoRA file added the way those tools apply it:
-    W[module] += alpha / rows(down) * up @ down on Stability's names; back through diffusers."""
-    checkpoint = stability_checkpoint(
-        {k: v.clone() for k, v in transformer.state_dict().items()},
-        transformer.config.num_layers,
-    )
-    lora = load_file(str(file))
-    for key in [k for k in lora if k.endswith(".lora_down.weight")]:
-        stem = key.removesuffix(".lora_down.weight")
-        down, up = lora[key].float(), lora[stem + ".lora_up.weight"].float()
-        alpha = lora[stem + ".alpha"].item()
-        module = stem.removeprefix("diffusion_model.")
-        if stem.startswith("lora_unet_"):  # kohya: find the weight whose flattened name matches
-            flat = {k.removesuffix(".weight").replace(".", "_"): k for k in checkpoint}
-            weight_key = flat[stem.removeprefix("lora_unet_")]
-        else:
-            weight_key = module + ".weight"
-        checkpoint[weight_key] = checkpoint[weight_key] + alpha / down.shape[0] * up @ down
-    merged = build_transformer(dict(transformer.config))
-    merged.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(checkpoint))
-    return merged.eval()
 
 
 # ----------------------------------------------------------------------------- fixtures

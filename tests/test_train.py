@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from model.checkpoint import list_checkpoints
 from model.config import TrainConfig
 from model.ema import EMA
-from model.toolbox import heldout_split
-from model.train import NonFiniteLossError, run_train, train
+from model.toolbox import NonFiniteLossError, heldout_split
+from model.train import run_train, train
 from model.train_data import BatchPlan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,9 @@ from model.checkpoint import CheckpointError, list_checkpoints
 from model.config import SampleConfig, TrainConfig
 from model.sampling import trained_t5_length
 from model.toolbox import heldout_split
-from model.train import evaluate, run_train, train
+from model.train import run_train, train
 from model.train_data import BatchPlan, MappedShards, load_batch
+from model.train_report import evaluate
 
 
 def quick(model: str, **overrides) -> TrainConfig:
