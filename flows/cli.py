@@ -33,6 +33,7 @@ from curate.config import CurateConfig, DemoDataConfig
 from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
 from flows.config import RunAllConfig, ServeConfig
 from model.config import (
+    ExportSingleFileConfig,
     InitModelConfig,
     LoraConvertConfig,
     PrecomputeConfig,
@@ -135,6 +136,12 @@ def lora_convert(input: str, output: str, config: LoraConvertConfig) -> Path:
     from model.lora_formats import run_lora_convert
 
     return run_lora_convert(input, output, config)
+
+
+def export_single_file(model: str, output: str, config: ExportSingleFileConfig) -> Path:
+    from model.single_file import run_export_single_file
+
+    return run_export_single_file(model, output, config)
 
 
 def serve(config: ServeConfig) -> None:
@@ -338,6 +345,22 @@ COMMANDS: tuple[Command, ...] = (
         (
             ("input", "LoRA .safetensors file or a folder with one"),
             ("output", "a .safetensors path or a folder"),
+        ),
+    ),
+    Command(
+        "export-single-file",
+        "write a trained SD3 transformer as one Stability-layout .safetensors file (ComfyUI)",
+        "Reads MODEL's transformer (a diffusers SD3 folder: `t2i train` output, or any SD3/SD3.5 "
+        "folder) and writes it under Stability's MMDiT names, model.diffusion_model.joint_blocks.N"
+        ".x_block.attn.qkv.weight and so on (q/k/v fused, the (shift, scale) modulations in "
+        "Stability's order): the file ComfyUI's Load Diffusion Model and sd-scripts read, and "
+        "diffusers' SD3Transformer2DModel.from_single_file(OUTPUT, config=MODEL) loads back. The "
+        "VAE and text encoders stay in MODEL (ComfyUI loads them separately).",
+        ExportSingleFileConfig,
+        export_single_file,
+        (
+            ("model", "diffusers SD3 folder whose transformer to export"),
+            ("output", "the .safetensors file to write"),
         ),
     ),
     Command(

@@ -318,3 +318,11 @@ class LoraConvertConfig(BaseModel):
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the written LoRA matrices (alpha stays fp32)"
     )
+
+
+class ExportSingleFileConfig(VariantOption):
+    """`t2i export-single-file`: a diffusers SD3 folder's transformer in Stability's layout."""
+
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16", description="dtype of the written weights (Stability ships SD3 in 16 bits)"
+    )

@@ -174,3 +174,21 @@ def test_dpo_target_modules_reach_the_embedders_and_the_final_layer(
     assert (
         outputs(load_transformer(tiny64_model_dir, "cpu", torch.float32)) - expected
     ).abs().max() > 1e-4
+
+
+def test_diffusers_own_loader_applies_nothing_from_a_kohya_file_which_t2i_sample_converts(
+    tiny64_model_dir, tmp_path
+):
+    """The trap docs/lora.md warns about: StableDiffusion3Pipeline.load_lora_weights finds no
+    transformer keys in a kohya file, adds no adapter and changes nothing, without an error;
+    `t2i sample --lora` (load_into_pipeline) converts the same file and applies it."""
+    config = transformer_config(tiny64_model_dir)
+    file = save_sd_scripts_lora(tmp_path / "k.safetensors", config, 4, 2.0)
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny64_model_dir)
+    base = outputs(stock.transformer.eval())
+    stock.load_lora_weights(str(file), adapter_name="k")
+    assert stock.get_list_adapters() == {}
+    assert torch.equal(outputs(stock.transformer), base)
+    ours = StableDiffusion3Pipeline.from_pretrained(tiny64_model_dir)
+    load_into_pipeline(ours, file, "k", 1.0)
+    assert (outputs(ours.transformer.eval()) - base).abs().max() > 1e-3
