@@ -154,9 +154,8 @@ def run_arm(
     The loop's randomness is a function of (seed, step), so stopping does not change the run."""
     from dpo.guard import guard_summary
     from dpo.lora import add_lora
+    from dpo.metrics import METRICS, metric_rows
     from dpo.trainer import (
-        METRICS,
-        _metric_rows,
         implicit_accuracy,
         load_transformer,
         split_heldout,
@@ -182,6 +181,6 @@ def run_arm(
     return {
         "evals": evals,
         "heldout_implicit_acc": implicit_accuracy(model, held, config, shift),
-        "guard": guard_summary(_metric_rows(work / METRICS)),
+        "guard": guard_summary(metric_rows(work / METRICS)),
         "seconds": round(time.monotonic() - clock, 1),
     }
