@@ -49,6 +49,7 @@ from curate.store import (
     fingerprint,
     library_versions,
     params_hash,
+    share_like_umask,
 )
 
 LOCK_WAIT_ENV = "T2I_LOCK_WAIT_S"
@@ -302,6 +303,7 @@ class StageRun:
             host=socket.gethostname(),
             extra={**extra, "reads": self.read_record},
         ).write(self.output)
+        share_like_umask(self.output)
         return self.output
 
 
@@ -375,6 +377,7 @@ def generate(output: str | os.PathLike, stage: str, write: Callable[[Path], Any]
         fresh = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             write(fresh)
+            share_like_umask(fresh)
             if output.is_dir() and _same_files(fresh, output):
                 print(
                     f"{stage}: {output} already holds this output; kept as it was", file=sys.stderr

@@ -15,8 +15,17 @@ ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks
 
 # The attention projections of both streams only (no feed-forward, no AdaLN modulation).
 ATTENTION_PROJECTIONS = [name for name in ALL_BLOCK_LINEARS if name.startswith(("attn.", "attn2."))]
+# The layers outside the blocks: the input embedders (patch, timestep, pooled text, text) and the
+# final layer (sd-scripts' emb_dims covers the same ones).
+EMBEDDERS = ["pos_embed.proj", "time_text_embed.*", "context_embedder"]
+FINAL_LAYER = ["norm_out.linear", "proj_out"]
 # Shorthands accepted by --target-modules.
-TARGET_SETS = {"attention": ATTENTION_PROJECTIONS, "all-linears": ALL_BLOCK_LINEARS}
+TARGET_SETS = {
+    "attention": ATTENTION_PROJECTIONS,
+    "all-linears": ALL_BLOCK_LINEARS,
+    "embedders": EMBEDDERS,
+    "final-layer": FINAL_LAYER,
+}
 
 
 class IngestPrefsConfig(BaseModel):
@@ -87,8 +96,10 @@ class DPOConfig(ModelFiles, TimestepOptions):
     )
     target_modules: list[str] = Field(
         default_factory=lambda: list(ATTENTION_PROJECTIONS),
-        description="module-name suffixes inside transformer_blocks that get a LoRA, or the shorthand "
-        "`attention` / `all-linears`. Default: the attention "
+        description="module-name suffixes of the transformer's linear/conv layers that get a LoRA "
+        "(attn.to_q, ff.net.2, proj_out, context_embedder, pos_embed.proj, time_text_embed.*: * is a "
+        "wildcard), or the shorthands `attention` / `all-linears` (inside the blocks), `embedders` / "
+        "`final-layer` (outside them). Default: the attention "
         "projections of both streams; every block linear as in SD3 appendix C (feed-forwards and AdaLN "
         "modulation too) moved prompts outside the preference set far more in the measurements "
         "(benchmarks/RESULTS.md, issue 11)",

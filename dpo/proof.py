@@ -293,10 +293,10 @@ def run_arm(
         _metric_rows,
         implicit_accuracy,
         load_transformer,
-        scheduler_shift,
         split_heldout,
         train_lora,
     )
+    from model.toolbox import scheduler_shift
 
     clock = time.monotonic()
     work = Path(work)

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.seeds import seed_int, seed_unit
+from curate.seeds import seed_int
 from curate.stage_runtime import StageRun
 from curate.store import Manifest, fingerprint, load_rejected, load_samples, params_hash
 from dpo.config import DPOConfig, IngestPrefsConfig
@@ -50,8 +49,16 @@ from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
-from model.nonfinite import NonFiniteLossError
 from model.objective import flow_loss
+from model.toolbox import (
+    NonFiniteLossError,
+    accelerator_released,
+    draw_timesteps,
+    heldout_split,
+    make_accelerator,
+    nonfinite,
+    scheduler_shift,
+)
 
 STAGE = "dpo"
 METRICS = "metrics.jsonl"
@@ -89,12 +96,6 @@ def load_transformer(
     encoders are not loaded)."""
     transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
-
-
-def scheduler_shift(model_dir: str | os.PathLike) -> float:
-    """The sampling scheduler's timestep shift (SD3 Eq. 23); 1.0 when the folder names none."""
-    path = Path(model_dir) / "scheduler" / "scheduler_config.json"
-    return float(json.loads(path.read_text()).get("shift", 1.0)) if path.is_file() else 1.0
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -166,24 +167,14 @@ def draw(
     )
     mine = slice(rank * batch, (rank + 1) * batch)
     chosen = pairs.select(index[mine])
-    t = config.draw_timesteps(total, shift, generator)[mine]
+    t = draw_timesteps(config, total, shift, generator)[mine]
     noise = torch.randn((total, *chosen.latents_w.shape[1:]), generator=generator)[mine]
     return chosen, t, noise
 
 
 def split_heldout(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs | None]:
-    """Hold out pairs by a hash of (seed, id): stable under reordering and across runs."""
-
-    def score(pair_id: str) -> float:
-        return seed_unit(seed, "heldout", pair_id)
-
-    held, train = [], []
-    for i, pid in enumerate(pairs.ids):
-        (held if score(pid) < fraction else train).append(i)
-    if not train:
-        raise ValueError(
-            f"--heldout-fraction {fraction} leaves no training pair out of {len(pairs)}"
-        )
+    """(train, held-out) pairs: the one held-out split of model/toolbox.py, over the pair ids."""
+    train, held = heldout_split(pairs.ids, fraction, seed=seed)
     return pairs.subset(train), (pairs.subset(held) if held else None)
 
 
@@ -197,7 +188,7 @@ def implicit_accuracy(
         generator = step_generator(config.seed + 7919, d)
         for start in range(0, len(pairs), config.batch_size):
             chunk = pairs.select(list(range(start, min(start + config.batch_size, len(pairs)))))
-            t = config.draw_timesteps(len(chunk), shift, generator)
+            t = draw_timesteps(config, len(chunk), shift, generator)
             noise = torch.randn(chunk.latents_w.shape, generator=generator)
             margin = dpo_terms(transformer, chunk, t, noise, config).margin
             correct += int((margin > 0).sum())
@@ -245,10 +236,7 @@ def train_lora(
             generator = step_generator(config.seed, step * config.grad_accum + micro)
             chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
             terms = dpo_terms(transformer, chosen, t, noise, config)
-            finite = torch.isfinite(terms.loss.detach()).reshape(1)
-            if accelerator is not None:
-                finite = accelerator.gather(finite)
-            if not finite.all():
+            if nonfinite(terms.loss.detach(), accelerator=accelerator):
                 raise NonFiniteLossError(
                     f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
                     f"stopped before applying it. Checkpoints in {work} hold the last good state: lower "
@@ -316,11 +304,6 @@ def resolve_prefs(prefs: Path, work: Path) -> Path:
     return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
 
 
-def make_accelerator(config: DPOConfig) -> Accelerator:
-    """One process per device, as `t2i train` (launch several with `accelerate launch`)."""
-    return Accelerator(mixed_precision="no", cpu=config.device == "cpu")
-
-
 def checkpoint_objects(transformer, optimizer) -> dict[str, object]:
     """What a DPO checkpoint holds: the LoRA's tensors (not the frozen base: that is --model's,
     unchanged, and can be gigabytes) and the optimizer; model/checkpoint.py adds the RNG."""
@@ -353,11 +336,8 @@ def eval_captions(config: DPOConfig, rows, pairs: Pairs) -> list[str]:
 
 def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConfig) -> Path:
     """Train a Diffusion-DPO LoRA on PREFS; OUTPUT gets pytorch_lora_weights.safetensors and metrics."""
-    try:
+    with accelerator_released():
         return _run_dpo(Path(prefs), Path(output).resolve(), config)
-    finally:
-        # accelerate keeps a process-wide singleton; clear it so a later stage can build its own.
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
@@ -378,7 +358,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     work = run.work_log(ignore=NOT_IN_RUN_KEY).path
     root = work.parent  # the hidden .OUT.work/: the preference table and its encodings
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config.device)  # no autocast: an fp32 LoRA on the --base-dtype base
 
     # 1. Preferences, encoded once into the pre-encoding shard format and streamed from disk
     resolution = config.resolution or native_resolution(config.model)

@@ -43,7 +43,10 @@ class ModelFiles(VariantOption):
 
 class InitModelConfig(BaseModel):
     preset: str = Field(
-        "tiny", description="model size: 'tiny' or 'tiny-d4' (offline test kits with tiny encoders)"
+        "tiny",
+        description="model size: 'tiny', 'tiny-d4' or 'tiny-d2-64' (offline test kits with tiny "
+        "encoders; tiny-d2-64 has SD3's 64-wide heads, hidden 64 x depth, as sd-scripts and ComfyUI "
+        "expect)",
     )
     seed: int = Field(0, description="seed for the random weights")
 
@@ -133,20 +136,6 @@ class TimestepOptions(BaseModel):
         "max(1, sqrt(pixels / 256^2)) of the encoded set (4.0 at 1024^2, where SD3 picked 3.0 by human "
         "preference; 1.0 at 256^2 and below), stored in the output scheduler for sampling",
     )
-
-    def draw_timesteps(self, batch: int, shift: float, generator=None):
-        """[batch] timesteps in (0, 1) from this density, then shifted by SHIFT (the resolved --shift)."""
-        from model.rectified_flow import sample_timesteps
-
-        return sample_timesteps(
-            batch,
-            self.density,
-            m=self.logit_mean,
-            s=self.logit_std,
-            mode_scale=self.mode_scale,
-            shift=shift,
-            generator=generator,
-        )
 
 
 class TrainConfig(ModelFiles, TimestepOptions):
@@ -288,8 +277,9 @@ class TrainConfig(ModelFiles, TimestepOptions):
     )
     lora_targets: list[str] = Field(
         default_factory=lambda: list(LORA_BLOCK_LINEARS),
-        description="module-name suffixes inside transformer_blocks that get a LoRA (default: every "
-        "linear layer of the blocks)",
+        description="module-name suffixes of the transformer's linear/conv layers that get a LoRA "
+        "(default: every linear layer of the blocks; proj_out, context_embedder, pos_embed.proj, "
+        "time_text_embed.* reach outside them; * is a wildcard)",
     )
     lora_base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",

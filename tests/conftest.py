@@ -24,6 +24,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny64_model_dir(tmp_path_factory) -> str:
+    """The same kit with preset tiny-d2-64: 2 blocks, 2 heads of 64 (the widths sd-scripts and
+    ComfyUI infer from a Stability checkpoint), for LoRA interop tests."""
+    from model.build import init_model
+
+    return str(init_model(tmp_path_factory.mktemp("tiny64-sd3") / "model", "tiny-d2-64"))
+
+
+@pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The demo collection in every layout: ROOT/folder, ROOT/webdataset, ROOT/parquet."""
     from curate.demo_data import write_demo_data

@@ -25,6 +25,7 @@ from captioning.config import CaptionConfig
 from captioning.stage import run_caption
 from curate import reasons
 from curate.config import CurateConfig
+from curate.markdown import escape
 from curate.stage import run_curate
 from curate.store import Manifest, StageWriter, load_rejected, load_samples, sample_id
 from dpo.config import IngestPrefsConfig, MakePrefsConfig
@@ -145,6 +146,23 @@ def test_curate_finishes_with_every_planted_case_kept_or_rejected_with_its_reaso
     for key, want in corpus.expect.items():
         if want != "keep":
             assert _rejection_for(rejected, key)["reason"] == want, key
+    # a valid image whose caption is not text is kept with no caption, and says why
+    notes = {
+        row["source"]: (row["caption"], row["caption_note"])
+        for row in samples.remove_columns("image")
+    }
+    dropped = {key for key, (_, note) in notes.items() if note}
+    assert dropped == corpus.captions_dropped
+    for key in dropped:
+        caption, note = notes[key]
+        assert caption == "" and "caption dropped, image kept" in note, (key, note)
+    assert "not UTF-8 text (byte 0xe9" in notes["latin1_caption.jpg"][1]
+    assert "latin1_caption.txt" in notes["latin1_caption.jpg"][1]
+    assert "not UTF-8" in notes["shards/latin1.tar/grass.jpg"][1]
+    assert notes["latin1_cells.parquet:l1"][1].startswith("caption cell: ")
+    assert counts["captions_dropped"] == len(corpus.captions_dropped)
+    report = (curated / "report.md").read_text()
+    assert "Captions dropped, images kept (4)" in report and escape("latin1_caption.jpg") in report
     # the limits are in the reasons
     long = _rejection_for(rejected, "long_caption.jpg")
     assert "16384" in long["detail"] and "max_caption_bytes" in long["detail"]

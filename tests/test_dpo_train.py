@@ -14,7 +14,7 @@ from curate.store import Manifest, load_rejected
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.trainer import run_dpo
 from flows.cli import main as t2i
-from model.nonfinite import NonFiniteLossError
+from model.toolbox import NonFiniteLossError
 
 FAST = ["--rank", "4", "--alpha", "8", "--batch-size", "2", "--beta", "1000", "--lr", "1e-3"]
 FAST += ["--log-every", "2", "--heldout-fraction", "0.3", "--eval-seeds", "2", "--eval-steps", "4"]
