@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def shape_image(colour: str, shape: str, rng: np.random.Generator, size: int = S
     return image
 
 
-def labelled_images(n: int, seed: int) -> tuple[list[Image.Image], list[str], list[tuple[int, int]]]:
+def labelled_images(
+    n: int, seed: int
+) -> tuple[list[Image.Image], list[str], list[tuple[int, int]]]:
     """n images cycling through the 16 classes; (images, captions, (shape, colour) labels)."""
     rng = np.random.default_rng(seed)
     colours = list(COLOURS)
@@ -149,13 +152,15 @@ def fit_judge(latents, labels, held_latents, held_labels, seed: int = 0):
     y = torch.as_tensor(labels)
     mean, std = latents.mean((0, 2, 3), keepdim=True), latents.std((0, 2, 3), keepdim=True)
     x = (latents - mean) / std
-    for epoch in range(40):
+    for _epoch in range(40):
         order = torch.randperm(len(x))
         for k in range(0, len(x), 64):
             idx = order[k : k + 64]
             noisy = x[idx] + 0.1 * torch.randn_like(x[idx])  # samples are never exact latents
             s, c = net(noisy)
-            loss = torch.nn.functional.cross_entropy(s, y[idx, 0]) + torch.nn.functional.cross_entropy(c, y[idx, 1])
+            loss = torch.nn.functional.cross_entropy(
+                s, y[idx, 0]
+            ) + torch.nn.functional.cross_entropy(c, y[idx, 1])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -237,14 +242,16 @@ def prepare(cache: Path) -> dict:
 
 
 def pipeline_adherence(
-    folder: str | Path, judge, seeds: int = 8, steps: int = 28, guidance: float = 7.0,
+    folder, judge, seeds: int = 8, steps: int = 28, guidance: float = 7.0,
     t5_length: int | None = T5_LENGTH,
 ) -> dict:  # fmt: skip
-    """Per prompt: the share of stock-pipeline samples whose judged shape / colour is the prompt's."""
+    """FOLDER: an SD3 folder or a loaded pipeline. Per prompt: the share of stock-pipeline samples whose judged shape / colour is the prompt's."""
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe = folder
+    if not isinstance(folder, StableDiffusion3Pipeline):
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     per_prompt = {}
     shape_hits = colour_hits = both_hits = total = 0
@@ -257,13 +264,31 @@ def pipeline_adherence(
         ).images  # fmt: skip
         s, c = predict(judge, latents)
         hit_s, hit_c = (s == shape), (c == colour)
-        per_prompt[prompt] = {"shape": float(hit_s.float().mean()), "colour": float(hit_c.float().mean())}
+        per_prompt[prompt] = {
+            "shape": float(hit_s.float().mean()),
+            "colour": float(hit_c.float().mean()),
+        }
         shape_hits += int(hit_s.sum())
         colour_hits += int(hit_c.sum())
         both_hits += int((hit_s & hit_c).sum())
         total += seeds
     return {"shape": shape_hits / total, "colour": colour_hits / total, "both": both_hits / total,
             "samples": total, "per_prompt": per_prompt}  # fmt: skip
+
+
+def checkpoint_adherence(out: Path, step: int, judge, args) -> dict:
+    """The exported pipeline with the transformer's weights replaced by checkpoint STEP's EMA."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from model.checkpoint import checkpoint_path, load_object
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out), local_files_only=True)
+    shadow = load_object(checkpoint_path(out / "training" / "checkpoints", step), "ema")["shadow"]
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            p.copy_(shadow[name])
+    return pipeline_adherence(pipe, judge, args.seeds, t5_length=args.t5_length)
 
 
 def run(args) -> dict:
@@ -275,9 +300,11 @@ def run(args) -> dict:
     ready = prepare(cache)
     code = Path(args.code or ROOT).resolve()
     config = {**ISSUE_RUN, "max_steps": args.steps, "seed": args.seed}
+    if args.curve:
+        config.update(checkpoint_every=math.gcd(*args.curve), checkpoints_total_limit=100)
     for item in args.opt:
         key, value = item.split("=", 1)
-        config[key] = json.loads(value) if value[:1] in "0123456789-[{tf\"n" else value
+        config[key] = json.loads(value) if value[:1] in '0123456789-[{tf"n' else value
     out = cache / "runs" / args.tag
     started = time.time()
     if not (out / "transformer").is_dir() or args.retrain:
@@ -291,7 +318,11 @@ def run(args) -> dict:
     train_s = time.time() - started
     result = {"tag": args.tag, "code": str(code), "config": config, "train_s": round(train_s, 1),
               "judge_held_shape": ready["judge_held_shape"], "judge_held_colour": ready["judge_held_colour"]}  # fmt: skip
-    result["trained"] = pipeline_adherence(out, ready["judge"], args.seeds, t5_length=args.t5_length)
+    result["trained"] = pipeline_adherence(
+        out, ready["judge"], args.seeds, t5_length=args.t5_length
+    )
+    for step in args.curve:  # the EMA weights of earlier checkpoints of the same run
+        result[f"step_{step}"] = checkpoint_adherence(out, step, ready["judge"], args)
     if args.control:
         result["untrained"] = pipeline_adherence(ready["model"], ready["judge"], args.seeds)
     (cache / "results").mkdir(exist_ok=True)
@@ -300,7 +331,9 @@ def run(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
     p.add_argument("--tag", required=True)
@@ -313,11 +346,22 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=8, help="sampling seeds per prompt")
     p.add_argument("--t5-length", type=int, default=T5_LENGTH)
     p.add_argument("--opt", action="append", default=[], help="TrainConfig override KEY=VALUE")
+    p.add_argument(
+        "--curve",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="also judge the EMA of the checkpoints at these steps, e.g. 250,500,1000",
+    )
     p.add_argument("--control", action="store_true", help="also sample the untrained base folder")
     p.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     result = run(args)
     summary = {k: v for k, v in result["trained"].items() if k != "per_prompt"}
+    for step in args.curve:
+        summary[f"step_{step}"] = [
+            result[f"step_{step}"]["shape"],
+            result[f"step_{step}"]["colour"],
+        ]
     print(json.dumps({"tag": result["tag"], "train_s": result["train_s"], **summary,
                       "untrained": {k: v for k, v in result.get("untrained", {}).items() if k != "per_prompt"}}))  # fmt: skip
 

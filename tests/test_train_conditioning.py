@@ -82,7 +82,11 @@ def test_dropped_encoders_train_on_exactly_the_negative_input_the_stock_pipeline
 
     # Every encoder dropped: each training input is the pipeline's encoding of negative_prompt "".
     spy = Spy(monkeypatch)
-    train(shapes, tmp_path / "all-dropped", only_training(tiny_model_dir, preset="tiny", encoder_drop=1.0))
+    train(
+        shapes,
+        tmp_path / "all-dropped",
+        only_training(tiny_model_dir, preset="tiny", encoder_drop=1.0),
+    )
     sequence, pooled = spy.rows()
     assert len(sequence) == 12
     for row, row_pooled in zip(sequence, pooled, strict=True):
@@ -91,7 +95,11 @@ def test_dropped_encoders_train_on_exactly_the_negative_input_the_stock_pipeline
 
     # Nothing dropped: each input is one of the set's captions as the pipeline encodes it, never "".
     spy.calls.clear()
-    train(shapes, tmp_path / "none-dropped", only_training(tiny_model_dir, preset="tiny", encoder_drop=0.0))
+    train(
+        shapes,
+        tmp_path / "none-dropped",
+        only_training(tiny_model_dir, preset="tiny", encoder_drop=0.0),
+    )
     sequence, pooled = spy.rows()
     for row, row_pooled in zip(sequence, pooled, strict=True):
         assert not torch.allclose(row, negative[0], **TOL)
@@ -127,7 +135,9 @@ class UniqueTexts:
     @staticmethod
     def _random(g) -> TextEncoding:
         r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-        return TextEncoding(r(77, D_L), r(D_L), r(77, D_G), r(D_G), r(T5_LEN, D_T5), torch.ones(T5_LEN))
+        return TextEncoding(
+            r(77, D_L), r(D_L), r(77, D_G), r(D_G), r(T5_LEN, D_T5), torch.ones(T5_LEN)
+        )
 
     def __len__(self):
         return len(self.ids)
@@ -139,7 +149,12 @@ class UniqueTexts:
         return True
 
     def sample(self, i, variant="original"):
-        return {"id": self.ids[i], "latents": self.latents[i], "text": self.texts[(i, variant)], "variant": variant}
+        return {
+            "id": self.ids[i],
+            "latents": self.latents[i],
+            "text": self.texts[(i, variant)],
+            "variant": variant,
+        }
 
     def empty_text(self):
         return self.empty
@@ -156,11 +171,17 @@ def parts(sequence: torch.Tensor, pooled: torch.Tensor) -> dict[str, tuple[torch
 
 def source_of(reader: UniqueTexts, encoder: str, pieces: tuple[torch.Tensor, ...]):
     """'empty', or the (sample, variant) whose encoding these pieces of one row are."""
-    fields = {"clip_l": ("clip_l", "clip_l_pooled"), "clip_g": ("clip_g", "clip_g_pooled"), "t5": ("t5",)}[encoder]
+    fields = {
+        "clip_l": ("clip_l", "clip_l_pooled"),
+        "clip_g": ("clip_g", "clip_g_pooled"),
+        "t5": ("t5",),
+    }[encoder]
     candidates = {"empty": reader.empty, **reader.texts}
     found = [key for key, text in candidates.items()
              if all(torch.equal(p, getattr(text, f)) for p, f in zip(pieces, fields, strict=True))]  # fmt: skip
-    assert len(found) == 1, f"{encoder} input is neither a caption's encoding nor the empty prompt's"
+    assert len(found) == 1, (
+        f"{encoder} input is neither a caption's encoding nor the empty prompt's"
+    )
     return found[0]
 
 
@@ -198,7 +219,9 @@ def test_each_encoder_is_dropped_independently_at_its_rate_and_captions_are_draw
     # Each encoder at 0.464 (4 sigma), and independently: every keep/drop pattern of the three
     # occurs, all three together ~0.464^3 = 10% and each pair ~0.464^2 (not 0.464, as one shared mask gives).
     sigma = (0.464 * 0.536 / n) ** 0.5
-    assert torch.allclose(drops.mean(0), torch.full((3,), 0.464, dtype=torch.float64), atol=4 * sigma)
+    assert torch.allclose(
+        drops.mean(0), torch.full((3,), 0.464, dtype=torch.float64), atol=4 * sigma
+    )
     patterns = {tuple(row) for row in drops.bool().tolist()}
     assert patterns == set(itertools.product((False, True), repeat=3))
     assert drops.prod(1).mean().item() == pytest.approx(0.464**3, abs=0.035)
