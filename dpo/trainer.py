@@ -28,22 +28,22 @@ from accelerate import Accelerator
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.seeds import seed_int
 from curate.stage_runtime import StageRun
-from curate.store import Manifest, fingerprint, load_rejected, load_samples, params_hash
-from dpo.config import DPOConfig, IngestPrefsConfig
-from dpo.encode import EncodedPairs, EncodedPairSet, encode_pairs, native_resolution
+from curate.store import load_rejected, load_samples
+from dpo.config import DPOConfig
+from dpo.draws import Pairs, draw, split_heldout, step_generator
+from dpo.encode import EncodedPairs, encode_pairs, native_resolution
 from dpo.evaluate import evaluate_samples, report_markdown
 from dpo.guard import guard_summary, winner_drift_warning
-from dpo.ingest import STAGE as PREFS_STAGE
-from dpo.ingest import ingest_prefs
 from dpo.init_lora import add_init_lora, check_init_lora
+from dpo.inputs import encoded_pairs_dir, eval_captions, resolve_prefs
 from dpo.lora import (
     add_lora,
     export_lora,
     lora_parameters,
 )
 from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
+from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
 from dpo.reference import adapter_off, recording, replaying
 from model import build
 from model.build import parse_dtype
@@ -54,14 +54,12 @@ from model.toolbox import (
     NonFiniteLossError,
     accelerator_released,
     draw_timesteps,
-    heldout_split,
     make_accelerator,
     nonfinite,
     scheduler_shift,
 )
 
 STAGE = "dpo"
-METRICS = "metrics.jsonl"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
@@ -82,7 +80,6 @@ log = logging.getLogger(__name__)
 # Of those, the ones that never change the exported LoRA: a rerun differing only in them is skipped.
 VOLATILE = ("resume", "checkpoint_every")
 TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
-Pairs = EncodedPairs | EncodedPairSet  # in memory (dpo/proof.py) or streamed from disk
 
 
 def load_transformer(
@@ -96,10 +93,6 @@ def load_transformer(
     encoders are not loaded)."""
     transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed_int(seed, "dpo-step", step))
 
 
 def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
@@ -148,36 +141,6 @@ def dpo_terms(
     )
 
 
-def draw(
-    pairs: Pairs,
-    batch: int,
-    generator: torch.Generator,
-    config: DPOConfig,
-    shift: float,
-    rank: int = 0,
-    world: int = 1,
-):
-    """One step's pairs, timesteps and noise for process RANK of WORLD: every process draws the
-    same global batch of batch * world pairs from this step's generator and keeps its slice."""
-    n, total = len(pairs), batch * world
-    index = (
-        torch.randperm(n, generator=generator)[:total]
-        if n >= total
-        else torch.randint(n, (total,), generator=generator)
-    )
-    mine = slice(rank * batch, (rank + 1) * batch)
-    chosen = pairs.select(index[mine])
-    t = draw_timesteps(config, total, shift, generator)[mine]
-    noise = torch.randn((total, *chosen.latents_w.shape[1:]), generator=generator)[mine]
-    return chosen, t, noise
-
-
-def split_heldout(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs | None]:
-    """(train, held-out) pairs: the one held-out split of model/toolbox.py, over the pair ids."""
-    train, held = heldout_split(pairs.ids, fraction, seed=seed)
-    return pairs.subset(train), (pairs.subset(held) if held else None)
-
-
 @torch.no_grad()
 def implicit_accuracy(
     transformer, pairs: Pairs, config: DPOConfig, shift: float, draws: int = 4
@@ -220,7 +183,7 @@ def train_lora(
     main = accelerator is None or accelerator.is_main_process
     metrics_path = work / METRICS
     window: list[dict[str, float]] = []
-    warned = winner_drift_warning(_metric_rows(metrics_path)) is not None
+    warned = winner_drift_warning(metric_rows(metrics_path)) is not None
     transformer.train()
     for step in tqdm(
         range(start_step, config.max_steps),
@@ -252,13 +215,13 @@ def train_lora(
                 lora_parameters(transformer), config.grad_clip
             )
         optimizer.step()
-        window.append({**_mean_rows(parts), "grad_norm": float(grad_norm)})
+        window.append({**mean_rows(parts), "grad_norm": float(grad_norm)})
         if main and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps):
-            row = {"step": step + 1, **_mean_rows(window)}
+            row = {"step": step + 1, **mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             window = []
-            if not warned and (message := winner_drift_warning(_metric_rows(metrics_path))):
+            if not warned and (message := winner_drift_warning(metric_rows(metrics_path))):
                 warned = True
                 log.warning(message)
                 tqdm.write(f"warning: {message}")
@@ -272,66 +235,10 @@ def train_lora(
     return optimizer
 
 
-def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-
-
-def _metric_rows(path: Path) -> list[dict]:
-    """The complete rows of a metrics.jsonl; a line torn by a kill mid-write is skipped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _metrics_until(path: Path, step: int) -> None:
-    """Keep the rows logged up to STEP (later ones belong to a run killed after its last
-    checkpoint, and a torn last line to a kill mid-write)."""
-    if path.is_file():
-        rows = [row for row in _metric_rows(path) if row.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def resolve_prefs(prefs: Path, work: Path) -> Path:
-    """PREFS itself when it is a finished preference table, else its ingest into WORK/prefs
-    (a folder holding several Pick-a-Pic splits is refused: run `t2i prefs --split` first)."""
-    manifest = Manifest.read(prefs) if prefs.is_dir() else None
-    if manifest is not None and manifest.stage == PREFS_STAGE:
-        return prefs
-    return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
-
-
 def checkpoint_objects(transformer, optimizer) -> dict[str, object]:
     """What a DPO checkpoint holds: the LoRA's tensors (not the frozen base: that is --model's,
     unchanged, and can be gigabytes) and the optimizer; model/checkpoint.py adds the RNG."""
     return {"lora": ModuleSubset(transformer, lambda name: "lora_" in name), "optimizer": optimizer}
-
-
-def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution: int) -> Path:
-    """Where a preference table's encodings live: keyed by the table and the encoding options only,
-    so runs that differ in training options (beta, lr, steps, ...) share one encode."""
-    key = params_hash(
-        {
-            "table": fingerprint(table_dir),
-            "model": fingerprint(config.model),
-            "resolution": resolution,
-            "t5": config.max_sequence_length,
-            "variant": config.variant,
-        }
-    )
-    return root / f"encoded-{key[:16]}"
-
-
-def eval_captions(config: DPOConfig, rows, pairs: Pairs) -> list[str]:
-    """--eval-caption, else the first distinct captions of PAIRS (the held-out ones when any)."""
-    if config.eval_captions:
-        return list(config.eval_captions)
-    by_id = dict(zip(rows["id"], rows["caption"], strict=True))
-    distinct = dict.fromkeys(by_id[i] for i in pairs.ids if i in by_id)
-    return list(distinct)[: config.eval_max_captions]
 
 
 def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConfig) -> Path:
@@ -358,7 +265,9 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     work = run.work_log(ignore=NOT_IN_RUN_KEY).path
     root = work.parent  # the hidden .OUT.work/: the preference table and its encodings
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(config.device)  # no autocast: an fp32 LoRA on the --base-dtype base
+    accelerator = make_accelerator(
+        config.device
+    )  # no autocast: an fp32 LoRA on the --base-dtype base
 
     # 1. Preferences, encoded once into the pre-encoding shard format and streamed from disk
     resolution = config.resolution or native_resolution(config.model)
@@ -404,7 +313,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
     if accelerator.is_main_process:
         if resume_from is not None:
-            _metrics_until(work / METRICS, start)
+            metrics_until(work / METRICS, start)
         elif (work / METRICS).exists():
             (work / METRICS).unlink()
     accelerator.wait_for_everyone()
@@ -443,7 +352,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             "lora_rank": lora_config.r,
             "lora_alpha": lora_config.lora_alpha,
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
-            "guard": guard_summary(_metric_rows(work / METRICS)),
+            "guard": guard_summary(metric_rows(work / METRICS)),
         }
         with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
