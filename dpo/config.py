@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from model.config import LORA_BLOCK_LINEARS, ModelFiles, TimestepOptions
+from model.config import LORA_BLOCK_LINEARS, ModelFiles, ReportOptions, TimestepOptions
 
 ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
 
@@ -64,7 +64,7 @@ class IngestPrefsConfig(BaseModel):
     )
 
 
-class DPOConfig(ModelFiles, TimestepOptions):
+class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
     # `t2i dpo`: its one-line summary, its --help text and its positional arguments
     summary: ClassVar[str] = "align a model with rank-128 LoRA Diffusion-DPO on preference pairs"
     description: ClassVar[str] = (
@@ -107,6 +107,13 @@ class DPOConfig(ModelFiles, TimestepOptions):
         ge=0.0,
         description="weight gamma of an SFT term on winners, + gamma * beta/2 * mean(err_w - ref_w) "
         "(the winners' diffusion loss in the DPO term's units); 0 = off",
+    )
+    anchor_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of an adapter-off anchor on both halves of each pair: + weight * beta/2 * "
+        "mean((1 - t)^2 (v_lora - v_base)^2), the change of the prediction in the DPO term's units "
+        "(dpo/regularizers.py); 0 = off",
     )
     lr: float = Field(
         1e-4,
@@ -169,6 +176,13 @@ class DPOConfig(ModelFiles, TimestepOptions):
     eval_captions: list[str] = Field(
         default_factory=list,
         description="captions for that comparison; default: the held-out pairs' captions",
+    )
+    offtarget_captions: list[str] = Field(
+        default_factory=list,
+        description="captions outside the preference set to watch, e.g. ones naming the attribute "
+        "the losers have ('a blue car' when warm wins): sampled with the same seeds, each one's "
+        "change reported on its own in report.md and summary.json, the worst drop first; a "
+        "caption that occurs in the preference set is refused",
     )
     eval_max_captions: int = Field(
         4, ge=1, description="at most this many held-out captions when --eval-captions is not given"

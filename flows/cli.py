@@ -140,6 +140,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # One progress display per stage, the stage's own: no bars from the libraries under it
+    # (datasets' "Saving the dataset", transformers' "Loading weights" and "Writing model shards").
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def resolve_config(entry: Command, flags: dict[str, Any], config_file: str | None) -> BaseModel:

@@ -20,6 +20,7 @@ from curate.config import CurateConfig, DemoDataConfig
 from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
 from flows.config import RunAllConfig, ServeConfig
 from model.config import (
+    ExportSingleFileConfig,
     InitModelConfig,
     LoraConvertConfig,
     PrecomputeConfig,
@@ -141,6 +142,12 @@ def run_lora_convert(input: str, output: str, config: LoraConvertConfig) -> Path
     return run_lora_convert(input, output, config)
 
 
+def run_export_single_file(model: str, output: str, config: ExportSingleFileConfig) -> Path:
+    from model.single_file import run_export_single_file
+
+    return run_export_single_file(model, output, config)
+
+
 def run_serve(config: ServeConfig) -> None:
     from flows.serve import run_serve
 
@@ -169,6 +176,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("dpo", DPOConfig, run_dpo),
     Command("sample", SampleConfig, run_sample),
     Command("lora-convert", LoraConvertConfig, run_lora_convert),
+    Command("export-single-file", ExportSingleFileConfig, run_export_single_file),
     Command("serve", ServeConfig, run_serve, flow=False),
     Command("run-all", RunAllConfig, run_run_all, flow=False),
 )

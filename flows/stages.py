@@ -43,6 +43,7 @@ from flows import artifacts
 from flows.progress import tqdm_progress
 from model.build import run_init_model
 from model.config import (
+    ExportSingleFileConfig,
     InitModelConfig,
     LoraConvertConfig,
     PrecomputeConfig,
@@ -52,6 +53,7 @@ from model.config import (
 from model.lora_formats import run_lora_convert
 from model.precompute import run_precompute
 from model.sampling import run_sample
+from model.single_file import run_export_single_file
 from model.train import run_train
 
 OUTPUT_NAMES = ("output", "out")
@@ -109,6 +111,7 @@ STAGES: dict[str, Stage] = {
         Stage("dpo", DPOConfig, run_dpo),
         Stage("sample", SampleConfig, run_sample),
         Stage("lora-convert", LoraConvertConfig, run_lora_convert),
+        Stage("export-single-file", ExportSingleFileConfig, run_export_single_file),
     )
 }
 

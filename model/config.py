@@ -173,7 +173,18 @@ class TimestepOptions(BaseModel):
     )
 
 
-class TrainConfig(ModelFiles, TimestepOptions):
+class ReportOptions(BaseModel):
+    """Where `t2i train` and `t2i dpo` log while they run (model/trackers.py)."""
+
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = Field(
+        "tensorboard",
+        description="scalars and sample grids while the run trains go to: tensorboard (event files in "
+        "the run's logs/ folder), wandb (Weights & Biases: pip install wandb; WANDB_MODE=offline keeps "
+        "the run on disk, WANDB_PROJECT names the project), all (both) or none",
+    )
+
+
+class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
     """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
 
     # `t2i train`: its one-line summary, its --help text and its positional arguments
@@ -375,4 +386,29 @@ class LoraConvertConfig(BaseModel):
     )
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the written LoRA matrices (alpha stays fp32)"
+    )
+
+
+class ExportSingleFileConfig(VariantOption):
+    """`t2i export-single-file`: a diffusers SD3 folder's transformer in Stability's layout."""
+
+    # `t2i export-single-file`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = (
+        "write a trained SD3 transformer as one Stability-layout .safetensors file (ComfyUI)"
+    )
+    description: ClassVar[str] = (
+        "Reads MODEL's transformer (a diffusers SD3 folder: `t2i train` output, or any SD3/SD3.5 "
+        "folder) and writes it under Stability's MMDiT names, model.diffusion_model.joint_blocks.N"
+        ".x_block.attn.qkv.weight and so on (q/k/v fused, the (shift, scale) modulations in "
+        "Stability's order): the file ComfyUI's Load Diffusion Model and sd-scripts read, and "
+        "diffusers' SD3Transformer2DModel.from_single_file(OUTPUT, config=MODEL) loads back. The "
+        "VAE and text encoders stay in MODEL (ComfyUI loads them separately)."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("model", "diffusers SD3 folder whose transformer to export"),
+        ("output", "the .safetensors file to write"),
+    )
+
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16", description="dtype of the written weights (Stability ships SD3 in 16 bits)"
     )
