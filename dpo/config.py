@@ -5,11 +5,11 @@ Kept free of heavy imports so `t2i --help` stays fast.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from model.config import LORA_BLOCK_LINEARS, ModelFiles, TimestepOptions
+from model.config import LORA_BLOCK_LINEARS, ModelFiles, ReportOptions, TimestepOptions
 
 ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
 
@@ -29,6 +29,18 @@ TARGET_SETS = {
 
 
 class IngestPrefsConfig(BaseModel):
+    # `t2i prefs`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "ingest preference pairs (Pick-a-Pic v2, generic, or a folder of pairs)"
+    description: ClassVar[str] = (
+        "Reads Pick-a-Pic v2 (caption, jpg_0, jpg_1, label_0; parquet or a saved dataset), a "
+        "generic layout (caption, image_w, image_l) or a folder with one sub-folder per pair "
+        "(caption.txt, winner.*, loser.*) and writes a preference table. Ties (label 0.5), rows "
+        "with has_label or are_different false or labels not summing to 1, identical images, "
+        "undecodable images and empty captions go to rejected/ with their reason. A hub-layout "
+        "folder (data/SPLIT-00000-of-NNNNN.parquet) is read one --split at a time."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("source", "preference data in any supported layout"), ("output", "output directory"))
+
     layout: Literal["auto", "pickapic", "generic", "folder"] = Field(
         "auto",
         description="input layout: pickapic (caption, jpg_0, jpg_1, label_0), generic (caption, image_w, "
@@ -52,7 +64,22 @@ class IngestPrefsConfig(BaseModel):
     )
 
 
-class DPOConfig(ModelFiles, TimestepOptions):
+class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
+    # `t2i dpo`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "align a model with rank-128 LoRA Diffusion-DPO on preference pairs"
+    description: ClassVar[str] = (
+        "Diffusion-DPO (Wallace et al. 2023) on a rectified-flow model, errors in noise-prediction "
+        "units so beta means Diffusion-DPO's beta, with a LoRA (rank 128, alpha 128) on the "
+        "attention projections of the MMDiT blocks. Winner and loser share t and noise; the "
+        "reference is the same network with the adapter disabled. PREFS is raw preference data "
+        "(any layout `t2i prefs` reads) or its output. Writes OUTPUT/pytorch_lora_weights."
+        "safetensors (StableDiffusion3Pipeline.load_lora_weights reads it), report.md (base vs "
+        "LoRA samples for held-out captions, the --scorer win rate, then training diagnostics), "
+        "metrics.jsonl (loss, implicit accuracy, margin, winner drift, saturation) and "
+        "summary.json. Rerunning an interrupted run resumes from its last checkpoint."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("prefs", "preference data or a `t2i prefs` output"), ("output", "output directory"))
+
     model: str = Field(
         ..., description="local diffusers SD3 folder: the base model the LoRA adapts"
     )
@@ -216,6 +243,16 @@ class DPOConfig(ModelFiles, TimestepOptions):
 
 
 class MakePrefsConfig(BaseModel):
+    # `t2i make-prefs`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "build synthetic preference pairs from a folder of images"
+    description: ClassVar[str] = (
+        "Makes two edited copies of each image, one with a measurable attribute (a warm tint, "
+        "or brightness) and one with its opposite, and writes them as a folder of pairs "
+        "(winner = the attribute) that `t2i dpo` reads. For demos and for checking that DPO "
+        "moves a model the right way; --swap makes the control with the labels reversed."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory for the pair folders"),)
+
     source: str = Field(
         ...,
         description="folder of images with .txt captions (e.g. `t2i demo-data OUT --format folder`) or a "

@@ -8,7 +8,7 @@ from pathlib import Path
 from curate.store import Manifest, fingerprint, params_hash
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.ingest import STAGE as PREFS_STAGE
-from dpo.ingest import ingest_prefs
+from dpo.ingest import run_prefs
 
 
 def resolve_prefs(prefs: Path, work: Path) -> Path:
@@ -17,7 +17,7 @@ def resolve_prefs(prefs: Path, work: Path) -> Path:
     manifest = Manifest.read(prefs) if prefs.is_dir() else None
     if manifest is not None and manifest.stage == PREFS_STAGE:
         return prefs
-    return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
+    return run_prefs(prefs, work / "prefs", IngestPrefsConfig())
 
 
 def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution: int) -> Path:

@@ -56,6 +56,7 @@ from model.toolbox import (
     nonfinite,
     scheduler_shift,
 )
+from model.trackers import finish_trackers, log_image, require_trackers, start_trackers
 
 STAGE = "dpo"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
@@ -74,10 +75,11 @@ NOT_IN_RUN_KEY = (
     "eval_steps",
     "eval_guidance",
     "scorer",
+    "report_to",
 )
 log = logging.getLogger(__name__)
 # Of those, the ones that never change the exported LoRA: a rerun differing only in them is skipped.
-VOLATILE = ("resume", "checkpoint_every")
+VOLATILE = ("resume", "checkpoint_every", "report_to")
 TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
 
 
@@ -172,7 +174,8 @@ def train_lora(
     accelerator: Accelerator | None = None,
     checkpoint: Callable[[int], object] | None = None,
 ):
-    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl.
+    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl and, as dpo/<name>,
+    to ACCELERATOR's trackers (--report-to).
 
     With ACCELERATOR (transformer and optimizer prepared by it) each process trains on its slice
     of every step's global batch and gradients are averaged across processes; CHECKPOINT(step) is
@@ -222,6 +225,8 @@ def train_lora(
             row = {"step": step + 1, **mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if accelerator is not None:
+                accelerator.log({f"dpo/{k}": v for k, v in row.items() if k != "step"}, step + 1)
             window = []
             if not warned and (message := winner_drift_warning(metric_rows(metrics_path))):
                 warned = True
@@ -252,6 +257,7 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
 def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     if not prefs.exists():
         raise FileNotFoundError(f"preference input {prefs} does not exist")
+    require_trackers(config.report_to)  # a missing wandb fails before any work
     if config.init_lora:
         check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
     selection.check_options(config)
@@ -316,6 +322,9 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     checkpoints = work / "checkpoints"
     resume_from = resolve_resume(checkpoints, "latest" if config.resume else None)
     start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
+    start_trackers(
+        accelerator, config.report_to, work, STAGE, run.output.name, config.model_dump(), start
+    )
     if accelerator.is_main_process:
         if resume_from is not None:
             metrics_until(work / METRICS, start)
@@ -376,9 +385,15 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             if config.eval_seeds and (captions or config.offtarget_captions):
                 evaluation = evaluate_lora(config, writer.path, captions, accelerator.device)
                 summary["sample_eval"] = asdict(evaluation)
+                for grid in evaluation.grids:  # base left, LoRA right
+                    log_image(accelerator, Path(grid).stem, writer.path / grid, config.max_steps)
                 if evaluation.win_rate is not None:
                     summary["sample_win_rate"] = evaluation.win_rate
                 summary["worst_off_target"] = evaluation.worst_off_target
+            final = ("heldout_implicit_acc", "train_implicit_acc", "sample_win_rate")
+            scalars = {f"dpo/{k}": summary[k] for k in final if summary.get(k) is not None}
+            accelerator.log(scalars, step=config.max_steps)
+            finish_trackers(accelerator, work, writer.path)  # OUT/logs (and OUT/wandb) complete
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
             (writer.path / "report.md").write_text(report_markdown(summary))
             # the ingest's rejections, then images the encoder could not encode (`<pair id>.w` / `.l`)
