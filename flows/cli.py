@@ -50,6 +50,7 @@ class Command:
     run: Callable[..., Any]  # run(*positionals, config=ConfigModel(...))
     positionals: tuple[tuple[str, str], ...] = ()
     flow: bool = True  # served as a Prefect flow; False for services and the orchestrator
+    writes: bool = True  # takes --overwrite; False for the services
 
     @property
     def positional_names(self) -> list[str]:
@@ -236,6 +237,7 @@ COMMANDS: tuple[Command, ...] = (
         serve_captioner,
         (("model", "local VLM folder to serve"),),
         flow=False,
+        writes=False,
     ),
     Command(
         "precompute",
@@ -352,6 +354,7 @@ COMMANDS: tuple[Command, ...] = (
         ServeConfig,
         serve,
         flow=False,
+        writes=False,
     ),
     Command(
         "run-all",
@@ -482,6 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
             "flags given here override it",
         )
         _add_common(sub_parser, top=False)
+        if entry.writes:
+            sub_parser.add_argument(
+                "--overwrite",
+                dest="_overwrite",
+                action="store_true",
+                default=False,
+                help="replace an output of another stage (e.g. a curated store given as a "
+                "caption output) or an existing file; without it such an output is refused. "
+                "Never removes files the pipeline did not write",
+            )
         add_config_options(sub_parser, entry.config)
         sub_parser.set_defaults(_command=entry)
     return parser
@@ -550,6 +563,7 @@ PLAIN_ERRORS = {
     "StoreError",
     "UnbalancedOutput",
     "StageBusy",
+    "OutputRefused",
 }
 
 
@@ -561,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     debug = args.pop("debug", False)
     config_file = args.pop("_config_file", None)
+    overwrite = args.pop("_overwrite", False)
     positionals = [args.pop(name) for name in entry.positional_names]
     try:
         config = resolve_config(entry, args, config_file)
@@ -572,8 +587,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
+    from curate.stage_runtime import overwrite_allowed
+
     try:
-        result = entry.run(*positionals, config=config)
+        with overwrite_allowed(overwrite):
+            result = entry.run(*positionals, config=config)
     except KeyboardInterrupt:
         if debug:
             raise
