@@ -37,7 +37,8 @@ from model.config import TrainConfig  # noqa: E402
 from model.encoded import EncodedDataset  # noqa: E402
 from model.encoders import encode_texts  # noqa: E402
 from model.latent_sampling import sample_latents  # noqa: E402
-from model.train import build_or_load_transformer, train  # noqa: E402
+from model.train import train  # noqa: E402
+from model.train_model import build_or_load_transformer  # noqa: E402
 
 
 def latent_features(latents: torch.Tensor) -> np.ndarray:

@@ -74,6 +74,15 @@ def _read_path_cell(path: str, root: str | os.PathLike | None) -> bytes:
     return full.read_bytes()
 
 
+class NotText(Invalid):
+    """Caption bytes that are not text (not UTF-8, or holding control characters): the caption
+    is unusable, but the image beside it may still be a good sample (curate keeps it and drops
+    the caption; recaptioning gives it one)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(reasons.BAD_CAPTION, detail)
+
+
 def caption_cell(value: Any, max_bytes: int) -> str:
     """A caption cell as clean text: None is '', bytes must be UTF-8, at most MAX_BYTES long.
 
@@ -108,8 +117,7 @@ def caption_text(payload: bytes, origin: str, max_bytes: int) -> str:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise Invalid(
-            reasons.BAD_CAPTION,
+        raise NotText(
             f"{origin} is not UTF-8 text (byte 0x{payload[error.start]:02x} at offset {error.start})",
         ) from None
     return _plain_text(text, origin)
@@ -121,8 +129,7 @@ def _plain_text(text: str, origin: str) -> str:
         None,
     )
     if control is not None:
-        raise Invalid(
-            reasons.BAD_CAPTION,
+        raise NotText(
             f"{origin} holds control character U+{ord(control):04X} (binary data, not a caption)",
         )
     return text.strip()

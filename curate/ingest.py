@@ -14,8 +14,9 @@ Every input becomes a record, refused ones with their reason (the caller records
 nothing is extracted to disk; tar members that are links, absolute or climb out with `..`,
 symlinks that leave the input folder, table cells naming local files, hidden files and special
 files are refused (`unsafe_path`, `hidden_file`) and never opened; a tar or parquet file that
-cannot be read to its end is one `corrupt_shard` record; captions that are not text or longer
-than the cap are `bad_caption`. A non-UTF-8 file name is read, its source shown with the bad
+cannot be read to its end is one `corrupt_shard` record; captions longer than the cap are
+`bad_caption`. A caption that is not text (not UTF-8, or control characters) is dropped and its
+image read with no caption and a `caption_note` saying why, so recaptioning can give it one. A non-UTF-8 file name is read, its source shown with the bad
 bytes escaped (`\\xNN`).
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from curate import reasons
-from curate.cells import caption_cell, caption_text, image_cell, inside
+from curate.cells import NotText, caption_cell, caption_text, image_cell, inside
 from curate.decode import Invalid
 from curate.store import MANIFEST, SAMPLES
 
@@ -62,6 +63,13 @@ class Record:
     caption: str
     refused: str = ""  # a rejection reason decided at ingest time (e.g. unsafe_path)
     detail: str = ""
+    caption_note: str = ""  # why a caption that was not text was dropped (the image is kept)
+
+
+def dropped(where: str, invalid: NotText) -> str:
+    """The note a sample keeps when its caption was not text: it is read with no caption, so
+    recaptioning gives it one, instead of losing a valid image."""
+    return f"{where}: {invalid.detail}; caption dropped, image kept"
 
 
 @dataclass(frozen=True)
@@ -318,7 +326,7 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
         except OSError as error:
             yield _refused(key, reasons.UNDECODABLE, f"cannot read: {error.strerror or error}")
             continue
-        caption, refusal = "", None
+        caption, refusal, note = "", None, ""
         for sibling in groups[str(PurePosixPath(rel).with_suffix(""))]:
             sibling_name = PurePosixPath(sibling).name
             if caption or not sibling_name.lower().endswith(CAPTION_EXTENSIONS):
@@ -332,6 +340,8 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
                 caption = _caption_from(
                     sibling_name, read_inside(root, sibling, limit), options.max_caption_bytes
                 )
+            except NotText as invalid:
+                note = dropped(f"caption sidecar {shown(sibling_name)}", invalid)
             except Invalid as invalid:
                 refusal = (
                     invalid.reason,
@@ -347,7 +357,7 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
         if refusal is not None:
             yield Record(key, data, "", *refusal)
         else:
-            yield Record(key, data, caption)
+            yield Record(key, data, caption, caption_note=note)
 
 
 # -- webdataset tar shards --------------------------------------------------------------------------
@@ -458,7 +468,7 @@ def _trailing_garbage(shard: Path, offset: int) -> int:
 def _tar_sample(
     shard_name: str, key: str, files: dict[str, tuple[bytes, str]], options: IngestOptions
 ) -> Iterator[Record]:
-    caption, refusal = "", None
+    caption, refusal, note = "", None, ""
     for extension, (payload, too_big) in files.items():
         if extension not in CAPTION_EXTENSIONS or caption:
             continue
@@ -466,6 +476,8 @@ def _tar_sample(
             if too_big:
                 raise Invalid(reasons.BAD_CAPTION, f"{key}{extension} is {too_big}")
             caption = _caption_from(f"{key}{extension}", payload, options.max_caption_bytes)
+        except NotText as invalid:
+            note = dropped(f"caption {key}{extension}", invalid)
         except Invalid as invalid:
             refusal = (invalid.reason, f"caption {key}{extension}: {invalid.detail}")
             break
@@ -474,7 +486,7 @@ def _tar_sample(
             if refusal is not None:
                 yield Record(f"{shard_name}/{key}{extension}", payload, "", *refusal)
             else:
-                yield Record(f"{shard_name}/{key}{extension}", payload, caption)
+                yield Record(f"{shard_name}/{key}{extension}", payload, caption, caption_note=note)
 
 
 # -- tables: parquet, saved datasets, stage outputs -----------------------------------------------
@@ -493,6 +505,8 @@ def _cell_record(key: str, image, caption, root: Path, options: IngestOptions) -
         return _refused(key, invalid.reason, invalid.detail)
     try:
         text = caption_cell(caption, options.max_caption_bytes)
+    except NotText as invalid:
+        return Record(key, data, "", caption_note=dropped("caption cell", invalid))
     except Invalid as invalid:
         return Record(key, data, "", invalid.reason, invalid.detail)
     return Record(key, data, text)

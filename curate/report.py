@@ -106,6 +106,7 @@ def write_report(
     reason_counts: Counter = Counter()
     nsfw, quality = [], []
     listing: list[str] = []
+    dropped: list[str] = []  # kept images whose caption was not text
     for name in work.names():
         for row in (
             work.read(name)
@@ -119,6 +120,7 @@ def write_report(
                     "source",
                     "nsfw_score",
                     "aesthetic_score",
+                    "caption_note",
                 ]
             )
             .to_pylist()
@@ -134,6 +136,10 @@ def write_report(
             )
             if reason is None:
                 kept.add(row["id"], row["thumb"], _label(row))
+                if row["caption_note"] and len(dropped) < 200:
+                    dropped.append(
+                        f"| {escape(row['source'], 200)} | {escape(row['caption_note'], 300)} |"
+                    )
                 continue
             reason_counts[reason] += 1
             if row["thumb"] is not None:
@@ -216,4 +222,16 @@ def write_report(
         *listing,
         "",
     ]
+    if dropped:
+        lines += [
+            f"## Captions dropped, images kept ({counts.get('captions_dropped', len(dropped))})",
+            "",
+            "These captions were not text (not UTF-8, or binary); the images are kept with an "
+            "empty caption (`caption_note` says why). `t2i caption` gives them a synthetic one.",
+            "",
+            "| source | note |",
+            "| --- | --- |",
+            *dropped,
+            "",
+        ]
     (out / "report.md").write_text("\n".join(lines))

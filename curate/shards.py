@@ -83,6 +83,7 @@ def _item(record: Record, seen: dict[str, str]) -> dict[str, Any]:
         "caption": record.caption,
         "refused": record.refused,
         "detail": record.detail,
+        "caption_note": record.caption_note,
         "id": sample_id(record.data),
         "exact_check": not record.refused and len(record.data) > 0,
     }

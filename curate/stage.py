@@ -41,6 +41,7 @@ SAMPLE_FEATURES = datasets.Features(
         "id": datasets.Value("string"),
         "image": datasets.Image(),
         "caption": datasets.Value("string"),
+        "caption_note": datasets.Value("string"),  # why a non-text caption was dropped; "" = none
         "source": datasets.Value("string"),
         "width": datasets.Value("int32"),
         "height": datasets.Value("int32"),
@@ -240,6 +241,7 @@ def _sample_rows(work: WorkLog, removed, clusters, kind: str) -> Iterator[dict[s
         "id",
         "image",
         "caption",
+        "caption_note",
         "source",
         "width",
         "height",
@@ -252,10 +254,22 @@ def _sample_rows(work: WorkLog, removed, clusters, kind: str) -> Iterator[dict[s
                 continue
             yield {
                 "id": row["id"], "image": {"bytes": row["image"], "path": None}, "caption": row["caption"],
+                "caption_note": row["caption_note"] or "",
                 "source": row["source"], "width": row["width"], "height": row["height"],
                 "nsfw_score": row["nsfw_score"], "aesthetic_score": row["aesthetic_score"],
                 "aesthetic_kind": kind, "cluster_id": clusters.get(row["id"], -1),
             }  # fmt: skip
+
+
+def _captions_dropped(work: WorkLog, removed) -> int:
+    """Kept samples whose caption was not text and was dropped (each says why in caption_note)."""
+    count = 0
+    for name in work.names():
+        for row in work.read(name, ["status", "id", "caption_note"]).to_pylist():
+            count += bool(
+                row["status"] == "candidate" and row["id"] not in removed and row["caption_note"]
+            )
+    return count
 
 
 def _rejections(work: WorkLog, removed, threshold: float) -> Iterator[Rejection]:
@@ -320,6 +334,8 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
                 _rejections(work, removed, resolved.similarity_threshold)
             )
             writer.counts.update(input=total, kept=kept, rejected=rejected)
+            if dropped := _captions_dropped(work, removed):  # only when there are some
+                writer.counts["captions_dropped"] = dropped
             writer.extra.update(
                 aesthetic_kind=resolved.aesthetic_kind, aesthetic_threshold=resolved.aesthetic_threshold,
                 similarity_threshold=resolved.similarity_threshold, scoring_s=round(scored_s, 3),

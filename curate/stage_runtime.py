@@ -55,6 +55,7 @@ from curate.store import (
     fingerprint,
     library_versions,
     params_hash,
+    share_like_umask,
 )
 
 LOCK_WAIT_ENV = "T2I_LOCK_WAIT_S"
@@ -478,6 +479,7 @@ class StageRun:
             host=socket.gethostname(),
             extra={**extra, "reads": self.read_record, ENTRIES: entries},
         ).write(self.output)
+        share_like_umask(self.output)
         return self.output
 
 
@@ -562,6 +564,7 @@ def generate(
         try:
             check_output_folder(output, stage, foreign)
             write(fresh)
+            share_like_umask(fresh)
             if output.is_dir() and _same_files(fresh, output):
                 print(
                     f"{stage}: {output} already holds this output; kept as it was", file=sys.stderr

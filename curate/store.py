@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -197,6 +198,42 @@ def load_rejected(directory: str | os.PathLike) -> datasets.Dataset:
     return datasets.load_from_disk(str(path))
 
 
+def process_umask() -> int:
+    """This process's umask, read from /proc where it exists (no window in which it changes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def share_like_umask(path: str | os.PathLike) -> None:
+    """Give PATH (a file, or a folder and all it holds) the permissions a plain open() or mkdir()
+    would have given it under this process's umask.
+
+    Some writers create owner-only files whatever the umask (safetensors' save_file writes
+    0600), so a model or LoRA would be unreadable to a server running as another user. Bits are
+    only added, never taken away, and only those the umask allows."""
+    root = Path(path)
+    mask = process_umask()
+    entries = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for entry in entries:
+        info = entry.lstat()
+        if stat.S_ISDIR(info.st_mode):
+            allowed = 0o777 & ~mask
+        elif stat.S_ISREG(info.st_mode):
+            allowed = 0o666 & ~mask
+        else:  # links keep their target's mode; sockets and pipes are not ours to share
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if mode | allowed != mode:
+            os.chmod(entry, mode | allowed)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(text)
@@ -328,6 +365,7 @@ class StageWriter:
             extra=self.extra,
         )
         manifest.write(self.path)
+        share_like_umask(self.path)
         retired = None
         if self.output.exists():
             retired = (

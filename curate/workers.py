@@ -28,6 +28,7 @@ ROW_SCHEMA_FIELDS = [
     ("id", pa.string()),
     ("source", pa.string()),
     ("caption", pa.string()),
+    ("caption_note", pa.string()),  # why a caption that was not text was dropped ("" = none)
     ("status", pa.string()),  # "candidate" (passed every per-image filter) or "rejected"
     ("reason", pa.string()),
     ("score", pa.float64()),
@@ -185,6 +186,7 @@ def process_chunk(
             id=item["id"],
             source=item["key"],
             caption=item["caption"],
+            caption_note=item.get("caption_note", ""),
             status="rejected",
             detail=f"source={item['key']}",
             exact_check=item.get("exact_check", False),

@@ -334,7 +334,7 @@ def classify(rows: Iterator[dict[str, Any]], layout: str, tie_tolerance: float =
             )
 
 
-def ingest_prefs(
+def run_prefs(
     source: str | os.PathLike, output: str | os.PathLike, config: IngestPrefsConfig
 ) -> Path:
     """Read preferences in any supported layout into a preference table at OUTPUT, streaming."""

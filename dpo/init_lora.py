@@ -2,30 +2,30 @@
 
 The file is read in any key style model/lora_formats.py knows (diffusers, kohya, ComfyUI,
 OneTrainer, peft) and checked against --model's transformer before any work. The new adapter
-takes the file's shape, its layers and rank (and its alpha when every layer shares one, else
-alpha = rank), so --rank, --alpha and --target-modules do not apply; model.lora.init_lora_from
-then sets it to the file's matrices, so step 0 of the run computes what the old LoRA computes.
+takes the file's shape: its layers, each layer's rank and alpha (the most common ones as the
+defaults, the others as peft's per-layer patterns), so --rank, --alpha and --target-modules do not
+apply; model.lora.init_lora_from then sets it to the file's matrices, so step 0 of the run
+computes what the old LoRA computes. Layers outside the transformer blocks (sd-scripts' emb_dims:
+the patch, timestep, pooled-text and text embedders, the final layer) train like the rest; the
+DPO reference still switches them off with the adapter (dpo/reference.py replays only input
+layers that carry no LoRA).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections import Counter
 
 from peft import LoraConfig
 
-from model.lora import add_lora, init_lora_from, read_lora_for
-from model.lora_formats import LoraFormatError, LoraWeights
+from model.lora import BLOCKS, add_lora, init_lora_from, read_lora_for
+from model.lora_formats import LoraWeights
 
 
 def check_init_lora(path: str | os.PathLike, model_dir: str | os.PathLike) -> LoraWeights:
     """Read PATH and check that it fits MODEL_DIR's transformer; one-line errors otherwise."""
-    weights = read_lora_for(path, model_dir)
-    ranks = weights.ranks()
-    if len(ranks) > 1:
-        raise LoraFormatError(
-            f"--init-lora {path} mixes ranks {dict(ranks)}; DPO trains one rank for every layer"
-        )
-    return weights
+    return read_lora_for(path, model_dir)
 
 
 def add_init_lora(
@@ -33,9 +33,17 @@ def add_init_lora(
 ) -> LoraConfig:
     """Attach a trainable fp32 LoRA shaped like the one at PATH and set to its weights."""
     weights = check_init_lora(path, model_dir)
-    rank = next(iter(weights.ranks()))
-    alphas = {module.alpha for module in weights.modules.values()}
-    alpha = alphas.pop() if len(alphas) == 1 else float(rank)
-    config = add_lora(transformer, rank, alpha, sorted(weights.modules), seed)
+    rank = weights.ranks().most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in weights.modules.values()).most_common(1)[0][0]
+    ranks = {n: m.rank for n, m in weights.modules.items() if m.rank != rank}
+    alphas = {n: m.alpha for n, m in weights.modules.items() if m.alpha != alpha}
+    outside = sorted(n for n in weights.modules if not n.startswith(BLOCKS))
+    if outside:
+        print(
+            f"--init-lora {path}: also trains its {len(outside)} layers outside the transformer "
+            f"blocks ({', '.join(outside)})",
+            file=sys.stderr,
+        )
+    config = add_lora(transformer, rank, alpha, sorted(weights.modules), seed, ranks, alphas)
     init_lora_from(transformer, path)
     return config

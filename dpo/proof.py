@@ -288,15 +288,14 @@ def run_arm(
     """`t2i dpo`'s LoRA loop on the toy pairs (true or swapped labels), then the sample measures."""
     from dpo.guard import guard_summary
     from dpo.lora import add_lora
+    from dpo.metrics import METRICS, metric_rows
     from dpo.trainer import (
-        METRICS,
-        _metric_rows,
         implicit_accuracy,
         load_transformer,
-        scheduler_shift,
         split_heldout,
         train_lora,
     )
+    from model.toolbox import scheduler_shift
 
     clock = time.monotonic()
     work = Path(work)
@@ -312,7 +311,7 @@ def run_arm(
     return ArmResult(
         samples=measure(model, data, seeds, sample_steps),
         heldout_implicit_acc=implicit_accuracy(model, held, config, shift),
-        guard=guard_summary(_metric_rows(work / METRICS)),
+        guard=guard_summary(metric_rows(work / METRICS)),
         seconds=round(seconds, 1),
     )
 

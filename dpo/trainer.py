@@ -25,36 +25,43 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.seeds import seed_int, seed_unit
 from curate.stage_runtime import StageRun
-from curate.store import Manifest, fingerprint, load_rejected, load_samples, params_hash
-from dpo.config import DPOConfig, IngestPrefsConfig
-from dpo.encode import EncodedPairs, EncodedPairSet, encode_pairs, native_resolution
+from curate.store import load_rejected, load_samples
+from dpo.config import DPOConfig
+from dpo.draws import Pairs, draw, split_heldout, step_generator
+from dpo.encode import EncodedPairs, encode_pairs, native_resolution
 from dpo.evaluate import evaluate_samples, report_markdown
 from dpo.guard import guard_summary, winner_drift_warning
-from dpo.ingest import STAGE as PREFS_STAGE
-from dpo.ingest import ingest_prefs
 from dpo.init_lora import add_init_lora, check_init_lora
+from dpo.inputs import check_off_target, encoded_pairs_dir, eval_captions, resolve_prefs
 from dpo.lora import (
     add_lora,
     export_lora,
     lora_parameters,
 )
-from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
+from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent, preference_score
+from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
 from dpo.reference import adapter_off, recording, replaying
+from dpo.regularizers import anchor_distance, anchor_penalty, capturing
 from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
-from model.nonfinite import NonFiniteLossError
 from model.objective import flow_loss
+from model.toolbox import (
+    NonFiniteLossError,
+    accelerator_released,
+    draw_timesteps,
+    make_accelerator,
+    nonfinite,
+    scheduler_shift,
+)
+from model.trackers import finish_trackers, log_image, require_trackers, start_trackers
 
 STAGE = "dpo"
-METRICS = "metrics.jsonl"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
 # continues from the latest checkpoint (a killed run resumes; a finished one extended to more
 # steps continues). Checkpoints live in the hidden sibling .OUT.work/, the last one is kept.
@@ -65,17 +72,18 @@ NOT_IN_RUN_KEY = (
     "resume",
     "save_dtype",
     "eval_captions",
+    "offtarget_captions",
     "eval_max_captions",
     "eval_seeds",
     "eval_steps",
     "eval_guidance",
     "scorer",
+    "report_to",
 )
 log = logging.getLogger(__name__)
 # Of those, the ones that never change the exported LoRA: a rerun differing only in them is skipped.
-VOLATILE = ("resume", "checkpoint_every")
+VOLATILE = ("resume", "checkpoint_every", "report_to")
 TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
-Pairs = EncodedPairs | EncodedPairSet  # in memory (dpo/proof.py) or streamed from disk
 
 
 def load_transformer(
@@ -89,16 +97,6 @@ def load_transformer(
     encoders are not loaded)."""
     transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
-
-
-def scheduler_shift(model_dir: str | os.PathLike) -> float:
-    """The sampling scheduler's timestep shift (SD3 Eq. 23); 1.0 when the folder names none."""
-    path = Path(model_dir) / "scheduler" / "scheduler_config.json"
-    return float(json.loads(path.read_text()).get("shift", 1.0)) if path.is_file() else 1.0
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed_int(seed, "dpo-step", step))
 
 
 def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
@@ -125,18 +123,19 @@ def dpo_terms(
     args = (latents, torch.cat([noise, noise]).to(device), times, both)
     base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel
     stem: dict[str, torch.Tensor] = {}  # the input layers' outputs, the same for the reference
-    with recording(base, stem):
+    with recording(base, stem), capturing(base) as policy_out:
         errors = velocity_errors(transformer, *args)
     with torch.no_grad():
         if reference is None:
-            with adapter_off(base), replaying(base, stem):
+            with adapter_off(base), replaying(base, stem), capturing(base) as ref_out:
                 ref_errors = velocity_errors(base, *args)
         else:
-            ref_errors = velocity_errors(reference, *args)
+            with capturing(reference) as ref_out:
+                ref_errors = velocity_errors(reference, *args)
     if config.error_units == "noise":
         errors, ref_errors = noise_equivalent(errors, times), noise_equivalent(ref_errors, times)
     n = len(pairs)
-    return diffusion_dpo_loss(
+    terms = diffusion_dpo_loss(
         errors[:n],
         errors[n:],
         ref_errors[:n],
@@ -145,62 +144,29 @@ def dpo_terms(
         config.dpop_lambda,
         config.sft_weight,
     )
-
-
-def draw(
-    pairs: Pairs,
-    batch: int,
-    generator: torch.Generator,
-    config: DPOConfig,
-    shift: float,
-    rank: int = 0,
-    world: int = 1,
-):
-    """One step's pairs, timesteps and noise for process RANK of WORLD: every process draws the
-    same global batch of batch * world pairs from this step's generator and keeps its slice."""
-    n, total = len(pairs), batch * world
-    index = (
-        torch.randperm(n, generator=generator)[:total]
-        if n >= total
-        else torch.randint(n, (total,), generator=generator)
-    )
-    mine = slice(rank * batch, (rank + 1) * batch)
-    chosen = pairs.select(index[mine])
-    t = config.draw_timesteps(total, shift, generator)[mine]
-    noise = torch.randn((total, *chosen.latents_w.shape[1:]), generator=generator)[mine]
-    return chosen, t, noise
-
-
-def split_heldout(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs | None]:
-    """Hold out pairs by a hash of (seed, id): stable under reordering and across runs."""
-
-    def score(pair_id: str) -> float:
-        return seed_unit(seed, "heldout", pair_id)
-
-    held, train = [], []
-    for i, pid in enumerate(pairs.ids):
-        (held if score(pid) < fraction else train).append(i)
-    if not train:
-        raise ValueError(
-            f"--heldout-fraction {fraction} leaves no training pair out of {len(pairs)}"
-        )
-    return pairs.subset(train), (pairs.subset(held) if held else None)
+    # the adapter-off anchor on both halves (dpo/regularizers.py)
+    terms.anchor = anchor_distance(policy_out[-1], ref_out[-1], times).detach()
+    if config.anchor_weight:
+        distance = anchor_distance(policy_out[-1], ref_out[-1], times)
+        terms.loss = terms.loss + anchor_penalty(distance, config.anchor_weight, config.beta)
+    return terms
 
 
 @torch.no_grad()
 def implicit_accuracy(
     transformer, pairs: Pairs, config: DPOConfig, shift: float, draws: int = 4
 ) -> float:
-    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference does."""
-    correct, total = 0, 0
+    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference
+    does; a tie (margin exactly 0) counts one half, so a LoRA that changes nothing scores 0.5."""
+    correct, total = 0.0, 0
     for d in range(draws):
         generator = step_generator(config.seed + 7919, d)
         for start in range(0, len(pairs), config.batch_size):
             chunk = pairs.select(list(range(start, min(start + config.batch_size, len(pairs)))))
-            t = config.draw_timesteps(len(chunk), shift, generator)
+            t = draw_timesteps(config, len(chunk), shift, generator)
             noise = torch.randn(chunk.latents_w.shape, generator=generator)
             margin = dpo_terms(transformer, chunk, t, noise, config).margin
-            correct += int((margin > 0).sum())
+            correct += preference_score(margin) * len(chunk)
             total += len(chunk)
     return correct / total
 
@@ -216,7 +182,8 @@ def train_lora(
     accelerator: Accelerator | None = None,
     checkpoint: Callable[[int], object] | None = None,
 ):
-    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl.
+    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl and, as dpo/<name>,
+    to ACCELERATOR's trackers (--report-to).
 
     With ACCELERATOR (transformer and optimizer prepared by it) each process trains on its slice
     of every step's global batch and gradients are averaged across processes; CHECKPOINT(step) is
@@ -229,7 +196,7 @@ def train_lora(
     main = accelerator is None or accelerator.is_main_process
     metrics_path = work / METRICS
     window: list[dict[str, float]] = []
-    warned = winner_drift_warning(_metric_rows(metrics_path)) is not None
+    warned = winner_drift_warning(metric_rows(metrics_path)) is not None
     transformer.train()
     for step in tqdm(
         range(start_step, config.max_steps),
@@ -245,10 +212,7 @@ def train_lora(
             generator = step_generator(config.seed, step * config.grad_accum + micro)
             chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
             terms = dpo_terms(transformer, chosen, t, noise, config)
-            finite = torch.isfinite(terms.loss.detach()).reshape(1)
-            if accelerator is not None:
-                finite = accelerator.gather(finite)
-            if not finite.all():
+            if nonfinite(terms.loss.detach(), accelerator=accelerator):
                 raise NonFiniteLossError(
                     f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
                     f"stopped before applying it. Checkpoints in {work} hold the last good state: lower "
@@ -264,13 +228,15 @@ def train_lora(
                 lora_parameters(transformer), config.grad_clip
             )
         optimizer.step()
-        window.append({**_mean_rows(parts), "grad_norm": float(grad_norm)})
+        window.append({**mean_rows(parts), "grad_norm": float(grad_norm)})
         if main and ((step + 1) % config.log_every == 0 or step + 1 == config.max_steps):
-            row = {"step": step + 1, **_mean_rows(window)}
+            row = {"step": step + 1, **mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if accelerator is not None:
+                accelerator.log({f"dpo/{k}": v for k, v in row.items() if k != "step"}, step + 1)
             window = []
-            if not warned and (message := winner_drift_warning(_metric_rows(metrics_path))):
+            if not warned and (message := winner_drift_warning(metric_rows(metrics_path))):
                 warned = True
                 log.warning(message)
                 tqdm.write(f"warning: {message}")
@@ -284,85 +250,22 @@ def train_lora(
     return optimizer
 
 
-def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-
-
-def _metric_rows(path: Path) -> list[dict]:
-    """The complete rows of a metrics.jsonl; a line torn by a kill mid-write is skipped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _metrics_until(path: Path, step: int) -> None:
-    """Keep the rows logged up to STEP (later ones belong to a run killed after its last
-    checkpoint, and a torn last line to a kill mid-write)."""
-    if path.is_file():
-        rows = [row for row in _metric_rows(path) if row.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def resolve_prefs(prefs: Path, work: Path) -> Path:
-    """PREFS itself when it is a finished preference table, else its ingest into WORK/prefs
-    (a folder holding several Pick-a-Pic splits is refused: run `t2i prefs --split` first)."""
-    manifest = Manifest.read(prefs) if prefs.is_dir() else None
-    if manifest is not None and manifest.stage == PREFS_STAGE:
-        return prefs
-    return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
-
-
-def make_accelerator(config: DPOConfig) -> Accelerator:
-    """One process per device, as `t2i train` (launch several with `accelerate launch`)."""
-    return Accelerator(mixed_precision="no", cpu=config.device == "cpu")
-
-
 def checkpoint_objects(transformer, optimizer) -> dict[str, object]:
     """What a DPO checkpoint holds: the LoRA's tensors (not the frozen base: that is --model's,
     unchanged, and can be gigabytes) and the optimizer; model/checkpoint.py adds the RNG."""
     return {"lora": ModuleSubset(transformer, lambda name: "lora_" in name), "optimizer": optimizer}
 
 
-def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution: int) -> Path:
-    """Where a preference table's encodings live: keyed by the table and the encoding options only,
-    so runs that differ in training options (beta, lr, steps, ...) share one encode."""
-    key = params_hash(
-        {
-            "table": fingerprint(table_dir),
-            "model": fingerprint(config.model),
-            "resolution": resolution,
-            "t5": config.max_sequence_length,
-            "variant": config.variant,
-        }
-    )
-    return root / f"encoded-{key[:16]}"
-
-
-def eval_captions(config: DPOConfig, rows, pairs: Pairs) -> list[str]:
-    """--eval-caption, else the first distinct captions of PAIRS (the held-out ones when any)."""
-    if config.eval_captions:
-        return list(config.eval_captions)
-    by_id = dict(zip(rows["id"], rows["caption"], strict=True))
-    distinct = dict.fromkeys(by_id[i] for i in pairs.ids if i in by_id)
-    return list(distinct)[: config.eval_max_captions]
-
-
 def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConfig) -> Path:
     """Train a Diffusion-DPO LoRA on PREFS; OUTPUT gets pytorch_lora_weights.safetensors and metrics."""
-    try:
+    with accelerator_released():
         return _run_dpo(Path(prefs), Path(output).resolve(), config)
-    finally:
-        # accelerate keeps a process-wide singleton; clear it so a later stage can build its own.
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     if not prefs.exists():
         raise FileNotFoundError(f"preference input {prefs} does not exist")
+    require_trackers(config.report_to)  # a missing wandb fails before any work
     if config.init_lora:
         check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
     # a single-file transformer's content, not just its path, picks the base
@@ -378,12 +281,16 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     work = run.work_log(ignore=NOT_IN_RUN_KEY).path
     root = work.parent  # the hidden .OUT.work/: the preference table and its encodings
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(
+        config.device
+    )  # no autocast: an fp32 LoRA on the --base-dtype base
 
     # 1. Preferences, encoded once into the pre-encoding shard format and streamed from disk
     resolution = config.resolution or native_resolution(config.model)
     with accelerator.main_process_first():
         table_dir = resolve_prefs(prefs, root)
+        rows = load_samples(table_dir)
+        check_off_target(config.offtarget_captions, rows["caption"])
         pairs = encode_pairs(
             config.model,
             table_dir,
@@ -422,9 +329,12 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     checkpoints = work / "checkpoints"
     resume_from = resolve_resume(checkpoints, "latest" if config.resume else None)
     start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
+    start_trackers(
+        accelerator, config.report_to, work, STAGE, run.output.name, config.model_dump(), start
+    )
     if accelerator.is_main_process:
         if resume_from is not None:
-            _metrics_until(work / METRICS, start)
+            metrics_until(work / METRICS, start)
         elif (work / METRICS).exists():
             (work / METRICS).unlink()
     accelerator.wait_for_everyone()
@@ -463,14 +373,14 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             "lora_rank": lora_config.r,
             "lora_alpha": lora_config.lora_alpha,
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
-            "guard": guard_summary(_metric_rows(work / METRICS)),
+            "guard": guard_summary(metric_rows(work / METRICS)),
         }
         with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
             shutil.copy(work / METRICS, writer.path / METRICS)
             # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
-            captions = eval_captions(config, load_samples(table_dir), heldout or train)
-            if config.eval_seeds and captions:
+            captions = eval_captions(config, rows, heldout or train)
+            if config.eval_seeds and (captions or config.offtarget_captions):
                 evaluation = evaluate_samples(
                     config.model,
                     writer.path,
@@ -484,10 +394,18 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
                     config.base_dtype,
                     config.variant,
                     config.transformer_file,
+                    config.offtarget_captions,
                 )
                 summary["sample_eval"] = asdict(evaluation)
+                for grid in evaluation.grids:  # base left, LoRA right
+                    log_image(accelerator, Path(grid).stem, writer.path / grid, config.max_steps)
                 if evaluation.win_rate is not None:
                     summary["sample_win_rate"] = evaluation.win_rate
+                summary["worst_off_target"] = evaluation.worst_off_target
+            final = ("heldout_implicit_acc", "train_implicit_acc", "sample_win_rate")
+            scalars = {f"dpo/{k}": summary[k] for k in final if summary.get(k) is not None}
+            accelerator.log(scalars, step=config.max_steps)
+            finish_trackers(accelerator, work, writer.path)  # OUT/logs (and OUT/wandb) complete
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
             (writer.path / "report.md").write_text(report_markdown(summary))
             # the ingest's rejections, then images the encoder could not encode (`<pair id>.w` / `.l`)

@@ -29,6 +29,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from curate.store import share_like_umask
+
 STATE_FILE = "trainer_state.json"
 FORMAT = "t2i-checkpoint-1"
 RNG = "rng"
@@ -245,6 +247,7 @@ def save_checkpoint(
         if sharded:
             record["sharded"] = {"objects": sharded, "processes": accelerator.num_processes}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
+        share_like_umask(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in list_checkpoints(root)[:-keep]:

@@ -9,23 +9,20 @@ module; file formats and key styles live in `model.lora_formats`.
 from __future__ import annotations
 
 import contextlib
-import logging
+import fnmatch
 import os
+import re
 import sys
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
-# peft imports bitsandbytes (our 8-bit AdamW) when installed; on CPUs with AVX512-BF16 that logs a
-# warning about an optional 4-bit matmul kernel this project never uses.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-from peft import LoraConfig  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from model.lora_formats import (  # noqa: E402
+from curate.store import share_like_umask
+from model.lora_formats import (
     LORA_FILE,
     LoraFormatError,
     LoraModule,
@@ -41,33 +38,55 @@ BLOCKS = "transformer_blocks."
 ADAPTER = "default"  # peft's name for the adapter `add_adapter` creates
 
 
-def block_linear_names(transformer: torch.nn.Module, suffixes: list[str]) -> list[str]:
-    """Full names of the nn.Linear modules inside the transformer blocks that end with a suffix."""
+def lora_target_names(transformer: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the transformer's nn.Linear / nn.Conv2d modules that a target names.
+
+    A target matches a module whose name equals it or ends with "." + it (``attn.to_q`` is every
+    block's query projection, ``proj_out`` the final projection, ``pos_embed.proj`` the patch
+    embedder); ``*`` is a wildcard (``time_text_embed.*``, ``transformer_blocks.0.*``).
+    """
     names = [
         name
         for name, module in transformer.named_modules()
-        if name.startswith(BLOCKS)
-        and isinstance(module, torch.nn.Linear)
-        and any(name == s or name.endswith("." + s) for s in suffixes)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        and any(_names(name, target) for target in targets)
     ]
     if not names:
         raise ValueError(
-            f"no linear layer inside {BLOCKS}* ends with any of {suffixes}; check the LoRA targets "
-            "against the transformer's module names (e.g. attn.to_q, ff.net.2, norm1.linear)"
+            f"no linear or conv layer of the transformer is named by any of {targets}; check the "
+            "LoRA targets against its module names (e.g. attn.to_q, ff.net.2, norm1.linear, "
+            "proj_out, context_embedder, pos_embed.proj, time_text_embed.*)"
         )
     return names
 
 
+def _names(name: str, target: str) -> bool:
+    if "*" in target:
+        return fnmatch.fnmatchcase(name, target) or fnmatch.fnmatchcase(name, "*." + target)
+    return name == target or name.endswith("." + target)
+
+
 def add_lora(
-    transformer: torch.nn.Module, rank: int, alpha: float, suffixes: list[str], seed: int = 0
+    transformer: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    seed: int = 0,
+    ranks: dict[str, int] | None = None,
+    alphas: dict[str, float] | None = None,
 ) -> LoraConfig:
-    """Freeze the transformer and attach a trainable fp32 LoRA to the chosen block linears."""
+    """Freeze the transformer and attach a trainable fp32 LoRA to the layers TARGETS name.
+
+    RANKS / ALPHAS: per full module name, where a layer's rank or alpha differs from RANK / ALPHA.
+    """
     transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         init_lora_weights="gaussian",
-        target_modules=block_linear_names(transformer, suffixes),
+        target_modules=lora_target_names(transformer, targets),
+        rank_pattern={re.escape(n): r for n, r in (ranks or {}).items()},
+        alpha_pattern={re.escape(n): a for n, a in (alphas or {}).items()},
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -90,6 +109,7 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora_state(transformer: torch.nn.Module, path: str | os.PathLike) -> None:
     save_file(lora_state_dict(transformer), str(path))
+    share_like_umask(path)
 
 
 def load_lora_state(transformer: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -231,7 +251,7 @@ def load_into_pipeline(
 __all__ = [
     "LORA_FILE",
     "add_lora",
-    "block_linear_names",
+    "lora_target_names",
     "export_lora",
     "init_lora_from",
     "load_into_pipeline",

@@ -13,14 +13,7 @@ a down matrix A [r, in], an up matrix B [out, r] and alpha, so the module's upda
 - ``comfyui``: the same tensors under ``diffusion_model.joint_blocks.3.x_block.attn.qkv`` (ComfyUI's
   own module paths, the form its LoRA savers write).
 
-Stability's names fuse q, k and v into one ``qkv`` linear. Fusing LoRAs that have separate down
-matrices stacks the downs (rank 3r) and puts the ups on a block diagonal; the fused alpha is
-3 * alpha so that alpha / rank (what kohya and ComfyUI apply, rank = rows of the down matrix)
-is unchanged. Splitting inverts that exactly (our files record each part's rank in the metadata;
-without it, equal thirds with zero off-diagonal blocks are split as such); a fused LoRA trained
-with one shared down matrix (kohya's default) splits into q, k and v LoRAs that share it. The last block's text-stream
-modulation and the final layer's modulation store (shift, scale) in Stability's order and
-(scale, shift) in diffusers', so their up rows swap halves on the way.
+Stability's names (q/k/v fused, swapped modulation halves) are in model/lora_stability.py.
 
 Readers also take OneTrainer's ``lora_transformer_<diffusers_path_with_underscores>``, SimpleTuner's
 ``lycoris_`` keys and peft's raw ``base_model.model.`` keys; the style is detected per key.
@@ -34,7 +27,6 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -42,51 +34,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from curate.store import share_like_umask
+from model.lora_stability import (
+    BLOCK_FROM_STABILITY,
+    BLOCK_TO_STABILITY,
+    GLOBAL_FROM_STABILITY,
+    GLOBAL_TO_STABILITY,
+    QKV_PARTS,
+    from_stability,
+    natural,
+    qkv_ranks,
+    to_stability,
+)
+from model.lora_types import (  # noqa: F401  (check_fits, linear_shapes: re-exported)
+    LoraFormatError,
+    LoraModule,
+    LoraWeights,
+    check_fits,
+    linear_shapes,
+)
+
 Format = Literal["diffusers", "kohya", "comfyui"]
 FORMATS: tuple[str, ...] = ("diffusers", "kohya", "comfyui")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# diffusers module suffix inside transformer_blocks.N -> Stability's (module, part of a fused qkv).
-BLOCK_TO_STABILITY: dict[str, tuple[str, int | None]] = {
-    "attn.to_q": ("x_block.attn.qkv", 0),
-    "attn.to_k": ("x_block.attn.qkv", 1),
-    "attn.to_v": ("x_block.attn.qkv", 2),
-    "attn.add_q_proj": ("context_block.attn.qkv", 0),
-    "attn.add_k_proj": ("context_block.attn.qkv", 1),
-    "attn.add_v_proj": ("context_block.attn.qkv", 2),
-    "attn2.to_q": ("x_block.attn2.qkv", 0),
-    "attn2.to_k": ("x_block.attn2.qkv", 1),
-    "attn2.to_v": ("x_block.attn2.qkv", 2),
-    "attn.to_out.0": ("x_block.attn.proj", None),
-    "attn.to_add_out": ("context_block.attn.proj", None),
-    "attn2.to_out.0": ("x_block.attn2.proj", None),
-    "ff.net.0.proj": ("x_block.mlp.fc1", None),
-    "ff.net.2": ("x_block.mlp.fc2", None),
-    "ff_context.net.0.proj": ("context_block.mlp.fc1", None),
-    "ff_context.net.2": ("context_block.mlp.fc2", None),
-    "norm1.linear": ("x_block.adaLN_modulation.1", None),
-    "norm1_context.linear": ("context_block.adaLN_modulation.1", None),
-}
-# Linears outside the blocks (kohya's optional emb_dims targets).
-GLOBAL_TO_STABILITY: dict[str, str] = {
-    "context_embedder": "context_embedder",
-    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
-}
-BLOCK_FROM_STABILITY = {
-    stab: diff for diff, (stab, part) in BLOCK_TO_STABILITY.items() if part is None
-}
-QKV_PARTS: dict[str, list[str]] = {}  # fused Stability module -> its q, k, v diffusers suffixes
-for _suffix, (_fused, _part) in sorted(BLOCK_TO_STABILITY.items(), key=lambda kv: kv[1][1] or 0):
-    if _part is not None:
-        QKV_PARTS.setdefault(_fused, []).append(_suffix)
-GLOBAL_FROM_STABILITY = {stab: diff for diff, stab in GLOBAL_TO_STABILITY.items()}
-SWAPPED_GLOBALS = {"norm_out.linear"}  # AdaLayerNormContinuous: (scale, shift) vs (shift, scale)
 
 _KINDS = {
     "lora_A.weight": "down",
@@ -109,42 +80,6 @@ _FLAT_PREFIXES = {
     "lora_transformer_": "diffusers",
     "lycoris_": "diffusers",
 }
-
-
-class LoraFormatError(ValueError):
-    """A LoRA file that cannot be read, or does not fit the model it is meant for."""
-
-
-@dataclass
-class LoraModule:
-    """The update alpha / rank * up @ down of one linear layer."""
-
-    down: torch.Tensor  # [rank, in]
-    up: torch.Tensor  # [out, rank]
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.up.float() @ self.down.float())
-
-
-@dataclass
-class LoraWeights:
-    """A transformer LoRA keyed by diffusers module names, plus what a reader could not place."""
-
-    modules: dict[str, LoraModule]
-    styles: set[str] = field(default_factory=set)
-    ignored: list[str] = field(default_factory=list)
-
-    def ranks(self) -> Counter:
-        return Counter(m.rank for m in self.modules.values())
 
 
 # ----------------------------------------------------------------------------- reading
@@ -274,9 +209,10 @@ def from_state_dict(
             ignored += [f"{name} (no {'up' if 'down' in found else 'down'} matrix)"]
             continue
         down, up = found["down"], found["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        if not _is_pair(down, up):
             raise LoraFormatError(
-                f"{name}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a linear LoRA pair"
+                f"{name}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a linear (or "
+                "1x1-up conv) LoRA pair"
             )
         if "alpha" in found:
             alpha = float(found["alpha"].float().item())
@@ -285,8 +221,15 @@ def from_state_dict(
         if naming == "diffusers":
             modules[name] = LoraModule(down, up, alpha)
         else:
-            modules.update(_from_stability(name, LoraModule(down, up, alpha), splits.get(name)))
+            modules.update(from_stability(name, LoraModule(down, up, alpha), splits.get(name)))
     return LoraWeights(modules, styles, ignored)
+
+
+def _is_pair(down: torch.Tensor, up: torch.Tensor) -> bool:
+    """A linear LoRA ([r, in], [out, r]) or a conv one ([r, in, kh, kw], [out, r, 1, 1])."""
+    linear = down.ndim == up.ndim == 2
+    conv = down.ndim == up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)
+    return (linear or conv) and up.shape[1] == down.shape[0]
 
 
 def read_lora(path: str | os.PathLike) -> LoraWeights:
@@ -323,131 +266,6 @@ def read_lora(path: str | os.PathLike) -> LoraWeights:
     return weights
 
 
-# ----------------------------------------------------------------------------- Stability names
-
-
-def _swap_halves(up: torch.Tensor) -> torch.Tensor:
-    shift, scale = up.chunk(2, dim=0)
-    return torch.cat([scale, shift], dim=0)
-
-
-def _is_pre_only_modulation(name: str, module: LoraModule) -> bool:
-    """The last block's text-stream AdaLayerNormContinuous: 2 chunks (not 6) of the width."""
-    return name.endswith(("norm1_context.linear", "context_block.adaLN_modulation.1")) and (
-        module.up.shape[0] == 2 * module.down.shape[1]
-    )
-
-
-def _from_stability(
-    name: str, module: LoraModule, ranks: list[int] | None = None
-) -> dict[str, LoraModule]:
-    if name in GLOBAL_FROM_STABILITY:
-        target = GLOBAL_FROM_STABILITY[name]
-        up = _swap_halves(module.up) if target in SWAPPED_GLOBALS else module.up
-        return {target: LoraModule(module.down, up, module.alpha)}
-    _, index, suffix = name.split(".", 2)
-    prefix = f"transformer_blocks.{index}."
-    if suffix in QKV_PARTS:
-        parts = _split_qkv(module, ranks)
-        return {
-            prefix + s: m for s, m in zip(QKV_PARTS[suffix], parts, strict=True) if m is not None
-        }
-    up = _swap_halves(module.up) if _is_pre_only_modulation(name, module) else module.up
-    return {prefix + BLOCK_FROM_STABILITY[suffix]: LoraModule(module.down, up, module.alpha)}
-
-
-def _split_qkv(fused: LoraModule, ranks: list[int] | None = None) -> list[LoraModule | None]:
-    """q, k, v LoRAs of one fused qkv LoRA, exactly (see the module doc). RANKS: the parts' ranks
-    as our writer records them (0: no LoRA on that projection)."""
-    rank, out = fused.rank, fused.up.shape[0] // 3
-    ups = fused.up.split(out, dim=0)
-    valid = (
-        isinstance(ranks, list)
-        and len(ranks) == 3
-        and all(isinstance(r, int) and r >= 0 for r in ranks)
-    )
-    if valid and sum(ranks) == rank:
-        parts: list[LoraModule | None] = []
-        start = 0
-        for i, r in enumerate(ranks):
-            block = LoraModule(
-                fused.down[start : start + r],
-                ups[i][:, start : start + r].clone(),
-                fused.alpha * r / rank,
-            )
-            parts.append(block if r else None)
-            start += r
-        return parts
-    if rank % 3 == 0:
-        r = rank // 3
-        off_diagonal = [
-            ups[i][:, j * r : (j + 1) * r] for i in range(3) for j in range(3) if i != j
-        ]
-        if all(not block.any() for block in off_diagonal):
-            downs = fused.down.split(r, dim=0)
-            return [
-                LoraModule(downs[i], ups[i][:, i * r : (i + 1) * r].clone(), fused.alpha / 3)
-                for i in range(3)
-            ]
-    return [LoraModule(fused.down, up.clone(), fused.alpha) for up in ups]
-
-
-def _fuse_qkv(parts: list[LoraModule | None]) -> LoraModule:
-    """One qkv LoRA from q, k, v LoRAs (None: that projection has none): stacked downs, block-diagonal ups."""
-    present = [p for p in parts if p is not None]
-    out, total = present[0].up.shape[0], sum(p.rank for p in present)
-    shared = len({p.scale for p in present}) == 1
-    up = torch.zeros(3 * out, total, dtype=present[0].up.dtype if shared else torch.float32)
-    column = 0
-    for i, part in enumerate(parts):
-        if part is not None:
-            block = part.up if shared else part.up.float() * part.scale  # unequal scales: fold them
-            up[i * out : (i + 1) * out, column : column + part.rank] = block
-            column += part.rank
-    alpha = present[0].scale * total if shared else float(total)
-    return LoraModule(torch.cat([p.down for p in present], dim=0), up, alpha)
-
-
-def to_stability(weights: LoraWeights) -> dict[str, LoraModule]:
-    """LoraWeights on Stability's MMDiT module names, q/k/v fused."""
-    result: dict[str, LoraModule] = {}
-    fused: dict[str, list[LoraModule | None]] = {}
-    for name, module in weights.modules.items():
-        if name in GLOBAL_TO_STABILITY:
-            up = _swap_halves(module.up) if name in SWAPPED_GLOBALS else module.up
-            result[GLOBAL_TO_STABILITY[name]] = LoraModule(module.down, up, module.alpha)
-            continue
-        match = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name)
-        if not match or match.group(2) not in BLOCK_TO_STABILITY:
-            raise LoraFormatError(f"{name} has no counterpart among Stability's MMDiT modules")
-        target, part = BLOCK_TO_STABILITY[match.group(2)]
-        target = f"joint_blocks.{match.group(1)}.{target}"
-        if part is not None:
-            fused.setdefault(target, [None, None, None])[part] = module
-            continue
-        up = _swap_halves(module.up) if _is_pre_only_modulation(name, module) else module.up
-        result[target] = LoraModule(module.down, up, module.alpha)
-    for target, parts in fused.items():
-        result[target] = _fuse_qkv(parts)
-    return dict(sorted(result.items(), key=lambda kv: _natural(kv[0])))
-
-
-def qkv_ranks(weights: LoraWeights) -> dict[str, list[int]]:
-    """Fused Stability module -> the ranks of its q, k, v parts (0: none), for exact splitting."""
-    ranks: dict[str, list[int]] = {}
-    for name, module in weights.modules.items():
-        match = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name)
-        target = BLOCK_TO_STABILITY.get(match.group(2)) if match else None
-        if target is not None and target[1] is not None:
-            key = f"joint_blocks.{match.group(1)}.{target[0]}"
-            ranks.setdefault(key, [0, 0, 0])[target[1]] = module.rank
-    return ranks
-
-
-def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -457,11 +275,13 @@ def to_state_dict(
     """(tensors, safetensors metadata) of WEIGHTS in format FMT, matrices cast to DTYPE."""
 
     def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", dtype).contiguous()
+        # A copy, always: readers hand out views (q, k and v split from one fused kohya LoRA
+        # share its down matrix), and safetensors refuses to save tensors that share memory.
+        return t.detach().to("cpu", dtype, copy=True).contiguous()
 
     if fmt == "diffusers":
         tensors: dict[str, torch.Tensor] = {}
-        for name, module in sorted(weights.modules.items(), key=lambda kv: _natural(kv[0])):
+        for name, module in sorted(weights.modules.items(), key=lambda kv: natural(kv[0])):
             tensors[f"transformer.{name}.lora_A.weight"] = cast(module.down)
             tensors[f"transformer.{name}.lora_B.weight"] = cast(module.up.float() * module.scale)
         config = {f"transformer.{k}": v for k, v in diffusers_adapter_config(weights).items()}
@@ -491,7 +311,7 @@ def diffusers_adapter_config(weights: LoraWeights) -> dict:
         "lora_alpha": rank,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": sorted(weights.modules, key=_natural),
+        "target_modules": sorted(weights.modules, key=natural),
         "lora_bias": False,
         "use_dora": False,
     }
@@ -518,55 +338,9 @@ def save_lora(
     metadata = {**metadata, "format": "pt", "t2i_lora_format": fmt}
     tmp = output.with_name(output.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    share_like_umask(tmp)
     os.replace(tmp, output)
     return output
-
-
-# ----------------------------------------------------------------------------- fitting a model
-
-
-def check_fits(weights: LoraWeights, shapes: Mapping[str, tuple[int, int]], source: str) -> None:
-    """Refuse a LoRA none of whose modules exist in the model, or whose shapes do not fit it.
-
-    SHAPES: (out, in) of every nn.Linear of the transformer, by module name.
-    """
-    matched = [n for n in weights.modules if n in shapes]
-    if not matched:
-        example = next(iter(weights.modules))
-        raise LoraFormatError(
-            f"LoRA {source} matches none of the model's modules (e.g. {example} is not in this "
-            f"transformer, which has {sum(n.startswith('transformer_blocks.') for n in shapes)} block "
-            "linears); it was made for another model"
-        )
-    missing = [n for n in weights.modules if n not in shapes]
-    if missing:
-        raise LoraFormatError(
-            f"LoRA {source} has {len(missing)} of {len(weights.modules)} modules this model lacks "
-            f"(e.g. {missing[0]}); it was made for another model (e.g. SD3.5 dual attention on SD3)"
-        )
-    for name, module in weights.modules.items():
-        out, inp = shapes[name]
-        if tuple(module.up.shape[:1]) + tuple(module.down.shape[1:]) != (out, inp):
-            raise LoraFormatError(
-                f"LoRA {source}: {name} maps {module.down.shape[1]} -> {module.up.shape[0]} features, "
-                f"the model's layer maps {inp} -> {out}; it was made for another model size"
-            )
-
-
-def linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """(out, in) of every nn.Linear in a transformer (peft-wrapped layers count by their base)."""
-    shapes = {}
-    for name, module in transformer.named_modules():
-        if (
-            isinstance(module, torch.nn.Linear)
-            and ".lora_" not in name
-            and "base_layer" not in name
-        ):
-            shapes[name] = (module.out_features, module.in_features)
-        base = getattr(module, "base_layer", None)
-        if isinstance(base, torch.nn.Linear):
-            shapes[name] = (base.out_features, base.in_features)
-    return shapes
 
 
 def peft_state_dict(weights: LoraWeights, prefix: str = "transformer.") -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 from curate.seeds import seed_int
 from model import rectified_flow as rf
 from model.conditioning import TextEncoding, drop_encoders, joint_condition, sample_encoder_keep
+from model.toolbox import draw_timesteps
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,7 @@ def draw_noise_and_time(latents: torch.Tensor, settings: FlowSettings, seed: int
     for micro-batch j; drawn on the CPU so every device and resume sees the same numbers."""
     generator = torch.Generator().manual_seed(seed_int(seed, "draws", j))
     batch = latents.shape[0]
-    t = rf.sample_timesteps(
-        batch,
-        settings.density,
-        m=settings.logit_mean,
-        s=settings.logit_std,
-        mode_scale=settings.mode_scale,
-        shift=settings.shift,
-        generator=generator,
-    )
+    t = draw_timesteps(settings, batch, settings.shift, generator)
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     keep = sample_encoder_keep(batch, settings.encoder_drop, generator=generator)
     device = latents.device

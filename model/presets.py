@@ -83,12 +83,19 @@ def tiny_mmdit_config(num_layers: int = 2, heads: int = 4, head_dim: int = 8) ->
     return config
 
 
-# Named presets for `t2i init-model --preset`. "tiny" pairs with the tiny encoders; the dN
-# presets are the paper's family and expect SD3's real encoder widths.
+# Named presets for `t2i init-model --preset`. The tiny ones pair with the tiny encoders; the dN
+# presets are the paper's family and expect SD3's real encoder widths. "tiny-d2-64" keeps the
+# family's rule (hidden 64 * depth, depth heads of 64), which sd-scripts and ComfyUI assume when
+# they read a Stability checkpoint (depth = patch-embedder width / 64): the smallest kit their
+# loaders accept, for interop tests. "tiny" and "tiny-d4" break that rule on purpose (narrow heads).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"transformer": tiny_mmdit_config(), "encoders": "tiny"},
     "tiny-d4": {
         "transformer": tiny_mmdit_config(num_layers=4, heads=4, head_dim=16),
+        "encoders": "tiny",
+    },
+    "tiny-d2-64": {
+        "transformer": tiny_mmdit_config(num_layers=2, heads=2, head_dim=64),
         "encoders": "tiny",
     },
     **{

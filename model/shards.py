@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from curate.store import share_like_umask
+
 STAGE = "precompute"
 SHARDS = "shards"
 EMPTY = "empty"
@@ -60,6 +62,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file under a temporary name, then rename: complete or absent."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    share_like_umask(tmp)
     os.replace(tmp, path)
 
 

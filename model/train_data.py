@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from captioning.mixing import caption_variant
-from curate.seeds import seed_int, seed_unit
+from curate.seeds import seed_int
 from model.conditioning import TextEncoding
 
 
@@ -51,20 +51,6 @@ class Batch:
             text.to(device, non_blocking=True),
             self.variants,
         )
-
-
-def split_indices(
-    ids: list[str], val_fraction: float, val_max: int, seed: int = 0
-) -> tuple[list[int], list[int]]:
-    """(train, validation) indices; membership hangs on each id's hash, not on the set's order."""
-    if not ids:
-        raise ValueError("the encoded set is empty: nothing to train on")
-    n_val = min(val_max, math.ceil(val_fraction * len(ids))) if val_fraction > 0 else 0
-    n_val = min(n_val, len(ids) - 1)  # always keep one sample to train on
-    ranked = sorted(range(len(ids)), key=lambda i: seed_unit("val", seed, ids[i]))
-    val = sorted(ranked[:n_val])
-    train = sorted(ranked[n_val:])
-    return train, val
 
 
 class BatchPlan:

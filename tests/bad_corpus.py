@@ -36,6 +36,7 @@ class Corpus:
     expect: dict[str, str] = field(default_factory=dict)  # source key -> "keep" or a reason
     bomb: bytes = b""
     truncated_png: bytes = b""
+    captions_dropped: set[str] = field(default_factory=set)  # kept, their non-text caption dropped
 
 
 def bomb_png(width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
@@ -145,10 +146,15 @@ def build(base: Path, demo_folder: Path) -> Corpus:
     (root / ".cache" / "x.jpg").write_bytes(demo("coins.jpg"))
     expect[".cache"] = reasons.HIDDEN_FILE
 
-    # caption sidecars: binary garbage, and far over the length cap
+    # caption sidecars: binary garbage, Latin-1 text (not UTF-8), and far over the length cap.
+    # A caption that is not text is dropped and its valid image kept (recaptioning gives it one).
     (root / "garbage_caption.jpg").write_bytes(demo("rocket.jpg"))
     (root / "garbage_caption.txt").write_bytes(bytes(range(256)) * 8)
-    expect["garbage_caption.jpg"] = reasons.BAD_CAPTION
+    expect["garbage_caption.jpg"] = "keep"
+    (root / "latin1_caption.jpg").write_bytes(demo("brick.jpg"))
+    (root / "latin1_caption.txt").write_bytes("un mur de briques gris, caf\u00e9".encode("latin-1"))
+    expect["latin1_caption.jpg"] = "keep"
+    corpus.captions_dropped = {"garbage_caption.jpg", "latin1_caption.jpg"}
     (root / "long_caption.jpg").write_bytes(demo("page.jpg"))
     (root / "long_caption.txt").write_text("word " * 40_000)
     expect["long_caption.jpg"] = reasons.BAD_CAPTION
@@ -171,6 +177,12 @@ def build(base: Path, demo_folder: Path) -> Corpus:
     (shards / "cut.tar").write_bytes(full[:cut])
     expect["shards/cut.tar/hubble.jpg"] = "keep"
     expect["shards/cut.tar"] = reasons.CORRUPT_SHARD
+    _tar(
+        shards / "latin1.tar",
+        [("grass.jpg", demo("grass.jpg")), ("grass.txt", "herbe fran\u00e7aise".encode("latin-1"))],
+    )
+    expect["shards/latin1.tar/grass.jpg"] = "keep"
+    corpus.captions_dropped.add("shards/latin1.tar/grass.jpg")
 
     # parquet: image cells that are dicts naming files, a string column, an int column, garbage
     struct_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -201,4 +213,17 @@ def build(base: Path, demo_folder: Path) -> Corpus:
     expect["ints.parquet:n"] = reasons.INVALID_CELL
     (root / "broken.parquet").write_bytes(b"PAR1 but not really a parquet file" * 10)
     expect["broken.parquet"] = reasons.CORRUPT_SHARD
+    # a binary caption column whose cell is Latin-1: the image is kept, the caption dropped
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["l1"],
+                "image": [demo("retina.jpg")],
+                "caption": ["r\u00e9tine".encode("latin-1")],
+            }
+        ),
+        root / "latin1_cells.parquet",
+    )
+    expect["latin1_cells.parquet:l1"] = "keep"
+    corpus.captions_dropped.add("latin1_cells.parquet:l1")
     return corpus

@@ -10,7 +10,7 @@ from model.build import load_pipeline
 def random_trained_lora(model_dir, out, rank: int, alpha: float, std: float, seed: int):
     """(transformer with the adapter, OUT with pytorch_lora_weights.safetensors)."""
     transformer = load_pipeline(model_dir).transformer
-    config = add_lora(transformer, rank=rank, alpha=alpha, suffixes=ALL_BLOCK_LINEARS)
+    config = add_lora(transformer, rank=rank, alpha=alpha, targets=ALL_BLOCK_LINEARS)
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:

@@ -1,6 +1,7 @@
 """LoRA files that travel: diffusers <-> kohya <-> ComfyUI <-> OneTrainer (model/lora_formats.py).
 
-The Stability-side meaning of a kohya/ComfyUI file is checked against diffusers' own single-file
+Run on the tiny-d2-64 kit (64-wide heads, the widths sd-scripts and ComfyUI accept). The
+Stability-side meaning of a kohya/ComfyUI file is checked against diffusers' own single-file
 converter (Stability MMDiT checkpoint -> diffusers): a LoRA merged into Stability-named weights the
 way kohya and ComfyUI apply it, converted by diffusers, must give the model our importer builds.
 """
@@ -15,6 +16,7 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 from lora_kit import random_trained_lora
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from sd_scripts_kit import merged_like_comfyui, stability_checkpoint
 
 from flows.cli import main as t2i
 from model.build import build_transformer, load_pipeline
@@ -49,90 +51,6 @@ def outputs(transformer, seed=3):
         return transformer(**inputs(transformer.config, seed)).sample
 
 
-# ----------------------------------------------------------------------------- Stability names
-
-
-def stability_checkpoint(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """A diffusers SD3 transformer state dict under Stability's MMDiT names (written out here, by
-    hand, from the MMDiT reference layout; diffusers' converter below checks it)."""
-
-    def swap(t):
-        shift, scale = t.chunk(2, dim=0)
-        return torch.cat([scale, shift])
-
-    out = {
-        "pos_embed": sd["pos_embed.pos_embed"],
-        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-        "context_embedder.weight": sd["context_embedder.weight"],
-        "context_embedder.bias": sd["context_embedder.bias"],
-        "final_layer.linear.weight": sd["proj_out.weight"],
-        "final_layer.linear.bias": sd["proj_out.bias"],
-        "final_layer.adaLN_modulation.1.weight": swap(sd["norm_out.linear.weight"]),
-        "final_layer.adaLN_modulation.1.bias": swap(sd["norm_out.linear.bias"]),
-    }
-    for ours, theirs in (("timestep_embedder", "t_embedder"), ("text_embedder", "y_embedder")):
-        for i, j in ((1, 0), (2, 2)):
-            for end in ("weight", "bias"):
-                out[f"{theirs}.mlp.{j}.{end}"] = sd[f"time_text_embed.{ours}.linear_{i}.{end}"]
-    for i in range(num_layers):
-        d, s = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        last = i == num_layers - 1
-        pairs = {
-            "x_block.attn.proj": "attn.to_out.0", "x_block.mlp.fc1": "ff.net.0.proj",
-            "x_block.mlp.fc2": "ff.net.2", "x_block.adaLN_modulation.1": "norm1.linear",
-        }  # fmt: skip
-        if not last:
-            pairs |= {
-                "context_block.attn.proj": "attn.to_add_out", "context_block.mlp.fc1": "ff_context.net.0.proj",
-                "context_block.mlp.fc2": "ff_context.net.2", "context_block.adaLN_modulation.1": "norm1_context.linear",
-            }  # fmt: skip
-        qkv = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-               "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
-        if d + "attn2.to_q.weight" in sd:
-            pairs["x_block.attn2.proj"] = "attn2.to_out.0"
-            qkv["x_block.attn2.qkv"] = ("attn2.to_q", "attn2.to_k", "attn2.to_v")
-        for end in ("weight", "bias"):
-            for theirs, ours in pairs.items():
-                out[f"{s}{theirs}.{end}"] = sd[f"{d}{ours}.{end}"]
-            for theirs, parts in qkv.items():
-                out[f"{s}{theirs}.{end}"] = torch.cat([sd[f"{d}{p}.{end}"] for p in parts])
-            if last:
-                out[f"{s}context_block.adaLN_modulation.1.{end}"] = swap(
-                    sd[f"{d}norm1_context.linear.{end}"]
-                )
-        for theirs, ours in (("x_block.attn", "attn.norm_"), ("context_block.attn", "attn.norm_added_"),
-                             ("x_block.attn2", "attn2.norm_")):  # fmt: skip
-            for qk in ("q", "k"):
-                if f"{d}{ours}{qk}.weight" in sd:
-                    out[f"{s}{theirs}.ln_{qk}.weight"] = sd[f"{d}{ours}{qk}.weight"]
-    return out
-
-
-def merged_like_comfyui(transformer, file) -> torch.nn.Module:
-    """TRANSFORMER's weights with a kohya/ComfyUI LoRA file added the way those tools apply it:
-    W[module] += alpha / rows(down) * up @ down on Stability's names; back through diffusers."""
-    checkpoint = stability_checkpoint(
-        {k: v.clone() for k, v in transformer.state_dict().items()},
-        transformer.config.num_layers,
-    )
-    lora = load_file(str(file))
-    for key in [k for k in lora if k.endswith(".lora_down.weight")]:
-        stem = key.removesuffix(".lora_down.weight")
-        down, up = lora[key].float(), lora[stem + ".lora_up.weight"].float()
-        alpha = lora[stem + ".alpha"].item()
-        module = stem.removeprefix("diffusion_model.")
-        if stem.startswith("lora_unet_"):  # kohya: find the weight whose flattened name matches
-            flat = {k.removesuffix(".weight").replace(".", "_"): k for k in checkpoint}
-            weight_key = flat[stem.removeprefix("lora_unet_")]
-        else:
-            weight_key = module + ".weight"
-        checkpoint[weight_key] = checkpoint[weight_key] + alpha / down.shape[0] * up @ down
-    merged = build_transformer(dict(transformer.config))
-    merged.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(checkpoint))
-    return merged.eval()
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -143,10 +61,10 @@ def dual_attention_config():
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """Rank 4, alpha 8, non-zero B on every block linear of the tiny kit's transformer."""
+def trained(tiny64_model_dir, tmp_path_factory):
+    """Rank 4, alpha 8, non-zero B on every block linear of the tiny-d2-64 kit's transformer."""
     return random_trained_lora(
-        tiny_model_dir, tmp_path_factory.mktemp("lora"), RANK, ALPHA, 0.05, 1
+        tiny64_model_dir, tmp_path_factory.mktemp("lora"), RANK, ALPHA, 0.05, 1
     )
 
 
@@ -178,7 +96,7 @@ def fresh_pipeline(model_dir):
 
 @pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
 def test_our_lora_through_kohya_or_comfyui_and_back_gives_the_trainers_outputs(
-    fmt, trained, tiny_model_dir, tmp_path
+    fmt, trained, tiny64_model_dir, tmp_path
 ):
     transformer, _ = trained
     file = save_lora(lora_weights(transformer), tmp_path / f"{fmt}.safetensors", fmt, "fp32")
@@ -196,18 +114,18 @@ def test_our_lora_through_kohya_or_comfyui_and_back_gives_the_trainers_outputs(
         assert torch.equal(got.down, module.down) and torch.equal(got.up, module.up), name
         assert got.alpha == module.alpha == ALPHA
 
-    pipe = fresh_pipeline(tiny_model_dir)
+    pipe = fresh_pipeline(tiny64_model_dir)
     load_into_pipeline(pipe, file, "imported", 1.0)
     ours = outputs(transformer)
     assert (
         pipe.transformer(**inputs(pipe.transformer.config, 3)).sample - ours
     ).abs().max() < TOLERANCE
-    plain = outputs(load_pipeline(tiny_model_dir).transformer)
+    plain = outputs(load_pipeline(tiny64_model_dir).transformer)
     assert (ours - plain).abs().max() > 1e-3
 
     # -> diffusers format -> the stock loader
     folder = save_lora(back, tmp_path / "diffusers", "diffusers", "fp32").parent
-    stock = fresh_pipeline(tiny_model_dir)
+    stock = fresh_pipeline(tiny64_model_dir)
     stock.load_lora_weights(str(folder), adapter_name="x")
     assert (outputs(stock.transformer) - ours).abs().max() < TOLERANCE
 
@@ -228,11 +146,11 @@ def test_kohya_and_comfyui_files_mean_on_stabilitys_weights_what_the_trainer_tra
         assert (outputs(merged) - expected).abs().max() < TOLERANCE
 
 
-def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny_model_dir, tmp_path):
+def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny64_model_dir, tmp_path):
     """A kohya file written here by hand (fused qkv with one shared down, alpha 2 at rank 4; the
     last block's text modulation): importing it equals adding alpha/rank * up @ down to the
     matching Stability weights."""
-    pipe = fresh_pipeline(tiny_model_dir)
+    pipe = fresh_pipeline(tiny64_model_dir)
     base = pipe.transformer
     dim = base.config.num_attention_heads * base.config.attention_head_dim
     last = base.config.num_layers - 1
@@ -253,7 +171,7 @@ def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny_mode
     file = tmp_path / "known.safetensors"
     save_file(state, str(file))
 
-    by_hand = load_pipeline(tiny_model_dir).transformer.eval()
+    by_hand = load_pipeline(tiny64_model_dir).transformer.eval()
     with torch.no_grad():
         delta = 2.0 / 4 * qkv_up @ qkv_down
         for i, name in enumerate(("to_q", "to_k", "to_v")):
@@ -275,7 +193,7 @@ def test_a_kohya_file_made_from_known_matrices_has_the_expected_effect(tiny_mode
     load_into_pipeline(pipe, file, "known", 1.0)
     assert (outputs(pipe.transformer) - outputs(by_hand)).abs().max() < TOLERANCE
     assert (
-        outputs(by_hand) - outputs(load_pipeline(tiny_model_dir).transformer)
+        outputs(by_hand) - outputs(load_pipeline(tiny64_model_dir).transformer)
     ).abs().max() > 1e-4
 
 
@@ -402,13 +320,13 @@ def pixels(path):
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
-def test_t2i_sample_takes_a_single_file_in_every_key_style(trained, tiny_model_dir, tmp_path):
+def test_t2i_sample_takes_a_single_file_in_every_key_style(trained, tiny64_model_dir, tmp_path):
     weights = lora_weights(trained[0])
     files = {fmt: save_lora(weights, tmp_path / f"{fmt}.safetensors", fmt, "fp32") for fmt in ("diffusers", "kohya", "comfyui")}  # fmt: skip
     files["onetrainer"] = onetrainer_file(weights, tmp_path / "onetrainer.safetensors")
     images = {}
     for style, file in files.items():
-        assert sample(tiny_model_dir, tmp_path / style, "--lora", str(file)) == 0
+        assert sample(tiny64_model_dir, tmp_path / style, "--lora", str(file)) == 0
         images[style] = pixels(tmp_path / style / "lora" / "000-a-red-cat-seed0.png")
     base = pixels(tmp_path / "kohya" / "base" / "000-a-red-cat-seed0.png")
     assert np.abs(images["kohya"] - base).max() > 0
@@ -417,7 +335,7 @@ def test_t2i_sample_takes_a_single_file_in_every_key_style(trained, tiny_model_d
 
 
 def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
-    tiny_model_dir, tmp_path, capsys
+    tiny64_model_dir, tmp_path, capsys
 ):
     wrong = LoraWeights(
         {
@@ -433,7 +351,7 @@ def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
     save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 4)}, str(cases["nothing"]))  # fmt: skip
     for case, file in cases.items():
         out = tmp_path / case
-        assert sample(tiny_model_dir, out, "--lora", str(file)) == 1
+        assert sample(tiny64_model_dir, out, "--lora", str(file)) == 1
         err = capsys.readouterr().err.strip()
         assert (
             len(err.splitlines()) == 1
@@ -444,7 +362,7 @@ def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
 
 
 def test_init_lora_from_a_kohya_file_restores_the_trainers_model_at_another_alpha(
-    trained, tiny_model_dir, tmp_path
+    trained, tiny64_model_dir, tmp_path
 ):
     """`t2i dpo --init-lora` / resuming from a foreign file: the adapter (here alpha 4, not 8)
     gets the file's down matrices and rescaled ups, so the update is the file's."""
@@ -453,12 +371,12 @@ def test_init_lora_from_a_kohya_file_restores_the_trainers_model_at_another_alph
 
     transformer, _ = trained
     file = save_lora(lora_weights(transformer), tmp_path / "k.safetensors", "kohya", "fp32")
-    fresh = load_pipeline(tiny_model_dir).transformer.eval()
+    fresh = load_pipeline(tiny64_model_dir).transformer.eval()
     add_lora(fresh, RANK, 4.0, ALL_BLOCK_LINEARS)
     assert init_lora_from(fresh, file) == len(lora_weights(transformer).modules)
     assert (outputs(fresh) - outputs(transformer)).abs().max() < TOLERANCE
 
-    other_rank = load_pipeline(tiny_model_dir).transformer
+    other_rank = load_pipeline(tiny64_model_dir).transformer
     add_lora(other_rank, 2, 2.0, ALL_BLOCK_LINEARS)
     with pytest.raises(ValueError, match="rank 4 .* rank 2"):
         init_lora_from(other_rank, file)

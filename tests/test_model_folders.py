@@ -29,7 +29,8 @@ from model.config import PrecomputeConfig, TrainConfig
 from model.encoded import EncodedDataset
 from model.encoders import encode_texts
 from model.precompute import run_precompute
-from model.train import build_or_load_transformer, run_train
+from model.train import run_train
+from model.train_model import build_or_load_transformer
 
 CAPTIONS = ["a red square", "a blue circle", "a green triangle", "a white cross"]
 

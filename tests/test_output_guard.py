@@ -216,7 +216,7 @@ def test_every_command_that_writes_takes_overwrite():
 
     parser = build_parser()
     names = {c.name for c in COMMANDS if c.writes}
-    assert set(WRITERS) | {"lora-convert", "run-all"} == names
+    assert set(WRITERS) | {"lora-convert", "export-single-file", "run-all"} == names
     for name in names:
         args = parser.parse_args([name, *["x"] * len(_positionals(name)), "--overwrite"])
         assert args._overwrite is True
@@ -258,11 +258,18 @@ def test_demo_data_rewrites_its_own_folder_but_not_one_with_foreign_files(capsys
     refused(capsys, tmp_path, ["demo-data", "data", "--overwrite"], "mine.txt")
 
 
-def test_lora_convert_replaces_an_existing_file_only_with_overwrite(capsys, tmp_path):
+def test_single_file_writers_replace_an_existing_file_only_with_overwrite(capsys, tmp_path):
     (tmp_path / "in.safetensors").write_bytes(b"not read: refused first")
     (tmp_path / "out.safetensors").write_bytes(b"someone's file")
+    (tmp_path / "model").mkdir()
     argv = ["lora-convert", "in.safetensors", "out.safetensors", "--to", "kohya"]
     refused(capsys, tmp_path, argv, "out.safetensors", "--overwrite")
+    argv = ["export-single-file", "model", "out.safetensors"]
+    refused(capsys, tmp_path, argv, "out.safetensors", "--overwrite")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "pytorch_lora_weights.safetensors").write_bytes(b"someone's")
+    argv = ["lora-convert", "in.safetensors", "folder", "--to", "kohya"]
+    refused(capsys, tmp_path, argv, "pytorch_lora_weights.safetensors", "--overwrite")
 
 
 def test_an_empty_folder_is_a_fine_output(tmp_path):

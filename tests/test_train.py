@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from model.checkpoint import list_checkpoints
 from model.config import TrainConfig
 from model.ema import EMA
-from model.train import NonFiniteLossError, run_train, train
-from model.train_data import BatchPlan, split_indices
+from model.toolbox import NonFiniteLossError, heldout_split
+from model.train import run_train, train
+from model.train_data import BatchPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +141,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     tmp_path, shapes, tiny_model_dir
 ):
     config = quick(tiny_model_dir, max_steps=20, checkpoint_every=1)
-    train_idx, _ = split_indices(
+    train_idx, _ = heldout_split(
         shapes.ids, config.val_fraction, config.val_max_samples, config.seed
     )
     plan = BatchPlan.for_reader(shapes, train_idx, config.batch_size, config.seed)
@@ -182,11 +183,11 @@ def test_the_batch_plan_visits_every_training_sample_once_per_epoch_within_one_b
 
 def test_the_validation_split_depends_on_ids_not_on_their_order():
     ids = [f"{k:064x}" for k in range(40)]
-    train_idx, val_idx = split_indices(ids, 0.1, 256)
+    train_idx, val_idx = heldout_split(ids, 0.1, 256)
     assert len(val_idx) == 4 and sorted(train_idx + val_idx) == list(range(40))
-    _, val_reversed = split_indices(ids[::-1], 0.1, 256)
+    _, val_reversed = heldout_split(ids[::-1], 0.1, 256)
     assert {ids[i] for i in val_idx} == {ids[::-1][i] for i in val_reversed}
-    assert len(split_indices(ids, 0.5, 3)[1]) == 3
+    assert len(heldout_split(ids, 0.5, 3)[1]) == 3
 
 
 def test_the_ema_warms_up_then_averages_with_the_configured_decay():

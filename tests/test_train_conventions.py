@@ -14,8 +14,10 @@ import torch
 from model.checkpoint import CheckpointError, list_checkpoints
 from model.config import SampleConfig, TrainConfig
 from model.sampling import trained_t5_length
-from model.train import evaluate, run_train, train
-from model.train_data import BatchPlan, MappedShards, load_batch, split_indices
+from model.toolbox import heldout_split
+from model.train import run_train, train
+from model.train_data import BatchPlan, MappedShards, load_batch
+from model.train_report import evaluate
 
 
 def quick(model: str, **overrides) -> TrainConfig:
@@ -75,7 +77,7 @@ def test_resume_reads_only_safetensors_and_json_and_refuses_checkpoints_it_did_n
 
 def test_trainer_batches_hold_both_caption_variants_at_half_and_half(shapes):
     config = TrainConfig(model="-")
-    train_idx, _ = split_indices(shapes.ids, 0.0, 0, config.seed)
+    train_idx, _ = heldout_split(shapes.ids, 0.0, 0, config.seed)
     plan = BatchPlan.for_reader(shapes, train_idx, 4, config.seed)
     counts = {"original": 0, "synthetic": 0}
     for j in range(300):
@@ -130,7 +132,7 @@ def test_val_ema_validates_on_the_ema_weights(val_ema, tmp_path, shapes, tiny_mo
     out = train(shapes, tmp_path / "run", config)
     kind, logged = logged_validation(capsys.readouterr().out)
     assert kind == ("EMA" if val_ema else "raw")
-    _, val_idx = split_indices(shapes.ids, config.val_fraction, config.val_max_samples, config.seed)
+    _, val_idx = heldout_split(shapes.ids, config.val_fraction, config.val_max_samples, config.seed)
     ema_model = SD3Transformer2DModel.from_pretrained(out / "transformer").eval()  # EMA export
     raw_model = SD3Transformer2DModel.from_pretrained(out / "transformer").eval()
     raw_model.load_state_dict(
@@ -184,10 +186,10 @@ def test_sample_uses_the_t5_length_and_unconditional_input_the_model_was_trained
     monkeypatch.setattr(sampling, "generate", spy)
     config = SampleConfig(model=str(out), prompt=["a red circle"], steps=1, height=32, width=32,
                           out=str(tmp_path / "samples"))  # fmt: skip
-    sampling.run_sample(config)
-    sampling.run_sample(config.model_copy(update={"max_sequence_length": 20}))
-    sampling.run_sample(config.model_copy(update={"model": tiny_model_dir}))
-    sampling.run_sample(config.model_copy(update={"model": str(zeros)}))
+    sampling.run_sample(config.out, config)
+    sampling.run_sample(config.out, config.model_copy(update={"max_sequence_length": 20}))
+    sampling.run_sample(config.out, config.model_copy(update={"model": tiny_model_dir}))
+    sampling.run_sample(config.out, config.model_copy(update={"model": str(zeros)}))
     assert seen == [(32, False), (20, False), (256, False), (32, True)]
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
 
