@@ -13,7 +13,7 @@ defaults plus the run's overrides, measured on the sweep seeds at each --eval-at
         --runs "lr=1e-4" "lr=3e-5" "lr=1e-4,anchor=10" --eval-at 100 200 300
     PYTHONPATH=. python benchmarks/bench_dpo_sweep.py table --out s.jsonl
 
-A run is "key=value,..." over: beta, lr, targets (attention | all-linears | both-streams | qv),
+A run is "key=value,..." over: beta, lr, targets (attention | all-linears | both-streams | text-stream | qv),
 rank (alpha = rank), dpop, sft, anchor, units (noise | velocity), batch, seed.
 """
 
@@ -43,7 +43,8 @@ TASKS = {"strong": 1500, "weak": 500}
 BOTH_STREAMS = ATTENTION_PROJECTIONS + [
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"
 ]  # fmt: skip
-TARGET_SETS = {"both-streams": BOTH_STREAMS, "qv": ["attn.to_q", "attn.to_v"]}
+TEXT_STREAM = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+TARGET_SETS = {"both-streams": BOTH_STREAMS, "text-stream": TEXT_STREAM, "qv": ["attn.to_q", "attn.to_v"]}
 KEYS = {
     "beta": ("beta", float),
     "lr": ("lr", float),

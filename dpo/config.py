@@ -184,6 +184,20 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
         "change reported on its own in report.md and summary.json, the worst drop first; a "
         "caption that occurs in the preference set is refused",
     )
+    select_every: int = Field(
+        0,
+        ge=0,
+        description="every N steps, export the LoRA so far and sample the preference and off-target "
+        "captions (needs --scorer and --offtarget-captions); the exported LoRA is then the best "
+        "checkpoint by dpo/selection.py's rule: the largest preference gain among those whose worst "
+        "off-target caption fell by at most --select-tolerance; 0 = off (export the last step)",
+    )
+    select_tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        description="largest drop of any off-target caption's mean score (scorer units) a selected "
+        "checkpoint may have",
+    )
     eval_max_captions: int = Field(
         4, ge=1, description="at most this many held-out captions when --eval-captions is not given"
     )

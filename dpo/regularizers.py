@@ -49,3 +49,13 @@ def anchor_distance(policy: torch.Tensor, reference: torch.Tensor, t: torch.Tens
 def anchor_penalty(distance: torch.Tensor, weight: float, beta: float) -> torch.Tensor:
     """The term added to the loss: weight * beta/2 * the mean anchor distance."""
     return weight * 0.5 * beta * distance.mean()
+
+
+def with_anchor(terms, policy: torch.Tensor, reference: torch.Tensor, t: torch.Tensor, config):
+    """TERMS (dpo/loss.py) with the anchor distance recorded and, at --anchor-weight > 0, its
+    penalty added to the loss."""
+    distance = anchor_distance(policy, reference, t)
+    terms.anchor = distance.detach()
+    if config.anchor_weight:
+        terms.loss = terms.loss + anchor_penalty(distance, config.anchor_weight, config.beta)
+    return terms

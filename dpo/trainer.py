@@ -30,22 +30,19 @@ from tqdm.auto import tqdm
 
 from curate.stage_runtime import StageRun
 from curate.store import load_rejected, load_samples
+from dpo import selection
 from dpo.config import DPOConfig
 from dpo.draws import Pairs, draw, split_heldout, step_generator
 from dpo.encode import EncodedPairs, encode_pairs, native_resolution
-from dpo.evaluate import evaluate_samples, report_markdown
+from dpo.evaluate import evaluate_lora, report_markdown
 from dpo.guard import guard_summary, winner_drift_warning
 from dpo.init_lora import add_init_lora, check_init_lora
 from dpo.inputs import check_off_target, encoded_pairs_dir, eval_captions, resolve_prefs
-from dpo.lora import (
-    add_lora,
-    export_lora,
-    lora_parameters,
-)
+from dpo.lora import add_lora, export_lora, lora_parameters
 from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent, preference_score
 from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
 from dpo.reference import adapter_off, recording, replaying
-from dpo.regularizers import anchor_distance, anchor_penalty, capturing
+from dpo.regularizers import capturing, with_anchor
 from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
@@ -144,12 +141,7 @@ def dpo_terms(
         config.dpop_lambda,
         config.sft_weight,
     )
-    # the adapter-off anchor on both halves (dpo/regularizers.py)
-    terms.anchor = anchor_distance(policy_out[-1], ref_out[-1], times).detach()
-    if config.anchor_weight:
-        distance = anchor_distance(policy_out[-1], ref_out[-1], times)
-        terms.loss = terms.loss + anchor_penalty(distance, config.anchor_weight, config.beta)
-    return terms
+    return with_anchor(terms, policy_out[-1], ref_out[-1], times, config)  # dpo/regularizers.py
 
 
 @torch.no_grad()
@@ -268,6 +260,7 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     require_trackers(config.report_to)  # a missing wandb fails before any work
     if config.init_lora:
         check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
+    selection.check_options(config)
     # a single-file transformer's content, not just its path, picks the base
     reads = {"prefs": prefs, "model": config.model, "transformer_file": config.transformer_file}
     reads["init_lora"] = config.init_lora
@@ -342,13 +335,21 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     def checkpoint(step: int) -> Path:
         return save_checkpoint(accelerator, checkpoints, step, {}, keep=1, objects=objects)
 
-    if start < config.max_steps:
-        train_lora(
-            transformer, train, config, work, shift, start, optimizer, accelerator, checkpoint
-        )
+    # --select-every N: pause every N steps to evaluate the LoRA so far (dpo/selection.py)
+    picker = selection.Picker.of(work, config, eval_captions(config, rows, heldout or train))
+    if (begin := start) < config.max_steps:
+        for stop in selection.stops(start, config.max_steps, config.select_every):
+            leg = config.model_copy(update={"max_steps": stop})
+            train_lora(
+                transformer, train, leg, work, shift, begin, optimizer, accelerator, checkpoint
+            )
+            begin = stop
+            if picker:
+                picker.evaluate(accelerator, transformer, lora_config, stop)
         checkpoint(config.max_steps)
     accelerator.wait_for_everyone()
     transformer = accelerator.unwrap_model(transformer)
+    chosen = picker.pick(transformer) if picker is not None else None
 
     # 5. Held-out accuracy and the diffusers-format LoRA (main process)
     if accelerator.is_main_process:
@@ -374,6 +375,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             "lora_alpha": lora_config.lora_alpha,
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
             "guard": guard_summary(metric_rows(work / METRICS)),
+            "selection": chosen,
         }
         with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
@@ -381,21 +383,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
             captions = eval_captions(config, rows, heldout or train)
             if config.eval_seeds and (captions or config.offtarget_captions):
-                evaluation = evaluate_samples(
-                    config.model,
-                    writer.path,
-                    captions,
-                    list(range(config.eval_seeds)),
-                    writer.path,
-                    config.eval_steps,
-                    config.eval_guidance,
-                    config.scorer,
-                    str(accelerator.device),
-                    config.base_dtype,
-                    config.variant,
-                    config.transformer_file,
-                    config.offtarget_captions,
-                )
+                evaluation = evaluate_lora(config, writer.path, captions, accelerator.device)
                 summary["sample_eval"] = asdict(evaluation)
                 for grid in evaluation.grids:  # base left, LoRA right
                     log_image(accelerator, Path(grid).stem, writer.path / grid, config.max_steps)
