@@ -5,7 +5,7 @@ and, here, a flow whose parameters are the positionals plus the stage's pydantic
 config model, so the Prefect UI renders the same form the CLI exposes as flags. Prefect
 validates the parameters against the model before the flow starts, so an invalid value fails
 with pydantic's message and no work done. Each stage skips itself when its output is finished
-(curate/stage_runtime.py); a task whose stage skipped ends in state Skipped.
+(curate/runtime/stage_runtime.py); a task whose stage skipped ends in state Skipped.
 
 Tasks pass paths and small manifest summaries between each other, never tensors or tables:
 Prefect keeps task results in memory for the whole flow run.
@@ -33,8 +33,8 @@ from captioning.stage import run_caption
 from captioning.tiny import run_init_captioner
 from curate.config import CurateConfig, DemoDataConfig
 from curate.demo_data import run_demo_data
+from curate.runtime.store import Manifest, fingerprint
 from curate.stage import run_curate
-from curate.store import Manifest, fingerprint
 from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
 from dpo.ingest import run_prefs
 from dpo.synthetic import run_make_prefs
