@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
             "flags given here override it",
         )
         _add_common(sub_parser, top=False)
+        if entry.writes:
+            sub_parser.add_argument(
+                "--overwrite",
+                dest="_overwrite",
+                action="store_true",
+                default=False,
+                help="replace an output of another stage (e.g. a curated store given as a "
+                "caption output) or an existing file; without it such an output is refused. "
+                "Never removes files the pipeline did not write",
+            )
         add_config_options(sub_parser, entry.config)
         sub_parser.set_defaults(_command=entry)
     return parser
@@ -201,6 +211,7 @@ PLAIN_ERRORS = {
     "StoreError",
     "UnbalancedOutput",
     "StageBusy",
+    "OutputRefused",
 }
 
 
@@ -212,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     debug = args.pop("debug", False)
     config_file = args.pop("_config_file", None)
+    overwrite = args.pop("_overwrite", False)
     positionals = {name: args.pop(name) for name in entry.positional_names}
     try:
         config = resolve_config(entry, args, config_file)
@@ -223,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
+    from curate.stage_runtime import overwrite_allowed
+
     try:
-        result = entry.run(*entry.arguments(positionals, config), config)
+        with overwrite_allowed(overwrite):
+            result = entry.run(*entry.arguments(positionals, config), config)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -35,6 +35,7 @@ class Command:
     config: type[BaseModel]
     run: Callable[..., Any]  # run(*inputs, output, config=ConfigModel(...))
     flow: bool = True  # served as a Prefect flow; False for services and the orchestrator
+    writes: bool = True  # takes --overwrite (the output guard); False for the services
 
     @property
     def summary(self) -> str:
@@ -168,7 +169,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("curate", CurateConfig, run_curate),
     Command("init-captioner", InitCaptionerConfig, run_init_captioner),
     Command("caption", CaptionConfig, run_caption),
-    Command("serve-captioner", ServeCaptionerConfig, run_serve_captioner, flow=False),
+    Command("serve-captioner", ServeCaptionerConfig, run_serve_captioner, flow=False, writes=False),
     Command("precompute", PrecomputeConfig, run_precompute),
     Command("train", TrainConfig, run_train),
     Command("prefs", IngestPrefsConfig, run_prefs),
@@ -177,7 +178,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("sample", SampleConfig, run_sample),
     Command("lora-convert", LoraConvertConfig, run_lora_convert),
     Command("export-single-file", ExportSingleFileConfig, run_export_single_file),
-    Command("serve", ServeConfig, run_serve, flow=False),
+    Command("serve", ServeConfig, run_serve, flow=False, writes=False),
     Command("run-all", RunAllConfig, run_run_all, flow=False),
 )
 
