@@ -143,7 +143,7 @@ def test_the_graph_sees_imports_inside_functions(tmp_path):
     "source, target, allowed",
     [
         ("curate/stage.py", "captioning/config.py", False),
-        ("captioning/stage.py", "curate/store.py", True),
+        ("captioning/stage.py", "curate/runtime/store.py", True),
         ("model/train.py", "captioning/mixing.py", True),
         ("model/train.py", "captioning/stage.py", False),
         ("dpo/trainer.py", "flows/cli.py", False),
