@@ -27,7 +27,7 @@ from PIL import Image
 
 from captioning.config import ServeCaptionerConfig
 from captioning.vlm import GenerationSettings, LocalVLM
-from curate.decode import Invalid, decode_image
+from curate.runtime.decode import Invalid, decode_image
 
 
 class RequestError(ValueError):

@@ -32,13 +32,13 @@ from captioning.cleaning import TokenBudget, clean_caption, make_budget
 from captioning.config import CaptionConfig
 from captioning.prompts import load_template, render
 from captioning.protocol import Answer, Backend, Request, settings_from
-from curate import reasons
-from curate.cells import image_cell
-from curate.decode import Invalid, decode_image, open_image, plain_format
-from curate.executor import EXECUTION_FIELDS, Setup, executor_for
-from curate.markdown import escape, fenced
-from curate.stage_runtime import StageRun, check_output, local_path
-from curate.store import (
+from curate.runtime import reasons
+from curate.runtime.cells import image_cell
+from curate.runtime.decode import Invalid, decode_image, open_image, plain_format
+from curate.runtime.executor import EXECUTION_FIELDS, Setup, executor_for
+from curate.runtime.markdown import escape, fenced
+from curate.runtime.stage_runtime import StageRun, check_output, local_path
+from curate.runtime.store import (
     Manifest,
     StoreError,
     WorkLog,

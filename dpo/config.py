@@ -30,7 +30,9 @@ TARGET_SETS = {
 
 class IngestPrefsConfig(BaseModel):
     # `t2i prefs`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "ingest preference pairs (Pick-a-Pic v2, generic, or a folder of pairs)"
+    summary: ClassVar[str] = (
+        "ingest preference pairs (Pick-a-Pic v2, generic, or a folder of pairs)"
+    )
     description: ClassVar[str] = (
         "Reads Pick-a-Pic v2 (caption, jpg_0, jpg_1, label_0; parquet or a saved dataset), a "
         "generic layout (caption, image_w, image_l) or a folder with one sub-folder per pair "
@@ -39,7 +41,10 @@ class IngestPrefsConfig(BaseModel):
         "undecodable images and empty captions go to rejected/ with their reason. A hub-layout "
         "folder (data/SPLIT-00000-of-NNNNN.parquet) is read one --split at a time."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("source", "preference data in any supported layout"), ("output", "output directory"))
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("source", "preference data in any supported layout"),
+        ("output", "output directory"),
+    )
 
     layout: Literal["auto", "pickapic", "generic", "folder"] = Field(
         "auto",
@@ -78,7 +83,10 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
         "metrics.jsonl (loss, implicit accuracy, margin, winner drift, saturation) and "
         "summary.json. Rerunning an interrupted run resumes from its last checkpoint."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("prefs", "preference data or a `t2i prefs` output"), ("output", "output directory"))
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("prefs", "preference data or a `t2i prefs` output"),
+        ("output", "output directory"),
+    )
 
     model: str = Field(
         ..., description="local diffusers SD3 folder: the base model the LoRA adapts"
@@ -114,6 +122,19 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
         description="weight of an adapter-off anchor on both halves of each pair: + weight * beta/2 * "
         "mean((1 - t)^2 (v_lora - v_base)^2), the change of the prediction in the DPO term's units "
         "(dpo/regularizers.py); 0 = off",
+    )
+    preserve_captions: list[str] = Field(
+        default_factory=list,
+        description="captions outside the preference set whose predictions the LoRA must keep (a "
+        "sample of the base's training captions): each step every pair's noisy latents are also fed "
+        "with one of them and the LoRA is pulled toward the adapter-off base (dpo/regularizers.py); "
+        "keep them apart from --offtarget-captions, which judge what was not trained on",
+    )
+    preserve_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of that preservation term, + weight * beta/2 * mean((1 - t)^2 "
+        "(v_lora - v_base)^2) on --preserve-captions; 0 = off",
     )
     lr: float = Field(
         1e-4,
@@ -251,7 +272,9 @@ class MakePrefsConfig(BaseModel):
         "(winner = the attribute) that `t2i dpo` reads. For demos and for checking that DPO "
         "moves a model the right way; --swap makes the control with the labels reversed."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory for the pair folders"),)
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("output", "directory for the pair folders"),
+    )
 
     source: str = Field(
         ...,

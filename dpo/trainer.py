@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,30 +28,27 @@ from accelerate import Accelerator
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.stage_runtime import StageRun
-from curate.store import load_rejected, load_samples
+from curate.runtime.stage_runtime import StageRun
+from curate.runtime.store import load_rejected, load_samples
 from dpo import selection
 from dpo.config import DPOConfig
 from dpo.draws import Pairs, draw, split_heldout, step_generator
-from dpo.encode import EncodedPairs, encode_pairs, native_resolution
+from dpo.encode import encode_pairs, native_resolution
 from dpo.evaluate import evaluate_lora, report_markdown
 from dpo.guard import guard_summary, winner_drift_warning
 from dpo.init_lora import add_init_lora, check_init_lora
 from dpo.inputs import check_off_target, encoded_pairs_dir, eval_captions, resolve_prefs
 from dpo.lora import add_lora, export_lora, lora_parameters
-from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent, preference_score
 from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
-from dpo.reference import adapter_off, recording, replaying
-from dpo.regularizers import capturing, with_anchor
+from dpo.regularizers import draw_preserve, preserve_texts
+from dpo.step import dpo_terms, implicit_accuracy, velocity_errors  # noqa: F401 (re-exported)
 from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
-from model.objective import flow_loss
 from model.toolbox import (
     NonFiniteLossError,
     accelerator_released,
-    draw_timesteps,
     make_accelerator,
     nonfinite,
     scheduler_shift,
@@ -96,73 +93,6 @@ def load_transformer(
     return transformer.to(device).requires_grad_(False)
 
 
-def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
-    """[B] per-sample velocity MSE (model/objective.py), inputs cast to the frozen weights' dtype."""
-    dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
-    return flow_loss(
-        transformer, latents.to(dtype), text.to(dtype=dtype), t.to(dtype), noise.to(dtype)
-    )
-
-
-def dpo_terms(
-    transformer, pairs: EncodedPairs, t, noise, config: DPOConfig, reference=None
-) -> DPOTerms:
-    """Winner and loser in one forward batch with shared t and noise; reference = adapter off,
-    replaying the policy's input layers (dpo/reference.py), or a given copy. Errors enter the
-    loss in the configured units (dpo/loss.py: noise-equivalent)."""
-    device = next(transformer.parameters()).device
-    text = pairs.text.to(device)
-    both = TextEncoding(
-        **{f.name: torch.cat([getattr(text, f.name)] * 2) for f in fields(TextEncoding)}
-    )
-    latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
-    times = torch.cat([t, t]).to(device)
-    args = (latents, torch.cat([noise, noise]).to(device), times, both)
-    base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel
-    stem: dict[str, torch.Tensor] = {}  # the input layers' outputs, the same for the reference
-    with recording(base, stem), capturing(base) as policy_out:
-        errors = velocity_errors(transformer, *args)
-    with torch.no_grad():
-        if reference is None:
-            with adapter_off(base), replaying(base, stem), capturing(base) as ref_out:
-                ref_errors = velocity_errors(base, *args)
-        else:
-            with capturing(reference) as ref_out:
-                ref_errors = velocity_errors(reference, *args)
-    if config.error_units == "noise":
-        errors, ref_errors = noise_equivalent(errors, times), noise_equivalent(ref_errors, times)
-    n = len(pairs)
-    terms = diffusion_dpo_loss(
-        errors[:n],
-        errors[n:],
-        ref_errors[:n],
-        ref_errors[n:],
-        config.beta,
-        config.dpop_lambda,
-        config.sft_weight,
-    )
-    return with_anchor(terms, policy_out[-1], ref_out[-1], times, config)  # dpo/regularizers.py
-
-
-@torch.no_grad()
-def implicit_accuracy(
-    transformer, pairs: Pairs, config: DPOConfig, shift: float, draws: int = 4
-) -> float:
-    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference
-    does; a tie (margin exactly 0) counts one half, so a LoRA that changes nothing scores 0.5."""
-    correct, total = 0.0, 0
-    for d in range(draws):
-        generator = step_generator(config.seed + 7919, d)
-        for start in range(0, len(pairs), config.batch_size):
-            chunk = pairs.select(list(range(start, min(start + config.batch_size, len(pairs)))))
-            t = draw_timesteps(config, len(chunk), shift, generator)
-            noise = torch.randn(chunk.latents_w.shape, generator=generator)
-            margin = dpo_terms(transformer, chunk, t, noise, config).margin
-            correct += preference_score(margin) * len(chunk)
-            total += len(chunk)
-    return correct / total
-
-
 def train_lora(
     transformer,
     pairs: Pairs,
@@ -173,6 +103,7 @@ def train_lora(
     optimizer=None,
     accelerator: Accelerator | None = None,
     checkpoint: Callable[[int], object] | None = None,
+    preserve: TextEncoding | None = None,
 ):
     """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl and, as dpo/<name>,
     to ACCELERATOR's trackers (--report-to).
@@ -203,7 +134,8 @@ def train_lora(
         for micro in range(config.grad_accum):  # draws depend on (seed, step, micro) only
             generator = step_generator(config.seed, step * config.grad_accum + micro)
             chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
-            terms = dpo_terms(transformer, chosen, t, noise, config)
+            extra = draw_preserve(preserve, len(chosen), generator)  # dpo/regularizers.py
+            terms = dpo_terms(transformer, chosen, t, noise, config, preserve=extra)
             if nonfinite(terms.loss.detach(), accelerator=accelerator):
                 raise NonFiniteLossError(
                     f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
@@ -283,7 +215,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     with accelerator.main_process_first():
         table_dir = resolve_prefs(prefs, root)
         rows = load_samples(table_dir)
-        check_off_target(config.offtarget_captions, rows["caption"])
+        check_off_target(config.offtarget_captions, rows["caption"], config.preserve_captions)
         pairs = encode_pairs(
             config.model,
             table_dir,
@@ -336,13 +268,15 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
         return save_checkpoint(accelerator, checkpoints, step, {}, keep=1, objects=objects)
 
     # --select-every N: pause every N steps to evaluate the LoRA so far (dpo/selection.py)
+    preserve = preserve_texts(config, accelerator.device)  # --preserve-captions, encoded once
     picker = selection.Picker.of(work, config, eval_captions(config, rows, heldout or train))
     if (begin := start) < config.max_steps:
         for stop in selection.stops(start, config.max_steps, config.select_every):
             leg = config.model_copy(update={"max_steps": stop})
             train_lora(
-                transformer, train, leg, work, shift, begin, optimizer, accelerator, checkpoint
-            )
+                transformer, train, leg, work, shift, begin, optimizer, accelerator, checkpoint,
+                preserve,
+            )  # fmt: skip
             begin = stop
             if picker:
                 picker.evaluate(accelerator, transformer, lora_config, stop)

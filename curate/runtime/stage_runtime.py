@@ -42,8 +42,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from curate.config_file import CONFIG_FILE, config_toml
-from curate.store import (
+from curate.runtime.config_file import CONFIG_FILE, config_toml
+from curate.runtime.store import (
     MANIFEST,
     REJECTED,
     SAMPLES,
