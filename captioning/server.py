@@ -297,9 +297,7 @@ def run_server(model: str, config: ServeCaptionerConfig = ServeCaptionerConfig()
     """Serve until interrupted; the API key, if any, comes from $T2I_SERVER_API_KEY."""
     server = CaptionServer(model, config, api_key=os.environ.get("T2I_SERVER_API_KEY") or None)
     print(f"serving {server.name} at {server.url} (Ctrl-C to stop)", flush=True)
-    try:
+    try:  # Ctrl-C or SIGTERM ends it (`t2i` reports "interrupted" or "terminated")
         server.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.httpd.server_close()

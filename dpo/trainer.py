@@ -53,6 +53,7 @@ from model.objective import flow_loss
 from model.toolbox import (
     NonFiniteLossError,
     accelerator_released,
+    autocast_precision,
     draw_timesteps,
     make_accelerator,
     nonfinite,
@@ -93,6 +94,16 @@ def load_transformer(
     encoders are not loaded)."""
     transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
+
+
+def precision_of(config: DPOConfig) -> tuple[str, str]:
+    """(autocast precision, frozen base dtype) of a run. 'auto' picks bf16 autocast and a bf16 base
+    on a GPU that supports it, so SD3.5 fits a GPU (docs/gpu.md), and fp32 on CPU. An explicit
+    16-bit base without autocast also works: the inputs are cast to the base's dtype."""
+    precision = autocast_precision(config.mixed_precision, config.device)
+    if config.base_dtype != "auto":
+        return precision, config.base_dtype
+    return precision, precision if precision in ("bf16", "fp16") else "fp32"
 
 
 def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
@@ -265,9 +276,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     work = run.work_log(ignore=NOT_IN_RUN_KEY).path
     root = work.parent  # the hidden .OUT.work/: the preference table and its encodings
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(
-        config.device
-    )  # no autocast: an fp32 LoRA on the --base-dtype base
+    precision, base_dtype = precision_of(config)  # bf16 autocast and base on GPUs, fp32 on CPU
+    accelerator = make_accelerator(config.device, precision)
 
     # 1. Preferences, encoded once into the pre-encoding shard format and streamed from disk
     resolution = config.resolution or native_resolution(config.model)
@@ -289,7 +299,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     transformer = load_transformer(
         config.model,
         accelerator.device,
-        parse_dtype(config.base_dtype),
+        parse_dtype(base_dtype),
         config.variant,
         config.transformer_file,
     )
@@ -370,7 +380,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
                     config.eval_guidance,
                     config.scorer,
                     str(accelerator.device),
-                    config.base_dtype,
+                    base_dtype,
                     config.variant,
                     config.transformer_file,
                 )

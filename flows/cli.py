@@ -576,13 +576,17 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
+    from flows.signals import Terminated, stopping_cleanly
+
     try:
-        result = entry.run(*positionals, config=config)
-    except KeyboardInterrupt:
+        with stopping_cleanly():  # SIGINT and SIGTERM stop the command and what it started
+            result = entry.run(*positionals, config=config)
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        print(f"t2i {entry.name}: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(stop, Terminated)
+        print(f"t2i {entry.name}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as error:
         if debug:
             raise
