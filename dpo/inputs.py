@@ -8,7 +8,7 @@ from pathlib import Path
 from curate.store import Manifest, fingerprint, params_hash
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.ingest import STAGE as PREFS_STAGE
-from dpo.ingest import ingest_prefs
+from dpo.ingest import run_prefs
 
 
 def resolve_prefs(prefs: Path, work: Path) -> Path:
@@ -17,7 +17,7 @@ def resolve_prefs(prefs: Path, work: Path) -> Path:
     manifest = Manifest.read(prefs) if prefs.is_dir() else None
     if manifest is not None and manifest.stage == PREFS_STAGE:
         return prefs
-    return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
+    return run_prefs(prefs, work / "prefs", IngestPrefsConfig())
 
 
 def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution: int) -> Path:
@@ -42,3 +42,18 @@ def eval_captions(config: DPOConfig, rows, pairs) -> list[str]:
     by_id = dict(zip(rows["id"], rows["caption"], strict=True))
     distinct = dict.fromkeys(by_id[i] for i in pairs.ids if i in by_id)
     return list(distinct)[: config.eval_max_captions]
+
+
+def check_off_target(off_target: list[str], preference_captions, preserve=()) -> None:
+    """Off-target captions must be outside the preference set and the preserved captions (else
+    they judge what was trained on)."""
+    for name, trained in (
+        ("the preference set", preference_captions),
+        ("--preserve-captions", preserve),
+    ):
+        inside = set(off_target) & set(trained)
+        if inside:
+            raise ValueError(
+                f"--offtarget-captions {sorted(inside)[0]!r} is a caption of {name}; off-target "
+                "captions must be prompts the training never shows"
+            )

@@ -99,7 +99,7 @@ def source_images(folder: Path, skipped: dict[str, str]) -> Iterator[tuple[str, 
         yield name, image, record.caption or name.replace("_", " ")
 
 
-def make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
+def run_make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
     """Write pairs from --source into OUTPUT, atomically: a failed run leaves no OUTPUT behind.
 
     Sources are read and edited one at a time, so memory does not grow with their number.

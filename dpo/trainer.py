@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,35 +30,31 @@ from tqdm.auto import tqdm
 
 from curate.stage_runtime import StageRun
 from curate.store import load_rejected, load_samples
+from dpo import selection
 from dpo.config import DPOConfig
 from dpo.draws import Pairs, draw, split_heldout, step_generator
-from dpo.encode import EncodedPairs, encode_pairs, native_resolution
-from dpo.evaluate import evaluate_samples, report_markdown
+from dpo.encode import encode_pairs, native_resolution
+from dpo.evaluate import evaluate_lora, report_markdown
 from dpo.guard import guard_summary, winner_drift_warning
 from dpo.init_lora import add_init_lora, check_init_lora
-from dpo.inputs import encoded_pairs_dir, eval_captions, resolve_prefs
-from dpo.lora import (
-    add_lora,
-    export_lora,
-    lora_parameters,
-)
-from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
+from dpo.inputs import check_off_target, encoded_pairs_dir, eval_captions, resolve_prefs
+from dpo.lora import add_lora, export_lora, lora_parameters
 from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
-from dpo.reference import adapter_off, recording, replaying
+from dpo.regularizers import draw_preserve, preserve_texts
+from dpo.step import dpo_terms, implicit_accuracy, velocity_errors  # noqa: F401 (re-exported)
 from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
-from model.objective import flow_loss
 from model.toolbox import (
     NonFiniteLossError,
     accelerator_released,
     autocast_precision,
-    draw_timesteps,
     make_accelerator,
     nonfinite,
     scheduler_shift,
 )
+from model.trackers import finish_trackers, log_image, require_trackers, start_trackers
 
 STAGE = "dpo"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
@@ -71,15 +67,17 @@ NOT_IN_RUN_KEY = (
     "resume",
     "save_dtype",
     "eval_captions",
+    "offtarget_captions",
     "eval_max_captions",
     "eval_seeds",
     "eval_steps",
     "eval_guidance",
     "scorer",
+    "report_to",
 )
 log = logging.getLogger(__name__)
 # Of those, the ones that never change the exported LoRA: a rerun differing only in them is skipped.
-VOLATILE = ("resume", "checkpoint_every")
+VOLATILE = ("resume", "checkpoint_every", "report_to")
 TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
 
 
@@ -106,70 +104,6 @@ def precision_of(config: DPOConfig) -> tuple[str, str]:
     return precision, precision if precision in ("bf16", "fp16") else "fp32"
 
 
-def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
-    """[B] per-sample velocity MSE (model/objective.py), inputs cast to the frozen weights' dtype."""
-    dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
-    return flow_loss(
-        transformer, latents.to(dtype), text.to(dtype=dtype), t.to(dtype), noise.to(dtype)
-    )
-
-
-def dpo_terms(
-    transformer, pairs: EncodedPairs, t, noise, config: DPOConfig, reference=None
-) -> DPOTerms:
-    """Winner and loser in one forward batch with shared t and noise; reference = adapter off,
-    replaying the policy's input layers (dpo/reference.py), or a given copy. Errors enter the
-    loss in the configured units (dpo/loss.py: noise-equivalent)."""
-    device = next(transformer.parameters()).device
-    text = pairs.text.to(device)
-    both = TextEncoding(
-        **{f.name: torch.cat([getattr(text, f.name)] * 2) for f in fields(TextEncoding)}
-    )
-    latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
-    times = torch.cat([t, t]).to(device)
-    args = (latents, torch.cat([noise, noise]).to(device), times, both)
-    base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel
-    stem: dict[str, torch.Tensor] = {}  # the input layers' outputs, the same for the reference
-    with recording(base, stem):
-        errors = velocity_errors(transformer, *args)
-    with torch.no_grad():
-        if reference is None:
-            with adapter_off(base), replaying(base, stem):
-                ref_errors = velocity_errors(base, *args)
-        else:
-            ref_errors = velocity_errors(reference, *args)
-    if config.error_units == "noise":
-        errors, ref_errors = noise_equivalent(errors, times), noise_equivalent(ref_errors, times)
-    n = len(pairs)
-    return diffusion_dpo_loss(
-        errors[:n],
-        errors[n:],
-        ref_errors[:n],
-        ref_errors[n:],
-        config.beta,
-        config.dpop_lambda,
-        config.sft_weight,
-    )
-
-
-@torch.no_grad()
-def implicit_accuracy(
-    transformer, pairs: Pairs, config: DPOConfig, shift: float, draws: int = 4
-) -> float:
-    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference does."""
-    correct, total = 0, 0
-    for d in range(draws):
-        generator = step_generator(config.seed + 7919, d)
-        for start in range(0, len(pairs), config.batch_size):
-            chunk = pairs.select(list(range(start, min(start + config.batch_size, len(pairs)))))
-            t = draw_timesteps(config, len(chunk), shift, generator)
-            noise = torch.randn(chunk.latents_w.shape, generator=generator)
-            margin = dpo_terms(transformer, chunk, t, noise, config).margin
-            correct += int((margin > 0).sum())
-            total += len(chunk)
-    return correct / total
-
-
 def train_lora(
     transformer,
     pairs: Pairs,
@@ -180,8 +114,10 @@ def train_lora(
     optimizer=None,
     accelerator: Accelerator | None = None,
     checkpoint: Callable[[int], object] | None = None,
+    preserve: TextEncoding | None = None,
 ):
-    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl.
+    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl and, as dpo/<name>,
+    to ACCELERATOR's trackers (--report-to).
 
     With ACCELERATOR (transformer and optimizer prepared by it) each process trains on its slice
     of every step's global batch and gradients are averaged across processes; CHECKPOINT(step) is
@@ -209,7 +145,8 @@ def train_lora(
         for micro in range(config.grad_accum):  # draws depend on (seed, step, micro) only
             generator = step_generator(config.seed, step * config.grad_accum + micro)
             chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
-            terms = dpo_terms(transformer, chosen, t, noise, config)
+            extra = draw_preserve(preserve, len(chosen), generator)  # dpo/regularizers.py
+            terms = dpo_terms(transformer, chosen, t, noise, config, preserve=extra)
             if nonfinite(terms.loss.detach(), accelerator=accelerator):
                 raise NonFiniteLossError(
                     f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
@@ -231,6 +168,8 @@ def train_lora(
             row = {"step": step + 1, **mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if accelerator is not None:
+                accelerator.log({f"dpo/{k}": v for k, v in row.items() if k != "step"}, step + 1)
             window = []
             if not warned and (message := winner_drift_warning(metric_rows(metrics_path))):
                 warned = True
@@ -261,8 +200,10 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
 def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     if not prefs.exists():
         raise FileNotFoundError(f"preference input {prefs} does not exist")
+    require_trackers(config.report_to)  # a missing wandb fails before any work
     if config.init_lora:
         check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
+    selection.check_options(config)
     # a single-file transformer's content, not just its path, picks the base
     reads = {"prefs": prefs, "model": config.model, "transformer_file": config.transformer_file}
     reads["init_lora"] = config.init_lora
@@ -283,6 +224,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     resolution = config.resolution or native_resolution(config.model)
     with accelerator.main_process_first():
         table_dir = resolve_prefs(prefs, root)
+        rows = load_samples(table_dir)
+        check_off_target(config.offtarget_captions, rows["caption"], config.preserve_captions)
         pairs = encode_pairs(
             config.model,
             table_dir,
@@ -321,6 +264,9 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     checkpoints = work / "checkpoints"
     resume_from = resolve_resume(checkpoints, "latest" if config.resume else None)
     start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
+    start_trackers(
+        accelerator, config.report_to, work, STAGE, run.output.name, config.model_dump(), start
+    )
     if accelerator.is_main_process:
         if resume_from is not None:
             metrics_until(work / METRICS, start)
@@ -331,13 +277,23 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     def checkpoint(step: int) -> Path:
         return save_checkpoint(accelerator, checkpoints, step, {}, keep=1, objects=objects)
 
-    if start < config.max_steps:
-        train_lora(
-            transformer, train, config, work, shift, start, optimizer, accelerator, checkpoint
-        )
+    # --select-every N: pause every N steps to evaluate the LoRA so far (dpo/selection.py)
+    preserve = preserve_texts(config, accelerator.device)  # --preserve-captions, encoded once
+    picker = selection.Picker.of(work, config, eval_captions(config, rows, heldout or train))
+    if (begin := start) < config.max_steps:
+        for stop in selection.stops(start, config.max_steps, config.select_every):
+            leg = config.model_copy(update={"max_steps": stop})
+            train_lora(
+                transformer, train, leg, work, shift, begin, optimizer, accelerator, checkpoint,
+                preserve,
+            )  # fmt: skip
+            begin = stop
+            if picker:
+                picker.evaluate(accelerator, transformer, lora_config, stop)
         checkpoint(config.max_steps)
     accelerator.wait_for_everyone()
     transformer = accelerator.unwrap_model(transformer)
+    chosen = picker.pick(transformer) if picker is not None else None
 
     # 5. Held-out accuracy and the diffusers-format LoRA (main process)
     if accelerator.is_main_process:
@@ -363,30 +319,26 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             "lora_alpha": lora_config.lora_alpha,
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
             "guard": guard_summary(metric_rows(work / METRICS)),
+            "selection": chosen,
         }
         with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
             shutil.copy(work / METRICS, writer.path / METRICS)
             # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
-            captions = eval_captions(config, load_samples(table_dir), heldout or train)
-            if config.eval_seeds and captions:
-                evaluation = evaluate_samples(
-                    config.model,
-                    writer.path,
-                    captions,
-                    list(range(config.eval_seeds)),
-                    writer.path,
-                    config.eval_steps,
-                    config.eval_guidance,
-                    config.scorer,
-                    str(accelerator.device),
-                    base_dtype,
-                    config.variant,
-                    config.transformer_file,
-                )
+            captions = eval_captions(config, rows, heldout or train)
+            if config.eval_seeds and (captions or config.offtarget_captions):
+                resolved = config.model_copy(update={"base_dtype": base_dtype})
+                evaluation = evaluate_lora(resolved, writer.path, captions, accelerator.device)
                 summary["sample_eval"] = asdict(evaluation)
+                for grid in evaluation.grids:  # base left, LoRA right
+                    log_image(accelerator, Path(grid).stem, writer.path / grid, config.max_steps)
                 if evaluation.win_rate is not None:
                     summary["sample_win_rate"] = evaluation.win_rate
+                summary["worst_off_target"] = evaluation.worst_off_target
+            final = ("heldout_implicit_acc", "train_implicit_acc", "sample_win_rate")
+            scalars = {f"dpo/{k}": summary[k] for k in final if summary.get(k) is not None}
+            accelerator.log(scalars, step=config.max_steps)
+            finish_trackers(accelerator, work, writer.path)  # OUT/logs (and OUT/wandb) complete
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
             (writer.path / "report.md").write_text(report_markdown(summary))
             # the ingest's rejections, then images the encoder could not encode (`<pair id>.w` / `.l`)

@@ -185,7 +185,7 @@ def _end_to_end_model() -> type[BaseModel]:
     for link in CHAIN:
         section_model = chain_section_model(link.command)
         globals()[section_model.__name__] = section_model  # importable, so it pickles by reference
-        summary = stage(link.command).command.summary
+        summary = stage(link.command).summary
         fields[link.section] = (
             section_model,
             Field(default_factory=section_model, description=summary),

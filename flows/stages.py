@@ -1,7 +1,7 @@
-"""Every stage as a Prefect task and a Prefect flow, made from the `t2i` command table.
+"""Every stage as a Prefect task and a Prefect flow.
 
-Each entry of `flows.cli.COMMANDS` (runner, config model, positional inputs) yields the `t2i`
-subcommand and, here, a flow whose parameters are the positionals plus the stage's pydantic
+Each stage (runner, config model, positional inputs) is a `t2i` subcommand (flows/commands.py)
+and, here, a flow whose parameters are the positionals plus the stage's pydantic
 config model, so the Prefect UI renders the same form the CLI exposes as flags. Prefect
 validates the parameters against the model before the flow starts, so an invalid value fails
 with pydantic's message and no work done. Each stage skips itself when its output is finished
@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,33 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
+from captioning.config import CaptionConfig, InitCaptionerConfig
+from captioning.stage import run_caption
+from captioning.tiny import run_init_captioner
+from curate.config import CurateConfig, DemoDataConfig
+from curate.demo_data import run_demo_data
+from curate.stage import run_curate
 from curate.store import Manifest, fingerprint
+from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
+from dpo.ingest import run_prefs
+from dpo.synthetic import run_make_prefs
+from dpo.trainer import run_dpo
 from flows import artifacts
-from flows.cli import COMMANDS, Command
 from flows.progress import tqdm_progress
+from model.build import run_init_model
+from model.config import (
+    ExportSingleFileConfig,
+    InitModelConfig,
+    LoraConvertConfig,
+    PrecomputeConfig,
+    SampleConfig,
+    TrainConfig,
+)
+from model.lora_formats import run_lora_convert
+from model.precompute import run_precompute
+from model.sampling import run_sample
+from model.single_file import run_export_single_file
+from model.train import run_train
 
 OUTPUT_NAMES = ("output", "out")
 # Stage code is not thread-safe: diffusers loads models under a process-global meta-device
@@ -41,21 +65,23 @@ _STAGE_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage command seen by the orchestrator: what it reads, what it writes, how to run it."""
+    """A stage seen by the orchestrator: what it reads, what it writes, how to run it."""
 
-    command: Command
-
-    @property
-    def name(self) -> str:
-        return self.command.name
+    name: str  # the `t2i` command
+    config_model: type[BaseModel]
+    run: Callable[..., Path]  # run(*inputs, output, config)
 
     @property
-    def config_model(self) -> type[BaseModel]:
-        return self.command.config
+    def summary(self) -> str:
+        return self.config_model.summary
+
+    @property
+    def description(self) -> str:
+        return self.config_model.description
 
     @property
     def positionals(self) -> list[str]:
-        return [name for name, _ in self.command.positionals]
+        return [name for name, _ in self.config_model.positionals]
 
     @property
     def inputs(self) -> list[str]:
@@ -68,16 +94,37 @@ class Stage:
         return Path(config.out)
 
 
+# Every stage the orchestrator runs, in pipeline order (services and the orchestrator itself
+# are `t2i` commands, not stages: flows/commands.py).
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("demo-data", DemoDataConfig, run_demo_data),
+        Stage("init-model", InitModelConfig, run_init_model),
+        Stage("curate", CurateConfig, run_curate),
+        Stage("init-captioner", InitCaptionerConfig, run_init_captioner),
+        Stage("caption", CaptionConfig, run_caption),
+        Stage("precompute", PrecomputeConfig, run_precompute),
+        Stage("train", TrainConfig, run_train),
+        Stage("prefs", IngestPrefsConfig, run_prefs),
+        Stage("make-prefs", MakePrefsConfig, run_make_prefs),
+        Stage("dpo", DPOConfig, run_dpo),
+        Stage("sample", SampleConfig, run_sample),
+        Stage("lora-convert", LoraConvertConfig, run_lora_convert),
+        Stage("export-single-file", ExportSingleFileConfig, run_export_single_file),
+    )
+}
+
+
 def stages() -> dict[str, Stage]:
-    """The stage commands (not the services or the orchestrator), by command name."""
-    return {c.name: Stage(c) for c in COMMANDS if c.flow}
+    """The stages (not the services or the orchestrator), by command name."""
+    return dict(STAGES)
 
 
 def stage(name: str) -> Stage:
-    known = stages()
-    if name not in known:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(known)}")
-    return known[name]
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return STAGES[name]
 
 
 # ---- the one task every stage runs through ------------------------------------------------
@@ -126,9 +173,9 @@ def _run_stage(
     cfg = spec.config_model.model_validate(config)
     output = spec.output_of(arguments, cfg)
     before = fingerprint(output) if output.exists() else None
-    positionals = [arguments[name] for name in spec.positionals]
+    inputs = [arguments[name] for name in spec.inputs]
     with _STAGE_LOCK, tqdm_progress(label):
-        written = Path(spec.command.run(*positionals, config=on_flow_cluster(cfg)) or output)
+        written = Path(spec.run(*inputs, str(output), on_flow_cluster(cfg)) or output)
     skipped = before is not None and before == fingerprint(written)  # the stage skipped itself
     artifacts.publish_stage(label, written)
     result = summary(stage_name, written, skipped=skipped)
@@ -232,9 +279,9 @@ def _flow_function(spec: Stage):
 
     stage_flow.__signature__ = inspect.Signature(parameters, return_annotation=dict)
     stage_flow.__annotations__ = {**{p.name: p.annotation for p in parameters}, "return": dict}
-    args = "\n".join(f"    {name}: {help_text}" for name, help_text in spec.command.positionals)
+    args = "\n".join(f"    {name}: {help}" for name, help in spec.config_model.positionals)
     stage_flow.__doc__ = (
-        f"{spec.command.summary}\n\nArgs:\n{args}\n    config: options of `t2i {spec.name}`\n"
+        f"{spec.summary}\n\nArgs:\n{args}\n    config: options of `t2i {spec.name}`\n"
     )
     stage_flow.__name__ = stage_flow.__qualname__ = spec.name.replace("-", "_") + "_flow"
     return stage_flow
@@ -251,7 +298,7 @@ def stage_flow(name: str):
     _FLOWS[name] = flow(
         _flow_function(spec),
         name=spec.name,
-        description=spec.command.description,
+        description=spec.description,
         validate_parameters=True,
         log_prints=False,
     )

@@ -130,10 +130,11 @@ def trained_t5_length(model_dir: str | Path) -> int | None:
     return int(value) if value else None
 
 
-def run_sample(config: SampleConfig) -> Path:
+def run_sample(output: str | Path, config: SampleConfig) -> Path:
+    """Write one PNG per prompt and seed into OUTPUT (`t2i sample` names it with --out)."""
     reads = {"model": config.model, "lora": config.lora, "prompts": config.prompts}
     reads["transformer_file"] = config.transformer_file
-    with StageRun(config.out, STAGE, config, reads, accounting=False) as run:
+    with StageRun(output, STAGE, config, reads, accounting=False) as run:
         if run.finished:
             return run.skip()
         # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.

@@ -221,14 +221,14 @@ def runner(name: str, kit: dict, out: Path):
         return lambda: run_train(str(kit["encoded"]), str(out), config)
     if name == "prefs":
         from dpo.config import IngestPrefsConfig
-        from dpo.ingest import ingest_prefs
+        from dpo.ingest import run_prefs
 
-        return lambda: ingest_prefs(str(kit["pairs"]), str(out), IngestPrefsConfig())
+        return lambda: run_prefs(str(kit["pairs"]), str(out), IngestPrefsConfig())
     if name == "make-prefs":
         from dpo.config import MakePrefsConfig
-        from dpo.synthetic import make_prefs
+        from dpo.synthetic import run_make_prefs
 
-        return lambda: make_prefs(str(out), MakePrefsConfig(source=str(kit["images"])))
+        return lambda: run_make_prefs(str(out), MakePrefsConfig(source=str(kit["images"])))
     if name == "dpo":
         from dpo.config import DPOConfig
         from dpo.trainer import run_dpo
@@ -244,7 +244,7 @@ def runner(name: str, kit: dict, out: Path):
         config = SampleConfig(
             model=kit["model"], prompt=["a cat"], seed=[1], steps=1, out=str(out), **size
         )
-        return lambda: run_sample(config)
+        return lambda: run_sample(config.out, config)
     raise AssertionError(name)
 
 
