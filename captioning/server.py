@@ -27,7 +27,7 @@ from PIL import Image
 
 from captioning.config import ServeCaptionerConfig
 from captioning.vlm import GenerationSettings, LocalVLM
-from curate.decode import Invalid, decode_image
+from curate.runtime.decode import Invalid, decode_image
 
 
 class RequestError(ValueError):
@@ -285,7 +285,7 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                 self._error(400, f"body is not JSON: {error}")
             except RequestError as error:
                 self._error(error.status, str(error))
-            except Exception as error:  # noqa: BLE001 - a failed generation is the client's 500
+            except Exception as error:  # a failed generation is the client's 500
                 self._error(500, f"generation failed: {type(error).__name__}: {error}")
             finally:
                 server.enter(-1)

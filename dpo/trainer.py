@@ -28,8 +28,8 @@ from accelerate import Accelerator
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.stage_runtime import StageRun
-from curate.store import load_rejected, load_samples
+from curate.runtime.stage_runtime import StageRun
+from curate.runtime.store import load_rejected, load_samples
 from dpo import selection
 from dpo.config import DPOConfig
 from dpo.draws import Pairs, draw, split_heldout, step_generator

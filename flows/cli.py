@@ -158,7 +158,7 @@ def _quiet_libraries() -> None:
 
 def resolve_config(entry: Command, flags: dict[str, Any], config_file: str | None) -> BaseModel:
     """The command's config: the file's values, then the flags over them, validated."""
-    from curate.config_file import read_config_file
+    from curate.runtime.config_file import read_config_file
 
     values = read_config_file(config_file, entry.config) if config_file else {}
     return entry.config.model_validate({**values, **flags})
@@ -179,7 +179,7 @@ def validation_message(error: ValidationError) -> str:
 
 def one_line(error: BaseException) -> str:
     """An expected failure as one line: what happened, and to which file."""
-    from curate.stage_runtime import StageBusy
+    from curate.runtime.stage_runtime import StageBusy
 
     if isinstance(error, ValidationError):
         return f"invalid value: {validation_message(error)}"
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
-    from curate.stage_runtime import overwrite_allowed
+    from curate.runtime.stage_runtime import overwrite_allowed
     from flows.signals import Terminated, stopping_cleanly
 
     try:
@@ -265,7 +265,7 @@ def _expected(error: BaseException) -> bool:
     """Failures a user can cause and fix: bad input, missing or unreadable files, full disks."""
     import tarfile
 
-    from curate.store import StoreError
+    from curate.runtime.store import StoreError
 
     expected = (OSError, MemoryError, ValueError, tarfile.TarError, StoreError, LookupError)
     return isinstance(error, expected)
