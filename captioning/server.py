@@ -285,7 +285,7 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                 self._error(400, f"body is not JSON: {error}")
             except RequestError as error:
                 self._error(error.status, str(error))
-            except Exception as error:  # noqa: BLE001 - a failed generation is the client's 500
+            except Exception as error:  # a failed generation is the client's 500
                 self._error(500, f"generation failed: {type(error).__name__}: {error}")
             finally:
                 server.enter(-1)
@@ -297,9 +297,7 @@ def run_serve_captioner(model: str, config: ServeCaptionerConfig = ServeCaptione
     """Serve until interrupted; the API key, if any, comes from $T2I_SERVER_API_KEY."""
     server = CaptionServer(model, config, api_key=os.environ.get("T2I_SERVER_API_KEY") or None)
     print(f"serving {server.name} at {server.url} (Ctrl-C to stop)", flush=True)
-    try:
+    try:  # Ctrl-C or SIGTERM ends it (`t2i` reports "interrupted" or "terminated")
         server.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.httpd.server_close()

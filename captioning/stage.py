@@ -225,7 +225,7 @@ class ChunkWorker:
                         rows[index]["id"],
                         error=f"undecodable image: {invalid.reason}: {invalid.detail}",
                     )
-                except Exception as error:  # noqa: BLE001 - recorded as the row's failure
+                except Exception as error:  # recorded as the row's failure
                     results[index] = _result(
                         rows[index]["id"],
                         error=f"undecodable image: {type(error).__name__}: {error}",
@@ -302,7 +302,7 @@ def _declared_pixels(row: dict[str, Any]) -> int:
     """Pixels the row's image header declares (nothing decoded); 0 when it will fail to decode."""
     try:
         image = open_image(image_cell(row["image"]))
-    except Exception:  # noqa: BLE001 - fails again, with its reason, when the row is decoded
+    except Exception:  # fails again, with its reason, when the row is decoded
         return 0
     return image.width * image.height
 

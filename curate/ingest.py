@@ -133,7 +133,7 @@ def plan(root: str | Path, files_per_shard: int = FILES_PER_SHARD) -> list[Shard
 def _table_shards(root: Path, kind: str, rel: str) -> list[Shard]:
     try:
         rows = _load_table(root / rel if rel else root, kind).num_rows
-    except Exception as error:  # noqa: BLE001 - a broken saved dataset is one rejected row
+    except Exception as error:  # a broken saved dataset is one rejected row
         return [Shard(kind, rel, files=(f"{type(error).__name__}: {error}",))]
     if rows == 0:
         return []
@@ -551,7 +551,7 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
                 yield _cell_record(f"{name}:{label}", images[i].as_py(), caption, folder, options)
                 rows += 1
             del images, keys, captions
-    except Exception as error:  # noqa: BLE001 - pyarrow raises many types for a broken file
+    except Exception as error:  # pyarrow raises many types for a broken file
         yield _refused(
             name,
             reasons.CORRUPT_SHARD,
