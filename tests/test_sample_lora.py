@@ -80,7 +80,8 @@ def test_a_folder_without_lora_weights_is_refused_with_what_to_pass(
         "--out",
         str(tmp_path / "s"),
     ]
-    assert t2i([*argv, "--lora", str(tmp_path)]) == 1
+    (tmp_path / "no-lora").mkdir()  # apart from OUT: the guard refuses an OUT inside a read
+    assert t2i([*argv, "--lora", str(tmp_path / "no-lora")]) == 1
     assert "t2i dpo" in capsys.readouterr().err
 
 
