@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from curate.executor import ExecutorOptions
+from curate.runtime.executor import ExecutorOptions
 
 # Florence-2's captioning task tokens: its processor expands each into the question it was trained on.
 TASK_TOKENS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")

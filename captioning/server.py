@@ -35,7 +35,7 @@ from PIL import Image
 
 from captioning.config import ServeCaptionerConfig
 from captioning.vlm import GenerationSettings, LocalVLM
-from curate.decode import Invalid, decode_image
+from curate.runtime.decode import Invalid, decode_image
 
 
 class RequestError(ValueError):
@@ -268,7 +268,7 @@ class CaptionServer:
                 text = self.vlm.generate(
                     [image], [prompt], settings, seed=settings.seed, system_prompt=system
                 )[0]
-        except Exception as error:  # noqa: BLE001 - the model's failure, reported as a 500
+        except Exception as error:  # the model's failure, reported as a 500
             raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from None
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -445,7 +445,7 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                 self._error(500, str(error))
             except OSError:
                 self.close_connection = True  # the client went away
-            except Exception as error:  # noqa: BLE001 - a bug here is still an answer, not a hang
+            except Exception as error:  # a bug here is still an answer, not a hang
                 self._error(500, f"internal error: {type(error).__name__}: {error}")
             finally:
                 server.enter(-1)
@@ -457,9 +457,7 @@ def run_serve_captioner(model: str, config: ServeCaptionerConfig = ServeCaptione
     """Serve until interrupted; the API key, if any, comes from $T2I_SERVER_API_KEY."""
     server = CaptionServer(model, config, api_key=os.environ.get("T2I_SERVER_API_KEY") or None)
     print(f"serving {server.name} at {server.url} (Ctrl-C to stop)", flush=True)
-    try:
+    try:  # Ctrl-C or SIGTERM ends it (`t2i` reports "interrupted" or "terminated")
         server.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.httpd.server_close()

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from curate.executor import ExecutorOptions
+from curate.runtime.executor import ExecutorOptions
 
 
 class DemoDataConfig(BaseModel):

@@ -33,10 +33,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from curate import reasons
-from curate.cells import NotText, caption_cell, caption_text, image_cell, inside
-from curate.decode import Invalid
-from curate.store import MANIFEST, SAMPLES
+from curate.runtime import reasons
+from curate.runtime.cells import NotText, caption_cell, caption_text, image_cell, inside
+from curate.runtime.decode import Invalid
+from curate.runtime.store import MANIFEST, SAMPLES
 
 CAPTION_EXTENSIONS = (".txt", ".json", ".caption")
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "bytes")
@@ -138,7 +138,7 @@ def plan(root: str | Path, files_per_shard: int = FILES_PER_SHARD) -> list[Shard
 def _table_shards(root: Path, kind: str, rel: str) -> list[Shard]:
     try:
         rows = _load_table(root / rel if rel else root, kind).num_rows
-    except Exception as error:  # noqa: BLE001 - a broken saved dataset is one rejected row
+    except Exception as error:  # a broken saved dataset is one rejected row
         return [Shard(kind, rel, files=(f"{type(error).__name__}: {error}",))]
     if rows == 0:
         return []
@@ -636,7 +636,7 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
                 yield _cell_record(f"{name}:{label}", images[i].as_py(), caption, folder, options)
                 rows += 1
             del images, keys, captions
-    except Exception as error:  # noqa: BLE001 - pyarrow raises many types for a broken file
+    except Exception as error:  # pyarrow raises many types for a broken file
         yield _refused(
             name,
             reasons.CORRUPT_SHARD,
@@ -648,10 +648,10 @@ def _load_table(path: Path, kind: str):
     import datasets
 
     if kind == "store":
-        from curate.store import load_samples
+        from curate.runtime.store import load_samples
 
         return load_samples(path)
-    from curate.store import load_saved
+    from curate.runtime.store import load_saved
 
     loaded = load_saved(path)
     if isinstance(loaded, datasets.DatasetDict):

@@ -28,12 +28,12 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
-from curate import reasons
-from curate.cells import caption_text, image_cell
-from curate.decode import Invalid, decode_image
 from curate.ingest import read_inside
-from curate.stage_runtime import StageRun, check_output
-from curate.store import Manifest, Rejection, load_samples, load_saved
+from curate.runtime import reasons
+from curate.runtime.cells import caption_text, image_cell
+from curate.runtime.decode import Invalid, decode_image
+from curate.runtime.stage_runtime import StageRun, check_output
+from curate.runtime.store import Manifest, Rejection, load_samples, load_saved
 from dpo.config import IngestPrefsConfig
 
 STAGE = "prefs"

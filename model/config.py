@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from curate.executor import ExecutorOptions
+from curate.runtime.executor import ExecutorOptions
 
 # Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
 # streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second

@@ -23,11 +23,11 @@ from PIL import Image
 
 from captioning.config import CaptionConfig
 from captioning.stage import run_caption
-from curate import reasons
 from curate.config import CurateConfig
-from curate.markdown import escape
+from curate.runtime import reasons
+from curate.runtime.markdown import escape
+from curate.runtime.store import Manifest, StageWriter, load_rejected, load_samples, sample_id
 from curate.stage import run_curate
-from curate.store import Manifest, StageWriter, load_rejected, load_samples, sample_id
 from dpo.config import IngestPrefsConfig, MakePrefsConfig
 from dpo.ingest import run_prefs
 from dpo.synthetic import run_make_prefs

@@ -37,7 +37,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.redact import strip_credentials
+from curate.runtime.redact import strip_credentials
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples"
@@ -193,7 +193,7 @@ def check_saved_dataset(path: str | os.PathLike) -> None:
     folder, so `../../x.arrow` or an absolute name would read anything on the machine; the same
     holds for the split names of a DatasetDict. Each must be a plain name that resolves (links
     followed) inside the folder."""
-    from curate.cells import inside
+    from curate.runtime.cells import inside
 
     root = Path(path)
     if (root / "dataset_dict.json").is_file():
