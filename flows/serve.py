@@ -69,6 +69,17 @@ def title(flow_name: str, name: str = "t2i") -> str:
     return TITLES.get(flow_name, flow_name) + ("" if name == "t2i" else f" - {name}")
 
 
+def without_none(parameters: dict[str, Any]) -> dict[str, Any]:
+    """PARAMETERS without the fields left at None, at any depth: the end_to_end form shows
+    optional fields with their own type and no null branch, and the server checks a
+    deployment's parameters against that schema (an absent field takes its default)."""
+    return {
+        key: without_none(value) if isinstance(value, dict) else value
+        for key, value in parameters.items()
+        if value is not None
+    }
+
+
 def deployments(config: ServeConfig) -> list:
     """One deployment per stage flow plus end_to_end, titled by what it does (`TITLES`), tagged
     with config.name."""
@@ -82,7 +93,9 @@ def deployments(config: ServeConfig) -> list:
                 "base_model": config.base_model,
                 "captioner": config.captioner,
             }
-            parameters = end_to_end_defaults(str(Path(config.workdir).resolve()), config.kit, **top)
+            parameters = without_none(
+                end_to_end_defaults(str(Path(config.workdir).resolve()), config.kit, **top)
+            )
         result.append(
             with_runner(flow, config.dask_address).to_deployment(
                 name=title(name, config.name),

@@ -218,6 +218,8 @@ def test_deployments_are_titled_by_what_they_do_with_the_recipe_first():
     from flows.serve import deployments
 
     served = deployments(ServeConfig())
+    recipe = served[0].parameters  # the server checks them against the null-free form
+    assert recipe["recipe"]["fine_tune"] == "full" and "None" not in repr(recipe)
     names = [d.name for d in served]
     assert len(set(names)) == len(names) and "t2i" not in names
     assert sorted(names)[0] == served[0].name and served[0].flow_name == "end_to_end"
