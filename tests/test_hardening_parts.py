@@ -507,6 +507,8 @@ def test_a_deeply_nested_json_sidecar_is_one_rejection_not_a_recursion_error(tmp
     (tmp_path / "y.json").write_text(nested)
     got = {r.key: (r.refused, r.caption) for r in read_records(tmp_path)}
     assert got["x.png"][0] == reasons.BAD_CAPTION
+    detail = next(r.detail for r in read_records(tmp_path) if r.key == "x.png")
+    assert "nests 100000 levels deep, over the limit of 64" in detail
     assert got["y.png"] == ("", "")  # at the limit: parsed (the caption is not at the top)
 
 
