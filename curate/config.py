@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from curate.executor import ExecutorOptions
+from curate.runtime.executor import ExecutorOptions
 
 
 class DemoDataConfig(BaseModel):
@@ -62,6 +62,12 @@ class CurateConfig(ExecutorOptions):
         16_384,
         ge=1,
         description="reject a sample whose caption (sidecar file or table cell) is longer than this many bytes of UTF-8",
+    )
+    max_image_bytes: int = Field(
+        256 << 20,
+        ge=1,
+        description="reject an image file, tar member or table cell larger than this many bytes, "
+        "before it is read (a tar member is checked from its header)",
     )
     allow_path_cells: bool = Field(
         False,

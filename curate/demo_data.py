@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from curate import reasons
-from curate.store import sample_id
+from curate.runtime import reasons
+from curate.runtime.store import sample_id
 
 FORMATS = ("folder", "webdataset", "parquet")
 TRUTH_FILE = "DEMO_TRUTH.json"
@@ -34,7 +34,7 @@ class DemoSample:
     ext: str
     data: bytes
     caption: str
-    expect: str  # "keep" or a rejection reason from curate.reasons
+    expect: str  # "keep" or a rejection reason from curate.runtime.reasons
     group: str = ""  # near-duplicate group: every member shares the original's key
 
     @property
@@ -340,7 +340,7 @@ def _write_parquet(output: Path, samples: list[DemoSample], shard_size: int) -> 
 def run_demo_data(output: str, config) -> Path:
     """`t2i demo-data`: see flows/cli.py. A rerun that would write the same files leaves OUTPUT
     untouched, so the stages reading it see no change and skip."""
-    from curate.stage_runtime import generate
+    from curate.runtime.stage_runtime import generate
 
     return generate(
         output,

@@ -26,10 +26,11 @@ from typing import Any
 
 from PIL import Image
 
-from curate import ingest, reasons
+from curate import ingest
 from curate.config import CurateConfig
 from curate.ingest import IngestOptions, Record, Shard
-from curate.store import WorkLog, sample_id
+from curate.runtime import reasons
+from curate.runtime.store import WorkLog, sample_id
 
 LEDGER = "shards.jsonl"  # in the work log's folder: one line per finished shard
 
@@ -57,7 +58,9 @@ def chunk_name(shard: int, chunk: int) -> str:
 
 
 def ingest_options(config: CurateConfig) -> IngestOptions:
-    return IngestOptions(config.max_caption_bytes, config.allow_path_cells)
+    return IngestOptions(
+        config.max_caption_bytes, config.allow_path_cells, max_image_bytes=config.max_image_bytes
+    )
 
 
 def files_per_shard(config: CurateConfig) -> int:

@@ -25,12 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from curate import ingest, reasons
+from curate import ingest
 from curate.config import CurateConfig
-from curate.executor import EXECUTION_FIELDS, Setup, executor_for
+from curate.runtime import reasons
+from curate.runtime.executor import EXECUTION_FIELDS, Setup, executor_for
+from curate.runtime.stage_runtime import StageRun, check_output, local_path
+from curate.runtime.store import Rejection, WorkLog, params_hash
 from curate.shards import ChunkDone, Ledger, ShardTask, files_per_shard, score_shard
-from curate.stage_runtime import StageRun, check_output, local_path
-from curate.store import Rejection, WorkLog, params_hash
 
 STAGE = "curate"
 # Options that change how fast the work runs, never what it produces.

@@ -243,8 +243,8 @@ def evaluate_lora(config, lora_dir, captions: Sequence[str], device) -> SampleEv
 
 
 def _cell(text: str, limit: int | None = 120) -> str:
-    """A caption or message as inert one-line markdown (curate/markdown.py)."""
-    from curate.markdown import escape
+    """A caption or message as inert one-line markdown (curate/runtime/markdown.py)."""
+    from curate.runtime.markdown import escape
 
     return escape(text, limit=limit)
 

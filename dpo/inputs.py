@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curate.store import Manifest, fingerprint, params_hash
+from curate.runtime.store import Manifest, fingerprint, params_hash
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.ingest import STAGE as PREFS_STAGE
 from dpo.ingest import run_prefs

@@ -19,10 +19,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from curate import reasons
-from curate.decode import Invalid, decode_image
 from curate.ingest import IngestOptions, read_records
-from curate.stage_runtime import StageRun
+from curate.runtime import reasons
+from curate.runtime.decode import Invalid, decode_image
+from curate.runtime.stage_runtime import StageRun
 from dpo.config import MakePrefsConfig
 
 STAGE = "make-prefs"
@@ -88,7 +88,7 @@ def source_images(folder: Path, skipped: dict[str, str]) -> Iterator[tuple[str, 
             skipped[record.key] = f"{record.refused}: {record.detail}"
             continue
         try:
-            image = decode_image(record.data)  # under curate.decode's pixel cap
+            image = decode_image(record.data)  # under curate.runtime.decode's pixel cap
         except Invalid as invalid:
             skipped[record.key] = f"{invalid.reason}: {invalid.detail}"
             continue

@@ -18,8 +18,8 @@ from pathlib import Path
 from PIL import Image
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from curate.markdown import escape  # every value from data or a path is inert markdown
-from curate.store import REJECTED, Manifest
+from curate.runtime.markdown import escape  # every value from data or a path is inert markdown
+from curate.runtime.store import REJECTED, Manifest
 from flows.progress import artifact_key
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}

@@ -158,7 +158,7 @@ def _quiet_libraries() -> None:
 
 def resolve_config(entry: Command, flags: dict[str, Any], config_file: str | None) -> BaseModel:
     """The command's config: the file's values, then the flags over them, validated."""
-    from curate.config_file import read_config_file
+    from curate.runtime.config_file import read_config_file
 
     values = read_config_file(config_file, entry.config) if config_file else {}
     return entry.config.model_validate({**values, **flags})
@@ -179,7 +179,7 @@ def validation_message(error: ValidationError) -> str:
 
 def one_line(error: BaseException) -> str:
     """An expected failure as one line: what happened, and to which file."""
-    from curate.stage_runtime import StageBusy
+    from curate.runtime.stage_runtime import StageBusy
 
     if isinstance(error, ValidationError):
         return f"invalid value: {validation_message(error)}"
@@ -235,16 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
-    from curate.stage_runtime import overwrite_allowed
+    from curate.runtime.stage_runtime import overwrite_allowed
+    from flows.signals import Terminated, stopping_cleanly
 
     try:
-        with overwrite_allowed(overwrite):
+        with stopping_cleanly(), overwrite_allowed(overwrite):  # SIGINT/SIGTERM stop it all
             result = entry.run(*entry.arguments(positionals, config), config)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        print(f"t2i {entry.name}: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(stop, Terminated)
+        print(f"t2i {entry.name}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as error:
         if debug:
             raise
@@ -263,7 +265,7 @@ def _expected(error: BaseException) -> bool:
     """Failures a user can cause and fix: bad input, missing or unreadable files, full disks."""
     import tarfile
 
-    from curate.store import StoreError
+    from curate.runtime.store import StoreError
 
     expected = (OSError, MemoryError, ValueError, tarfile.TarError, StoreError, LookupError)
     return isinstance(error, expected)

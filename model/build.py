@@ -331,7 +331,7 @@ def check_single_file(path: Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
-    except Exception as error:  # noqa: BLE001 - any unreadable header
+    except Exception as error:  # any unreadable header
         raise ModelFolderError(
             f"{path} is not a readable safetensors file ({_one_line(error)})"
         ) from None
@@ -399,7 +399,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def run_init_model(output: str, config) -> Path:
     """`t2i init-model`: see flows/cli.py."""
-    from curate.stage_runtime import write_folder
+    from curate.runtime.stage_runtime import write_folder
 
     return write_folder(
         output, "init-model", config, lambda path: init_model(path, config.preset, config.seed)

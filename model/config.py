@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from curate.executor import ExecutorOptions
+from curate.runtime.executor import ExecutorOptions
 
 # Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
 # streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second
@@ -224,6 +224,11 @@ class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (SD3: 1e-4)")
     warmup_steps: int = Field(
         1000, ge=0, description="linear learning-rate warmup steps, then constant (SD3: 1000)"
+    )
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="the learning rate after the warmup: constant (SD3), or a cosine / linear decay "
+        "to 0 at --max-steps",
     )
     adam_beta1: float = Field(0.9, description="AdamW beta1")
     adam_beta2: float = Field(0.999, description="AdamW beta2")

@@ -12,7 +12,7 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from curate.stage_runtime import StageRun
+from curate.runtime.stage_runtime import StageRun
 from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
 from model.lora import load_into_pipeline, read_lora_for

@@ -19,8 +19,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from curate.seeds import seed_unit
-from curate.store import Manifest, library_versions
+from curate.runtime.seeds import seed_unit
+from curate.runtime.store import Manifest, library_versions
 
 # FlowMatchEulerDiscreteScheduler's own default: what a scheduler config without `shift` samples with.
 SCHEDULER_DEFAULT_SHIFT = 1.0

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from curate.stage_runtime import StageRun
+from curate.runtime.stage_runtime import StageRun
 from model.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from model.config import TrainConfig
 from model.ema import EMA
@@ -111,7 +111,7 @@ def _train(
         transformer.parameters(), config, fused=device.type in ("cpu", "cuda")
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        raw_optimizer, warmup_schedule(config.warmup_steps)
+        raw_optimizer, warmup_schedule(config.warmup_steps, config.lr_schedule, config.max_steps)
     )
     transformer, optimizer = accelerator.prepare(transformer, raw_optimizer)
     if config.compile:

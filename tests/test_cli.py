@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from curate.stage_runtime import StageBusy
-from curate.store import StoreError
+from curate.runtime.stage_runtime import StageBusy
+from curate.runtime.store import StoreError
 from flows.cli import build_parser, main
 from flows.commands import stage_commands
 

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate import reasons
-from curate.store import Manifest, load_rejected, load_samples
+from curate.runtime import reasons
+from curate.runtime.store import Manifest, load_rejected, load_samples
 from dpo.config import IngestPrefsConfig
 from dpo.ingest import pair_id, run_prefs
 
@@ -111,7 +111,7 @@ def test_unknown_columns_give_an_error_that_names_the_expected_layouts(tmp_path)
 
 
 def test_make_prefs_from_a_stage_output_gives_winners_the_attribute_the_losers_lack(tmp_path):
-    from curate.store import StageWriter, sample_id
+    from curate.runtime.store import StageWriter, sample_id
     from dpo.config import MakePrefsConfig
     from dpo.synthetic import attribute_score, run_make_prefs
 

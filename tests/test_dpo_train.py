@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from curate import reasons
-from curate.store import Manifest, load_rejected
+from curate.runtime import reasons
+from curate.runtime.store import Manifest, load_rejected
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.trainer import run_dpo
 from flows.cli import main as t2i

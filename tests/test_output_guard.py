@@ -1,4 +1,4 @@
-"""The output guard (curate/stage_runtime.py: check_output), through the real command line.
+"""The output guard (curate/runtime/stage_runtime.py: check_output), through the real command line.
 
 No command deletes what it did not write: OUT may not be, lie inside or contain what the stage
 reads; a file is never an OUT; a non-empty folder the pipeline did not write is refused, even
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate.stage_runtime import OWNER_FILE, OutputRefused, check_output, overwrite_allowed
+from curate.runtime.stage_runtime import OWNER_FILE, OutputRefused, check_output, overwrite_allowed
 from flows.cli import COMMANDS, main
 
 CHEAP = ["--nsfw-detector", "none", "--aesthetic-scorer", "none", "--workers", "1"]

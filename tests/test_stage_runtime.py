@@ -1,4 +1,4 @@
-"""The stage contract (curate/stage_runtime.py): lock, fingerprints of everything read, skip,
+"""The stage contract (curate/runtime/stage_runtime.py): lock, fingerprints of everything read, skip,
 config.toml, the input = kept + rejected check; and, for every runner, that it skips finished
 work and is refused while another process holds its output."""
 
@@ -16,10 +16,16 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from train_sets import shapes_encoded
 
-from curate.config_file import read_config_file
-from curate.seeds import seed_int, seed_unit
-from curate.stage_runtime import LOCK_WAIT_ENV, StageBusy, StageRun, UnbalancedOutput, lock_path
-from curate.store import Manifest, Rejection, load_samples
+from curate.runtime.config_file import read_config_file
+from curate.runtime.seeds import seed_int, seed_unit
+from curate.runtime.stage_runtime import (
+    LOCK_WAIT_ENV,
+    StageBusy,
+    StageRun,
+    UnbalancedOutput,
+    lock_path,
+)
+from curate.runtime.store import Manifest, Rejection, load_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = datasets.Features({"id": datasets.Value("string")})

@@ -42,8 +42,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from curate.config_file import CONFIG_FILE, config_toml
-from curate.store import (
+from curate.runtime.config_file import CONFIG_FILE, config_toml
+from curate.runtime.store import (
     MANIFEST,
     REJECTED,
     SAMPLES,
@@ -150,7 +150,7 @@ def output_owner(output: Path) -> tuple[str | None, set[str] | None]:
 def check_output(
     output: str | os.PathLike,
     stage: str,
-    reads: Mapping[str, str | os.PathLike | None] = {},  # noqa: B006 - read only
+    reads: Mapping[str, str | os.PathLike | None] = {},  # read only
 ) -> Path:
     """Refuse, in one line, an OUT whose writing could lose data; return its real path.
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from curate.redact import strip_credentials
+from curate.runtime.redact import strip_credentials
 
 try:
     import tomllib
