@@ -59,7 +59,9 @@ def chunk_name(shard: int, chunk: int) -> str:
 
 
 def ingest_options(config: CurateConfig) -> IngestOptions:
-    return IngestOptions(config.max_caption_bytes, config.allow_path_cells)
+    return IngestOptions(
+        config.max_caption_bytes, config.allow_path_cells, max_image_bytes=config.max_image_bytes
+    )
 
 
 def files_per_shard(config: CurateConfig) -> int:

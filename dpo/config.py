@@ -242,9 +242,14 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
         description="cpu, cuda, ...; default: what accelerate picks (one GPU per process; use "
         "`accelerate launch` for several, CUDA_VISIBLE_DEVICES to choose)",
     )
-    base_dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32",
-        description="dtype of the frozen base transformer: fp32, fp16 or bf16 (the LoRA stays fp32)",
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast precision; auto = bf16 on a GPU that supports it, else none (fp32 on CPU)",
+    )
+    base_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="dtype of the frozen base transformer (the LoRA stays fp32); auto = the autocast "
+        "precision: bf16 on GPUs (half the memory of fp32, docs/gpu.md), fp32 without autocast (CPU)",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute the transformer's activations in backward to save memory"

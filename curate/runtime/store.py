@@ -165,10 +165,74 @@ def require_store(directory: str | os.PathLike) -> Manifest:
     return manifest
 
 
+STATE_MAX_BYTES = 1 << 20  # a state.json or dataset_dict.json larger than this is not one
+
+
+def _small_json(path: Path) -> Any:
+    if path.stat().st_size > STATE_MAX_BYTES:
+        raise StoreError(f"{path} is {path.stat().st_size} bytes; not a saved dataset's metadata")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, RecursionError) as error:
+        raise StoreError(f"{path} is not valid JSON: {error}") from None
+
+
+def check_saved_dataset(path: str | os.PathLike) -> None:
+    """Refuse a saved dataset whose metadata names files outside its folder.
+
+    `datasets.load_from_disk` opens every `_data_files[].filename` of state.json joined to the
+    folder, so `../../x.arrow` or an absolute name would read anything on the machine; the same
+    holds for the split names of a DatasetDict. Each must be a plain name that resolves (links
+    followed) inside the folder."""
+    from curate.runtime.cells import inside
+
+    root = Path(path)
+    if (root / "dataset_dict.json").is_file():
+        splits = _small_json(root / "dataset_dict.json")
+        names = splits.get("splits") if isinstance(splits, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise StoreError(f"{root / 'dataset_dict.json'} has no list of split names")
+        for name in names:
+            _plain_inside(root, name, "split")
+            check_saved_dataset(root / name)
+        return
+    state_path = root / "state.json"
+    if not state_path.is_file():
+        return  # load_from_disk says what is missing
+    state = _small_json(state_path)
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(files, list):
+        raise StoreError(f"{state_path} has no list of data files (_data_files)")
+    for entry in files:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            raise StoreError(f"{state_path}: a data file entry has no file name")
+        _plain_inside(root, name, "data file")
+        if not inside(root / name, root):
+            raise StoreError(
+                f"{state_path} names the data file {name!r}, a link leading outside {root}; not read"
+            )
+
+
+def _plain_inside(root: Path, name: str, what: str) -> None:
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or len(parts) != 1:
+        raise StoreError(
+            f"{root} names the {what} {name!r}, outside its folder; not read "
+            "(a saved dataset reads only files inside itself)"
+        )
+
+
+def load_saved(path: str | os.PathLike) -> datasets.Dataset | datasets.DatasetDict:
+    """`datasets.load_from_disk` of a folder, after `check_saved_dataset`."""
+    check_saved_dataset(path)
+    return datasets.load_from_disk(str(path))
+
+
 def load_samples(directory: str | os.PathLike) -> datasets.Dataset:
     """The sample table of a finished stage output, memory-mapped."""
     require_store(directory)
-    return datasets.load_from_disk(str(Path(directory) / SAMPLES))
+    return load_saved(Path(directory) / SAMPLES)
 
 
 def load_rows(
