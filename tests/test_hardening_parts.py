@@ -21,7 +21,8 @@ from curate.runtime.cells import caption_cell, image_cell
 from curate.runtime.decode import Invalid, check, decode_image
 from curate.runtime.markdown import escape, fenced
 from curate.runtime.redact import strip_credentials
-from curate.runtime.store import Manifest, StageWriter
+from curate.runtime.store import Manifest
+from curate.runtime.store_writer import StageWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
