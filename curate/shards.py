@@ -30,7 +30,8 @@ from curate import ingest
 from curate.config import CurateConfig
 from curate.ingest import IngestOptions, Record, Shard
 from curate.runtime import reasons
-from curate.runtime.store import WorkLog, sample_id
+from curate.runtime.store import sample_id
+from curate.runtime.store_writer import WorkLog
 
 LEDGER = "shards.jsonl"  # in the work log's folder: one line per finished shard
 

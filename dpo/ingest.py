@@ -32,7 +32,8 @@ from curate.ingest import read_inside
 from curate.runtime import reasons
 from curate.runtime.cells import caption_text, image_cell
 from curate.runtime.decode import Invalid, decode_image
-from curate.runtime.stage_runtime import StageRun, check_output
+from curate.runtime.output_guard import check_output
+from curate.runtime.stage_runtime import StageRun
 from curate.runtime.store import Manifest, Rejection, load_samples, load_saved
 from dpo.config import IngestPrefsConfig
 

@@ -26,7 +26,8 @@ from captioning.stage import run_caption
 from curate.config import CurateConfig
 from curate.runtime import reasons
 from curate.runtime.markdown import escape
-from curate.runtime.store import Manifest, StageWriter, load_rejected, load_samples, sample_id
+from curate.runtime.store import Manifest, load_rejected, load_samples, sample_id
+from curate.runtime.store_writer import StageWriter
 from curate.stage import run_curate
 from dpo.config import IngestPrefsConfig, MakePrefsConfig
 from dpo.ingest import run_prefs

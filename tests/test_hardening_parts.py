@@ -21,7 +21,8 @@ from curate.runtime.cells import caption_cell, image_cell
 from curate.runtime.decode import Invalid, check, decode_image
 from curate.runtime.markdown import escape, fenced
 from curate.runtime.redact import strip_credentials
-from curate.runtime.store import Manifest, StageWriter
+from curate.runtime.store import Manifest
+from curate.runtime.store_writer import StageWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -507,6 +508,8 @@ def test_a_deeply_nested_json_sidecar_is_one_rejection_not_a_recursion_error(tmp
     (tmp_path / "y.json").write_text(nested)
     got = {r.key: (r.refused, r.caption) for r in read_records(tmp_path)}
     assert got["x.png"][0] == reasons.BAD_CAPTION
+    detail = next(r.detail for r in read_records(tmp_path) if r.key == "x.png")
+    assert "nests 100000 levels deep, over the limit of 64" in detail
     assert got["y.png"] == ("", "")  # at the limit: parsed (the caption is not at the top)
 
 

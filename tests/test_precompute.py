@@ -15,14 +15,8 @@ import torch
 from PIL import Image
 
 from curate.runtime import reasons
-from curate.runtime.store import (
-    Manifest,
-    StageWriter,
-    StoreError,
-    fingerprint,
-    load_rejected,
-    load_samples,
-)
+from curate.runtime.store import Manifest, StoreError, fingerprint, load_rejected, load_samples
+from curate.runtime.store_writer import StageWriter
 from model.buckets import make_buckets
 from model.build import load_pipeline
 from model.conditioning import TextEncoding, joint_condition
