@@ -37,16 +37,17 @@ from curate.runtime.cells import image_cell
 from curate.runtime.decode import Invalid, decode_image, open_image, plain_format
 from curate.runtime.executor import EXECUTION_FIELDS, Setup, executor_for
 from curate.runtime.markdown import escape, fenced
-from curate.runtime.stage_runtime import StageRun, check_output, local_path
+from curate.runtime.output_guard import check_output
+from curate.runtime.stage_runtime import StageRun, local_path
 from curate.runtime.store import (
     Manifest,
     StoreError,
-    WorkLog,
     load_rows,
     load_samples,
     params_hash,
     require_store,
 )
+from curate.runtime.store_writer import WorkLog
 
 STAGE = "caption"
 # Options that change how the work is scheduled, never a caption.

@@ -131,10 +131,12 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
         "keep them apart from --offtarget-captions, which judge what was not trained on",
     )
     preserve_weight: float = Field(
-        0.0,
+        3.0,
         ge=0.0,
         description="weight of that preservation term, + weight * beta/2 * mean((1 - t)^2 "
-        "(v_lora - v_base)^2) on --preserve-captions; 0 = off",
+        "(v_lora - v_base)^2) on --preserve-captions (measured: benchmarks/RESULTS.md, issue 20: "
+        "1 let prompts of the preferred colour drift up to +0.21, 10 halved the intended movement); "
+        "acts only with --preserve-captions; 0 = off",
     )
     lr: float = Field(
         1e-4,

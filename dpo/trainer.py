@@ -233,6 +233,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             resolution,
             config.max_sequence_length,
             device=str(accelerator.device),
+            compute_dtype=base_dtype,  # the encoders in 16 bits on a GPU (T5-XXL: 9.5 GB, not 19)
             variant=config.variant,
         )
     train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
@@ -320,6 +321,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
             "guard": guard_summary(metric_rows(work / METRICS)),
             "selection": chosen,
+            "preserve_captions": len(config.preserve_captions) if config.preserve_weight else 0,
         }
         with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)

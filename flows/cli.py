@@ -179,7 +179,7 @@ def validation_message(error: ValidationError) -> str:
 
 def one_line(error: BaseException) -> str:
     """An expected failure as one line: what happened, and to which file."""
-    from curate.runtime.stage_runtime import StageBusy
+    from curate.runtime.output_lock import StageBusy
 
     if isinstance(error, ValidationError):
         return f"invalid value: {validation_message(error)}"
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
-    from curate.runtime.stage_runtime import overwrite_allowed
+    from curate.runtime.output_guard import overwrite_allowed
     from flows.signals import Terminated, stopping_cleanly
 
     try:
