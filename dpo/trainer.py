@@ -49,6 +49,7 @@ from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
+from model.lora_train import lora_alpha
 from model.objective import flow_loss
 from model.toolbox import (
     NonFiniteLossError,
@@ -203,7 +204,7 @@ def train_lora(
                 raise NonFiniteLossError(
                     f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
                     f"stopped before applying it. Checkpoints in {work} hold the last good state: lower "
-                    "--lr or --beta (or use --base-dtype fp32) and rerun"
+                    "--lr or --beta (or use --lora-base-dtype fp32) and rerun"
                 )
             loss = terms.loss / config.grad_accum
             accelerator.backward(loss) if accelerator is not None else loss.backward()
@@ -265,9 +266,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     work = run.work_log(ignore=NOT_IN_RUN_KEY).path
     root = work.parent  # the hidden .OUT.work/: the preference table and its encodings
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(
-        config.device
-    )  # no autocast: an fp32 LoRA on the --base-dtype base
+    accelerator = make_accelerator(config.device)  # no autocast: an fp32 LoRA on the frozen base
 
     # 1. Preferences, encoded once into the pre-encoding shard format and streamed from disk
     resolution = config.resolution or native_resolution(config.model)
@@ -278,7 +277,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             table_dir,
             encoded_pairs_dir(root, table_dir, config, resolution),
             resolution,
-            config.max_sequence_length,
+            config.t5_length,
             device=str(accelerator.device),
             variant=config.variant,
         )
@@ -289,16 +288,15 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     transformer = load_transformer(
         config.model,
         accelerator.device,
-        parse_dtype(config.base_dtype),
+        parse_dtype(config.frozen_base_dtype()),
         config.variant,
         config.transformer_file,
     )
     if config.init_lora:
         lora_config = add_init_lora(transformer, config.init_lora, config.model, config.seed)
     else:
-        lora_config = add_lora(
-            transformer, config.rank, config.alpha, config.target_modules, config.seed
-        )
+        alpha = lora_alpha(config)
+        lora_config = add_lora(transformer, config.lora_rank, alpha, config.lora_targets, config.seed)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(
@@ -309,7 +307,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
 
     # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
     checkpoints = work / "checkpoints"
-    resume_from = resolve_resume(checkpoints, "latest" if config.resume else None)
+    resume_from = resolve_resume(checkpoints, config.resume)
     start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
     if accelerator.is_main_process:
         if resume_from is not None:
@@ -370,7 +368,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
                     config.eval_guidance,
                     config.scorer,
                     str(accelerator.device),
-                    config.base_dtype,
+                    config.frozen_base_dtype(),
                     config.variant,
                     config.transformer_file,
                 )

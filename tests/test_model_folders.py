@@ -209,8 +209,8 @@ def test_dpo_runs_on_a_t5_less_fp16_folder(kinds, demo_folder, tmp_path, t2i):
     config = DPOConfig(
         model=str(model),
         variant="fp16",
-        rank=2,
-        alpha=2,
+        lora_rank=2,
+        lora_alpha=2,
         batch_size=2,
         max_steps=2,
         resolution=32,
