@@ -3,55 +3,19 @@
 `transformers` runs a local VLM folder in this process, in batches; `openai` sends each request
 to an OpenAI-compatible chat-completions server (captioning/openai_client.py). A backend answers
 every request, with text or with the reason it failed; one bad row never sinks its batch.
+What a backend is asked and answers is captioning/protocol.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-from PIL import Image
 
 from captioning.config import CaptionConfig
+from captioning.openai_client import OpenAIBackend
 from captioning.prompts import load_template
-from captioning.vlm import GenerationSettings, LocalVLM, batch_seed
-
-
-@dataclass
-class Request:
-    key: str  # the row's id
-    image: Image.Image  # decoded, RGB
-    prompt: str
-    source_bytes: bytes = b""  # the stored image file, sent as-is where the format allows
-    source_format: str | None = None  # PIL's name for it: JPEG, PNG, ...
-
-
-@dataclass
-class Answer:
-    text: str | None = None
-    error: str | None = None
-
-
-Progress = Callable[[int], None]
-
-
-class Backend(Protocol):
-    def caption(self, requests: list[Request], progress: Progress) -> list[Answer]: ...
-
-    def close(self) -> None: ...
-
-
-def settings_from(config: CaptionConfig) -> GenerationSettings:
-    return GenerationSettings(
-        max_new_tokens=config.max_new_tokens,
-        do_sample=config.do_sample,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        seed=config.seed,
-    )
+from captioning.protocol import Answer, Backend, Progress, Request, settings_from
+from captioning.vlm import LocalVLM, batch_seed
 
 
 def model_identity(config: CaptionConfig) -> dict[str, str]:
@@ -122,7 +86,5 @@ class TransformersBackend:
 
 def make_backend(config: CaptionConfig) -> Backend:
     if config.backend == "openai":
-        from captioning.openai_client import OpenAIBackend
-
         return OpenAIBackend(config)
     return TransformersBackend(config)

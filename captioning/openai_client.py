@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from captioning.backends import Answer, Progress, Request, settings_from
 from captioning.config import CaptionConfig
+from captioning.protocol import Answer, Progress, Request, settings_from
 from curate.redact import strip_url
 
 PASSTHROUGH_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}

@@ -27,17 +27,11 @@ import datasets
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from captioning.backends import (
-    Answer,
-    Backend,
-    Request,
-    make_backend,
-    model_identity,
-    settings_from,
-)
+from captioning.backends import make_backend, model_identity
 from captioning.cleaning import TokenBudget, clean_caption, make_budget
 from captioning.config import CaptionConfig
 from captioning.prompts import load_template, render
+from captioning.protocol import Answer, Backend, Request, settings_from
 from curate import reasons
 from curate.cells import image_cell
 from curate.decode import Invalid, decode_image, open_image, plain_format

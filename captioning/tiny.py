@@ -8,31 +8,17 @@ folder, so tests and the demo exercise the real captioning path. Random weights 
 word salad; the stage's cleaning and truncation treat it like any other answer.
 
 The other presets, tiny-florence2 and tiny-qwen2vl, are built in captioning/tiny_florence2.py
-and captioning/tiny_qwen2vl.py with this module's tokenizer.
+and captioning/tiny_qwen2vl.py with the same tokenizer (captioning/tiny_tokenizer.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from captioning import tiny_florence2, tiny_qwen2vl
 from captioning.config import InitCaptionerConfig
-
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
-
-# Words that prompts and captions use, so the word salad reads as words.
-WORDS = """
-a an the of and with in on at to from by for is are its this that there one two three
-image picture photo photograph painting scene view close up top side front background
-small large old young man woman person people face portrait astronaut suit flag space rocket
-sky cloud cup coffee table cat dog fur eyes grey black white red green blue yellow orange
-brown dark light bright colour colours texture textures shape star galaxy telescope retina
-camera tripod building city street tree flower garden temple roof motorcycle book coin horse
-grass rock water sea mountain snow sun night day standing sitting holding wearing looking
-near behind under above left right center describe detail detailed description paragraph
-main subject what it doing setting composition style very manner original caption which may
-be incomplete or inaccurate keep names facts only where agrees them user assistant shows
-""".split()  # noqa: SIM905
+from captioning.tiny_tokenizer import IMAGE_TOKEN, MAX_LENGTH, build_tokenizer
+from curate.stage_runtime import write_folder
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | upper }}: "
@@ -49,52 +35,8 @@ TINY = {
     "patch_size": 8,
     "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
     "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 1024},
+             "num_key_value_heads": 2, "max_position_embeddings": MAX_LENGTH},
 }  # fmt: skip
-
-
-def build_tokenizer(
-    specials: tuple[str, ...] = SPECIAL_TOKENS,
-    pad: str = "<pad>",
-    bos: str | None = "<s>",
-    eos: str = "</s>",
-    image_token: str = IMAGE_TOKEN,
-    extra_chars: str = "",
-):
-    """A WordPiece tokenizer over WORDS plus single characters: any text tokenizes, same ids everywhere.
-
-    `specials` come first (ids 0..n-1) and are never split; `image_token` is exposed as the
-    tokenizer's `image_token` (the attribute multimodal processors read).
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(
-        set("".join(WORDS))
-        | set("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&")
-        | set(extra_chars)
-    )
-    vocab: dict[str, int] = {}
-    for token in [*specials, "<unk>", *sorted(set(WORDS)), *chars, *("##" + c for c in chars)]:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=100))
-    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    backend.decoder = decoders.WordPiece()
-    named = {pad, eos, image_token, *([bos] if bos else [])}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=pad,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": image_token},
-        additional_special_tokens=[t for t in specials if t not in named and t != "<unk>"],
-        padding_side="left",  # decoder-only batched generation pads on the left
-        model_max_length=TINY["text"]["max_position_embeddings"],
-    )
 
 
 def build_tiny_captioner(seed: int = 0):
@@ -151,12 +93,8 @@ def init_captioner(output: str | Path, preset: str = "tiny", seed: int = 0) -> P
         raise ValueError(f"unknown captioner preset {preset!r}; choose one of {', '.join(PRESETS)}")
     output = Path(output)
     if preset == "tiny-qwen2vl":
-        from captioning import tiny_qwen2vl
-
         return tiny_qwen2vl.save(output, seed)
     if preset == "tiny-florence2":
-        from captioning import tiny_florence2
-
         model, processor = tiny_florence2.build(seed)
     else:
         model, processor = build_tiny_captioner(seed)
@@ -167,8 +105,6 @@ def init_captioner(output: str | Path, preset: str = "tiny", seed: int = 0) -> P
 
 
 def run_init_captioner(output: str, config: InitCaptionerConfig = InitCaptionerConfig()) -> Path:
-    from curate.stage_runtime import write_folder
-
     return write_folder(
         output,
         "init-captioner",

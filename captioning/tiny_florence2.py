@@ -13,7 +13,7 @@ empty. The text weights are initialised large enough that answers depend on the 
 
 from __future__ import annotations
 
-from captioning.tiny import build_tokenizer
+from captioning.tiny_tokenizer import build_tokenizer
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", IMAGE_TOKEN)  # BART's order: bos 0, pad 1, eos 2

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from captioning.tiny import build_tokenizer
+from captioning.tiny_tokenizer import build_tokenizer
 
 PAD, EOS = "<|endoftext|>", "<|im_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"

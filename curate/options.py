@@ -192,7 +192,7 @@ VOCABULARY: dict[str, SharedOption] = {
         "weight variant of --model (e.g. fp16)",
         str,
         None,
-        ("precompute", "train", "dpo", "sample"),
+        ("precompute", "train", "dpo", "sample", "export-single-file"),
     ),
     "transformer_file": SharedOption(
         "Stability single-file transformer used in place of --model's",
@@ -201,7 +201,16 @@ VOCABULARY: dict[str, SharedOption] = {
         ("train", "dpo", "sample"),
     ),
     "save_dtype": SharedOption(
-        "dtype of an exported LoRA", DTYPE, "bf16", ("train", "dpo", "lora-convert")
+        "dtype of exported weights (a LoRA; export-single-file: the transformer)",
+        DTYPE,
+        "bf16",
+        ("train", "dpo", "lora-convert", "export-single-file"),
+    ),
+    "report_to": SharedOption(
+        "where the scalars and sample grids of a training run go",
+        Literal["tensorboard", "wandb", "all", "none"],
+        "tensorboard",
+        TRAINERS,
     ),
     "lr": SharedOption("AdamW learning rate", float, 1e-4, TRAINERS),
     "weight_decay": SharedOption("AdamW weight decay", float, 0.0, TRAINERS),
@@ -230,7 +239,9 @@ def type_name(annotation: Any) -> str:
 
 
 def _shown(value: Any) -> str:
-    return "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return (
+        "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
 
 
 def options_table() -> str:
@@ -242,7 +253,9 @@ def options_table() -> str:
     for name, option in VOCABULARY.items():
         others = "; ".join(f"{c}: {_shown(v)}" for c, v in option.defaults.items())
         differs = f"{others} ({option.reason})" if others else option.reason
-        old = "; ".join([f"{c}: `{flag(o)}`" for c, o in option.renamed.items()] + [option.old_forms])
+        old = "; ".join(
+            [f"{c}: `{flag(o)}`" for c, o in option.renamed.items()] + [option.old_forms]
+        )
         old = old.strip("; ")
         row = [f"`{flag(name)}`", option.idea, type_name(option.type), _shown(option.default)]
         row += [", ".join(option.commands), differs, old]

@@ -17,6 +17,7 @@ from model.config import (
     FINAL_LAYER,
     TARGET_SETS,
     ModelFiles,
+    ReportOptions,
     TimestepOptions,
     expand_lora_targets,
 )
@@ -47,7 +48,7 @@ class IngestPrefsConfig(BaseModel):
     )
 
 
-class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions):
+class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
     RENAMED = {  # old spellings, accepted with a warning until the next release (docs/options.md)
         "rank": "lora_rank",
         "alpha": "lora_alpha",
@@ -83,6 +84,13 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions):
         ge=0.0,
         description="weight gamma of an SFT term on winners, + gamma * beta/2 * mean(err_w - ref_w) "
         "(the winners' diffusion loss in the DPO term's units); 0 = off",
+    )
+    anchor_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of an adapter-off anchor on both halves of each pair: + weight * beta/2 * "
+        "mean((1 - t)^2 (v_lora - v_base)^2), the change of the prediction in the DPO term's units "
+        "(dpo/regularizers.py); 0 = off",
     )
     lr: float = Field(
         1e-4,
@@ -147,6 +155,13 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions):
     eval_captions: list[str] = Field(
         default_factory=list,
         description="captions for that comparison; default: the held-out pairs' captions",
+    )
+    offtarget_captions: list[str] = Field(
+        default_factory=list,
+        description="captions outside the preference set to watch, e.g. ones naming the attribute "
+        "the losers have ('a blue car' when warm wins): sampled with the same seeds, each one's "
+        "change reported on its own in report.md and summary.json, the worst drop first; a "
+        "caption that occurs in the preference set is refused",
     )
     eval_max_captions: int = Field(
         4, ge=1, description="at most this many held-out captions when --eval-captions is not given"

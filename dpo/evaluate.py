@@ -7,7 +7,7 @@ so what is judged is exactly what a user loads. A scorer maps (image, caption) t
     tokenizer and image processor saved beside it); score = logit scale x cosine(image, text);
   - `attribute:warm` / `attribute:bright`, the synthetic attribute of `t2i make-prefs`.
 The win rate counts, over every (caption, seed), 1 where the LoRA's image scores higher than the
-base's image of the same seed, 1/2 on a tie.
+base's image of the same seed, 0 where it scores lower; a tie is neither and counts 1/2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -80,11 +80,23 @@ def load_scorer(spec: str, device: str = "cpu") -> Scorer:
     return clip_scorer(spec, device)
 
 
-def win_rate(base: Sequence[float], lora: Sequence[float]) -> float:
-    """Share of paired samples where the LoRA scores higher (ties count one half)."""
+def tally(base: Sequence[float], lora: Sequence[float]) -> tuple[int, int, int]:
+    """(wins, ties, losses) of the LoRA over the base on paired samples (the same seed)."""
     if len(base) != len(lora) or not base:
         raise ValueError("win rate needs as many LoRA scores as base scores, at least one")
-    return sum(1.0 if b < a else 0.5 if b == a else 0.0 for b, a in zip(base, lora)) / len(base)
+    wins = sum(a > b for b, a in zip(base, lora))
+    ties = sum(a == b for b, a in zip(base, lora))
+    return wins, ties, len(base) - wins - ties
+
+
+def win_rate(base: Sequence[float], lora: Sequence[float]) -> float:
+    """Share of paired samples where the LoRA scores higher; a tie is neither a win nor a loss
+    and counts one half (0.5 = no change)."""
+    wins, ties, _ = tally(base, lora)
+    return (wins + 0.5 * ties) / len(base)
+
+
+PREFERENCE, OFF_TARGET = "preference", "off-target"
 
 
 @dataclass
@@ -95,7 +107,58 @@ class SampleEval:
     scorer: str | None
     base_scores: list[list[float]] | None  # [caption][seed]
     lora_scores: list[list[float]] | None
-    win_rate: float | None
+    win_rate: float | None  # over the preference captions only
+    roles: list[str] = field(default_factory=list)  # per caption: PREFERENCE or OFF_TARGET
+    worst_off_target: dict | None = None  # worst_off_target(...) of this evaluation
+
+
+def prompt_changes(evaluation: dict) -> list[dict]:
+    """Per caption of an evaluation (SampleEval as a dict): its role, the base's and the LoRA's
+    mean score over the fixed seeds, the change (LoRA - base) and the LoRA's wins / ties / losses
+    against the base image of the same seed."""
+    if not evaluation.get("base_scores"):
+        return []
+    roles = evaluation.get("roles") or [PREFERENCE] * len(evaluation["captions"])
+    rows = []
+    for caption, role, b, a in zip(
+        evaluation["captions"], roles, evaluation["base_scores"], evaluation["lora_scores"]
+    ):
+        wins, ties, losses = tally(b, a)
+        base, lora = sum(b) / len(b), sum(a) / len(a)
+        rows.append({"caption": caption, "role": role, "base": base, "lora": lora,
+                     "change": lora - base, "wins": wins, "ties": ties, "losses": losses})  # fmt: skip
+    return rows
+
+
+def worst_off_target(evaluation: dict) -> dict | None:
+    """The off-target caption whose mean score fell furthest (the largest drop; None without any)."""
+    rows = [r for r in prompt_changes(evaluation) if r["role"] == OFF_TARGET]
+    return min(rows, key=lambda r: r["change"]) if rows else None
+
+
+def per_prompt_table(evaluation: dict) -> str:
+    """Markdown: one row per caption of an evaluation (SampleEval as a dict, e.g. summary.json's
+    `sample_eval`), preference captions first, then the off-target ones from the largest drop
+    down; the worst off-target row is marked. Empty without scores."""
+    rows = prompt_changes(evaluation)
+    if not rows:
+        return ""
+    worst = worst_off_target(evaluation)
+    ordered = [r for r in rows if r["role"] == PREFERENCE] + sorted(
+        (r for r in rows if r["role"] == OFF_TARGET), key=lambda r: r["change"]
+    )
+    lines = [
+        "| caption | role | base (mean) | LoRA (mean) | change | LoRA wins / ties / losses |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in ordered:
+        is_worst = r["role"] == OFF_TARGET and r["caption"] == worst["caption"]
+        mark = " **(worst off-target)**" if is_worst else ""
+        lines.append(
+            f"| {_cell(r['caption'])}{mark} | {r['role']} | {r['base']:.4g} | {r['lora']:.4g} | "
+            f"{r['change']:+.4g} | {r['wins']} / {r['ties']} / {r['losses']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def evaluate_samples(
@@ -111,8 +174,12 @@ def evaluate_samples(
     dtype: str = "fp32",
     variant: str | None = None,
     transformer_file: str | os.PathLike | None = None,
+    off_target: Sequence[str] = (),
 ) -> SampleEval:
-    """Sample every caption x seed without and with the LoRA in LORA_DIR, write OUTPUT/eval/grid-*.png."""
+    """Sample every caption x seed without and with the LoRA in LORA_DIR, write OUTPUT/eval/grid-*.png.
+
+    CAPTIONS are the preference set's (the win rate is theirs); OFF_TARGET captions are outside
+    it and are reported per caption (`prompt_changes`), their worst drop on its own."""
     from model.build import load_pipeline, parse_dtype
     from model.sampling import (
         generate,
@@ -123,6 +190,8 @@ def evaluate_samples(
         trained_t5_length,
     )
 
+    roles = [PREFERENCE] * len(captions) + [OFF_TARGET] * len(off_target)
+    captions = [*captions, *off_target]
     pipe = load_pipeline(model_dir, device, parse_dtype(dtype), variant, transformer_file)
     pipe.set_progress_bar_config(disable=True)
     # Sampled as `t2i sample` would: the T5 length and unconditional input the base trained with.
@@ -145,7 +214,7 @@ def evaluate_samples(
             [i for _, _, i in lora[k * n : (k + 1) * n]],
         ).save(Path(output) / name)
         grids.append(name)
-    result = SampleEval(list(captions), list(seeds), grids, scorer, None, None, None)
+    result = SampleEval(list(captions), list(seeds), grids, scorer, None, None, None, roles)
     if scorer is not None:
         score = load_scorer(scorer, device)
         texts = [p for p, _, _ in base]
@@ -153,7 +222,12 @@ def evaluate_samples(
         flat_lora = score([i for _, _, i in lora], texts)
         result.base_scores = [flat_base[k * n : (k + 1) * n] for k in range(len(captions))]
         result.lora_scores = [flat_lora[k * n : (k + 1) * n] for k in range(len(captions))]
-        result.win_rate = win_rate(flat_base, flat_lora)
+        mine = [k for k, role in enumerate(roles) if role == PREFERENCE] or range(len(captions))
+        result.win_rate = win_rate(
+            [x for k in mine for x in result.base_scores[k]],
+            [x for k in mine for x in result.lora_scores[k]],
+        )
+        result.worst_off_target = worst_off_target(asdict(result))
     (folder / "eval.json").write_text(json.dumps(asdict(result), indent=2))
     return result
 
@@ -179,23 +253,24 @@ def report_markdown(summary: dict) -> str:
             "",
         ]
         if evaluation["scorer"]:
+            roles = evaluation.get("roles") or [PREFERENCE] * len(evaluation["captions"])
+            own = roles.count(PREFERENCE) or len(roles)
+            worst = worst_off_target(evaluation)
             lines += [
                 f"**Win rate of the LoRA over the base: {evaluation['win_rate']:.2f}** "
-                f"({len(evaluation['captions']) * len(seeds)} paired samples, scorer "
+                f"({own * len(seeds)} paired samples of the preference captions, scorer "
                 f"`{_cell(evaluation['scorer'])}`; 0.5 = no change).",
                 "",
-                "| caption | base score (mean) | LoRA score (mean) | LoRA wins |",
-                "| --- | --- | --- | --- |",
+                f"**Worst off-target caption: {_cell(worst['caption'])}, mean score "
+                f"{worst['base']:.4g} -> {worst['lora']:.4g} ({worst['change']:+.4g})** "
+                "(captions outside the preference set, --offtarget-captions; the mean hides "
+                "which prompt broke)."
+                if worst
+                else "No off-target captions (--offtarget-captions): this report cannot show "
+                "what the LoRA did to prompts outside the preference set.",
+                "",
+                per_prompt_table(evaluation),
             ]
-            for caption, b, a in zip(
-                evaluation["captions"], evaluation["base_scores"], evaluation["lora_scores"]
-            ):
-                wins = sum(x > y for x, y in zip(a, b))
-                lines.append(
-                    f"| {_cell(caption)} | {sum(b) / len(b):.4g} | {sum(a) / len(a):.4g} | "
-                    f"{wins}/{len(b)} |"
-                )
-            lines.append("")
         else:
             lines += ["No scorer given (--scorer): compare the images by eye.", ""]
         for caption, grid in zip(evaluation["captions"], evaluation["grids"]):

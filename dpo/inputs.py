@@ -42,3 +42,13 @@ def eval_captions(config: DPOConfig, rows, pairs) -> list[str]:
     by_id = dict(zip(rows["id"], rows["caption"], strict=True))
     distinct = dict.fromkeys(by_id[i] for i in pairs.ids if i in by_id)
     return list(distinct)[: config.eval_max_captions]
+
+
+def check_off_target(off_target: list[str], preference_captions) -> None:
+    """Off-target captions must be outside the preference set (else they measure nothing new)."""
+    inside = set(off_target) & set(preference_captions)
+    if inside:
+        raise ValueError(
+            f"--offtarget-captions {sorted(inside)[0]!r} is a caption of the preference set; "
+            "off-target captions must be prompts the pairs never show"
+        )

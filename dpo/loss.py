@@ -37,6 +37,12 @@ import torch.nn.functional as F
 SATURATED_MARGIN = math.log(99.0)
 
 
+def preference_score(margin: torch.Tensor) -> float:
+    """Share of margins above 0, a tie (margin exactly 0, e.g. a LoRA still at its zero init)
+    counting one half: 0.5 = no preference either way, as in the sample win rate."""
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+
+
 def noise_equivalent(velocity_mse: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-sample noise-prediction MSE from per-sample velocity MSE at times t: (1 - t)^2 * mse."""
     return (1.0 - t.to(velocity_mse)) ** 2 * velocity_mse
@@ -50,12 +56,15 @@ class DPOTerms:
     err_l: torch.Tensor
     ref_w: torch.Tensor
     ref_l: torch.Tensor
+    anchor: torch.Tensor | None = None  # [2B] policy-reference distance (dpo/regularizers.py)
 
     def metrics(self) -> dict[str, float]:
         """Per-step training diagnostics (means over the batch)."""
+        anchor = {} if self.anchor is None else {"anchor": self.anchor.mean().item()}
         return {
+            **anchor,
             "loss": self.loss.item(),
-            "implicit_acc": (self.margin > 0).float().mean().item(),
+            "implicit_acc": preference_score(self.margin),
             "reward_margin": self.margin.mean().item(),
             "saturated_frac": (self.margin > SATURATED_MARGIN).float().mean().item(),
             "winner_drift": (self.err_w - self.ref_w).mean().item(),

@@ -36,15 +36,16 @@ from dpo.encode import EncodedPairs, encode_pairs, native_resolution
 from dpo.evaluate import evaluate_samples, report_markdown
 from dpo.guard import guard_summary, winner_drift_warning
 from dpo.init_lora import add_init_lora, check_init_lora
-from dpo.inputs import encoded_pairs_dir, eval_captions, resolve_prefs
+from dpo.inputs import check_off_target, encoded_pairs_dir, eval_captions, resolve_prefs
 from dpo.lora import (
     add_lora,
     export_lora,
     lora_parameters,
 )
-from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent
+from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent, preference_score
 from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
 from dpo.reference import adapter_off, recording, replaying
+from dpo.regularizers import anchor_distance, anchor_penalty, capturing
 from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
@@ -59,6 +60,7 @@ from model.toolbox import (
     nonfinite,
     scheduler_shift,
 )
+from model.trackers import finish_trackers, log_image, require_trackers, start_trackers
 
 STAGE = "dpo"
 # Settings that change neither the trajectory nor the result: a rerun that differs only in these
@@ -71,15 +73,17 @@ NOT_IN_RUN_KEY = (
     "resume",
     "save_dtype",
     "eval_captions",
+    "offtarget_captions",
     "eval_max_captions",
     "eval_seeds",
     "eval_steps",
     "eval_guidance",
     "scorer",
+    "report_to",
 )
 log = logging.getLogger(__name__)
 # Of those, the ones that never change the exported LoRA: a rerun differing only in them is skipped.
-VOLATILE = ("resume", "checkpoint_every")
+VOLATILE = ("resume", "checkpoint_every", "report_to")
 TRAIN_ACC_PAIRS = 1024  # the training-set diagnostic reads at most this many pairs, not all of them
 
 
@@ -120,18 +124,19 @@ def dpo_terms(
     args = (latents, torch.cat([noise, noise]).to(device), times, both)
     base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel
     stem: dict[str, torch.Tensor] = {}  # the input layers' outputs, the same for the reference
-    with recording(base, stem):
+    with recording(base, stem), capturing(base) as policy_out:
         errors = velocity_errors(transformer, *args)
     with torch.no_grad():
         if reference is None:
-            with adapter_off(base), replaying(base, stem):
+            with adapter_off(base), replaying(base, stem), capturing(base) as ref_out:
                 ref_errors = velocity_errors(base, *args)
         else:
-            ref_errors = velocity_errors(reference, *args)
+            with capturing(reference) as ref_out:
+                ref_errors = velocity_errors(reference, *args)
     if config.error_units == "noise":
         errors, ref_errors = noise_equivalent(errors, times), noise_equivalent(ref_errors, times)
     n = len(pairs)
-    return diffusion_dpo_loss(
+    terms = diffusion_dpo_loss(
         errors[:n],
         errors[n:],
         ref_errors[:n],
@@ -140,14 +145,21 @@ def dpo_terms(
         config.dpop_lambda,
         config.sft_weight,
     )
+    # the adapter-off anchor on both halves (dpo/regularizers.py)
+    terms.anchor = anchor_distance(policy_out[-1], ref_out[-1], times).detach()
+    if config.anchor_weight:
+        distance = anchor_distance(policy_out[-1], ref_out[-1], times)
+        terms.loss = terms.loss + anchor_penalty(distance, config.anchor_weight, config.beta)
+    return terms
 
 
 @torch.no_grad()
 def implicit_accuracy(
     transformer, pairs: Pairs, config: DPOConfig, shift: float, draws: int = 4
 ) -> float:
-    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference does."""
-    correct, total = 0, 0
+    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference
+    does; a tie (margin exactly 0) counts one half, so a LoRA that changes nothing scores 0.5."""
+    correct, total = 0.0, 0
     for d in range(draws):
         generator = step_generator(config.seed + 7919, d)
         for start in range(0, len(pairs), config.batch_size):
@@ -155,7 +167,7 @@ def implicit_accuracy(
             t = draw_timesteps(config, len(chunk), shift, generator)
             noise = torch.randn(chunk.latents_w.shape, generator=generator)
             margin = dpo_terms(transformer, chunk, t, noise, config).margin
-            correct += int((margin > 0).sum())
+            correct += preference_score(margin) * len(chunk)
             total += len(chunk)
     return correct / total
 
@@ -171,7 +183,8 @@ def train_lora(
     accelerator: Accelerator | None = None,
     checkpoint: Callable[[int], object] | None = None,
 ):
-    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl.
+    """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl and, as dpo/<name>,
+    to ACCELERATOR's trackers (--report-to).
 
     With ACCELERATOR (transformer and optimizer prepared by it) each process trains on its slice
     of every step's global batch and gradients are averaged across processes; CHECKPOINT(step) is
@@ -221,6 +234,8 @@ def train_lora(
             row = {"step": step + 1, **mean_rows(window)}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if accelerator is not None:
+                accelerator.log({f"dpo/{k}": v for k, v in row.items() if k != "step"}, step + 1)
             window = []
             if not warned and (message := winner_drift_warning(metric_rows(metrics_path))):
                 warned = True
@@ -251,6 +266,7 @@ def run_dpo(prefs: str | os.PathLike, output: str | os.PathLike, config: DPOConf
 def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     if not prefs.exists():
         raise FileNotFoundError(f"preference input {prefs} does not exist")
+    require_trackers(config.report_to)  # a missing wandb fails before any work
     if config.init_lora:
         check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
     # a single-file transformer's content, not just its path, picks the base
@@ -272,6 +288,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     resolution = config.resolution or native_resolution(config.model)
     with accelerator.main_process_first():
         table_dir = resolve_prefs(prefs, root)
+        rows = load_samples(table_dir)
+        check_off_target(config.offtarget_captions, rows["caption"])
         pairs = encode_pairs(
             config.model,
             table_dir,
@@ -309,6 +327,9 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     checkpoints = work / "checkpoints"
     resume_from = resolve_resume(checkpoints, config.resume)
     start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
+    start_trackers(
+        accelerator, config.report_to, work, STAGE, run.output.name, config.model_dump(), start
+    )
     if accelerator.is_main_process:
         if resume_from is not None:
             metrics_until(work / METRICS, start)
@@ -356,8 +377,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
             shutil.copy(work / METRICS, writer.path / METRICS)
             # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
-            captions = eval_captions(config, load_samples(table_dir), heldout or train)
-            if config.eval_seeds and captions:
+            captions = eval_captions(config, rows, heldout or train)
+            if config.eval_seeds and (captions or config.offtarget_captions):
                 evaluation = evaluate_samples(
                     config.model,
                     writer.path,
@@ -371,10 +392,18 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
                     config.frozen_base_dtype(),
                     config.variant,
                     config.transformer_file,
+                    config.offtarget_captions,
                 )
                 summary["sample_eval"] = asdict(evaluation)
+                for grid in evaluation.grids:  # base left, LoRA right
+                    log_image(accelerator, Path(grid).stem, writer.path / grid, config.max_steps)
                 if evaluation.win_rate is not None:
                     summary["sample_win_rate"] = evaluation.win_rate
+                summary["worst_off_target"] = evaluation.worst_off_target
+            final = ("heldout_implicit_acc", "train_implicit_acc", "sample_win_rate")
+            scalars = {f"dpo/{k}": summary[k] for k in final if summary.get(k) is not None}
+            accelerator.log(scalars, step=config.max_steps)
+            finish_trackers(accelerator, work, writer.path)  # OUT/logs (and OUT/wandb) complete
             (writer.path / "summary.json").write_text(json.dumps(summary, indent=2))
             (writer.path / "report.md").write_text(report_markdown(summary))
             # the ingest's rejections, then images the encoder could not encode (`<pair id>.w` / `.l`)

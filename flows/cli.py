@@ -36,6 +36,7 @@ from curate.options import OptionRenamed, warn_renamed
 from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
 from flows.config import RunAllConfig, ServeConfig
 from model.config import (
+    ExportSingleFileConfig,
     InitModelConfig,
     LoraConvertConfig,
     PrecomputeConfig,
@@ -138,6 +139,12 @@ def lora_convert(input: str, output: str, config: LoraConvertConfig) -> Path:
     from model.lora_formats import run_lora_convert
 
     return run_lora_convert(input, output, config)
+
+
+def export_single_file(model: str, output: str, config: ExportSingleFileConfig) -> Path:
+    from model.single_file import run_export_single_file
+
+    return run_export_single_file(model, output, config)
 
 
 def serve(config: ServeConfig) -> None:
@@ -344,6 +351,22 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "export-single-file",
+        "write a trained SD3 transformer as one Stability-layout .safetensors file (ComfyUI)",
+        "Reads MODEL's transformer (a diffusers SD3 folder: `t2i train` output, or any SD3/SD3.5 "
+        "folder) and writes it under Stability's MMDiT names, model.diffusion_model.joint_blocks.N"
+        ".x_block.attn.qkv.weight and so on (q/k/v fused, the (shift, scale) modulations in "
+        "Stability's order): the file ComfyUI's Load Diffusion Model and sd-scripts read, and "
+        "diffusers' SD3Transformer2DModel.from_single_file(OUTPUT, config=MODEL) loads back. The "
+        "VAE and text encoders stay in MODEL (ComfyUI loads them separately).",
+        ExportSingleFileConfig,
+        export_single_file,
+        (
+            ("model", "diffusers SD3 folder whose transformer to export"),
+            ("output", "the .safetensors file to write"),
+        ),
+    ),
+    Command(
         "serve",
         "serve every stage flow and end_to_end as deployments for the Prefect UI",
         "Registers one deployment per stage flow (demo-data, init-model, curate, caption, "
@@ -521,6 +544,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # One progress display per stage, the stage's own: no bars from the libraries under it
+    # (datasets' "Saving the dataset", transformers' "Loading weights" and "Writing model shards").
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def resolve_config(entry: Command, flags: dict[str, Any], config_file: str | None) -> BaseModel:

@@ -15,10 +15,12 @@ Every failure is a `ModelFolderError` whose one-line message names the path and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,6 +32,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from model import presets
@@ -364,12 +367,25 @@ def load_pipeline(
     if transformer_file is not None and "transformer" not in components:
         components["transformer"] = load_transformer(model_dir, variant, dtype, transformer_file)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            model_dir, dtype=dtype, variant=variant, local_files_only=True, **components
-        )
+        with _no_loading_bar():
+            pipe = StableDiffusion3Pipeline.from_pretrained(
+                model_dir, dtype=dtype, variant=variant, local_files_only=True, **components
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelFolderError(f"cannot load {model_dir}: {_one_line(error)}") from None
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """Without diffusers' "Loading pipeline components" bar: the stage loading it shows its own."""
+    shown = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -163,7 +163,18 @@ class TimestepOptions(BaseModel):
     )
 
 
-class TrainConfig(ModelFiles, TimestepOptions):
+class ReportOptions(BaseModel):
+    """Where `t2i train` and `t2i dpo` log while they run (model/trackers.py)."""
+
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = Field(
+        "tensorboard",
+        description="scalars and sample grids while the run trains go to: tensorboard (event files in "
+        "the run's logs/ folder), wandb (Weights & Biases: pip install wandb; WANDB_MODE=offline keeps "
+        "the run on disk, WANDB_PROJECT names the project), all (both) or none",
+    )
+
+
+class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
     """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
 
     model: str = Field(
@@ -335,4 +346,12 @@ class LoraConvertConfig(BaseModel):
     )
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the written LoRA matrices (alpha stays fp32)"
+    )
+
+
+class ExportSingleFileConfig(VariantOption):
+    """`t2i export-single-file`: a diffusers SD3 folder's transformer in Stability's layout."""
+
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "bf16", description="dtype of the written weights (Stability ships SD3 in 16 bits)"
     )

@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import logging
 import os
 import re
 import sys
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
-# peft imports bitsandbytes (our 8-bit AdamW) when installed; on CPUs with AVX512-BF16 that logs a
-# warning about an optional 4-bit matmul kernel this project never uses.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-from peft import LoraConfig  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from curate.store import share_like_umask  # noqa: E402
-from model.lora_formats import (  # noqa: E402
+from curate.store import share_like_umask
+from model.lora_formats import (
     LORA_FILE,
     LoraFormatError,
     LoraModule,

@@ -30,6 +30,7 @@ from model.toolbox import (
     make_accelerator,
     write_run_manifest,
 )
+from model.trackers import require_trackers
 from model.train_data import BatchPlan, EncodedReader, load_batch
 from model.train_model import (
     build_or_load_transformer,
@@ -43,7 +44,7 @@ from model.train_step import GuardedStep, micro_batch, nonfinite_stop, warmup_sc
 
 STAGE = "train"
 # Options that never change the trained weights: a rerun that differs only in them is skipped.
-VOLATILE = ("resume", "checkpoints_total_limit")
+VOLATILE = ("resume", "checkpoints_total_limit", "report_to")
 
 
 def train(
@@ -66,6 +67,7 @@ def _train(
     run: StageRun | None = None,
 ) -> Path:
     started = time.time()
+    require_trackers(config.report_to)  # a missing wandb fails before any work
     work = output / "training"
     checkpoints = work / "checkpoints"
     resume_from = resolve_resume(checkpoints, config.resume)

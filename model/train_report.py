@@ -1,5 +1,6 @@
-"""What a `t2i train` run reports while it trains: the console line and TensorBoard scalars, the
-validation loss at a fixed timestep grid and the sample grid of held-out captions."""
+"""What a `t2i train` run reports while it trains: the console line and the --report-to trackers'
+scalars (model/trackers.py), the validation loss at a fixed timestep grid and the sample grid of
+held-out captions."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from model.config import TrainConfig
 from model.ema import EMA
 from model.latent_sampling import decode_latents, sample_latents, save_grid
 from model.objective import validation_loss
+from model.trackers import finish_trackers, log_image, start_trackers
 from model.train_data import BatchPlan, EncodedReader, load_batch
 from model.train_model import ema_copy
 
@@ -60,8 +62,8 @@ def sample_grid(
 
 
 class TrainReport:
-    """The run's TensorBoard writer (main process), its console line every --log-every steps, and
-    the validation loss and sample grid of `evaluate(step)`."""
+    """The run's trackers (--report-to), its console line every --log-every steps, and the
+    validation loss and sample grid of `evaluate(step)`."""
 
     def __init__(
         self,
@@ -76,14 +78,14 @@ class TrainReport:
     ) -> None:
         self.accelerator, self.reader, self.config, self.work = accelerator, reader, config, work
         self.val_idx, self.shift = val_idx, shift
-        self.writer, self.vae = None, None
-        if accelerator.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(work / "logs"), purge_step=start + 1 if start else None)
-            if config.sample_count > 0:
-                self.vae = load_component(config.model, "vae", config.variant)
-                self.vae = self.vae.to(accelerator.device).eval()
+        self.vae = None
+        run_name = work.parent.name  # the output folder
+        start_trackers(
+            accelerator, config.report_to, work, "train", run_name, config.model_dump(), start
+        )
+        if accelerator.is_main_process and config.sample_count > 0:
+            self.vae = load_component(config.model, "vae", config.variant)
+            self.vae = self.vae.to(accelerator.device).eval()
         # The grid's captions: held-out ones (else training ones) of the first one's bucket.
         grid = (val_idx or train_idx)[: config.sample_count]
         bucket = tuple(reader.bucket(grid[0])) if grid else None
@@ -100,10 +102,8 @@ class TrainReport:
         """The window's mean loss, the learning rate and steps/s as scalars and a console line."""
         rate = self.window_steps / max(time.time() - self.window_start, 1e-9)
         mean_loss = self.window_loss.item() / self.window_steps
-        if self.writer is not None:
-            self.writer.add_scalar("train/loss", mean_loss, done)
-            self.writer.add_scalar("train/lr", lr, done)
-            self.writer.add_scalar("train/steps_per_s", rate, done)
+        scalars = {"train/loss": mean_loss, "train/lr": lr, "train/steps_per_s": rate}
+        self.accelerator.log(scalars, step=done)
         if self.accelerator.is_main_process:
             progress.write(
                 f"step {done}/{self.config.max_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  {rate:.2f} steps/s"
@@ -120,10 +120,10 @@ class TrainReport:
         if self.val_idx:
             judged = ema_copy(model, ema) if config.val_ema else model
             losses = evaluate(judged, self.reader, self.val_idx, config, accelerator.device)
-            if self.writer is not None:
-                self.writer.add_scalar("val/loss", losses.mean().item(), step)
-                for t, value in zip(config.val_timesteps, losses.tolist(), strict=True):
-                    self.writer.add_scalar(f"val/loss_t{t:.3f}", value, step)
+            scalars = {"val/loss": losses.mean().item()}
+            for t, value in zip(config.val_timesteps, losses.tolist(), strict=True):
+                scalars[f"val/loss_t{t:.3f}"] = value
+            accelerator.log(scalars, step=step)
             accelerator.print(
                 f"step {step}: validation loss ({'EMA' if config.val_ema else 'raw'} weights) "
                 f"{losses.mean().item():.4f} over {len(self.val_idx)} samples"
@@ -132,9 +132,9 @@ class TrainReport:
             png = self.work / "samples" / f"step-{step:08d}.png"
             grid = (self.vae, self.reader, self.grid_idx, config, self.shift, png)
             path = sample_grid(ema_copy(model, ema), *grid)
+            log_image(accelerator, "samples", path, step)
             accelerator.print(f"step {step}: sample grid {path}")
         model.train()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        finish_trackers(self.accelerator, self.work)

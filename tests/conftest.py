@@ -33,6 +33,20 @@ def tiny64_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def dpo_pairs(demo_folder, tmp_path_factory):
+    """`t2i make-prefs` pairs (warm-tinted crop beats blue-tinted crop) of three demo images."""
+    from flows.cli import main as t2i
+
+    source = tmp_path_factory.mktemp("source")
+    for name in ("astronaut.jpg", "coffee.jpg", "chelsea.jpg"):
+        for file in (demo_folder / name, (demo_folder / name).with_suffix(".txt")):
+            (source / file.name).write_bytes(file.read_bytes())
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    assert t2i(["make-prefs", str(out), "--source", str(source), "--pairs-per-image", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The demo collection in every layout: ROOT/folder, ROOT/webdataset, ROOT/parquet."""
     from curate.demo_data import write_demo_data

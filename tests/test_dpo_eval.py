@@ -112,5 +112,28 @@ def test_report_puts_samples_and_win_rate_first_and_escapes_captions():
     assert text.index("Win rate of the LoRA over the base: 0.50") < text.index("implicit accuracy")
     assert "training diagnostic" in text.lower() or "Training diagnostics" in text
     assert "&lt;b&gt;red&lt;/b&gt; \\| cat" in text and "<b>" not in text
-    assert "| 1/2 |" in text and "![" in text and "(eval/grid-00.png)" in text
+    assert "| 1 / 0 / 1 |" in text and "![" in text and "(eval/grid-00.png)" in text
     assert "**Warning:** winners got worse" in text and "75%" in text
+
+
+def test_the_per_prompt_table_names_the_worst_off_target_caption_not_the_mean():
+    from dpo.evaluate import per_prompt_table, prompt_changes, worst_off_target
+
+    evaluation = {
+        "captions": ["an image", "a blue car", "a green car", "a red car"],
+        "roles": ["preference", "off-target", "off-target", "off-target"],
+        "base_scores": [[0.0, 0.0], [1.0, 1.0], [0.5, 0.5], [0.0, 0.5]],
+        "lora_scores": [[1.0, 1.0], [0.0, 1.0], [0.5, 0.5], [1.0, 1.0]],
+    }
+    changes = {r["caption"]: r["change"] for r in prompt_changes(evaluation)}
+    assert changes == {"an image": 1.0, "a blue car": -0.5, "a green car": 0.0, "a red car": 0.75}
+    assert sum(changes[c] for c in evaluation["captions"][1:]) / 3 > 0  # the mean looks fine
+    assert worst_off_target(evaluation)["caption"] == "a blue car"
+    lines = per_prompt_table(evaluation).splitlines()
+    assert lines[2].startswith("| an image | preference |")  # the preference captions first
+    assert (
+        lines[3]
+        == "| a blue car **(worst off-target)** | off-target | 1 | 0.5 | -0.5 | 0 / 1 / 1 |"
+    )
+    assert [line.split(" |")[0] for line in lines[4:]] == ["| a green car", "| a red car"]
+    assert worst_off_target({**evaluation, "roles": ["preference"] * 4}) is None

@@ -62,6 +62,7 @@ def pairs(demo_folder, tmp_path_factory):
 def dpo_out(pairs, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo") / "lora"
     argv = ["dpo", str(pairs), str(out), "--model", tiny_model_dir, "--max-steps", "4", *FAST]
+    argv += ["--offtarget-captions", "a cold blue lake", "a grey stone"]
     assert t2i([*argv, "--scorer", "attribute:warm"]) == 0
     return out
 
@@ -106,9 +107,10 @@ def test_the_report_shows_base_vs_lora_samples_and_the_scorers_win_rate(dpo_out)
     summary = json.loads((dpo_out / "summary.json").read_text())
     evaluation = summary["sample_eval"]
     assert evaluation["seeds"] == [0, 1] and evaluation["scorer"] == "attribute:warm"
-    assert 1 <= len(evaluation["captions"]) <= 4 and len(evaluation["grids"]) == len(
-        evaluation["captions"]
-    )
+    assert evaluation["captions"][-2:] == ["a cold blue lake", "a grey stone"]
+    assert evaluation["roles"][-2:] == ["off-target"] * 2
+    assert 1 <= evaluation["roles"].count("preference") <= 4
+    assert len(evaluation["grids"]) == len(evaluation["captions"])
     grid = Image.open(dpo_out / evaluation["grids"][0])
     assert grid.size == (64 * 2 + 4, 64 * 2 + 4)  # base left, LoRA right, one row per seed
     left, right = grid.crop((0, 0, 64, 64)), grid.crop((68, 0, 132, 64))  # seed 0
@@ -116,9 +118,12 @@ def test_the_report_shows_base_vs_lora_samples_and_the_scorers_win_rate(dpo_out)
     assert evaluation["lora_scores"][0][0] == pytest.approx(
         attribute_score(right, "warm"), abs=1e-6
     )
-    pairs = [
+    pairs = [  # the win rate is the preference captions'
         (b, a)
-        for bs, ls in zip(evaluation["base_scores"], evaluation["lora_scores"])
+        for bs, ls, role in zip(
+            evaluation["base_scores"], evaluation["lora_scores"], evaluation["roles"]
+        )
+        if role == "preference"
         for b, a in zip(bs, ls)
     ]
     expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for b, a in pairs) / len(pairs)
@@ -131,6 +136,38 @@ def test_the_report_shows_base_vs_lora_samples_and_the_scorers_win_rate(dpo_out)
     shown = stage_markdown("dpo", dpo_out, Manifest.read(dpo_out), None)
     assert "Win rate of the LoRA over the base" in shown
     assert f"({evaluation['grids'][0]})" not in shown and "](data:image/jpeg;base64," in shown
+
+
+def test_each_off_target_caption_is_reported_on_its_own_and_the_worst_one_named(dpo_out):
+    summary = json.loads((dpo_out / "summary.json").read_text())
+    evaluation = summary["sample_eval"]
+    changes = {}
+    for caption, b, a in zip(
+        evaluation["captions"][-2:], evaluation["base_scores"][-2:], evaluation["lora_scores"][-2:]
+    ):
+        changes[caption] = sum(a) / len(a) - sum(b) / len(b)
+    worst = min(changes, key=changes.get)
+    assert summary["worst_off_target"]["caption"] == worst
+    assert summary["worst_off_target"]["change"] == pytest.approx(changes[worst])
+    report = (dpo_out / "report.md").read_text()
+    assert f"**Worst off-target caption: {worst}," in report
+    assert f"| {worst} **(worst off-target)** | off-target |" in report
+    from flows.artifacts import stage_markdown
+
+    assert "Worst off-target caption" in stage_markdown(
+        "dpo", dpo_out, Manifest.read(dpo_out), None
+    )
+
+
+def test_an_off_target_caption_from_the_preference_set_is_a_one_line_error(
+    pairs, tiny_model_dir, tmp_path, capsys
+):
+    caption = (pairs / "astronaut-00" / "caption.txt").read_text().strip()
+    argv = ["dpo", str(pairs), str(tmp_path / "out"), "--model", tiny_model_dir, *FAST]
+    assert t2i([*argv, "--max-steps", "1", "--offtarget-captions", caption]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a caption of the preference set" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_interrupted_run_resumes_exactly_even_past_a_torn_metrics_line(

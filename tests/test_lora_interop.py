@@ -118,18 +118,6 @@ def test_an_sd_scripts_lora_with_emb_dims_continues_as_sd_scripts_merges_it(
     assert trainable >= EMBEDDER_MODULES
 
 
-@pytest.fixture(scope="module")
-def pairs(demo_folder, tmp_path_factory):
-    """Warm-tinted crop beats blue-tinted crop, for three demo images."""
-    source = tmp_path_factory.mktemp("source")
-    for name in ("astronaut.jpg", "coffee.jpg", "chelsea.jpg"):
-        for file in (demo_folder / name, (demo_folder / name).with_suffix(".txt")):
-            (source / file.name).write_bytes(file.read_bytes())
-    out = tmp_path_factory.mktemp("pairs") / "pairs"
-    assert t2i(["make-prefs", str(out), "--source", str(source), "--pairs-per-image", "2"]) == 0
-    return out
-
-
 def dpo(pairs, model, out, *extra):
     argv = ["dpo", str(pairs), str(out), "--model", model, "--max-steps", "2", "--batch-size", "2",
             "--lr", "1e-3", "--heldout-fraction", "0", "--eval-seeds", "0", "--save-dtype", "fp32"]  # fmt: skip
@@ -137,11 +125,11 @@ def dpo(pairs, model, out, *extra):
 
 
 def test_dpo_trains_an_emb_dims_lora_from_sd_scripts_past_the_blocks(
-    pairs, tiny64_model_dir, tmp_path
+    dpo_pairs, tiny64_model_dir, tmp_path
 ):
     config = transformer_config(tiny64_model_dir)
     file = save_sd_scripts_lora(tmp_path / "emb.safetensors", config, 4, 2.0, emb_rank=2)
-    assert dpo(pairs, tiny64_model_dir, tmp_path / "out", "--init-lora", str(file)) == 0
+    assert dpo(dpo_pairs, tiny64_model_dir, tmp_path / "out", "--init-lora", str(file)) == 0
     trained = read_lora(tmp_path / "out")
     start = read_lora(file)
     assert trained.modules.keys() == start.modules.keys()
@@ -151,10 +139,10 @@ def test_dpo_trains_an_emb_dims_lora_from_sd_scripts_past_the_blocks(
 
 
 def test_dpo_target_modules_reach_the_embedders_and_the_final_layer(
-    pairs, tiny64_model_dir, tmp_path
+    dpo_pairs, tiny64_model_dir, tmp_path
 ):
     targets = ["attn.to_q", "embedders", "final-layer"]
-    assert dpo(pairs, tiny64_model_dir, tmp_path / "out", "--lora-targets", *targets) == 0
+    assert dpo(dpo_pairs, tiny64_model_dir, tmp_path / "out", "--lora-targets", *targets) == 0
     modules = set(read_lora(tmp_path / "out").modules)
     assert modules == EMBEDDER_MODULES | {f"transformer_blocks.{i}.attn.to_q" for i in (0, 1)}
     # and the file travels: kohya keys for them, back to the same modules
@@ -186,3 +174,21 @@ def test_dpo_target_modules_reach_the_embedders_and_the_final_layer(
     assert (
         outputs(load_transformer(tiny64_model_dir, "cpu", torch.float32)) - expected
     ).abs().max() > 1e-4
+
+
+def test_diffusers_own_loader_applies_nothing_from_a_kohya_file_which_t2i_sample_converts(
+    tiny64_model_dir, tmp_path
+):
+    """The trap docs/lora.md warns about: StableDiffusion3Pipeline.load_lora_weights finds no
+    transformer keys in a kohya file, adds no adapter and changes nothing, without an error;
+    `t2i sample --lora` (load_into_pipeline) converts the same file and applies it."""
+    config = transformer_config(tiny64_model_dir)
+    file = save_sd_scripts_lora(tmp_path / "k.safetensors", config, 4, 2.0)
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny64_model_dir)
+    base = outputs(stock.transformer.eval())
+    stock.load_lora_weights(str(file), adapter_name="k")
+    assert stock.get_list_adapters() == {}
+    assert torch.equal(outputs(stock.transformer), base)
+    ours = StableDiffusion3Pipeline.from_pretrained(tiny64_model_dir)
+    load_into_pipeline(ours, file, "k", 1.0)
+    assert (outputs(ours.transformer.eval()) - base).abs().max() > 1e-3

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from scipy import integrate, stats
+from scipy import integrate, optimize, stats
 
 from model import rectified_flow as rf
 from model.objective import FlowSettings, draw_noise_and_time
@@ -30,15 +31,26 @@ def cosmap_cdf(t):
     return 2 / math.pi * torch.atan(torch.as_tensor(t) / (1 - torch.as_tensor(t))).numpy()
 
 
+def paper_f_mode(u, s):
+    """SD3 Eq. 20 written out again here (numpy), not taken from the module under test:
+    f_mode(u; s) = 1 - u - s (cos^2(pi u / 2) - 1 + u)."""
+    u = np.asarray(u, dtype=np.float64)
+    return 1.0 - u - s * (np.cos(np.pi * u / 2.0) ** 2 - 1.0 + u)
+
+
 def mode_cdf(t, s):
-    # f_mode (Eq. 20) decreases from 1 to 0, so P(T <= t) = 1 - f_mode^-1(t); invert by bisection.
-    t = torch.as_tensor(t, dtype=torch.float64)
-    lo, hi = torch.zeros_like(t), torch.ones_like(t)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        above = rf.f_mode(mid, s) > t
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    return (1 - (lo + hi) / 2).numpy()
+    # t = f_mode(u) with u ~ U(0, 1) and f_mode decreasing from 1 to 0, so P(T <= t) = 1 - u*(t)
+    # where f_mode(u*) = t; u* by root finding on the independent formula.
+    t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+    roots = [optimize.brentq(lambda u, x=x: paper_f_mode(u, s) - x, 0.0, 1.0, xtol=1e-13)
+             if 0.0 < x < 1.0 else (1.0 if x <= 0.0 else 0.0) for x in t]  # fmt: skip
+    return 1.0 - np.asarray(roots)
+
+
+def mode_pdf(t, s):
+    # Change of variables: pi(t) = 1 / |f_mode'(u*)|, f_mode'(u) = -1 - s (1 - (pi / 2) sin(pi u)).
+    u = 1.0 - mode_cdf(t, s)
+    return 1.0 / np.abs(-1.0 - s * (1.0 - np.pi / 2.0 * np.sin(np.pi * u)))
 
 
 @pytest.mark.parametrize(
@@ -72,6 +84,27 @@ def test_the_papers_pdfs_integrate_to_the_sampled_distributions(pdf, cdf):
             lambda x: pdf(torch.tensor(x, dtype=torch.float64)).item(), 1e-9, upper
         )
         assert mass == pytest.approx(float(cdf(upper)), abs=1e-6)
+
+
+@pytest.mark.parametrize("s", [1.29, -0.5, 0.0, 1.75])
+def test_f_mode_is_the_papers_eq_20(s):
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert np.allclose(rf.f_mode(u, s).numpy(), paper_f_mode(u.numpy(), s), atol=1e-12)
+    # By hand at u = 1/3: cos^2(pi / 6) = 3/4, so f = 2/3 - s (3/4 - 1 + 1/3) = 2/3 - s / 12.
+    assert rf.f_mode(torch.tensor(1 / 3, dtype=torch.float64), s).item() == pytest.approx(
+        2 / 3 - s / 12
+    )
+
+
+def test_the_mode_density_matches_its_change_of_variables_pdf():
+    # Histogram of drawn timesteps against the pdf derived from Eq. 20 (s = 1.29 puts more mass mid-way).
+    t = draw("mode", mode_scale=1.29).numpy()
+    edges = np.linspace(0.0, 1.0, 11)
+    counts, _ = np.histogram(t, edges)
+    for lo, hi, count in zip(edges[:-1], edges[1:], counts, strict=True):
+        mass, _ = integrate.quad(lambda x: mode_pdf(x, 1.29)[0], lo, hi)
+        assert count / N == pytest.approx(mass, abs=4 * (mass / N) ** 0.5 + 1e-3)
+    assert mode_pdf(0.5, 1.29)[0] > 1.4 > mode_pdf(0.05, 1.29)[0]
 
 
 def test_the_resolution_shift_is_eq_23():
