@@ -195,7 +195,7 @@ def test_an_interrupted_run_resumes_exactly_even_past_a_torn_metrics_line(
 
 def test_a_non_finite_loss_stops_cleanly_without_writing_an_output(pairs, tiny_model_dir, tmp_path):
     config = DPOConfig(
-        model=tiny_model_dir, rank=4, alpha=4, batch_size=2, max_steps=3, beta=float("inf")
+        model=tiny_model_dir, lora_rank=4, lora_alpha=4, batch_size=2, max_steps=3, beta=float("inf")
     )
     with pytest.raises(NonFiniteLossError, match="at step 1 .*lower --lr or --beta"):
         run_dpo(pairs, tmp_path / "lora", config)

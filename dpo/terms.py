@@ -1,0 +1,91 @@
+"""The Diffusion-DPO terms of a batch of pairs: the velocity errors of winner and loser with the
+adapter on and off (one t and one noise shared by both), the loss they make (dpo/loss.py), and the
+implicit accuracy the terms imply on held-out pairs."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+
+from dpo.config import DPOConfig
+from dpo.draws import Pairs, step_generator
+from dpo.encode import EncodedPairs
+from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent, preference_score
+from dpo.reference import adapter_off, recording, replaying
+from dpo.regularizers import anchor_distance, anchor_penalty, capturing
+from model.conditioning import TextEncoding
+from model.objective import flow_loss
+from model.toolbox import draw_timesteps
+
+
+def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch.Tensor:
+    """[B] per-sample velocity MSE (model/objective.py), inputs cast to the frozen weights' dtype."""
+    dtype = next(p for p in transformer.parameters() if not p.requires_grad).dtype
+    return flow_loss(
+        transformer, latents.to(dtype), text.to(dtype=dtype), t.to(dtype), noise.to(dtype)
+    )
+
+
+def dpo_terms(
+    transformer, pairs: EncodedPairs, t, noise, config: DPOConfig, reference=None
+) -> DPOTerms:
+    """Winner and loser in one forward batch with shared t and noise; reference = adapter off,
+    replaying the policy's input layers (dpo/reference.py), or a given copy. Errors enter the
+    loss in the configured units (dpo/loss.py: noise-equivalent)."""
+    device = next(transformer.parameters()).device
+    text = pairs.text.to(device)
+    both = TextEncoding(
+        **{f.name: torch.cat([getattr(text, f.name)] * 2) for f in fields(TextEncoding)}
+    )
+    latents = torch.cat([pairs.latents_w, pairs.latents_l]).to(device)
+    times = torch.cat([t, t]).to(device)
+    args = (latents, torch.cat([noise, noise]).to(device), times, both)
+    base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel
+    stem: dict[str, torch.Tensor] = {}  # the input layers' outputs, the same for the reference
+    with recording(base, stem), capturing(base) as policy_out:
+        errors = velocity_errors(transformer, *args)
+    with torch.no_grad():
+        if reference is None:
+            with adapter_off(base), replaying(base, stem), capturing(base) as ref_out:
+                ref_errors = velocity_errors(base, *args)
+        else:
+            with capturing(reference) as ref_out:
+                ref_errors = velocity_errors(reference, *args)
+    if config.error_units == "noise":
+        errors, ref_errors = noise_equivalent(errors, times), noise_equivalent(ref_errors, times)
+    n = len(pairs)
+    terms = diffusion_dpo_loss(
+        errors[:n],
+        errors[n:],
+        ref_errors[:n],
+        ref_errors[n:],
+        config.beta,
+        config.dpop_lambda,
+        config.sft_weight,
+    )
+    # the adapter-off anchor on both halves (dpo/regularizers.py)
+    terms.anchor = anchor_distance(policy_out[-1], ref_out[-1], times).detach()
+    if config.anchor_weight:
+        distance = anchor_distance(policy_out[-1], ref_out[-1], times)
+        terms.loss = terms.loss + anchor_penalty(distance, config.anchor_weight, config.beta)
+    return terms
+
+
+@torch.no_grad()
+def implicit_accuracy(
+    transformer, pairs: Pairs, config: DPOConfig, shift: float, draws: int = 4
+) -> float:
+    """Fraction of (pair, t, noise) draws where the LoRA prefers the winner more than the reference
+    does; a tie (margin exactly 0) counts one half, so a LoRA that changes nothing scores 0.5."""
+    correct, total = 0.0, 0
+    for d in range(draws):
+        generator = step_generator(config.seed + 7919, d)
+        for start in range(0, len(pairs), config.batch_size):
+            chunk = pairs.select(list(range(start, min(start + config.batch_size, len(pairs)))))
+            t = draw_timesteps(config, len(chunk), shift, generator)
+            noise = torch.randn(chunk.latents_w.shape, generator=generator)
+            margin = dpo_terms(transformer, chunk, t, noise, config).margin
+            correct += preference_score(margin) * len(chunk)
+            total += len(chunk)
+    return correct / total
