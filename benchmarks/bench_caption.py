@@ -31,7 +31,7 @@ from captioning.config import CaptionConfig
 from captioning.stage import run_caption
 from captioning.tiny import init_captioner
 from captioning.vlm import GenerationSettings, LocalVLM
-from curate.store import StageWriter, sample_id
+from curate.runtime.store import StageWriter, sample_id
 
 
 def real_images(n: int) -> list[Image.Image]:

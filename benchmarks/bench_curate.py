@@ -35,7 +35,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curate.config import CurateConfig  # noqa: E402
-from curate.decode import to_rgb  # noqa: E402
+from curate.runtime.decode import to_rgb  # noqa: E402
 from curate.stage import run_curate  # noqa: E402
 
 SCORERS = ("opennsfw", "brisque", "efficientnet_lite0")

@@ -13,8 +13,9 @@ defaults plus the run's overrides, measured on the sweep seeds at each --eval-at
         --runs "lr=1e-4" "lr=3e-5" "lr=1e-4,anchor=10" --eval-at 100 200 300
     PYTHONPATH=. python benchmarks/bench_dpo_sweep.py table --out s.jsonl
 
-A run is "key=value,..." over: beta, lr, targets (attention | all-linears | both-streams | qv),
-rank (alpha = rank), dpop, sft, anchor, units (noise | velocity), batch, seed.
+A run is "key=value,..." over: beta, lr, targets (attention | all-linears | both-streams | text-stream | qv),
+rank (alpha = rank), dpop, sft, anchor, preserve (weight; the pool is the circle and square
+prompts, the run then judged on the triangle and cross prompts), units (noise | velocity), batch, seed.
 """
 
 from __future__ import annotations
@@ -43,13 +44,19 @@ TASKS = {"strong": 1500, "weak": 500}
 BOTH_STREAMS = ATTENTION_PROJECTIONS + [
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"
 ]  # fmt: skip
-TARGET_SETS = {"both-streams": BOTH_STREAMS, "qv": ["attn.to_q", "attn.to_v"]}
+TEXT_STREAM = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+TARGET_SETS = {
+    "both-streams": BOTH_STREAMS,
+    "text-stream": TEXT_STREAM,
+    "qv": ["attn.to_q", "attn.to_v"],
+}
 KEYS = {
     "beta": ("beta", float),
     "lr": ("lr", float),
     "dpop": ("dpop_lambda", float),
     "sft": ("sft_weight", float),
     "anchor": ("anchor_weight", float),
+    "preserve": ("preserve_weight", float),
     "units": ("error_units", str),
     "batch": ("batch_size", int),
     "seed": ("seed", int),
@@ -103,14 +110,17 @@ def run(args) -> None:
                 model=str(model), max_steps=max(args.eval_at), eval_seeds=0, **overrides(spec)
             )
             with tempfile.TemporaryDirectory() as tmp:
+                preserve = config.preserve_weight > 0  # pool: the circle and square prompts
                 arm = run_arm(
-                    model, task, config, tmp, base, seeds, args.eval_at, swapped, sampling
+                    model, task, config, tmp, base, seeds, args.eval_at, swapped, sampling, preserve
                 )
             record = {"key": key, "task": args.task, "spec": spec, "swapped": swapped,
                       "base": asdict(base), **arm}  # fmt: skip
             with out.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             for e in arm["evals"]:
+                if preserve:  # judged on the prompts it did not preserve
+                    e = {**e, **e["held_out"]}
                 print(
                     f"{args.task} {spec or 'defaults'}{' SWAPPED' if swapped else ''} step "
                     f"{e['step']}: rise {e['rise']:+.3f} worst {e['worst_colour_change']:+.3f} "

@@ -122,7 +122,7 @@ def build_store(out: Path, samples: int) -> Path:
     from PIL import Image
 
     from curate.demo_data import write_demo_data
-    from curate.store import StageWriter, sample_id
+    from curate.runtime.store import StageWriter, sample_id
 
     store = out / f"store-{samples}"
     if (store / "manifest.json").is_file():

@@ -72,11 +72,11 @@ def write_parquet(path: Path, pairs: int, side: int, seed: int = 0) -> dict:
 def one_run(source: str, output: str) -> dict:
     """Runs in a child process: import, note the baseline, ingest, report peak RSS."""
     from dpo.config import IngestPrefsConfig
-    from dpo.ingest import ingest_prefs
+    from dpo.ingest import run_prefs
 
     baseline = resident_mb()
     start = time.monotonic()
-    out = ingest_prefs(source, output, IngestPrefsConfig(split="train"))
+    out = run_prefs(source, output, IngestPrefsConfig(split="train"))
     seconds = time.monotonic() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     counts = json.loads((Path(out) / "manifest.json").read_text())["counts"]

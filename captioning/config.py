@@ -6,12 +6,12 @@ Kept free of heavy imports (torch, transformers) so that `t2i --help` stays fast
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from curate.executor import ExecutorOptions
-from curate.options import device_option
+from curate.runtime.executor import ExecutorOptions
+from curate.runtime.options import device_option
 
 # Florence-2's captioning task tokens: its processor expands each into the question it was trained on.
 TASK_TOKENS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
@@ -41,6 +41,22 @@ T5_TRAINING_LENGTH = 77
 
 
 class CaptionConfig(ExecutorOptions):
+    # `t2i caption`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "recaption a curated store with a VLM (local model or OpenAI-compatible server)"
+    description: ClassVar[str] = (
+        "Reads INPUT (a finished stage output with id and image columns, e.g. `t2i curate` "
+        "output) and writes OUTPUT: every row, all columns kept, plus caption_synthetic (the "
+        "VLM's caption with boilerplate openings removed, cut to --max-caption-tokens, default "
+        "77 = the T5 length SD3 trained with) and captioner (model@hash of model, prompt and "
+        "decoding settings). Backend transformers runs a local image-text-to-text folder "
+        "(AutoProcessor + AutoModelForImageTextToText); backend openai posts each image to an "
+        "OpenAI-compatible chat-completions server (vLLM, SGLang, `t2i serve-captioner`) with "
+        "bounded concurrency and retries on 429/5xx; the API key comes from --api-key-env. "
+        "Failed rows are kept with null captions and listed in OUTPUT/report.md. Work is saved "
+        "in chunks: rerunning after a kill continues where it stopped."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("input", "curated store to caption"), ("output", "directory to write"))
+
     backend: Literal["transformers", "openai"] = Field(
         "transformers",
         description="'transformers': a local image-text-to-text model folder; 'openai': an "
@@ -153,6 +169,19 @@ class CaptionConfig(ExecutorOptions):
 
 
 class InitCaptionerConfig(BaseModel):
+    # `t2i init-captioner`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "write a random-weight tiny VLM folder (LLaVA, Florence-2 or Qwen2-VL) built offline"
+    description: ClassVar[str] = (
+        "Builds a VLM with random weights and its processor (PIL image processor, WordPiece "
+        "tokenizer, chat template where the family has one), all made locally, and saves a "
+        "folder that AutoProcessor + AutoModelForImageTextToText load offline: --preset tiny "
+        "is a LLaVA (CLIP vision tower + Llama decoder), tiny-florence2 a Florence-2 "
+        "(encoder-decoder, task-token prompts such as <MORE_DETAILED_CAPTION>), tiny-qwen2vl "
+        "a Qwen2-VL (dynamic resolution; --processor-kwargs '{\"max_pixels\": N}'). They "
+        "generate word salad: they exist so tests and the demo run the real captioning code path."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory for the VLM folder"),)
+
     preset: Literal["tiny", "tiny-florence2", "tiny-qwen2vl"] = Field(
         "tiny",
         description="random-weight VLM for offline tests: 'tiny' LLaVA (CLIP vision + Llama), "
@@ -162,6 +191,17 @@ class InitCaptionerConfig(BaseModel):
 
 
 class ServeCaptionerConfig(BaseModel):
+    # `t2i serve-captioner`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "serve a local VLM folder over a minimal OpenAI-compatible chat API"
+    description: ClassVar[str] = (
+        "Serves GET /v1/models and POST /v1/chat/completions (one image as a base64 data URL "
+        "plus a text prompt) from MODEL, a local image-text-to-text folder, until interrupted. "
+        "A stand-in for vLLM/SGLang where they are not installed; `t2i caption --backend "
+        "openai --endpoint http://HOST:PORT/v1 --model NAME` talks to it. If "
+        "$T2I_SERVER_API_KEY is set, requests must carry it as a Bearer token."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("model", "local VLM folder to serve"),)
+
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 = any free port)")
     served_name: str | None = Field(

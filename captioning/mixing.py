@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from curate.seeds import seed_unit
+from curate.runtime.seeds import seed_unit
 
 Variant = Literal["original", "synthetic"]
 SYNTHETIC_PROBABILITY = 0.5

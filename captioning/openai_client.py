@@ -29,7 +29,7 @@ import httpx
 
 from captioning.config import CaptionConfig
 from captioning.protocol import Answer, Progress, Request, settings_from
-from curate.redact import strip_url
+from curate.runtime.redact import strip_url
 
 PASSTHROUGH_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 RETRY_STATUS = {429, 500, 502, 503, 504}

@@ -27,7 +27,7 @@ from PIL import Image
 
 from captioning.config import ServeCaptionerConfig
 from captioning.vlm import GenerationSettings, LocalVLM
-from curate.decode import Invalid, decode_image
+from curate.runtime.decode import Invalid, decode_image
 
 
 class RequestError(ValueError):
@@ -293,7 +293,7 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def run_server(model: str, config: ServeCaptionerConfig = ServeCaptionerConfig()) -> None:
+def run_serve_captioner(model: str, config: ServeCaptionerConfig = ServeCaptionerConfig()) -> None:
     """Serve until interrupted; the API key, if any, comes from $T2I_SERVER_API_KEY."""
     server = CaptionServer(model, config, api_key=os.environ.get("T2I_SERVER_API_KEY") or None)
     print(f"serving {server.name} at {server.url} (Ctrl-C to stop)", flush=True)

@@ -32,13 +32,13 @@ from captioning.cleaning import TokenBudget, clean_caption, make_budget
 from captioning.config import CaptionConfig
 from captioning.prompts import load_template, render
 from captioning.protocol import Answer, Backend, Request, settings_from
-from curate import reasons
-from curate.cells import image_cell
-from curate.decode import Invalid, decode_image, open_image, plain_format
-from curate.executor import EXECUTION_FIELDS, Setup, executor_for
-from curate.markdown import escape, fenced
-from curate.stage_runtime import StageRun, local_path
-from curate.store import (
+from curate.runtime import reasons
+from curate.runtime.cells import image_cell
+from curate.runtime.decode import Invalid, decode_image, open_image, plain_format
+from curate.runtime.executor import EXECUTION_FIELDS, Setup, executor_for
+from curate.runtime.markdown import escape, fenced
+from curate.runtime.stage_runtime import StageRun, check_output, local_path
+from curate.runtime.store import (
     Manifest,
     StoreError,
     WorkLog,
@@ -83,8 +83,7 @@ def run_caption(input: str | Path, output: str | Path, config: CaptionConfig) ->
         require_store(source)
     except StoreError as error:  # a usage error: say it the way the command line reports them
         raise ValueError(str(error)) from None
-    if out.resolve() == source.resolve():
-        raise ValueError(f"output {out} is the input; the caption stage never modifies its input")
+    check_output(out, STAGE, {"input": source})  # StageRun checks again, with the model folders
     if config.backend == "openai" and not config.endpoint:
         raise ValueError("--backend openai needs --endpoint URL (e.g. http://127.0.0.1:8000/v1)")
     if config.backend == "openai" and config.processor_kwargs:

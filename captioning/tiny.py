@@ -18,7 +18,7 @@ from pathlib import Path
 from captioning import tiny_florence2, tiny_qwen2vl
 from captioning.config import InitCaptionerConfig
 from captioning.tiny_tokenizer import IMAGE_TOKEN, MAX_LENGTH, build_tokenizer
-from curate.stage_runtime import write_folder
+from curate.runtime.stage_runtime import write_folder
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | upper }}: "

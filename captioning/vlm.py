@@ -19,8 +19,8 @@ from typing import Any
 from PIL import Image
 
 from captioning.config import TASK_TOKENS
-from curate.options import resolve_device
-from curate.seeds import seed_int
+from curate.runtime.options import resolve_device
+from curate.runtime.seeds import seed_int
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from curate.executor import ExecutorOptions
-from curate.options import device_option
+from curate.runtime.executor import ExecutorOptions
+from curate.runtime.options import device_option
 
 
 class DemoDataConfig(BaseModel):
+    # `t2i demo-data`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "write a small real image-text collection with planted trouble"
+    description: ClassVar[str] = (
+        "Writes real images shipped by scikit-image, scikit-learn and matplotlib, each with a "
+        "caption, plus near-duplicates (resized, re-encoded, cropped, flipped), an exact copy, "
+        "truncated/empty/non-image files, a 16x16 image, an extreme aspect ratio and a "
+        "decompression-bomb header, and valid CMYK, palette, 16-bit and EXIF-rotated images. "
+        "OUTPUT/DEMO_TRUTH.json says what curation should do with each file. Never uses the "
+        "network."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory to write the collection to"),)
+
     format: Literal["folder", "webdataset", "parquet", "all"] = Field(
         "folder", description="layout to write; 'all' writes each layout into a subfolder"
     )
@@ -19,6 +31,21 @@ class DemoDataConfig(BaseModel):
 
 class CurateConfig(ExecutorOptions):
     """Options of `t2i curate` (validation limits, scorers, dedup, throughput)."""
+
+    # `t2i curate`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "validate, NSFW/aesthetic-filter and deduplicate an image-text collection"
+    description: ClassVar[str] = (
+        "Reads INPUT (an image folder with sidecar .txt/.json captions, webdataset .tar shards, "
+        "parquet with image bytes, a saved `datasets` dir, or a stage output) and writes OUTPUT: "
+        "the sample table (id, image, caption, source, width, height, nsfw_score, "
+        "aesthetic_score, aesthetic_kind, cluster_id), a `rejected` table with one row and "
+        "reason per dropped file, report.md with contact sheets and score histograms. "
+        "Steps (SD3 section 5.3.1, appendix E): decode and validate; drop exact copies; NSFW "
+        "score (open_nsfw by default); aesthetic score (LAION v2 on a local CLIP, or BRISQUE "
+        "quality offline); near-duplicates by pHash and FAISS k-means + per-cluster range "
+        "search (Algorithm 1). Resumable after a kill; skipped when already done. Offline."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("input", "collection to curate (never modified)"), ("output", "directory to write"))
 
     # Decode and validate
     min_side: int = Field(

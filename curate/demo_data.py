@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import tarfile
 import zlib
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from curate import reasons
-from curate.store import sample_id
+from curate.runtime import reasons
+from curate.runtime.store import sample_id
 
 FORMATS = ("folder", "webdataset", "parquet")
 TRUTH_FILE = "DEMO_TRUTH.json"
@@ -33,7 +34,7 @@ class DemoSample:
     ext: str
     data: bytes
     caption: str
-    expect: str  # "keep" or a rejection reason from curate.reasons
+    expect: str  # "keep" or a rejection reason from curate.runtime.reasons
     group: str = ""  # near-duplicate group: every member shares the original's key
 
     @property
@@ -339,8 +340,37 @@ def _write_parquet(output: Path, samples: list[DemoSample], shard_size: int) -> 
 def run_demo_data(output: str, config) -> Path:
     """`t2i demo-data`: see flows/cli.py. A rerun that would write the same files leaves OUTPUT
     untouched, so the stages reading it see no change and skip."""
-    from curate.stage_runtime import generate
+    from curate.runtime.stage_runtime import generate
 
     return generate(
-        output, "demo-data", lambda fresh: write_demo_data(fresh, config.format, config.shard_size)
+        output,
+        "demo-data",
+        lambda fresh: write_demo_data(fresh, config.format, config.shard_size),
+        foreign=not_demo_data,
     )
+
+
+def not_demo_data(output: Path) -> list[str]:
+    """The entries under OUTPUT that no `t2i demo-data` run (any format) writes: anything but
+    its truth file, its shards and its images and sidecars (named by the truth file's keys), in
+    OUTPUT or, for --format all, in one folder per format."""
+    names = {TRUTH_FILE}
+    for sample in build_samples():
+        names.update((f"{sample.key}.{sample.ext}", f"{sample.key}.txt"))  # as _write_folder
+    others = []
+    for path in sorted(output.rglob("*")):
+        rel = path.relative_to(output)
+        if path.is_dir() and not path.is_symlink():
+            if len(rel.parts) == 1 and rel.name in FORMATS and any(path.iterdir()):
+                continue
+            others.append(rel.as_posix() + "/")
+            continue
+        parts = rel.parts[1:] if len(rel.parts) == 2 and rel.parts[0] in FORMATS else rel.parts
+        if len(parts) != 1 or path.is_symlink() or not path.is_file():
+            others.append(rel.as_posix())
+            continue
+        name = parts[0]
+        shard = re.fullmatch(r"demo-\d+\.(tar|parquet)", name)
+        if name not in names and not shard:
+            others.append(rel.as_posix())
+    return others

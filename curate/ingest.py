@@ -30,10 +30,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from curate import reasons
-from curate.cells import NotText, caption_cell, caption_text, image_cell, inside
-from curate.decode import Invalid
-from curate.store import MANIFEST, SAMPLES
+from curate.runtime import reasons
+from curate.runtime.cells import NotText, caption_cell, caption_text, image_cell, inside
+from curate.runtime.decode import Invalid
+from curate.runtime.store import MANIFEST, SAMPLES
 
 CAPTION_EXTENSIONS = (".txt", ".json", ".caption")
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "bytes")
@@ -563,7 +563,7 @@ def _load_table(path: Path, kind: str):
     import datasets
 
     if kind == "store":
-        from curate.store import load_samples
+        from curate.runtime.store import load_samples
 
         return load_samples(path)
     loaded = datasets.load_from_disk(str(path))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from curate.markdown import escape
+from curate.runtime.markdown import escape
 
 CELL = 170
 

@@ -26,10 +26,11 @@ from typing import Any
 
 from PIL import Image
 
-from curate import ingest, reasons
+from curate import ingest
 from curate.config import CurateConfig
 from curate.ingest import IngestOptions, Record, Shard
-from curate.store import WorkLog, sample_id
+from curate.runtime import reasons
+from curate.runtime.store import WorkLog, sample_id
 
 LEDGER = "shards.jsonl"  # in the work log's folder: one line per finished shard
 

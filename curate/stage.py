@@ -25,12 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from curate import ingest, reasons
+from curate import ingest
 from curate.config import CurateConfig
-from curate.executor import EXECUTION_FIELDS, Setup, executor_for
+from curate.runtime import reasons
+from curate.runtime.executor import EXECUTION_FIELDS, Setup, executor_for
+from curate.runtime.stage_runtime import StageRun, check_output, local_path
+from curate.runtime.store import Rejection, WorkLog, params_hash
 from curate.shards import ChunkDone, Ledger, ShardTask, files_per_shard, score_shard
-from curate.stage_runtime import StageRun, local_path
-from curate.store import Rejection, WorkLog, params_hash
 
 STAGE = "curate"
 # Options that change how fast the work runs, never what it produces.
@@ -306,10 +307,7 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
     inp, out = Path(input), Path(output)
     if not inp.exists():
         raise FileNotFoundError(f"curate: input {inp} does not exist")
-    if out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents:
-        raise ValueError(
-            f"curate: output {out} must not be inside the input {inp} (stages never modify their input)"
-        )
+    check_output(out, STAGE, {"input": inp})  # StageRun checks again, with the model folders
     resolved = resolve(config)
     models = ("nsfw_model", "aesthetic_model", "clip_model", "embedder_model")
     reads = {"input": inp, **{name: local_path(getattr(config, name)) for name in models}}

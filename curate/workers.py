@@ -2,7 +2,7 @@
 
 `score_chunk(scorers, items)` turns a chunk into its work-log table. Each worker builds its
 `Scorers` once (one intra-op thread) and reuses them for every shard it is given
-(curate/executor.py); curate/shards.py reads a shard and scores it chunk by chunk. Chunks are
+(curate/runtime/executor.py); curate/shards.py reads a shard and scores it chunk by chunk. Chunks are
 independent, so a chunk's table is a pure function of its records and the configuration: a
 killed run resumes from the chunks it already finished, and a shard lost with its worker reruns
 elsewhere to the same tables.
@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFilter
 
-from curate import reasons
 from curate.config import CurateConfig
-from curate.decode import Invalid, check
-from curate.options import resolve_device
+from curate.runtime import reasons
+from curate.runtime.decode import Invalid, check
+from curate.runtime.options import resolve_device
 
 THUMB = 160  # px, longest side of the thumbnails kept for the report's contact sheets
 

@@ -5,11 +5,11 @@ Kept free of heavy imports so `t2i --help` stays fast.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from curate.options import BASE_DTYPE, RenamedOptions, device_option, resume_value
+from curate.runtime.options import BASE_DTYPE, RenamedOptions, device_option, resume_value
 from model.config import (
     ALL_BLOCK_LINEARS,
     ATTENTION_PROJECTIONS,
@@ -25,6 +25,23 @@ from model.config import (
 __all__ = ["ALL_BLOCK_LINEARS", "ATTENTION_PROJECTIONS", "EMBEDDERS", "FINAL_LAYER", "TARGET_SETS"]
 
 class IngestPrefsConfig(BaseModel):
+    # `t2i prefs`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = (
+        "ingest preference pairs (Pick-a-Pic v2, generic, or a folder of pairs)"
+    )
+    description: ClassVar[str] = (
+        "Reads Pick-a-Pic v2 (caption, jpg_0, jpg_1, label_0; parquet or a saved dataset), a "
+        "generic layout (caption, image_w, image_l) or a folder with one sub-folder per pair "
+        "(caption.txt, winner.*, loser.*) and writes a preference table. Ties (label 0.5), rows "
+        "with has_label or are_different false or labels not summing to 1, identical images, "
+        "undecodable images and empty captions go to rejected/ with their reason. A hub-layout "
+        "folder (data/SPLIT-00000-of-NNNNN.parquet) is read one --split at a time."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("source", "preference data in any supported layout"),
+        ("output", "output directory"),
+    )
+
     layout: Literal["auto", "pickapic", "generic", "folder"] = Field(
         "auto",
         description="input layout: pickapic (caption, jpg_0, jpg_1, label_0), generic (caption, image_w, "
@@ -56,6 +73,23 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
         "base_dtype": "lora_base_dtype",
         "max_sequence_length": "t5_length",
     }
+    # `t2i dpo`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "align a model with rank-128 LoRA Diffusion-DPO on preference pairs"
+    description: ClassVar[str] = (
+        "Diffusion-DPO (Wallace et al. 2023) on a rectified-flow model, errors in noise-prediction "
+        "units so beta means Diffusion-DPO's beta, with a LoRA (rank 128, alpha 128) on the "
+        "attention projections of the MMDiT blocks. Winner and loser share t and noise; the "
+        "reference is the same network with the adapter disabled. PREFS is raw preference data "
+        "(any layout `t2i prefs` reads) or its output. Writes OUTPUT/pytorch_lora_weights."
+        "safetensors (StableDiffusion3Pipeline.load_lora_weights reads it), report.md (base vs "
+        "LoRA samples for held-out captions, the --scorer win rate, then training diagnostics), "
+        "metrics.jsonl (loss, implicit accuracy, margin, winner drift, saturation) and "
+        "summary.json. Rerunning an interrupted run resumes from its last checkpoint."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("prefs", "preference data or a `t2i prefs` output"),
+        ("output", "output directory"),
+    )
 
     model: str = Field(
         ..., description="local diffusers SD3 folder: the base model the LoRA adapts"
@@ -91,6 +125,19 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
         description="weight of an adapter-off anchor on both halves of each pair: + weight * beta/2 * "
         "mean((1 - t)^2 (v_lora - v_base)^2), the change of the prediction in the DPO term's units "
         "(dpo/regularizers.py); 0 = off",
+    )
+    preserve_captions: list[str] = Field(
+        default_factory=list,
+        description="captions outside the preference set whose predictions the LoRA must keep (a "
+        "sample of the base's training captions): each step every pair's noisy latents are also fed "
+        "with one of them and the LoRA is pulled toward the adapter-off base (dpo/regularizers.py); "
+        "keep them apart from --offtarget-captions, which judge what was not trained on",
+    )
+    preserve_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of that preservation term, + weight * beta/2 * mean((1 - t)^2 "
+        "(v_lora - v_base)^2) on --preserve-captions; 0 = off",
     )
     lr: float = Field(
         1e-4,
@@ -163,6 +210,20 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
         "change reported on its own in report.md and summary.json, the worst drop first; a "
         "caption that occurs in the preference set is refused",
     )
+    select_every: int = Field(
+        0,
+        ge=0,
+        description="every N steps, export the LoRA so far and sample the preference and off-target "
+        "captions (needs --scorer and --offtarget-captions); the exported LoRA is then the best "
+        "checkpoint by dpo/selection.py's rule: the largest preference gain among those whose worst "
+        "off-target caption fell by at most --select-tolerance; 0 = off (export the last step)",
+    )
+    select_tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        description="largest drop of any off-target caption's mean score (scorer units) a selected "
+        "checkpoint may have",
+    )
     eval_max_captions: int = Field(
         4, ge=1, description="at most this many held-out captions when --eval-captions is not given"
     )
@@ -210,6 +271,18 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
 
 
 class MakePrefsConfig(BaseModel):
+    # `t2i make-prefs`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "build synthetic preference pairs from a folder of images"
+    description: ClassVar[str] = (
+        "Makes two edited copies of each image, one with a measurable attribute (a warm tint, "
+        "or brightness) and one with its opposite, and writes them as a folder of pairs "
+        "(winner = the attribute) that `t2i dpo` reads. For demos and for checking that DPO "
+        "moves a model the right way; --swap makes the control with the labels reversed."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("output", "directory for the pair folders"),
+    )
+
     source: str = Field(
         ...,
         description="folder of images with .txt captions (e.g. `t2i demo-data OUT --format folder`) or a "

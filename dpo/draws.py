@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from curate.seeds import seed_int
+from curate.runtime.seeds import seed_int
 from dpo.config import DPOConfig
 from dpo.encode import EncodedPairs, EncodedPairSet
 from model.toolbox import draw_timesteps, heldout_split

@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 import torch
 
-from curate.store import Manifest, StageWriter, fingerprint, is_done, load_samples
+from curate.runtime.store import Manifest, StageWriter, fingerprint, is_done, load_samples
 from model.conditioning import TextEncoding
 from model.encoders import encoder_dims, read_config
 

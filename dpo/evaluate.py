@@ -232,11 +232,48 @@ def evaluate_samples(
     return result
 
 
+def evaluate_lora(config, lora_dir, captions: Sequence[str], device) -> SampleEval:
+    """`evaluate_samples` with a DPOConfig's evaluation options (seeds 0..eval_seeds-1, steps,
+    guidance, scorer, off-target captions), the LoRA in LORA_DIR, the grids written there."""
+    return evaluate_samples(
+        config.model, lora_dir, captions, list(range(config.eval_seeds)), lora_dir,
+        config.eval_steps, config.eval_guidance, config.scorer, str(device), config.frozen_base_dtype(),
+        config.variant, config.transformer_file, config.offtarget_captions,
+    )  # fmt: skip
+
+
 def _cell(text: str, limit: int | None = 120) -> str:
-    """A caption or message as inert one-line markdown (curate/markdown.py)."""
-    from curate.markdown import escape
+    """A caption or message as inert one-line markdown (curate/runtime/markdown.py)."""
+    from curate.runtime.markdown import escape
 
     return escape(text, limit=limit)
+
+
+def selection_markdown(selection: dict | None) -> list[str]:
+    """The report's checkpoint-selection section (dpo/selection.py), one row per evaluated step."""
+    if not selection:
+        return []
+    lines = [
+        f"## Checkpoint selection (every {selection['every']} steps)",
+        "",
+        f"Exported: **step {selection['chosen_step']}**, by the rule: {selection['rule']} "
+        f"(tolerance {selection['tolerance']:g}).",
+        "",
+        "| step | preference gain (mean score change) | win rate | worst off-target caption | "
+        "its change |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in selection["candidates"]:
+        mark = " **(exported)**" if c["step"] == selection["chosen_step"] else ""
+        rate = "-" if c["win_rate"] is None else f"{c['win_rate']:.2f}"
+        worst = "-" if c["worst_change"] is None else f"{c['worst_change']:+.4g}"
+        lines.append(
+            f"| {c['step']}{mark} | {c['gain']:+.4g} | {rate} | "
+            f"{_cell(c['worst_caption'] or '-')} | {worst} |"
+        )
+    if selection.get("warning"):
+        lines += ["", f"**Warning:** {_cell(selection['warning'], None)}"]
+    return [*lines, ""]
 
 
 def report_markdown(summary: dict) -> str:
@@ -275,6 +312,7 @@ def report_markdown(summary: dict) -> str:
             lines += ["No scorer given (--scorer): compare the images by eye.", ""]
         for caption, grid in zip(evaluation["captions"], evaluation["grids"]):
             lines += [f"**{_cell(caption)}**", "", f"![{_cell(caption)}]({grid})", ""]
+    lines += selection_markdown(summary.get("selection"))
     guard = summary.get("guard") or {}
     lines += [
         "## Training diagnostics",

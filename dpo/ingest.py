@@ -28,12 +28,12 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
-from curate import reasons
-from curate.cells import caption_text, image_cell
-from curate.decode import Invalid, decode_image
 from curate.ingest import read_inside
-from curate.stage_runtime import StageRun
-from curate.store import Manifest, Rejection, load_samples
+from curate.runtime import reasons
+from curate.runtime.cells import caption_text, image_cell
+from curate.runtime.decode import Invalid, decode_image
+from curate.runtime.stage_runtime import StageRun, check_output
+from curate.runtime.store import Manifest, Rejection, load_samples
 from dpo.config import IngestPrefsConfig
 
 STAGE = "prefs"
@@ -334,13 +334,14 @@ def classify(rows: Iterator[dict[str, Any]], layout: str, tie_tolerance: float =
             )
 
 
-def ingest_prefs(
+def run_prefs(
     source: str | os.PathLike, output: str | os.PathLike, config: IngestPrefsConfig
 ) -> Path:
     """Read preferences in any supported layout into a preference table at OUTPUT, streaming."""
     source, output = Path(source), Path(output)
     if not source.exists():
         raise FileNotFoundError(f"preference input {source} does not exist")
+    check_output(output, STAGE, {"input": source})  # before the layout is even looked at
     if config.layout == "folder" or (config.layout == "auto" and is_pair_folder(source)):
         if config.split is not None:
             raise ValueError(f"{source} is a folder of pairs, which has no splits; drop --split")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curate.store import Manifest, fingerprint, params_hash
+from curate.runtime.store import Manifest, fingerprint, params_hash
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.ingest import STAGE as PREFS_STAGE
-from dpo.ingest import ingest_prefs
+from dpo.ingest import run_prefs
 
 
 def resolve_prefs(prefs: Path, work: Path) -> Path:
@@ -17,7 +17,7 @@ def resolve_prefs(prefs: Path, work: Path) -> Path:
     manifest = Manifest.read(prefs) if prefs.is_dir() else None
     if manifest is not None and manifest.stage == PREFS_STAGE:
         return prefs
-    return ingest_prefs(prefs, work / "prefs", IngestPrefsConfig())
+    return run_prefs(prefs, work / "prefs", IngestPrefsConfig())
 
 
 def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution: int) -> Path:
@@ -44,11 +44,16 @@ def eval_captions(config: DPOConfig, rows, pairs) -> list[str]:
     return list(distinct)[: config.eval_max_captions]
 
 
-def check_off_target(off_target: list[str], preference_captions) -> None:
-    """Off-target captions must be outside the preference set (else they measure nothing new)."""
-    inside = set(off_target) & set(preference_captions)
-    if inside:
-        raise ValueError(
-            f"--offtarget-captions {sorted(inside)[0]!r} is a caption of the preference set; "
-            "off-target captions must be prompts the pairs never show"
-        )
+def check_off_target(off_target: list[str], preference_captions, preserve=()) -> None:
+    """Off-target captions must be outside the preference set and the preserved captions (else
+    they judge what was trained on)."""
+    for name, trained in (
+        ("the preference set", preference_captions),
+        ("--preserve-captions", preserve),
+    ):
+        inside = set(off_target) & set(trained)
+        if inside:
+            raise ValueError(
+                f"--offtarget-captions {sorted(inside)[0]!r} is a caption of {name}; off-target "
+                "captions must be prompts the training never shows"
+            )

@@ -57,10 +57,13 @@ class DPOTerms:
     ref_w: torch.Tensor
     ref_l: torch.Tensor
     anchor: torch.Tensor | None = None  # [2B] policy-reference distance (dpo/regularizers.py)
+    preserve: torch.Tensor | None = None  # [B] the same on --preserve-captions
 
     def metrics(self) -> dict[str, float]:
         """Per-step training diagnostics (means over the batch)."""
         anchor = {} if self.anchor is None else {"anchor": self.anchor.mean().item()}
+        if self.preserve is not None:
+            anchor["preserve"] = self.preserve.mean().item()
         return {
             **anchor,
             "loss": self.loss.item(),

@@ -120,7 +120,25 @@ def base_measures(model_dir, task: ShapesTask, seeds, sampling: Sampling | None 
     return measure_prompts(load_transformer(model_dir, "cpu", torch.float32), task, seeds, sampling)
 
 
-def summarise(base: PromptMeasures, lora: PromptMeasures) -> dict:
+PRESERVE_SHAPES = ("circle", "square")  # their class prompts may be a --preserve-captions pool
+
+
+def preserve_pool(task: ShapesTask) -> TextEncoding:
+    """The class prompts of PRESERVE_SHAPES, encoded (rows of task.texts)."""
+    rows = [k for k, (_, _, shape) in enumerate(class_prompts()) if shape in PRESERVE_SHAPES]
+    return TextEncoding(**{k: v[rows] for k, v in vars(task.texts).items()})
+
+
+def summarise(base: PromptMeasures, lora: PromptMeasures, held_out_only: bool = False) -> dict:
+    """Per-prompt changes; HELD_OUT_ONLY: judged on the prompts outside preserve_pool only."""
+    if held_out_only:
+        keep = [c for c, _, shape in class_prompts() if shape not in PRESERVE_SHAPES]
+        base, lora = (
+            PromptMeasures(
+                m.preferred_rate, {c: m.colour[c] for c in keep}, {c: m.shape[c] for c in keep}
+            )  # fmt: skip
+            for m in (base, lora)
+        )
     change = Change.between(base, lora)
     worst, worst_value = change.worst_colour
     worst_shape, worst_shape_value = change.worst_shape
@@ -148,6 +166,7 @@ def run_arm(
     eval_at: list[int] | None = None,
     swapped: bool = False,
     sampling: Sampling | None = None,
+    preserve: bool = False,
 ) -> dict:
     """`t2i dpo`'s loop (dpo.trainer.train_lora) from the base on the task's pairs (true or
     swapped labels), stopping at each of EVAL_AT (default: only the end) to measure every prompt.
@@ -175,10 +194,12 @@ def run_arm(
     evals, optimizer, start = [], None, 0
     for stop in eval_at or [config.max_steps]:
         leg = config.model_copy(update={"max_steps": stop})
-        optimizer = train_lora(model, train, leg, work, shift, start, optimizer)
+        pool = preserve_pool(task) if preserve else None
+        optimizer = train_lora(model, train, leg, work, shift, start, optimizer, preserve=pool)
         start = stop
         measures = measure_prompts(model, task, seeds, sampling)
-        evals.append({"step": stop, **summarise(base, measures)})
+        evals.append({"step": stop, **summarise(base, measures),
+                      "held_out": summarise(base, measures, held_out_only=True)})  # fmt: skip
     return {
         "evals": evals,
         "heldout_implicit_acc": implicit_accuracy(model, held, config, shift),

@@ -19,10 +19,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from curate import reasons
-from curate.decode import Invalid, decode_image
 from curate.ingest import IngestOptions, read_records
-from curate.stage_runtime import StageRun
+from curate.runtime import reasons
+from curate.runtime.decode import Invalid, decode_image
+from curate.runtime.stage_runtime import StageRun
 from dpo.config import MakePrefsConfig
 
 STAGE = "make-prefs"
@@ -88,7 +88,7 @@ def source_images(folder: Path, skipped: dict[str, str]) -> Iterator[tuple[str, 
             skipped[record.key] = f"{record.refused}: {record.detail}"
             continue
         try:
-            image = decode_image(record.data)  # under curate.decode's pixel cap
+            image = decode_image(record.data)  # under curate.runtime.decode's pixel cap
         except Invalid as invalid:
             skipped[record.key] = f"{invalid.reason}: {invalid.detail}"
             continue
@@ -99,7 +99,7 @@ def source_images(folder: Path, skipped: dict[str, str]) -> Iterator[tuple[str, 
         yield name, image, record.caption or name.replace("_", " ")
 
 
-def make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
+def run_make_prefs(output: str | os.PathLike, config: MakePrefsConfig) -> Path:
     """Write pairs from --source into OUTPUT, atomically: a failed run leaves no OUTPUT behind.
 
     Sources are read and edited one at a time, so memory does not grow with their number.

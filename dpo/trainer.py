@@ -28,25 +28,24 @@ from accelerate import Accelerator
 from diffusers import SD3Transformer2DModel
 from tqdm.auto import tqdm
 
-from curate.stage_runtime import StageRun
-from curate.store import load_rejected, load_samples
+from curate.runtime.stage_runtime import StageRun
+from curate.runtime.store import load_rejected, load_samples
+from dpo import selection
 from dpo.config import DPOConfig
 from dpo.draws import Pairs, draw, split_heldout, step_generator
 from dpo.encode import encode_pairs, native_resolution
-from dpo.evaluate import evaluate_samples, report_markdown
+from dpo.evaluate import evaluate_lora, report_markdown
 from dpo.guard import guard_summary, winner_drift_warning
 from dpo.init_lora import add_init_lora, check_init_lora
 from dpo.inputs import check_off_target, encoded_pairs_dir, eval_captions, resolve_prefs
-from dpo.lora import (
-    add_lora,
-    export_lora,
-    lora_parameters,
-)
+from dpo.lora import add_lora, export_lora, lora_parameters
 from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
-from dpo.terms import dpo_terms, implicit_accuracy
+from dpo.regularizers import draw_preserve, preserve_texts
+from dpo.step import dpo_terms, implicit_accuracy, velocity_errors  # noqa: F401 (re-exported)
 from model import build
 from model.build import parse_dtype
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
+from model.conditioning import TextEncoding
 from model.lora_train import lora_alpha
 from model.toolbox import (
     NonFiniteLossError,
@@ -105,6 +104,7 @@ def train_lora(
     optimizer=None,
     accelerator: Accelerator | None = None,
     checkpoint: Callable[[int], object] | None = None,
+    preserve: TextEncoding | None = None,
 ):
     """The DPO loop over pre-encoded pairs; metrics go to WORK/metrics.jsonl and, as dpo/<name>,
     to ACCELERATOR's trackers (--report-to).
@@ -135,7 +135,8 @@ def train_lora(
         for micro in range(config.grad_accum):  # draws depend on (seed, step, micro) only
             generator = step_generator(config.seed, step * config.grad_accum + micro)
             chosen, t, noise = draw(pairs, config.batch_size, generator, config, shift, rank, world)
-            terms = dpo_terms(transformer, chosen, t, noise, config)
+            extra = draw_preserve(preserve, len(chosen), generator)  # dpo/regularizers.py
+            terms = dpo_terms(transformer, chosen, t, noise, config, preserve=extra)
             if nonfinite(terms.loss.detach(), accelerator=accelerator):
                 raise NonFiniteLossError(
                     f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
@@ -192,6 +193,7 @@ def _run_dpo(prefs: Path, output: Path, config: DPOConfig) -> Path:
     require_trackers(config.report_to)  # a missing wandb fails before any work
     if config.init_lora:
         check_init_lora(config.init_lora, config.model)  # a LoRA that does not fit fails first
+    selection.check_options(config)
     # a single-file transformer's content, not just its path, picks the base
     reads = {"prefs": prefs, "model": config.model, "transformer_file": config.transformer_file}
     reads["init_lora"] = config.init_lora
@@ -212,7 +214,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     with accelerator.main_process_first():
         table_dir = resolve_prefs(prefs, root)
         rows = load_samples(table_dir)
-        check_off_target(config.offtarget_captions, rows["caption"])
+        check_off_target(config.offtarget_captions, rows["caption"], config.preserve_captions)
         pairs = encode_pairs(
             config.model,
             table_dir,
@@ -237,9 +239,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
         lora_config = add_init_lora(transformer, config.init_lora, config.model, config.seed)
     else:
         alpha = lora_alpha(config)
-        lora_config = add_lora(
-            transformer, config.lora_rank, alpha, config.lora_targets, config.seed
-        )
+        lora_config = add_lora(transformer, config.lora_rank, alpha, config.lora_targets, config.seed)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(
@@ -265,13 +265,23 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     def checkpoint(step: int) -> Path:
         return save_checkpoint(accelerator, checkpoints, step, {}, keep=1, objects=objects)
 
-    if start < config.max_steps:
-        train_lora(
-            transformer, train, config, work, shift, start, optimizer, accelerator, checkpoint
-        )
+    # --select-every N: pause every N steps to evaluate the LoRA so far (dpo/selection.py)
+    preserve = preserve_texts(config, accelerator.device)  # --preserve-captions, encoded once
+    picker = selection.Picker.of(work, config, eval_captions(config, rows, heldout or train))
+    if (begin := start) < config.max_steps:
+        for stop in selection.stops(start, config.max_steps, config.select_every):
+            leg = config.model_copy(update={"max_steps": stop})
+            train_lora(
+                transformer, train, leg, work, shift, begin, optimizer, accelerator, checkpoint,
+                preserve,
+            )  # fmt: skip
+            begin = stop
+            if picker:
+                picker.evaluate(accelerator, transformer, lora_config, stop)
         checkpoint(config.max_steps)
     accelerator.wait_for_everyone()
     transformer = accelerator.unwrap_model(transformer)
+    chosen = picker.pick(transformer) if picker is not None else None
 
     # 5. Held-out accuracy and the diffusers-format LoRA (main process)
     if accelerator.is_main_process:
@@ -297,6 +307,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             "lora_alpha": lora_config.lora_alpha,
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
             "guard": guard_summary(metric_rows(work / METRICS)),
+            "selection": chosen,
         }
         with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
@@ -304,21 +315,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
             captions = eval_captions(config, rows, heldout or train)
             if config.eval_seeds and (captions or config.offtarget_captions):
-                evaluation = evaluate_samples(
-                    config.model,
-                    writer.path,
-                    captions,
-                    list(range(config.eval_seeds)),
-                    writer.path,
-                    config.eval_steps,
-                    config.eval_guidance,
-                    config.scorer,
-                    str(accelerator.device),
-                    config.frozen_base_dtype(),
-                    config.variant,
-                    config.transformer_file,
-                    config.offtarget_captions,
-                )
+                evaluation = evaluate_lora(config, writer.path, captions, accelerator.device)
                 summary["sample_eval"] = asdict(evaluation)
                 for grid in evaluation.grids:  # base left, LoRA right
                     log_image(accelerator, Path(grid).stem, writer.path / grid, config.max_steps)

@@ -18,8 +18,8 @@ from pathlib import Path
 from PIL import Image
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from curate.markdown import escape  # every value from data or a path is inert markdown
-from curate.store import REJECTED, Manifest
+from curate.runtime.markdown import escape  # every value from data or a path is inert markdown
+from curate.runtime.store import REJECTED, Manifest
 from flows.progress import artifact_key
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -79,7 +79,7 @@ def rejection_table(output: Path) -> list[dict]:
 
 
 def read_scalars(output: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars a stage logged: TensorBoard event files, or JSON-lines files with a `step`."""
+    """Scalars a stage logged: its TensorBoard event files, else its JSON-lines files with a `step`."""
     series: dict[str, list[tuple[int, float]]] = {}
     for events in sorted(output.rglob("events.out.tfevents.*")):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -88,7 +88,8 @@ def read_scalars(output: Path) -> dict[str, list[tuple[int, float]]]:
         accumulator.Reload()
         for tag in accumulator.Tags().get("scalars", []):
             series.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    for lines in sorted(output.rglob("*.jsonl")):
+    # JSON lines where no TensorBoard log holds the rows (`t2i dpo` writes both, the same rows)
+    for lines in sorted(output.rglob("*.jsonl")) if not series else []:
         if any(part.startswith(".") for part in lines.relative_to(output).parts):
             continue
         for index, line in enumerate(lines.read_text().splitlines()):

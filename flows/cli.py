@@ -1,9 +1,8 @@
-"""The `t2i` command line: one table of commands, each an imported config class and a runner.
+"""The `t2i` command line: parse, call the command's runner, print where the output is.
 
-Every stage's options are one pydantic model (field description = help text, default = the
-paper's number): the same model the Prefect form renders and the stage records in its
-manifest. `COMMANDS` below is the whole command surface, in pipeline order; each runner is a
-small function here that imports its stage only when called, so `t2i --help` stays fast.
+The commands are the table in flows/commands.py. Every stage's options are one pydantic model
+(field description = help text, default = the paper's number): the same model the Prefect form
+renders and the stage records in its manifest.
 
     t2i STAGE POSITIONALS [--config FILE.toml] [--option VALUE ...] [--debug]
 
@@ -22,389 +21,15 @@ import sys
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from captioning.config import CaptionConfig, InitCaptionerConfig, ServeCaptionerConfig
-from curate.config import CurateConfig, DemoDataConfig
-from curate.options import OptionRenamed, warn_renamed
-from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
-from flows.config import RunAllConfig, ServeConfig
-from model.config import (
-    ExportSingleFileConfig,
-    InitModelConfig,
-    LoraConvertConfig,
-    PrecomputeConfig,
-    SampleConfig,
-    TrainConfig,
-)
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    summary: str
-    description: str
-    config: type[BaseModel]
-    run: Callable[..., Any]  # run(*positionals, config=ConfigModel(...))
-    positionals: tuple[tuple[str, str], ...] = ()
-    flow: bool = True  # served as a Prefect flow; False for services and the orchestrator
-
-    @property
-    def positional_names(self) -> list[str]:
-        return [name for name, _ in self.positionals]
-
-
-# ---- runners: import the stage only when it runs -------------------------------------------
-
-
-def demo_data(output: str, config: DemoDataConfig) -> Path:
-    from curate.demo_data import run_demo_data
-
-    return run_demo_data(output, config=config)
-
-
-def curate(input: str, output: str, config: CurateConfig) -> Path:
-    from curate.stage import run_curate
-
-    return run_curate(input, output, config)
-
-
-def init_captioner(output: str, config: InitCaptionerConfig) -> Path:
-    from captioning.tiny import run_init_captioner
-
-    return run_init_captioner(output, config=config)
-
-
-def caption(input: str, output: str, config: CaptionConfig) -> Path:
-    from captioning.stage import run_caption
-
-    return run_caption(input, output, config)
-
-
-def serve_captioner(model: str, config: ServeCaptionerConfig) -> None:
-    from captioning.server import run_server
-
-    return run_server(model, config=config)
-
-
-def init_model(output: str, config: InitModelConfig) -> Path:
-    from model.build import run_init_model
-
-    return run_init_model(output, config=config)
-
-
-def precompute(input: str, output: str, config: PrecomputeConfig) -> Path:
-    from model.precompute import run_precompute
-
-    return run_precompute(input, output, config)
-
-
-def train(encoded: str, output: str, config: TrainConfig) -> Path:
-    from model.train import run_train
-
-    return run_train(encoded, output, config)
-
-
-def prefs(source: str, output: str, config: IngestPrefsConfig) -> Path:
-    from dpo.ingest import ingest_prefs
-
-    return ingest_prefs(source, output, config)
-
-
-def make_prefs(output: str, config: MakePrefsConfig) -> Path:
-    from dpo.synthetic import make_prefs as run
-
-    return run(output, config)
-
-
-def dpo(prefs: str, output: str, config: DPOConfig) -> Path:
-    from dpo.trainer import run_dpo
-
-    return run_dpo(prefs, output, config)
-
-
-def sample(config: SampleConfig) -> Path:
-    from model.sampling import run_sample
-
-    return run_sample(config)
-
-
-def lora_convert(input: str, output: str, config: LoraConvertConfig) -> Path:
-    from model.lora_formats import run_lora_convert
-
-    return run_lora_convert(input, output, config)
-
-
-def export_single_file(model: str, output: str, config: ExportSingleFileConfig) -> Path:
-    from model.single_file import run_export_single_file
-
-    return run_export_single_file(model, output, config)
-
-
-def serve(config: ServeConfig) -> None:
-    from flows.serve import run_serve
-
-    return run_serve(config)
-
-
-def run_all(workdir: str, config: RunAllConfig) -> Path:
-    from flows.serve import run_all as run
-
-    return run(workdir, config)
-
-
-# ---- the command table, in pipeline order ----------------------------------------------------
-
-OUT = ("output", "directory to write")
-
-COMMANDS: tuple[Command, ...] = (
-    Command(
-        "demo-data",
-        "write a small real image-text collection with planted trouble",
-        "Writes real images shipped by scikit-image, scikit-learn and matplotlib, each with a "
-        "caption, plus near-duplicates (resized, re-encoded, cropped, flipped), an exact copy, "
-        "truncated/empty/non-image files, a 16x16 image, an extreme aspect ratio and a "
-        "decompression-bomb header, and valid CMYK, palette, 16-bit and EXIF-rotated images. "
-        "OUTPUT/DEMO_TRUTH.json says what curation should do with each file. Never uses the "
-        "network.",
-        DemoDataConfig,
-        demo_data,
-        (("output", "directory to write the collection to"),),
-    ),
-    Command(
-        "init-model",
-        "write a random-weight SD3 pipeline folder built from configs (offline)",
-        "Builds SD3Transformer2DModel (QK RMS-norm), a 16-channel AutoencoderKL, CLIP-L, CLIP-G, "
-        "T5 and their tokenizers from configs alone, with random weights, and saves a diffusers "
-        "folder that StableDiffusion3Pipeline.from_pretrained(OUTPUT) loads with no model hub.",
-        InitModelConfig,
-        init_model,
-        (("output", "directory for the diffusers pipeline folder"),),
-    ),
-    Command(
-        "curate",
-        "validate, NSFW/aesthetic-filter and deduplicate an image-text collection",
-        "Reads INPUT (an image folder with sidecar .txt/.json captions, webdataset .tar shards, "
-        "parquet with image bytes, a saved `datasets` dir, or a stage output) and writes OUTPUT: "
-        "the sample table (id, image, caption, source, width, height, nsfw_score, "
-        "aesthetic_score, aesthetic_kind, cluster_id), a `rejected` table with one row and "
-        "reason per dropped file, report.md with contact sheets and score histograms. "
-        "Steps (SD3 section 5.3.1, appendix E): decode and validate; drop exact copies; NSFW "
-        "score (open_nsfw by default); aesthetic score (LAION v2 on a local CLIP, or BRISQUE "
-        "quality offline); near-duplicates by pHash and FAISS k-means + per-cluster range "
-        "search (Algorithm 1). Resumable after a kill; skipped when already done. Offline.",
-        CurateConfig,
-        curate,
-        (("input", "collection to curate (never modified)"), OUT),
-    ),
-    Command(
-        "init-captioner",
-        "write a random-weight tiny VLM folder (LLaVA, Florence-2 or Qwen2-VL) built offline",
-        "Builds a VLM with random weights and its processor (PIL image processor, WordPiece "
-        "tokenizer, chat template where the family has one), all made locally, and saves a "
-        "folder that AutoProcessor + AutoModelForImageTextToText load offline: --preset tiny "
-        "is a LLaVA (CLIP vision tower + Llama decoder), tiny-florence2 a Florence-2 "
-        "(encoder-decoder, task-token prompts such as <MORE_DETAILED_CAPTION>), tiny-qwen2vl "
-        "a Qwen2-VL (dynamic resolution; --processor-kwargs '{\"max_pixels\": N}'). They "
-        "generate word salad: they exist so tests and the demo run the real captioning code path.",
-        InitCaptionerConfig,
-        init_captioner,
-        (("output", "directory for the VLM folder"),),
-    ),
-    Command(
-        "caption",
-        "recaption a curated store with a VLM (local model or OpenAI-compatible server)",
-        "Reads INPUT (a finished stage output with id and image columns, e.g. `t2i curate` "
-        "output) and writes OUTPUT: every row, all columns kept, plus caption_synthetic (the "
-        "VLM's caption with boilerplate openings removed, cut to --max-caption-tokens, default "
-        "77 = the T5 length SD3 trained with) and captioner (model@hash of model, prompt and "
-        "decoding settings). Backend transformers runs a local image-text-to-text folder "
-        "(AutoProcessor + AutoModelForImageTextToText); backend openai posts each image to an "
-        "OpenAI-compatible chat-completions server (vLLM, SGLang, `t2i serve-captioner`) with "
-        "bounded concurrency and retries on 429/5xx; the API key comes from --api-key-env. "
-        "Failed rows are kept with null captions and listed in OUTPUT/report.md. Work is saved "
-        "in chunks: rerunning after a kill continues where it stopped.",
-        CaptionConfig,
-        caption,
-        (("input", "curated store to caption"), OUT),
-    ),
-    Command(
-        "serve-captioner",
-        "serve a local VLM folder over a minimal OpenAI-compatible chat API",
-        "Serves GET /v1/models and POST /v1/chat/completions (one image as a base64 data URL "
-        "plus a text prompt) from MODEL, a local image-text-to-text folder, until interrupted. "
-        "A stand-in for vLLM/SGLang where they are not installed; `t2i caption --backend "
-        "openai --endpoint http://HOST:PORT/v1 --model NAME` talks to it. If "
-        "$T2I_SERVER_API_KEY is set, requests must carry it as a Bearer token.",
-        ServeCaptionerConfig,
-        serve_captioner,
-        (("model", "local VLM folder to serve"),),
-        flow=False,
-    ),
-    Command(
-        "precompute",
-        "pre-encode VAE latents and CLIP-L/CLIP-G/T5 embeddings of a captioned set (16-bit, memory-mapped)",
-        "Reads a curated or captioned store (id, image, caption, optional caption_synthetic) and "
-        "encodes every image (square center crop at --resolution, or aspect-ratio buckets) with "
-        "the VAE of --model (latents after its shift and scaling factors), and the original "
-        "caption, the synthetic caption when present and the empty prompt with CLIP-L, CLIP-G "
-        "(penultimate states + pooled projections) and T5 (last hidden states, --t5-length "
-        "tokens, with the mask), exactly as StableDiffusion3Pipeline.encode_prompt does (SD3 "
-        "section 5.3.1). One encoder is loaded at a time; output is safetensors shards plus an "
-        "index, resumable per shard. Images that fail are listed in OUTPUT/rejected. Read the "
-        "result with model.encoded.EncodedDataset.",
-        PrecomputeConfig,
-        precompute,
-        (
-            ("input", "a curated or captioned store (a stage output directory)"),
-            ("output", "directory for the pre-encoded set"),
-        ),
-    ),
-    Command(
-        "train",
-        "train the SD3 MMDiT with rectified flow on a pre-encoded set",
-        "Reads ENCODED (output of `t2i precompute`) and trains --model's transformer, or a fresh "
-        "one from --preset, with the SD3 recipe: logit-normal(0, 1) timesteps with the "
-        "resolution shift, velocity loss eps - x0, each text encoder dropped with p = 0.464, "
-        "original or synthetic caption with p = 0.5, AdamW (lr 1e-4, eps 1e-15, 1000 warmup "
-        "steps), EMA. Writes OUTPUT as a diffusers SD3 folder (EMA weights, training shift in "
-        "the scheduler) and OUTPUT/training/{checkpoints,logs,samples}. Resume with --resume "
-        "latest. With --lora-rank R it trains a LoRA on the frozen transformer instead (16-bit "
-        "base under 16-bit autocast; --optimizer adamw8bit, --gradient-checkpointing) and writes "
-        "OUTPUT/pytorch_lora_weights.safetensors. Multi-GPU/FSDP: `accelerate launch -m "
-        "flows.cli train ...` with accelerate's own config.",
-        TrainConfig,
-        train,
-        (
-            ("encoded", "pre-encoded set written by `t2i precompute`"),
-            ("output", "directory for the trained diffusers pipeline folder"),
-        ),
-    ),
-    Command(
-        "prefs",
-        "ingest preference pairs (Pick-a-Pic v2, generic, or a folder of pairs)",
-        "Reads Pick-a-Pic v2 (caption, jpg_0, jpg_1, label_0; parquet or a saved dataset), a "
-        "generic layout (caption, image_w, image_l) or a folder with one sub-folder per pair "
-        "(caption.txt, winner.*, loser.*) and writes a preference table. Ties (label 0.5), rows "
-        "with has_label or are_different false or labels not summing to 1, identical images, "
-        "undecodable images and empty captions go to rejected/ with their reason. A hub-layout "
-        "folder (data/SPLIT-00000-of-NNNNN.parquet) is read one --split at a time.",
-        IngestPrefsConfig,
-        prefs,
-        (("source", "preference data in any supported layout"), ("output", "output directory")),
-    ),
-    Command(
-        "make-prefs",
-        "build synthetic preference pairs from a folder of images",
-        "Makes two edited copies of each image, one with a measurable attribute (a warm tint, "
-        "or brightness) and one with its opposite, and writes them as a folder of pairs "
-        "(winner = the attribute) that `t2i dpo` reads. For demos and for checking that DPO "
-        "moves a model the right way; --swap makes the control with the labels reversed.",
-        MakePrefsConfig,
-        make_prefs,
-        (("output", "directory for the pair folders"),),
-    ),
-    Command(
-        "dpo",
-        "align a model with rank-128 LoRA Diffusion-DPO on preference pairs",
-        "Diffusion-DPO (Wallace et al. 2023) on a rectified-flow model, errors in noise-prediction "
-        "units so beta means Diffusion-DPO's beta, with a LoRA (rank 128, alpha 128) on the "
-        "attention projections of the MMDiT blocks. Winner and loser share t and noise; the "
-        "reference is the same network with the adapter disabled. PREFS is raw preference data "
-        "(any layout `t2i prefs` reads) or its output. Writes OUTPUT/pytorch_lora_weights."
-        "safetensors (StableDiffusion3Pipeline.load_lora_weights reads it), report.md (base vs "
-        "LoRA samples for held-out captions, the --scorer win rate, then training diagnostics), "
-        "metrics.jsonl (loss, implicit accuracy, margin, winner drift, saturation) and "
-        "summary.json. Rerunning an interrupted run resumes from its last checkpoint.",
-        DPOConfig,
-        dpo,
-        (("prefs", "preference data or a `t2i prefs` output"), ("output", "output directory")),
-    ),
-    Command(
-        "sample",
-        "generate images from a diffusers SD3 folder",
-        "Loads --model (any local SD3/SD3.5 diffusers folder, e.g. stable-diffusion-3-medium-"
-        "diffusers or `t2i init-model` output) and writes one PNG per prompt and seed to --out.",
-        SampleConfig,
-        sample,
-    ),
-    Command(
-        "lora-convert",
-        "convert an SD3 LoRA between diffusers, kohya and ComfyUI key styles",
-        "Reads a LoRA file (or a folder holding one) in diffusers, kohya (sd-scripts lora_sd3), "
-        "ComfyUI, OneTrainer or peft key style, detected from its keys, and writes it in --to's "
-        "style. kohya and ComfyUI use Stability's MMDiT module names with q/k/v fused (downs "
-        "stacked, ups block-diagonal, alpha scaled with the rank); diffusers files carry alpha "
-        "folded into B. Converting back gives the same matrices. OUTPUT is a .safetensors path "
-        "or a folder (then OUTPUT/pytorch_lora_weights.safetensors).",
-        LoraConvertConfig,
-        lora_convert,
-        (
-            ("input", "LoRA .safetensors file or a folder with one"),
-            ("output", "a .safetensors path or a folder"),
-        ),
-    ),
-    Command(
-        "export-single-file",
-        "write a trained SD3 transformer as one Stability-layout .safetensors file (ComfyUI)",
-        "Reads MODEL's transformer (a diffusers SD3 folder: `t2i train` output, or any SD3/SD3.5 "
-        "folder) and writes it under Stability's MMDiT names, model.diffusion_model.joint_blocks.N"
-        ".x_block.attn.qkv.weight and so on (q/k/v fused, the (shift, scale) modulations in "
-        "Stability's order): the file ComfyUI's Load Diffusion Model and sd-scripts read, and "
-        "diffusers' SD3Transformer2DModel.from_single_file(OUTPUT, config=MODEL) loads back. The "
-        "VAE and text encoders stay in MODEL (ComfyUI loads them separately).",
-        ExportSingleFileConfig,
-        export_single_file,
-        (
-            ("model", "diffusers SD3 folder whose transformer to export"),
-            ("output", "the .safetensors file to write"),
-        ),
-    ),
-    Command(
-        "serve",
-        "serve every stage flow and end_to_end as deployments for the Prefect UI",
-        "Registers one deployment per stage flow (demo-data, init-model, curate, caption, "
-        "precompute, train, make-prefs, dpo, sample, ...) and end_to_end, all named FLOW/NAME, "
-        "with the Prefect API configured in this shell (PREFECT_API_URL, or the active "
-        "profile), and runs the flow runs people trigger from the UI until interrupted. Start a "
-        "server first: `prefect server start --host 127.0.0.1`, then "
-        "`PREFECT_API_URL=http://127.0.0.1:4200/api t2i serve`.",
-        ServeConfig,
-        serve,
-        flow=False,
-    ),
-    Command(
-        "run-all",
-        "run the end_to_end flow here (Prefect's ephemeral mode when no server is configured)",
-        "Runs end_to_end in this process: demo data (or SOURCE) -> curate -> caption -> "
-        "precompute -> train -> preference pairs -> DPO LoRA -> samples with and without the "
-        "LoRA, each stage in a subfolder of WORKDIR; stages already finished there with the "
-        "same inputs and parameters are skipped. Prints where each output is.",
-        RunAllConfig,
-        run_all,
-        (("workdir", "working directory; each stage writes a subfolder"),),
-        flow=False,
-    ),
-)
-
-
-def command(name: str) -> Command:
-    for entry in COMMANDS:
-        if entry.name == name:
-            return entry
-    raise ValueError(f"unknown command {name!r}; commands: {', '.join(c.name for c in COMMANDS)}")
-
-
-def stage_commands() -> list[Command]:
-    """Every command, in pipeline order (the services and the orchestrator last)."""
-    return list(COMMANDS)
-
+from curate.runtime.options import OptionRenamed, warn_renamed
+from flows.commands import COMMANDS, Command
 
 # ---- parsing --------------------------------------------------------------------------------
 
@@ -423,7 +48,7 @@ def flag(name: str) -> str:
 
 def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     """One --flag per field: type, choices and help text (with its default) from the model; the
-    old spellings in the model's RENAMED as hidden flags that warn (curate/options.py).
+    old spellings in the model's RENAMED as hidden flags that warn (curate/runtime/options.py).
 
     Required fields are checked after merging --config, so a file may supply them."""
     options = {name: _option(name, info) for name, info in model.model_fields.items()}
@@ -533,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
             "flags given here override it",
         )
         _add_common(sub_parser, top=False)
+        if entry.writes:
+            sub_parser.add_argument(
+                "--overwrite",
+                dest="_overwrite",
+                action="store_true",
+                default=False,
+                help="replace an output of another stage (e.g. a curated store given as a "
+                "caption output) or an existing file; without it such an output is refused. "
+                "Never removes files the pipeline did not write",
+            )
         add_config_options(sub_parser, entry.config)
         sub_parser.set_defaults(_command=entry)
     return parser
@@ -552,7 +187,7 @@ def _quiet_libraries() -> None:
 
 def resolve_config(entry: Command, flags: dict[str, Any], config_file: str | None) -> BaseModel:
     """The command's config: the file's values, then the flags over them, validated."""
-    from curate.config_file import read_config_file
+    from curate.runtime.config_file import read_config_file
 
     values = read_config_file(config_file, entry.config) if config_file else {}
     return entry.config.model_validate({**values, **flags})
@@ -573,7 +208,7 @@ def validation_message(error: ValidationError) -> str:
 
 def one_line(error: BaseException) -> str:
     """An expected failure as one line: what happened, and to which file."""
-    from curate.stage_runtime import StageBusy
+    from curate.runtime.stage_runtime import StageBusy
 
     if isinstance(error, ValidationError):
         return f"invalid value: {validation_message(error)}"
@@ -605,6 +240,7 @@ PLAIN_ERRORS = {
     "StoreError",
     "UnbalancedOutput",
     "StageBusy",
+    "OutputRefused",
 }
 
 
@@ -619,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         args.pop("command")
         debug = args.pop("debug", False)
         config_file = args.pop("_config_file", None)
-        positionals = [args.pop(name) for name in entry.positional_names]
+        overwrite = args.pop("_overwrite", False)
+        positionals = {name: args.pop(name) for name in entry.positional_names}
         try:
             config = resolve_config(entry, args, config_file)
         except ValidationError as error:
@@ -630,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             if debug:
                 raise
             parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
+    from curate.runtime.stage_runtime import overwrite_allowed
+
     try:
-        result = entry.run(*positionals, config=config)
+        with overwrite_allowed(overwrite):
+            result = entry.run(*entry.arguments(positionals, config), config)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -670,7 +310,7 @@ def _expected(error: BaseException) -> bool:
     """Failures a user can cause and fix: bad input, missing or unreadable files, full disks."""
     import tarfile
 
-    from curate.store import StoreError
+    from curate.runtime.store import StoreError
 
     expected = (OSError, MemoryError, ValueError, tarfile.TarError, StoreError, LookupError)
     return isinstance(error, expected)

@@ -5,12 +5,24 @@ The end_to_end form (one section per stage) is built in flows/end_to_end.py, bes
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
 
 class ServeConfig(BaseModel):
+    # `t2i serve`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "serve every stage flow and end_to_end as deployments for the Prefect UI"
+    description: ClassVar[str] = (
+        "Registers one deployment per stage flow (demo-data, init-model, curate, caption, "
+        "precompute, train, make-prefs, dpo, sample, ...) and end_to_end, all named FLOW/NAME, "
+        "with the Prefect API configured in this shell (PREFECT_API_URL, or the active "
+        "profile), and runs the flow runs people trigger from the UI until interrupted. Start a "
+        "server first: `prefect server start --host 127.0.0.1`, then "
+        "`PREFECT_API_URL=http://127.0.0.1:4200/api t2i serve`."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = ()
+
     workdir: str = Field(
         "t2i-runs",
         description="default working directory of end_to_end runs (a form field; each run may change it)",
@@ -41,6 +53,16 @@ class ServeConfig(BaseModel):
 
 
 class RunAllConfig(BaseModel):
+    # `t2i run-all`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "run the end_to_end flow here (Prefect's ephemeral mode when no server is configured)"
+    description: ClassVar[str] = (
+        "Runs end_to_end in this process: demo data (or SOURCE) -> curate -> caption -> "
+        "precompute -> train -> preference pairs -> DPO LoRA -> samples with and without the "
+        "LoRA, each stage in a subfolder of WORKDIR; stages already finished there with the "
+        "same inputs and parameters are skipped. Prints where each output is."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("workdir", "working directory; each stage writes a subfolder"),)
+
     kit: Literal["tiny", "stage-defaults"] = Field(
         "tiny",
         description="'tiny' = the offline tiny kit (minutes on CPU); 'stage-defaults' = every stage's own defaults",

@@ -9,7 +9,6 @@ stage whose output is already finished for the same inputs and parameters skips 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,13 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field
 
+from captioning.config import CaptionConfig, InitCaptionerConfig
+from curate.config import CurateConfig, DemoDataConfig
+from dpo.config import DPOConfig, MakePrefsConfig
 from flows.stages import call_stage, describe, run_sample_shards, stage
+from model.config import InitModelConfig, PrecomputeConfig, SampleConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,6 @@ CHAIN = (
     ),
 )
 LINKS = {link.command: link for link in CHAIN}
-# Fields the chain fills from earlier stages when the form leaves them empty.
-CHAINED_FIELDS = ("model", "lora", "out", "source")
 
 
 Step = tuple[str, dict[str, str], BaseModel]  # (command, positional arguments, validated config)
@@ -137,63 +138,71 @@ def plan(config: BaseModel) -> list[Step]:
 
 
 # ---- the form: one section per stage, its own config model ------------------------------------
+# A section is the stage's config model, with the fields the chain fills (model, lora, out,
+# source, and any required one) optional: empty means "the output of an earlier stage".
 
 
-def chain_section_model(name: str) -> type[BaseModel]:
-    """The stage's config model with the chained fields (and any required one) made optional."""
-    model = stage(name).config_model
-    overrides = {}
-    for field_name, info in model.model_fields.items():
-        if field_name in CHAINED_FIELDS or info.is_required():
-            description = f"{info.description or field_name} (empty: set by the chain)"
-            overrides[field_name] = (info.annotation | None, Field(None, description=description))
-    if not overrides:
-        return model
-    return create_model(
-        f"{model.__name__}InChain", __base__=model, __module__=__name__, **overrides
+def chained(model: type[BaseModel], name: str) -> Any:
+    """A field of `model` the chain fills from an earlier stage when the form leaves it empty."""
+    description = model.model_fields[name].description or name
+    return Field(None, description=f"{description} (empty: set by the chain)")
+
+
+class CaptionConfigInChain(CaptionConfig):
+    model: str | None = chained(CaptionConfig, "model")
+
+
+class PrecomputeConfigInChain(PrecomputeConfig):
+    model: str | None = chained(PrecomputeConfig, "model")
+
+
+class TrainConfigInChain(TrainConfig):
+    model: str | None = chained(TrainConfig, "model")
+
+
+class MakePrefsConfigInChain(MakePrefsConfig):
+    source: str | None = chained(MakePrefsConfig, "source")
+
+
+class DPOConfigInChain(DPOConfig):
+    model: str | None = chained(DPOConfig, "model")
+
+
+class SampleConfigInChain(SampleConfig):
+    model: str | None = chained(SampleConfig, "model")
+    out: str | None = chained(SampleConfig, "out")
+    lora: str | None = chained(SampleConfig, "lora")
+
+
+def section(model: type[BaseModel]) -> Any:
+    """A stage's section of the form: its defaults, described by the stage's summary."""
+    return Field(default_factory=model, description=model.summary)
+
+
+class EndToEndConfig(BaseModel):
+    workdir: str = Field(..., description="working directory; each stage writes a subfolder of it")
+    source: str = Field(
+        "",
+        description="raw image-text collection (folder, webdataset tars, parquet); empty: write the demo collection",
     )
-
-
-def _end_to_end_model() -> type[BaseModel]:
-    fields: dict[str, Any] = {
-        "workdir": (
-            str,
-            Field(..., description="working directory; each stage writes a subfolder of it"),
-        ),
-        "source": (
-            str,
-            Field(
-                "",
-                description="raw image-text collection (folder, webdataset tars, parquet); empty: write the demo collection",
-            ),
-        ),
-        "base_model": (
-            str,
-            Field(
-                "",
-                description="local SD3 diffusers folder to start from; empty: write a random-weight tiny one",
-            ),
-        ),
-        "captioner": (
-            str,
-            Field(
-                "",
-                description="local image-text-to-text model folder; empty: write a random-weight tiny VLM",
-            ),
-        ),
-    }
-    for link in CHAIN:
-        section_model = chain_section_model(link.command)
-        globals()[section_model.__name__] = section_model  # importable, so it pickles by reference
-        summary = stage(link.command).command.summary
-        fields[link.section] = (
-            section_model,
-            Field(default_factory=section_model, description=summary),
-        )
-    return create_model("EndToEndConfig", __module__=__name__, **fields)
-
-
-EndToEndConfig = _end_to_end_model()
+    base_model: str = Field(
+        "",
+        description="local SD3 diffusers folder to start from; empty: write a random-weight tiny one",
+    )
+    captioner: str = Field(
+        "",
+        description="local image-text-to-text model folder; empty: write a random-weight tiny VLM",
+    )
+    demo_data: DemoDataConfig = section(DemoDataConfig)
+    init_model: InitModelConfig = section(InitModelConfig)
+    curate: CurateConfig = section(CurateConfig)
+    init_captioner: InitCaptionerConfig = section(InitCaptionerConfig)
+    caption: CaptionConfigInChain = section(CaptionConfigInChain)
+    precompute: PrecomputeConfigInChain = section(PrecomputeConfigInChain)
+    train: TrainConfigInChain = section(TrainConfigInChain)
+    make_prefs: MakePrefsConfigInChain = section(MakePrefsConfigInChain)
+    dpo: DPOConfigInChain = section(DPOConfigInChain)
+    sample: SampleConfigInChain = section(SampleConfigInChain)
 
 
 def tiny_kit(workdir: str, **top: Any) -> dict[str, Any]:
@@ -208,23 +217,63 @@ def tiny_kit(workdir: str, **top: Any) -> dict[str, Any]:
 # ---- the flow ---------------------------------------------------------------------------------
 
 
-def _signature() -> inspect.Signature:
-    parameters = []
-    for name, info in EndToEndConfig.model_fields.items():
-        default = (
-            inspect.Parameter.empty
-            if info.is_required()
-            else info.get_default(call_default_factory=True)
-        )
-        parameters.append(
-            inspect.Parameter(
-                name, inspect.Parameter.KEYWORD_ONLY, annotation=info.annotation, default=default
-            )
-        )
-    return inspect.Signature(parameters, return_annotation=dict)
+def documented_by(model: type[BaseModel]):
+    """Give a flow function an Args section from `model`'s field descriptions (the form's help)."""
+
+    def document(function):
+        args = "\n".join(f"    {n}: {i.description}" for n, i in model.model_fields.items())
+        function.__doc__ = f"{function.__doc__.strip()}\n\nArgs:\n{args}"
+        return function
+
+    return document
 
 
-def end_to_end(**parameters: Any) -> dict[str, Any]:
+# The flow object takes the function's name, so the deployment's entrypoint
+# (flows/end_to_end.py:end_to_end) loads the flow itself.
+@flow(
+    name="end_to_end",
+    description=(
+        "Raw image-text data -> curate -> caption -> precompute -> train -> preference pairs -> "
+        "DPO LoRA -> samples with and without the LoRA. Finished stages skip themselves."
+    ),
+    validate_parameters=True,
+    log_prints=False,  # stage libraries print freely; the run log keeps our own lines
+)
+@documented_by(EndToEndConfig)
+def end_to_end(
+    *,
+    workdir: str,
+    source: str = "",
+    base_model: str = "",
+    captioner: str = "",
+    demo_data: DemoDataConfig = DemoDataConfig(),
+    init_model: InitModelConfig = InitModelConfig(),
+    curate: CurateConfig = CurateConfig(),
+    init_captioner: InitCaptionerConfig = InitCaptionerConfig(),
+    caption: CaptionConfigInChain = CaptionConfigInChain(),
+    precompute: PrecomputeConfigInChain = PrecomputeConfigInChain(),
+    train: TrainConfigInChain = TrainConfigInChain(),
+    make_prefs: MakePrefsConfigInChain = MakePrefsConfigInChain(),
+    dpo: DPOConfigInChain = DPOConfigInChain(),
+    sample: SampleConfigInChain = SampleConfigInChain(),
+) -> dict:
+    """Run every stage in order, each on the previous one's output."""
+    parameters = {
+        "workdir": workdir,
+        "source": source,
+        "base_model": base_model,
+        "captioner": captioner,
+        "demo_data": demo_data,
+        "init_model": init_model,
+        "curate": curate,
+        "init_captioner": init_captioner,
+        "caption": caption,
+        "precompute": precompute,
+        "train": train,
+        "make_prefs": make_prefs,
+        "dpo": dpo,
+        "sample": sample,
+    }
     config = EndToEndConfig.model_validate(
         {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in parameters.items()}
     )
@@ -260,24 +309,3 @@ def end_to_end(**parameters: Any) -> dict[str, Any]:
         "\n".join(lines), key="end-to-end-outputs", description="where each stage wrote"
     )
     return {"workdir": str(Path(config.workdir).resolve()), "stages": results}
-
-
-end_to_end.__signature__ = _signature()
-end_to_end.__annotations__ = {p.name: p.annotation for p in _signature().parameters.values()}
-end_to_end.__doc__ = (
-    "Run every stage in order, each on the previous one's output.\n\nArgs:\n"
-    + "\n".join(f"    {n}: {i.description}" for n, i in EndToEndConfig.model_fields.items())
-)
-
-# The flow object takes the function's name, so the deployment's entrypoint
-# (flows/end_to_end.py:end_to_end) loads the flow itself.
-end_to_end = flow(
-    end_to_end,
-    name="end_to_end",
-    description=(
-        "Raw image-text data -> curate -> caption -> precompute -> train -> preference pairs -> "
-        "DPO LoRA -> samples with and without the LoRA. Finished stages skip themselves."
-    ),
-    validate_parameters=True,
-    log_prints=False,  # stage libraries print freely; the run log keeps our own lines
-)

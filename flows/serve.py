@@ -74,7 +74,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def run_all(workdir: str, config: RunAllConfig) -> Path:
+def run_run_all(workdir: str, config: RunAllConfig) -> Path:
     top = {"source": config.source, "base_model": config.base_model, "captioner": config.captioner}
     parameters = end_to_end_defaults(workdir, config.kit, **top)
     if config.parameters:

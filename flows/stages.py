@@ -1,11 +1,11 @@
-"""Every stage as a Prefect task and a Prefect flow, made from the `t2i` command table.
+"""Every stage as a Prefect task and a Prefect flow.
 
-Each entry of `flows.cli.COMMANDS` (runner, config model, positional inputs) yields the `t2i`
-subcommand and, here, a flow whose parameters are the positionals plus the stage's pydantic
+Each stage (runner, config model, positional inputs) is a `t2i` subcommand (flows/commands.py)
+and, here, a flow whose parameters are the positionals plus the stage's pydantic
 config model, so the Prefect UI renders the same form the CLI exposes as flags. Prefect
 validates the parameters against the model before the flow starts, so an invalid value fails
 with pydantic's message and no work done. Each stage skips itself when its output is finished
-(curate/stage_runtime.py); a task whose stage skipped ends in state Skipped.
+(curate/runtime/stage_runtime.py); a task whose stage skipped ends in state Skipped.
 
 Tasks pass paths and small manifest summaries between each other, never tensors or tables:
 Prefect keeps task results in memory for the whole flow run.
@@ -13,24 +13,47 @@ Prefect keeps task results in memory for the whole flow run.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task, unmapped
+from prefect import Flow, flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from pydantic import BaseModel
 
-from curate.store import Manifest, fingerprint
+from captioning.config import CaptionConfig, InitCaptionerConfig
+from captioning.stage import run_caption
+from captioning.tiny import run_init_captioner
+from curate.config import CurateConfig, DemoDataConfig
+from curate.demo_data import run_demo_data
+from curate.runtime.store import Manifest, fingerprint
+from curate.stage import run_curate
+from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
+from dpo.ingest import run_prefs
+from dpo.synthetic import run_make_prefs
+from dpo.trainer import run_dpo
 from flows import artifacts
-from flows.cli import COMMANDS, Command
 from flows.progress import tqdm_progress
+from model.build import run_init_model
+from model.config import (
+    ExportSingleFileConfig,
+    InitModelConfig,
+    LoraConvertConfig,
+    PrecomputeConfig,
+    SampleConfig,
+    TrainConfig,
+)
+from model.lora_formats import run_lora_convert
+from model.precompute import run_precompute
+from model.sampling import run_sample
+from model.single_file import run_export_single_file
+from model.train import run_train
 
 OUTPUT_NAMES = ("output", "out")
 # Stage code is not thread-safe: diffusers loads models under a process-global meta-device
@@ -41,21 +64,23 @@ _STAGE_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage command seen by the orchestrator: what it reads, what it writes, how to run it."""
+    """A stage seen by the orchestrator: what it reads, what it writes, how to run it."""
 
-    command: Command
-
-    @property
-    def name(self) -> str:
-        return self.command.name
+    name: str  # the `t2i` command
+    config_model: type[BaseModel]
+    run: Callable[..., Path]  # run(*inputs, output, config)
 
     @property
-    def config_model(self) -> type[BaseModel]:
-        return self.command.config
+    def summary(self) -> str:
+        return self.config_model.summary
+
+    @property
+    def description(self) -> str:
+        return self.config_model.description
 
     @property
     def positionals(self) -> list[str]:
-        return [name for name, _ in self.command.positionals]
+        return [name for name, _ in self.config_model.positionals]
 
     @property
     def inputs(self) -> list[str]:
@@ -68,16 +93,37 @@ class Stage:
         return Path(config.out)
 
 
+# Every stage the orchestrator runs, in pipeline order (services and the orchestrator itself
+# are `t2i` commands, not stages: flows/commands.py).
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("demo-data", DemoDataConfig, run_demo_data),
+        Stage("init-model", InitModelConfig, run_init_model),
+        Stage("curate", CurateConfig, run_curate),
+        Stage("init-captioner", InitCaptionerConfig, run_init_captioner),
+        Stage("caption", CaptionConfig, run_caption),
+        Stage("precompute", PrecomputeConfig, run_precompute),
+        Stage("train", TrainConfig, run_train),
+        Stage("prefs", IngestPrefsConfig, run_prefs),
+        Stage("make-prefs", MakePrefsConfig, run_make_prefs),
+        Stage("dpo", DPOConfig, run_dpo),
+        Stage("sample", SampleConfig, run_sample),
+        Stage("lora-convert", LoraConvertConfig, run_lora_convert),
+        Stage("export-single-file", ExportSingleFileConfig, run_export_single_file),
+    )
+}
+
+
 def stages() -> dict[str, Stage]:
-    """The stage commands (not the services or the orchestrator), by command name."""
-    return {c.name: Stage(c) for c in COMMANDS if c.flow}
+    """The stages (not the services or the orchestrator), by command name."""
+    return dict(STAGES)
 
 
 def stage(name: str) -> Stage:
-    known = stages()
-    if name not in known:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(known)}")
-    return known[name]
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return STAGES[name]
 
 
 # ---- the one task every stage runs through ------------------------------------------------
@@ -126,9 +172,9 @@ def _run_stage(
     cfg = spec.config_model.model_validate(config)
     output = spec.output_of(arguments, cfg)
     before = fingerprint(output) if output.exists() else None
-    positionals = [arguments[name] for name in spec.positionals]
+    inputs = [arguments[name] for name in spec.inputs]
     with _STAGE_LOCK, tqdm_progress(label):
-        written = Path(spec.command.run(*positionals, config=on_flow_cluster(cfg)) or output)
+        written = Path(spec.run(*inputs, str(output), on_flow_cluster(cfg)) or output)
     skipped = before is not None and before == fingerprint(written)  # the stage skipped itself
     artifacts.publish_stage(label, written)
     result = summary(stage_name, written, skipped=skipped)
@@ -204,68 +250,132 @@ def _unwrap(value: Any) -> Any:
 
 
 # ---- one flow per stage ---------------------------------------------------------------------
-
-
-def _flow_function(spec: Stage):
-    """A function whose signature is the stage's positionals plus its config model."""
-    model = spec.config_model
-    try:
-        default = model()
-    except Exception:  # the model has required fields: the form asks for them
-        default = inspect.Parameter.empty
-    parameters = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str)
-        for name in spec.positionals
-    ] + [
-        inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, annotation=model, default=default
-        )
-    ]
-
-    def stage_flow(**kwargs: Any) -> dict[str, Any]:
-        config = kwargs.pop("config", None)
-        config = model.model_validate(config if config is not None else {})
-        arguments = {name: str(kwargs[name]) for name in spec.positionals}
-        if spec.name == "sample":
-            return run_sample_shards(arguments, config)
-        return call_stage(spec.name, arguments, config.model_dump(mode="json"), label=spec.name)
-
-    stage_flow.__signature__ = inspect.Signature(parameters, return_annotation=dict)
-    stage_flow.__annotations__ = {**{p.name: p.annotation for p in parameters}, "return": dict}
-    args = "\n".join(f"    {name}: {help_text}" for name, help_text in spec.command.positionals)
-    stage_flow.__doc__ = (
-        f"{spec.command.summary}\n\nArgs:\n{args}\n    config: options of `t2i {spec.name}`\n"
-    )
-    stage_flow.__name__ = stage_flow.__qualname__ = spec.name.replace("-", "_") + "_flow"
-    return stage_flow
-
-
-_FLOWS: dict[str, Any] = {}
-
-
-def stage_flow(name: str):
-    """The Prefect flow of one stage, named after its command (`curate`, `train`, ...)."""
-    if name in _FLOWS:
-        return _FLOWS[name]
-    spec = stage(name)
-    _FLOWS[name] = flow(
-        _flow_function(spec),
-        name=spec.name,
-        description=spec.command.description,
-        validate_parameters=True,
-        log_prints=False,
-    )
-    return _FLOWS[name]
-
-
-def stage_flows() -> dict[str, Any]:
-    return {name: stage_flow(name) for name in stages()}
-
-
 # Each flow is a module attribute named like its function (curate_flow, train_flow, ...), so a
-# deployment's entrypoint (flows/stages.py:curate_flow) loads the flow itself.
-for _flow in stage_flows().values():
-    globals()[_flow.fn.__name__] = _flow
+# deployment's entrypoint (flows/stages.py:curate_flow) loads the flow itself. Its parameters
+# are the stage's positionals plus its config model: the Prefect form is the CLI's flags.
+
+
+def stage_flow_of(name: str) -> Callable[[Callable[..., dict[str, Any]]], Flow]:
+    """Make a function the Prefect flow of stage `name`: named for its command, its --help text
+    as the flow's description, its positionals' help as the form's parameter descriptions."""
+    spec = stage(name)
+
+    def make(function: Callable[..., dict[str, Any]]) -> Flow:
+        args = "\n".join(f"    {arg}: {help}" for arg, help in spec.config_model.positionals)
+        function.__doc__ = f"{spec.summary}\n\nArgs:\n{args}\n    config: options of `t2i {name}`\n"
+        return flow(
+            function,
+            name=name,
+            description=spec.description,
+            validate_parameters=True,
+            log_prints=False,
+        )
+
+    return make
+
+
+def run_flow_stage(name: str, arguments: dict[str, Any], config: BaseModel | None) -> dict[str, Any]:
+    """A stage flow's body: its config validated, then the stage run as one task."""
+    config = stage(name).config_model.model_validate(config if config is not None else {})
+    arguments = {key: str(value) for key, value in arguments.items()}
+    return call_stage(name, arguments, config.model_dump(mode="json"), label=name)
+
+
+@stage_flow_of("demo-data")
+def demo_data_flow(*, output: str, config: DemoDataConfig = DemoDataConfig()) -> dict:
+    return run_flow_stage("demo-data", {"output": output}, config)
+
+
+@stage_flow_of("init-model")
+def init_model_flow(*, output: str, config: InitModelConfig = InitModelConfig()) -> dict:
+    return run_flow_stage("init-model", {"output": output}, config)
+
+
+@stage_flow_of("curate")
+def curate_flow(*, input: str, output: str, config: CurateConfig = CurateConfig()) -> dict:
+    return run_flow_stage("curate", {"input": input, "output": output}, config)
+
+
+@stage_flow_of("init-captioner")
+def init_captioner_flow(
+    *, output: str, config: InitCaptionerConfig = InitCaptionerConfig()
+) -> dict:
+    return run_flow_stage("init-captioner", {"output": output}, config)
+
+
+@stage_flow_of("caption")
+def caption_flow(*, input: str, output: str, config: CaptionConfig) -> dict:
+    return run_flow_stage("caption", {"input": input, "output": output}, config)
+
+
+@stage_flow_of("precompute")
+def precompute_flow(*, input: str, output: str, config: PrecomputeConfig) -> dict:
+    return run_flow_stage("precompute", {"input": input, "output": output}, config)
+
+
+@stage_flow_of("train")
+def train_flow(*, encoded: str, output: str, config: TrainConfig) -> dict:
+    return run_flow_stage("train", {"encoded": encoded, "output": output}, config)
+
+
+@stage_flow_of("prefs")
+def prefs_flow(*, source: str, output: str, config: IngestPrefsConfig = IngestPrefsConfig()) -> dict:
+    return run_flow_stage("prefs", {"source": source, "output": output}, config)
+
+
+@stage_flow_of("make-prefs")
+def make_prefs_flow(*, output: str, config: MakePrefsConfig) -> dict:
+    return run_flow_stage("make-prefs", {"output": output}, config)
+
+
+@stage_flow_of("dpo")
+def dpo_flow(*, prefs: str, output: str, config: DPOConfig) -> dict:
+    return run_flow_stage("dpo", {"prefs": prefs, "output": output}, config)
+
+
+@stage_flow_of("sample")
+def sample_flow(*, config: SampleConfig) -> dict:
+    # its output is the --out option; several seeds fan out as one task per seed
+    return run_sample_shards({}, SampleConfig.model_validate(config))
+
+
+@stage_flow_of("lora-convert")
+def lora_convert_flow(*, input: str, output: str, config: LoraConvertConfig) -> dict:
+    return run_flow_stage("lora-convert", {"input": input, "output": output}, config)
+
+
+@stage_flow_of("export-single-file")
+def export_single_file_flow(
+    *, model: str, output: str, config: ExportSingleFileConfig = ExportSingleFileConfig()
+) -> dict:
+    return run_flow_stage("export-single-file", {"model": model, "output": output}, config)
+
+
+STAGE_FLOWS: dict[str, Flow] = {
+    "demo-data": demo_data_flow,
+    "init-model": init_model_flow,
+    "curate": curate_flow,
+    "init-captioner": init_captioner_flow,
+    "caption": caption_flow,
+    "precompute": precompute_flow,
+    "train": train_flow,
+    "prefs": prefs_flow,
+    "make-prefs": make_prefs_flow,
+    "dpo": dpo_flow,
+    "sample": sample_flow,
+    "lora-convert": lora_convert_flow,
+    "export-single-file": export_single_file_flow,
+}
+
+
+def stage_flow(name: str) -> Flow:
+    """The Prefect flow of one stage, named after its command (`curate`, `train`, ...)."""
+    stage(name)  # an unknown name is a one-line error naming the stages
+    return STAGE_FLOWS[name]
+
+
+def stage_flows() -> dict[str, Flow]:
+    return dict(STAGE_FLOWS)
 
 
 def describe(result: dict[str, Any]) -> str:

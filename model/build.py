@@ -399,7 +399,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def run_init_model(output: str, config) -> Path:
     """`t2i init-model`: see flows/cli.py."""
-    from curate.stage_runtime import write_folder
+    from curate.runtime.stage_runtime import write_folder
 
     return write_folder(
         output, "init-model", config, lambda path: init_model(path, config.preset, config.seed)

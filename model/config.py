@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from curate.executor import ExecutorOptions
-from curate.options import BASE_DTYPE, RenamedOptions, device_option, resume_value
+from curate.runtime.executor import ExecutorOptions
+from curate.runtime.options import BASE_DTYPE, RenamedOptions, device_option, resume_value
 
 # Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
 # streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second
@@ -65,6 +65,15 @@ class ModelFiles(VariantOption):
 
 
 class InitModelConfig(BaseModel):
+    # `t2i init-model`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "write a random-weight SD3 pipeline folder built from configs (offline)"
+    description: ClassVar[str] = (
+        "Builds SD3Transformer2DModel (QK RMS-norm), a 16-channel AutoencoderKL, CLIP-L, CLIP-G, "
+        "T5 and their tokenizers from configs alone, with random weights, and saves a diffusers "
+        "folder that StableDiffusion3Pipeline.from_pretrained(OUTPUT) loads with no model hub."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory for the diffusers pipeline folder"),)
+
     preset: str = Field(
         "tiny",
         description="model size: 'tiny', 'tiny-d4' or 'tiny-d2-64' (offline test kits with tiny "
@@ -76,6 +85,13 @@ class InitModelConfig(BaseModel):
 
 class SampleConfig(RenamedOptions, ModelFiles):
     RENAMED = {"max_sequence_length": "t5_length"}  # accepted until the next release
+    # `t2i sample`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "generate images from a diffusers SD3 folder"
+    description: ClassVar[str] = (
+        "Loads --model (any local SD3/SD3.5 diffusers folder, e.g. stable-diffusion-3-medium-"
+        "diffusers or `t2i init-model` output) and writes one PNG per prompt and seed to --out."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     model: str = Field(..., description="local diffusers SD3 folder to sample from")
     prompt: list[str] = Field(default_factory=list, description="one or more prompts")
@@ -110,6 +126,24 @@ class SampleConfig(RenamedOptions, ModelFiles):
 
 
 class PrecomputeConfig(VariantOption, ExecutorOptions):
+    # `t2i precompute`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "pre-encode VAE latents and CLIP-L/CLIP-G/T5 embeddings of a captioned set (16-bit, memory-mapped)"
+    description: ClassVar[str] = (
+        "Reads a curated or captioned store (id, image, caption, optional caption_synthetic) and "
+        "encodes every image (square center crop at --resolution, or aspect-ratio buckets) with "
+        "the VAE of --model (latents after its shift and scaling factors), and the original "
+        "caption, the synthetic caption when present and the empty prompt with CLIP-L, CLIP-G "
+        "(penultimate states + pooled projections) and T5 (last hidden states, --t5-length "
+        "tokens, with the mask), exactly as StableDiffusion3Pipeline.encode_prompt does (SD3 "
+        "section 5.3.1). One encoder is loaded at a time; output is safetensors shards plus an "
+        "index, resumable per shard. Images that fail are listed in OUTPUT/rejected. Read the "
+        "result with model.encoded.EncodedDataset."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("input", "a curated or captioned store (a stage output directory)"),
+        ("output", "directory for the pre-encoded set"),
+    )
+
     model: str = Field(
         ...,
         description="local diffusers SD3/SD3.5 folder whose VAE and text encoders encode the set",
@@ -176,6 +210,25 @@ class ReportOptions(BaseModel):
 
 class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
     """`t2i train`: rectified-flow training of the MMDiT on a pre-encoded set (SD3 paper sections 2-3, 5)."""
+
+    # `t2i train`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "train the SD3 MMDiT with rectified flow on a pre-encoded set"
+    description: ClassVar[str] = (
+        "Reads ENCODED (output of `t2i precompute`) and trains --model's transformer, or a fresh "
+        "one from --preset, with the SD3 recipe: logit-normal(0, 1) timesteps with the "
+        "resolution shift, velocity loss eps - x0, each text encoder dropped with p = 0.464, "
+        "original or synthetic caption with p = 0.5, AdamW (lr 1e-4, eps 1e-15, 1000 warmup "
+        "steps), EMA. Writes OUTPUT as a diffusers SD3 folder (EMA weights, training shift in "
+        "the scheduler) and OUTPUT/training/{checkpoints,logs,samples}. Resume with --resume "
+        "latest. With --lora-rank R it trains a LoRA on the frozen transformer instead (16-bit "
+        "base under 16-bit autocast; --optimizer adamw8bit, --gradient-checkpointing) and writes "
+        "OUTPUT/pytorch_lora_weights.safetensors. Multi-GPU/FSDP: `accelerate launch -m "
+        "flows.cli train ...` with accelerate's own config."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("encoded", "pre-encoded set written by `t2i precompute`"),
+        ("output", "directory for the trained diffusers pipeline folder"),
+    )
 
     model: str = Field(
         ...,
@@ -338,6 +391,21 @@ class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
 class LoraConvertConfig(BaseModel):
     """`t2i lora-convert`: one LoRA file into another tool's key style."""
 
+    # `t2i lora-convert`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = "convert an SD3 LoRA between diffusers, kohya and ComfyUI key styles"
+    description: ClassVar[str] = (
+        "Reads a LoRA file (or a folder holding one) in diffusers, kohya (sd-scripts lora_sd3), "
+        "ComfyUI, OneTrainer or peft key style, detected from its keys, and writes it in --to's "
+        "style. kohya and ComfyUI use Stability's MMDiT module names with q/k/v fused (downs "
+        "stacked, ups block-diagonal, alpha scaled with the rank); diffusers files carry alpha "
+        "folded into B. Converting back gives the same matrices. OUTPUT is a .safetensors path "
+        "or a folder (then OUTPUT/pytorch_lora_weights.safetensors)."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("input", "LoRA .safetensors file or a folder with one"),
+        ("output", "a .safetensors path or a folder"),
+    )
+
     to: Literal["diffusers", "kohya", "comfyui"] = Field(
         ...,
         description="diffusers (StableDiffusion3Pipeline.load_lora_weights; alpha folded into B), kohya "
@@ -351,6 +419,23 @@ class LoraConvertConfig(BaseModel):
 
 class ExportSingleFileConfig(VariantOption):
     """`t2i export-single-file`: a diffusers SD3 folder's transformer in Stability's layout."""
+
+    # `t2i export-single-file`: its one-line summary, its --help text and its positional arguments
+    summary: ClassVar[str] = (
+        "write a trained SD3 transformer as one Stability-layout .safetensors file (ComfyUI)"
+    )
+    description: ClassVar[str] = (
+        "Reads MODEL's transformer (a diffusers SD3 folder: `t2i train` output, or any SD3/SD3.5 "
+        "folder) and writes it under Stability's MMDiT names, model.diffusion_model.joint_blocks.N"
+        ".x_block.attn.qkv.weight and so on (q/k/v fused, the (shift, scale) modulations in "
+        "Stability's order): the file ComfyUI's Load Diffusion Model and sd-scripts read, and "
+        "diffusers' SD3Transformer2DModel.from_single_file(OUTPUT, config=MODEL) loads back. The "
+        "VAE and text encoders stay in MODEL (ComfyUI loads them separately)."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("model", "diffusers SD3 folder whose transformer to export"),
+        ("output", "the .safetensors file to write"),
+    )
 
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the written weights (Stability ships SD3 in 16 bits)"

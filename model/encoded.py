@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from curate.store import StoreError, load_samples, require_store
+from curate.runtime.store import StoreError, load_samples, require_store
 from model.conditioning import TextEncoding
 from model.shards import EMPTY, SHARDS, STAGE, latent_key, shard_file
 

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from curate.options import resolve_device
+from curate.runtime.options import resolve_device
 from model.buckets import center_crop_resize
 from model.build import MissingModelFile, has_t5, load_component, model_index, t5_width
 from model.conditioning import TextEncoding

@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from curate.store import share_like_umask
+from curate.runtime.store import share_like_umask
 from model.lora_formats import (
     LORA_FILE,
     LoraFormatError,

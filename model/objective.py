@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curate.seeds import seed_int
+from curate.runtime.seeds import seed_int
 from model import rectified_flow as rf
 from model.conditioning import TextEncoding, drop_encoders, joint_condition, sample_encoder_keep
 from model.toolbox import draw_timesteps

@@ -45,12 +45,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from curate import reasons
-from curate.cells import image_cell
-from curate.decode import open_image
-from curate.executor import EXECUTION_FIELDS, Executor, Setup, executor_for
-from curate.stage_runtime import StageRun
-from curate.store import (
+from curate.runtime import reasons
+from curate.runtime.cells import image_cell
+from curate.runtime.decode import open_image
+from curate.runtime.executor import EXECUTION_FIELDS, Executor, Setup, executor_for
+from curate.runtime.stage_runtime import StageRun
+from curate.runtime.store import (
     Rejection,
     StageWriter,
     StoreError,

@@ -12,8 +12,8 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from curate.options import resolve_device
-from curate.stage_runtime import StageRun
+from curate.runtime.options import resolve_device
+from curate.runtime.stage_runtime import StageRun
 from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
 from model.lora import load_into_pipeline, read_lora_for
@@ -131,10 +131,11 @@ def trained_t5_length(model_dir: str | Path) -> int | None:
     return int(value) if value else None
 
 
-def run_sample(config: SampleConfig) -> Path:
+def run_sample(output: str | Path, config: SampleConfig) -> Path:
+    """Write one PNG per prompt and seed into OUTPUT (`t2i sample` names it with --out)."""
     reads = {"model": config.model, "lora": config.lora, "prompts": config.prompts}
     reads["transformer_file"] = config.transformer_file
-    with StageRun(config.out, STAGE, config, reads, accounting=False) as run:
+    with StageRun(output, STAGE, config, reads, accounting=False) as run:
         if run.finished:
             return run.skip()
         # A LoRA that does not fit the model fails here, before the pipeline loads or any image renders.

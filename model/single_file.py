@@ -90,7 +90,8 @@ def run_export_single_file(model: str, output: str, config) -> Path:
     """`t2i export-single-file MODEL OUTPUT`: see flows/cli.py."""
     from safetensors.torch import save_file
 
-    from curate.store import share_like_umask
+    from curate.runtime.stage_runtime import check_output_file
+    from curate.runtime.store import share_like_umask
     from model.build import load_transformer
     from model.lora_formats import SAVE_DTYPES
 
@@ -103,6 +104,7 @@ def run_export_single_file(model: str, output: str, config) -> Path:
         raise ValueError(
             f"{output} is inside {model}; write the single file outside the model folder"
         )
+    check_output_file(output, "export-single-file", {"model": model}, target)
     transformer = load_transformer(model, config.variant)
     dtype = SAVE_DTYPES[config.save_dtype]
     tensors = {

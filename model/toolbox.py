@@ -19,9 +19,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from curate.options import resolve_device
-from curate.seeds import seed_unit
-from curate.store import Manifest, library_versions
+from curate.runtime.options import resolve_device
+from curate.runtime.seeds import seed_unit
+from curate.runtime.store import Manifest, library_versions
 
 # FlowMatchEulerDiscreteScheduler's own default: what a scheduler config without `shift` samples with.
 SCHEDULER_DEFAULT_SHIFT = 1.0
@@ -49,7 +49,7 @@ def make_accelerator(
     device: str | None, mixed_precision: str = "no", grad_accum: int = 1
 ) -> Accelerator:
     """One process per device (launch several with `accelerate launch`): the GPU when --device
-    auto finds one (curate/options.py resolve_device), the CPU when it does not or for cpu."""
+    auto finds one (curate/runtime/options.py resolve_device), the CPU when it does not or for cpu."""
     on_cpu = resolve_device(device) == "cpu"
     return Accelerator(
         mixed_precision=autocast_precision(mixed_precision, "cpu" if on_cpu else device),

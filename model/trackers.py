@@ -86,6 +86,10 @@ def finish_trackers(accelerator: Accelerator, work: Path, destination: Path | No
         return
     for tracker in accelerator.trackers:
         tracker.finish()
+        if tracker.name == "wandb":
+            import wandb
+
+            wandb.teardown()  # finish() returns before wandb's service has written the run out
     accelerator.trackers = []  # end_training() finishes what is left: nothing
     if destination is not None:
         for name in (LOGS, "wandb"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from curate.stage_runtime import StageRun
+from curate.runtime.stage_runtime import StageRun
 from model.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from model.config import TrainConfig
 from model.ema import EMA

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from captioning.mixing import caption_variant
-from curate.seeds import seed_int
+from curate.runtime.seeds import seed_int
 from model.conditioning import TextEncoding
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curate import reasons
+from curate.runtime import reasons
 
 SECRET = b"CANARY-SECRET-5f1c0e"  # text of the canary file outside the input
 BOMB_SIDE = 30_000  # a 30000 x 30000 canvas: 900 MP, 2.7 GB as RGB, in a ~100-byte PNG

@@ -81,7 +81,7 @@ def make_caption_store(demo_folder):
 
     import datasets
 
-    from curate.store import StageWriter, sample_id
+    from curate.runtime.store import StageWriter, sample_id
 
     truth = json.loads((demo_folder / "DEMO_TRUTH.json").read_text())
     features = datasets.Features(

@@ -23,14 +23,14 @@ from PIL import Image
 
 from captioning.config import CaptionConfig
 from captioning.stage import run_caption
-from curate import reasons
 from curate.config import CurateConfig
-from curate.markdown import escape
+from curate.runtime import reasons
+from curate.runtime.markdown import escape
+from curate.runtime.store import Manifest, StageWriter, load_rejected, load_samples, sample_id
 from curate.stage import run_curate
-from curate.store import Manifest, StageWriter, load_rejected, load_samples, sample_id
 from dpo.config import IngestPrefsConfig, MakePrefsConfig
-from dpo.ingest import ingest_prefs
-from dpo.synthetic import make_prefs
+from dpo.ingest import run_prefs
+from dpo.synthetic import run_make_prefs
 from model.config import PrecomputeConfig
 from model.precompute import run_precompute
 
@@ -271,7 +271,7 @@ def test_prefs_rejects_hostile_cells_without_reading_paths(corpus, area):
         ),
         source / "pairs.parquet",
     )
-    out = ingest_prefs(source, area / "prefs", IngestPrefsConfig())
+    out = run_prefs(source, area / "prefs", IngestPrefsConfig())
     counts = Manifest.read(out).counts
     assert counts["kept"] == 1 and counts["kept"] + counts["rejected"] == len(rows)
     rejected = {r["detail"].split(":")[0]: r for r in load_rejected(out).to_list()}
@@ -282,7 +282,7 @@ def test_prefs_rejects_hostile_cells_without_reading_paths(corpus, area):
 
 
 def test_make_prefs_on_the_corpus_uses_only_the_good_images_and_writes_only_in_out(corpus, area):
-    out = make_prefs(area / "pairs", MakePrefsConfig(source=str(corpus.root)))
+    out = run_make_prefs(area / "pairs", MakePrefsConfig(source=str(corpus.root)))
     about = json.loads((out / "PAIRS.json").read_text())
     skipped = set(about["skipped_sources"])
     for key, want in corpus.expect.items():  # each skipped source names its reason
@@ -314,7 +314,7 @@ def test_make_prefs_turns_crafted_ids_into_safe_folder_names(tmp_path):
         )
         writer.counts.update(input=1, kept=1, rejected=0)
     area = tmp_path / "a" / "b"
-    out = make_prefs(area / "pairs", MakePrefsConfig(source=str(store)))
+    out = run_make_prefs(area / "pairs", MakePrefsConfig(source=str(store)))
     pairs = [p for p in out.iterdir() if (p / "caption.txt").is_file()]
     assert len(pairs) == 1 and pairs[0].parent == out
     assert not (tmp_path / "escaped-00").exists() and not (tmp_path / "a" / "escaped-00").exists()
@@ -331,7 +331,7 @@ def test_prefs_pair_folders_never_follow_links_out_or_keep_binary_captions(corpu
     (source / "link" / "winner.png").unlink()
     os.symlink(corpus.outside / "canary.png", source / "link" / "winner.png")
     (source / "garbage" / "caption.txt").write_bytes(bytes(range(256)))
-    out = ingest_prefs(source, tmp_path / "prefs", IngestPrefsConfig())
+    out = run_prefs(source, tmp_path / "prefs", IngestPrefsConfig())
     assert Manifest.read(out).counts["kept"] == 1
     rejected = {r["detail"].split(":")[0]: r["reason"] for r in load_rejected(out).to_list()}
     assert rejected == {"link": reasons.UNSAFE_PATH, "garbage": reasons.BAD_CAPTION}
@@ -354,8 +354,8 @@ def test_a_make_prefs_run_that_fails_midway_leaves_no_output_prefs_would_accept(
     monkeypatch.setattr(dpo.synthetic, "edit", failing_edit)
     out = tmp_path / "pairs"
     with pytest.raises(OSError, match="No space"):
-        make_prefs(out, MakePrefsConfig(source=str(corpus.root)))
+        run_make_prefs(out, MakePrefsConfig(source=str(corpus.root)))
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
     with pytest.raises((FileNotFoundError, ValueError)):
-        ingest_prefs(out, tmp_path / "prefs", IngestPrefsConfig())
+        run_prefs(out, tmp_path / "prefs", IngestPrefsConfig())

@@ -19,7 +19,7 @@ from captioning.processors import load_processor
 from captioning.stage import run_caption
 from captioning.tiny import init_captioner
 from captioning.vlm import GenerationSettings, LocalVLM
-from curate.store import Manifest, load_samples
+from curate.runtime.store import Manifest, load_samples
 from flows.cli import main as t2i
 
 KEYS = ["astronaut", "coffee", "chelsea"]

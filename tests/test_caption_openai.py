@@ -11,7 +11,7 @@ from captioning.config import CaptionConfig, ServeCaptionerConfig
 from captioning.openai_client import EndpointError
 from captioning.server import CaptionServer
 from captioning.stage import run_caption
-from curate.store import Manifest, load_samples
+from curate.runtime.store import Manifest, load_samples
 from flows.cli import main as t2i
 
 SECRET = "sk-test-4f1d2c9a7b"

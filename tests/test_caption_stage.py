@@ -10,7 +10,7 @@ import pytest
 from captioning.cleaning import word_budget
 from captioning.config import CaptionConfig
 from captioning.stage import captioner_id, captioner_spec, run_caption
-from curate.store import Manifest, load_samples
+from curate.runtime.store import Manifest, load_samples
 from flows.cli import main as t2i
 from model.tokenizers import build_t5_tokenizer
 

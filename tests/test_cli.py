@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from curate.stage_runtime import StageBusy
-from curate.store import StoreError
-from flows.cli import build_parser, main, stage_commands
+from curate.runtime.stage_runtime import StageBusy
+from curate.runtime.store import StoreError
+from flows.cli import build_parser, main
+from flows.commands import stage_commands
 
 
 def t2i(*args):
@@ -57,7 +58,8 @@ def test_a_model_folder_that_is_not_one_is_a_clear_error(tmp_path):
 
 
 def test_a_config_file_sets_options_and_flags_override_it(tmp_path):
-    from flows.cli import command, resolve_config
+    from flows.cli import resolve_config
+    from flows.commands import command
 
     path = tmp_path / "sample.toml"
     path.write_text('model = "m"\nprompt = ["a cat", "a dog"]\nsteps = 9\nseed = [1, 2]\n')

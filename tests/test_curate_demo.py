@@ -9,12 +9,12 @@ import time
 import pytest
 from PIL import Image
 
-from curate import reasons
 from curate.config import CurateConfig
-from curate.decode import to_rgb
 from curate.demo_data import TRUTH_FILE
+from curate.runtime import reasons
+from curate.runtime.decode import to_rgb
+from curate.runtime.store import Manifest, load_rejected, load_samples
 from curate.stage import run_curate
-from curate.store import Manifest, load_rejected, load_samples
 
 # Scorers off: the resume test checks bookkeeping, not models, and should stay quick.
 CHEAP = {"nsfw_detector": "none", "aesthetic_scorer": "none", "workers": 1}

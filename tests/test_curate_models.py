@@ -11,8 +11,8 @@ from curate.clip import TINY_CLIP_VISION, ClipImageEmbedder, init_clip_vision
 from curate.config import CurateConfig
 from curate.embed import SSCD, EfficientNetLite0, HFVision
 from curate.nsfw import HFImageClassifierNSFW, LaionClipNSFW, OpenNSFW
+from curate.runtime.store import load_samples
 from curate.stage import run_curate
-from curate.store import load_samples
 
 
 def _images(n=3, size=48):

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate import dedup, reasons
-from curate.decode import Invalid, check, to_rgb
+from curate import dedup
 from curate.ingest import read_records
-from curate.store import sample_id
+from curate.runtime import reasons
+from curate.runtime.decode import Invalid, check, to_rgb
+from curate.runtime.store import sample_id
 
 
 def _jpeg(size=(200, 150), color=(200, 30, 30), **options) -> bytes:

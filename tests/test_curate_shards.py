@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate import reasons
 from curate.config import CurateConfig
+from curate.runtime import reasons
+from curate.runtime.store import Manifest, WorkLog, load_rejected, load_samples
 from curate.shards import LEDGER, ChunkDone, Ledger, chunk_name
 from curate.stage import run_curate
-from curate.store import Manifest, WorkLog, load_rejected, load_samples
 
 # Scorers off (the dedup embedder stays): these tests check who reads what, not the models.
 CHEAP = {"nsfw_detector": "none", "aesthetic_scorer": "none"}
@@ -75,7 +75,7 @@ def _mixed_folder(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_exact_copies_across_shards_keep_the_first_in_input_order(tmp_path, workers):
-    from curate.store import sample_id
+    from curate.runtime.store import sample_id
 
     data = _mixed_folder(tmp_path / "in")
     ids = {name: sample_id(value) for name, value in data.items()}

@@ -5,8 +5,8 @@ import tarfile
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curate import reasons
 from curate.demo_data import TRUTH_FILE
+from curate.runtime import reasons
 
 PLANTED = {
     "astronaut_resized": reasons.NEAR_DUPLICATE,

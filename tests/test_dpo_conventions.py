@@ -196,3 +196,30 @@ def test_t2i_dpo_draws_its_timesteps_with_the_models_scheduler_shift(
         assert used == shift
         assert torch.allclose(t, shift * u / (1 + (shift - 1) * u))  # SD3 Eq. 23, written out
         assert not torch.allclose(t, u)
+
+
+def test_preservation_anchors_other_captions_at_the_pairs_noisy_latents(policy, tiny_model_dir):
+    from dpo.regularizers import draw_preserve
+    from dpo.trainer import dpo_terms
+
+    pairs, other = _random_pairs(3, seed=9), _random_pairs(3, seed=10).text
+    t, noise = _draws(3)
+    config = _config(tiny_model_dir, preserve_weight=2.0)
+    plain = dpo_terms(policy, pairs, t, noise, config)
+    kept = dpo_terms(policy, pairs, t, noise, config, preserve=other)
+    x0 = torch.stack([pairs.latents_w[0], pairs.latents_l[1], pairs.latents_w[2]])
+    tt = t.view(-1, 1, 1, 1)
+    z = (1 - tt) * x0 + tt * noise
+    with torch.no_grad():
+        v = predict_velocity(policy, z, t, other)
+        with adapter_off(policy):
+            v_ref = predict_velocity(policy, z, t, other)
+    distance = ((1 - tt) ** 2 * (v - v_ref) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(kept.preserve, distance, rtol=1e-4)
+    assert (kept.loss - plain.loss).item() == pytest.approx(
+        2.0 * 2500 * distance.mean().item(), rel=1e-3
+    )
+    assert torch.equal(kept.margin, plain.margin)  # the DPO term itself is untouched
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    a, b = draw_preserve(other, 5, g1), draw_preserve(other, 5, g2)
+    assert torch.equal(a.t5, b.t5) and a.t5.shape[0] == 5 and draw_preserve(None, 5, g1) is None

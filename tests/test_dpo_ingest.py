@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate import reasons
-from curate.store import Manifest, load_rejected, load_samples
+from curate.runtime import reasons
+from curate.runtime.store import Manifest, load_rejected, load_samples
 from dpo.config import IngestPrefsConfig
-from dpo.ingest import ingest_prefs, pair_id
+from dpo.ingest import pair_id, run_prefs
 
 
 def png(color) -> bytes:
@@ -46,7 +46,7 @@ def pickapic(tmp_path):
 
 
 def test_pickapic_label_0_one_means_jpg_0_won_and_zero_means_jpg_1_won(pickapic, tmp_path):
-    out = ingest_prefs(pickapic, tmp_path / "prefs", IngestPrefsConfig())
+    out = run_prefs(pickapic, tmp_path / "prefs", IngestPrefsConfig())
     kept = {row["caption"]: row for row in load_samples(out)}
     assert set(kept) == {"jpg_0 won", "jpg_1 won"}
     assert (kept["jpg_0 won"]["image_w"], kept["jpg_0 won"]["image_l"]) == (RED, BLUE)
@@ -57,7 +57,7 @@ def test_pickapic_label_0_one_means_jpg_0_won_and_zero_means_jpg_1_won(pickapic,
 def test_ties_identical_undecodable_and_captionless_pairs_are_rejected_with_reasons(
     pickapic, tmp_path
 ):
-    out = ingest_prefs(pickapic, tmp_path / "prefs", IngestPrefsConfig())
+    out = run_prefs(pickapic, tmp_path / "prefs", IngestPrefsConfig())
     rejected = {row["reason"]: row for row in load_rejected(out)}
     assert set(rejected) == {
         reasons.TIE,
@@ -77,7 +77,7 @@ def test_generic_layout_from_a_saved_dataset_keeps_its_orientation(tmp_path):
     datasets.Dataset.from_list(
         [{"caption": "red beats blue", "image_w": RED, "image_l": BLUE}]
     ).save_to_disk(str(saved))
-    out = ingest_prefs(saved, tmp_path / "prefs", IngestPrefsConfig())
+    out = run_prefs(saved, tmp_path / "prefs", IngestPrefsConfig())
     (row,) = list(load_samples(out))
     assert (row["caption"], row["image_w"], row["image_l"]) == ("red beats blue", RED, BLUE)
     assert Manifest.read(out).extra["layout"] == "generic"
@@ -93,7 +93,7 @@ def test_a_folder_of_pairs_is_read_and_a_missing_loser_is_rejected(tmp_path):
         (source / name / "caption.txt").write_text(f"pair {name}\n")
         for file, data in files.items():
             (source / name / file).write_bytes(data)
-    out = ingest_prefs(source, tmp_path / "prefs", IngestPrefsConfig())
+    out = run_prefs(source, tmp_path / "prefs", IngestPrefsConfig())
     (row,) = list(load_samples(out))
     assert (row["caption"], row["source"]) == ("pair good", "good")
     (rejection,) = list(load_rejected(out))
@@ -107,13 +107,13 @@ def test_unknown_columns_give_an_error_that_names_the_expected_layouts(tmp_path)
     path = tmp_path / "odd.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "x", "a": RED}]), path)
     with pytest.raises(ValueError, match="Pick-a-Pic v2"):
-        ingest_prefs(path, tmp_path / "prefs", IngestPrefsConfig())
+        run_prefs(path, tmp_path / "prefs", IngestPrefsConfig())
 
 
 def test_make_prefs_from_a_stage_output_gives_winners_the_attribute_the_losers_lack(tmp_path):
-    from curate.store import StageWriter, sample_id
+    from curate.runtime.store import StageWriter, sample_id
     from dpo.config import MakePrefsConfig
-    from dpo.synthetic import attribute_score, make_prefs
+    from dpo.synthetic import attribute_score, run_make_prefs
 
     features = datasets.Features(
         {
@@ -131,7 +131,7 @@ def test_make_prefs_from_a_stage_output_gives_winners_the_attribute_the_losers_l
             features,
         )
     for attribute in ("warm", "bright"):
-        out = make_prefs(
+        out = run_make_prefs(
             tmp_path / attribute,
             MakePrefsConfig(source=str(tmp_path / "store"), attribute=attribute),
         )
@@ -146,7 +146,7 @@ def test_make_prefs_from_a_stage_output_gives_winners_the_attribute_the_losers_l
                 for r in ("winner", "loser")
             )
             assert winner > loser + 0.2
-    swapped = make_prefs(
+    swapped = run_make_prefs(
         tmp_path / "swap", MakePrefsConfig(source=str(tmp_path / "store"), swap=True)
     )
     pair = sorted(p for p in swapped.iterdir() if p.is_dir())[0]
@@ -225,7 +225,7 @@ def test_published_pickapic_rows_without_a_usable_label_are_rejected_with_their_
     ]
     source = write_pickapic(tmp_path / "data" / "train-00000-of-00001.parquet", rows)
     assert pq.read_schema(source).names == PICKAPIC_SCHEMA.names and len(PICKAPIC_SCHEMA) == 19
-    out = ingest_prefs(tmp_path / "data", tmp_path / "prefs", IngestPrefsConfig())
+    out = run_prefs(tmp_path / "data", tmp_path / "prefs", IngestPrefsConfig())
     (kept,) = list(load_samples(out))
     assert (kept["caption"], kept["image_w"], kept["image_l"], kept["source"]) == (
         "a vote for jpg_1",
@@ -277,24 +277,24 @@ def test_split_picks_one_split_of_a_hub_download_and_never_mixes_them(hub_downlo
         ("validation", ["validation 6"]),
         ("validation_unique", ["validation_unique 7"]),
     ):
-        out = ingest_prefs(hub_download, tmp_path / split, IngestPrefsConfig(split=split))
+        out = run_prefs(hub_download, tmp_path / split, IngestPrefsConfig(split=split))
         assert sorted(load_samples(out)["caption"]) == expected
         assert Manifest.read(out).extra["split"] == split
     with pytest.raises(
         ValueError, match="no test split; its splits: train, validation, validation_unique"
     ):
-        ingest_prefs(hub_download, tmp_path / "test", IngestPrefsConfig(split="test"))
+        run_prefs(hub_download, tmp_path / "test", IngestPrefsConfig(split="test"))
     with pytest.raises(
         ValueError, match=r"several splits \(train, validation, validation_unique\)"
     ):
-        ingest_prefs(hub_download, tmp_path / "mixed", IngestPrefsConfig())
+        run_prefs(hub_download, tmp_path / "mixed", IngestPrefsConfig())
     assert t2i(["prefs", str(hub_download), str(tmp_path / "cli")]) == 1  # a one-line error
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "cli").exists()
 
 
 def test_max_pairs_stops_once_that_many_pairs_are_kept(hub_download, tmp_path):
     config = IngestPrefsConfig(split="train", max_pairs=3)
-    out = ingest_prefs(hub_download, tmp_path / "prefs", config)
+    out = run_prefs(hub_download, tmp_path / "prefs", config)
     assert list(load_samples(out)["caption"]) == ["train 1", "train 2", "train 3"]
     assert Manifest.read(out).counts == {"input": 3, "kept": 3, "rejected": 0}
 
@@ -308,8 +308,8 @@ def test_a_saved_dataset_dict_needs_a_split_too(tmp_path):
         {split: datasets.Dataset.from_list(r) for split, r in rows.items()}
     ).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match=r"several splits \(test, train\)"):
-        ingest_prefs(tmp_path / "saved", tmp_path / "mixed", IngestPrefsConfig())
-    out = ingest_prefs(tmp_path / "saved", tmp_path / "prefs", IngestPrefsConfig(split="test"))
+        run_prefs(tmp_path / "saved", tmp_path / "mixed", IngestPrefsConfig())
+    out = run_prefs(tmp_path / "saved", tmp_path / "prefs", IngestPrefsConfig(split="test"))
     assert list(load_samples(out)["caption"]) == ["test 1"]
 
 
@@ -337,7 +337,7 @@ def test_a_bomb_in_a_saved_dataset_with_image_features_is_one_rejected_pair(tmp_
         },
     ]
     datasets.Dataset.from_list(rows, features=features).save_to_disk(str(saved))
-    out = ingest_prefs(saved, tmp_path / "prefs", IngestPrefsConfig())
+    out = run_prefs(saved, tmp_path / "prefs", IngestPrefsConfig())
     (kept,) = list(load_samples(out))
     assert kept["caption"] == "red beats blue"
     rejected = {row["reason"] for row in load_rejected(out)}

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from curate import reasons
-from curate.store import Manifest, load_rejected
+from curate.runtime import reasons
+from curate.runtime.store import Manifest, load_rejected
 from dpo.config import DPOConfig, IngestPrefsConfig
 from dpo.trainer import run_dpo
 from flows.cli import main as t2i
@@ -325,9 +325,9 @@ def test_pairs_are_encoded_once_in_the_precompute_format_and_read_back_pair_by_p
 def test_a_killed_encode_continues_where_it_stopped(pairs, tiny_model_dir, tmp_path, monkeypatch):
     import model.precompute
     from dpo.encode import encode_pairs
-    from dpo.ingest import ingest_prefs
+    from dpo.ingest import run_prefs
 
-    table = ingest_prefs(pairs, tmp_path / "prefs", IngestPrefsConfig())
+    table = run_prefs(pairs, tmp_path / "prefs", IngestPrefsConfig())
     real = model.precompute.Encoder
 
     def dies_at_t5(model_dir, name, **kwargs):

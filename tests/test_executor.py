@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.executor import Executor, Setup, worker_state
+from curate.runtime.executor import Executor, Setup, worker_state
 
 BUILDS: list[str] = []
 
@@ -90,7 +90,7 @@ def test_curate_chunks_close_at_the_pixel_bound_whatever_the_image_count():
 FAULTS = """
 import resource, sys
 import numpy as np
-from curate.executor import _heap_for_tensors
+from curate.runtime.executor import _heap_for_tensors
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -15,13 +15,13 @@ import bad_corpus
 import pytest
 from PIL import Image
 
-from curate import reasons
-from curate.cells import caption_cell, image_cell
-from curate.decode import Invalid, check, decode_image
 from curate.ingest import ROWS_PER_SHARD, plan, read_records, read_shard
-from curate.markdown import escape, fenced
-from curate.redact import strip_credentials
-from curate.store import Manifest, StageWriter
+from curate.runtime import reasons
+from curate.runtime.cells import caption_cell, image_cell
+from curate.runtime.decode import Invalid, check, decode_image
+from curate.runtime.markdown import escape, fenced
+from curate.runtime.redact import strip_credentials
+from curate.runtime.store import Manifest, StageWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _png(size=(200, 160), color=(10, 120, 30)) -> bytes:
 
 
 def test_importing_the_decoder_leaves_pils_own_guard_in_place():
-    code = "import PIL.Image as I; a = I.MAX_IMAGE_PIXELS; import curate.decode; print(a == I.MAX_IMAGE_PIXELS and a is not None)"
+    code = "import PIL.Image as I; a = I.MAX_IMAGE_PIXELS; import curate.runtime.decode; print(a == I.MAX_IMAGE_PIXELS and a is not None)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.stdout.strip() == "True", done.stderr
 
@@ -195,7 +195,7 @@ BOMB_SCRIPT = textwrap.dedent(
     sys.path.insert(0, "tests")
     import bad_corpus
     from captioning.server import RequestError, decode_data_url
-    from curate.decode import Invalid, check, decode_image, to_rgb
+    from curate.runtime.decode import Invalid, check, decode_image, to_rgb
     from curate.ingest import read_records
     from dpo.synthetic import source_images
     import base64

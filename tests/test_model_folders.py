@@ -19,7 +19,7 @@ from model_folders import fp16_folder, stability_file, t5_less_folder
 from PIL import Image
 from train_sets import write_store
 
-from curate.store import Manifest
+from curate.runtime.store import Manifest
 from dpo.config import DPOConfig
 from dpo.trainer import run_dpo
 from flows.cli import main as cli_main

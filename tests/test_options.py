@@ -1,4 +1,4 @@
-"""One option vocabulary across stages (curate/options.py, docs/options.md): the same name, type and
+"""One option vocabulary across stages (curate/runtime/options.py, docs/options.md): the same name, type and
 default for the same idea in every command, and the old spellings still accepted for one release."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from curate.config_file import read_config_file
-from curate.options import VOCABULARY, OptionRenamed, options_table, resolve_device
+from curate.runtime.config_file import read_config_file
+from curate.runtime.options import VOCABULARY, OptionRenamed, options_table, resolve_device
 from dpo.config import DPOConfig
-from flows.cli import COMMANDS, build_parser, resolve_config
+from flows.cli import build_parser, resolve_config
+from flows.commands import COMMANDS
 from model.config import TARGET_SETS, SampleConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.store import process_umask, share_like_umask
+from curate.runtime.store import process_umask, share_like_umask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,7 @@ CHAIN = textwrap.dedent(
         "--batch-size", "2", "--checkpoint-every", "1", "--eval-seeds", "1", "--eval-steps", "2",
         "--scorer", "attribute:warm")
     run("lora-convert", work / "dpo", work / "comfy.safetensors", "--to", "comfyui")
+    run("export-single-file", work / "full", work / "single.safetensors")
     """
 ).format(tests=str(ROOT / "tests"))
 
@@ -91,7 +92,8 @@ def test_every_written_file_follows_the_umask(chain):
     assert any(p.name == "pytorch_lora_weights.safetensors" for p in weights)
     assert any("checkpoint" in str(p) for p in weights)
     assert any(p.name == "diffusion_pytorch_model.safetensors" for p in weights)
-    assert (work / "comfy.safetensors").is_file()
+    assert (work / "comfy.safetensors").is_file() and (work / "single.safetensors").is_file()
+    assert list((work / "dpo" / "logs").glob("events.out.tfevents.*"))  # --report-to's default
     if mask == 0o022:
         unreadable = [str(p) for p, mode in written if not mode & stat.S_IROTH]
         closed = [str(p) for p, mode in written if p.is_dir() and not mode & stat.S_IXOTH]

@@ -14,8 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from curate import reasons
-from curate.store import Manifest, StageWriter, StoreError, fingerprint, load_rejected, load_samples
+from curate.runtime import reasons
+from curate.runtime.store import (
+    Manifest,
+    StageWriter,
+    StoreError,
+    fingerprint,
+    load_rejected,
+    load_samples,
+)
 from model.buckets import make_buckets
 from model.build import load_pipeline
 from model.conditioning import TextEncoding, joint_condition

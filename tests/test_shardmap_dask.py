@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from captioning.config import CaptionConfig
 from captioning.stage import run_caption
 from curate.config import CurateConfig
+from curate.runtime.store import Manifest, load_rejected, load_samples
 from curate.stage import run_curate
-from curate.store import Manifest, load_rejected, load_samples
 from model.config import PrecomputeConfig
 from model.precompute import run_precompute
 from tests.dask_services import DaskCluster

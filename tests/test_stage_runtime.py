@@ -1,4 +1,4 @@
-"""The stage contract (curate/stage_runtime.py): lock, fingerprints of everything read, skip,
+"""The stage contract (curate/runtime/stage_runtime.py): lock, fingerprints of everything read, skip,
 config.toml, the input = kept + rejected check; and, for every runner, that it skips finished
 work and is refused while another process holds its output."""
 
@@ -16,10 +16,16 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from train_sets import shapes_encoded
 
-from curate.config_file import read_config_file
-from curate.seeds import seed_int, seed_unit
-from curate.stage_runtime import LOCK_WAIT_ENV, StageBusy, StageRun, UnbalancedOutput, lock_path
-from curate.store import Manifest, Rejection, load_samples
+from curate.runtime.config_file import read_config_file
+from curate.runtime.seeds import seed_int, seed_unit
+from curate.runtime.stage_runtime import (
+    LOCK_WAIT_ENV,
+    StageBusy,
+    StageRun,
+    UnbalancedOutput,
+    lock_path,
+)
+from curate.runtime.store import Manifest, Rejection, load_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = datasets.Features({"id": datasets.Value("string")})
@@ -221,14 +227,14 @@ def runner(name: str, kit: dict, out: Path):
         return lambda: run_train(str(kit["encoded"]), str(out), config)
     if name == "prefs":
         from dpo.config import IngestPrefsConfig
-        from dpo.ingest import ingest_prefs
+        from dpo.ingest import run_prefs
 
-        return lambda: ingest_prefs(str(kit["pairs"]), str(out), IngestPrefsConfig())
+        return lambda: run_prefs(str(kit["pairs"]), str(out), IngestPrefsConfig())
     if name == "make-prefs":
         from dpo.config import MakePrefsConfig
-        from dpo.synthetic import make_prefs
+        from dpo.synthetic import run_make_prefs
 
-        return lambda: make_prefs(str(out), MakePrefsConfig(source=str(kit["images"])))
+        return lambda: run_make_prefs(str(out), MakePrefsConfig(source=str(kit["images"])))
     if name == "dpo":
         from dpo.config import DPOConfig
         from dpo.trainer import run_dpo
@@ -244,7 +250,7 @@ def runner(name: str, kit: dict, out: Path):
         config = SampleConfig(
             model=kit["model"], prompt=["a cat"], seed=[1], steps=1, out=str(out), **size
         )
-        return lambda: run_sample(config)
+        return lambda: run_sample(config.out, config)
     raise AssertionError(name)
 
 

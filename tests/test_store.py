@@ -8,7 +8,7 @@ import time
 import datasets
 import pytest
 
-from curate.store import (
+from curate.runtime.store import (
     Manifest,
     Rejection,
     StageWriter,
@@ -79,7 +79,7 @@ def test_fingerprint_changes_when_a_file_changes(tmp_path):
 KILLED_WRITER = textwrap.dedent(
     """
     import sys, time, datasets
-    from curate.store import StageWriter
+    from curate.runtime.store import StageWriter
     features = datasets.Features({"id": datasets.Value("string")})
     with StageWriter(sys.argv[1], "slow", {}, "fp") as writer:
         writer.write_samples(({"id": str(i)} for i in range(100)), features)

@@ -80,7 +80,7 @@ def test_train_and_dpo_draw_timesteps_through_one_path():
     train = TrainConfig(model="m", density="mode", mode_scale=0.5)
     dpo = DPOConfig(model="m", density="mode", mode_scale=0.5)
     settings = FlowSettings(train.density, train.logit_mean, train.logit_std, train.mode_scale, 3.0)
-    from curate.seeds import seed_int
+    from curate.runtime.seeds import seed_int
 
     drawn = draw_noise_and_time(torch.zeros(5, 1, 2, 2), settings, seed=7, j=2).t
     generator = torch.Generator().manual_seed(seed_int(7, "draws", 2))

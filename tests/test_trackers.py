@@ -13,6 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import quick
 
+from flows.artifacts import read_scalars
 from flows.cli import main as t2i
 from model.train import train
 
@@ -50,6 +51,9 @@ def test_dpo_logs_its_guard_metrics_accuracy_and_eval_grids_to_tensorboard(
     summary = json.loads((out / "summary.json").read_text())
     grids = summary["sample_eval"]["grids"]  # base | LoRA side by side, one per caption
     assert grids and set(logged.Tags()["images"]) == {g.split("/")[-1][:-4] for g in grids}
+    # the Prefect artifact reads the TensorBoard copy of the rows, not metrics.jsonl a second time
+    series = read_scalars(out)
+    assert "dpo/loss" in series and "loss" not in series
 
 
 def test_train_logs_loss_validation_and_sample_grids_through_the_trackers(

@@ -186,10 +186,10 @@ def test_sample_uses_the_t5_length_and_unconditional_input_the_model_was_trained
     monkeypatch.setattr(sampling, "generate", spy)
     config = SampleConfig(model=str(out), prompt=["a red circle"], steps=1, height=32, width=32,
                           out=str(tmp_path / "samples"))  # fmt: skip
-    sampling.run_sample(config)
-    sampling.run_sample(config.model_copy(update={"t5_length": 20}))
-    sampling.run_sample(config.model_copy(update={"model": tiny_model_dir}))
-    sampling.run_sample(config.model_copy(update={"model": str(zeros)}))
+    sampling.run_sample(config.out, config)
+    sampling.run_sample(config.out, config.model_copy(update={"t5_length": 20}))
+    sampling.run_sample(config.out, config.model_copy(update={"model": tiny_model_dir}))
+    sampling.run_sample(config.out, config.model_copy(update={"model": str(zeros)}))
     assert seen == [(32, False), (20, False), (256, False), (32, True)]
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
 

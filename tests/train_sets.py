@@ -1,5 +1,5 @@
 """Small conditional sets for the trainer's tests and benchmarks, made by the real chain:
-images + captions -> a captioned store (curate.store) -> `t2i precompute` -> EncodedDataset.
+images + captions -> a captioned store (curate.runtime.store) -> `t2i precompute` -> EncodedDataset.
 
 The shapes set: a red/green/blue/yellow circle or square at a random place and size on a dark
 background, captioned "a {colour} {shape}", with a synthetic caption for two in three images.
@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from curate.store import StageWriter
+from curate.runtime.store import StageWriter
 from model.config import PrecomputeConfig
 from model.precompute import run_precompute
 

@@ -1,6 +1,7 @@
-"""The Diffusion-DPO terms of a batch of pairs: the velocity errors of winner and loser with the
-adapter on and off (one t and one noise shared by both), the loss they make (dpo/loss.py), and the
-implicit accuracy the terms imply on held-out pairs."""
+"""One Diffusion-DPO step's terms (dpo/loss.py) from the LoRA-adapted transformer: winner and loser
+in one forward batch with a shared t and noise, the reference the same network with the adapter
+off (dpo/reference.py), and the regularizers beside the DPO term (dpo/regularizers.py).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dpo.draws import Pairs, step_generator
 from dpo.encode import EncodedPairs
 from dpo.loss import DPOTerms, diffusion_dpo_loss, noise_equivalent, preference_score
 from dpo.reference import adapter_off, recording, replaying
-from dpo.regularizers import anchor_distance, anchor_penalty, capturing
+from dpo.regularizers import capturing, with_anchor, with_preservation
 from model.conditioning import TextEncoding
 from model.objective import flow_loss
 from model.toolbox import draw_timesteps
@@ -28,11 +29,18 @@ def velocity_errors(transformer, latents, noise, t, text: TextEncoding) -> torch
 
 
 def dpo_terms(
-    transformer, pairs: EncodedPairs, t, noise, config: DPOConfig, reference=None
+    transformer,
+    pairs: EncodedPairs,
+    t,
+    noise,
+    config: DPOConfig,
+    reference=None,
+    preserve: TextEncoding | None = None,
 ) -> DPOTerms:
     """Winner and loser in one forward batch with shared t and noise; reference = adapter off,
     replaying the policy's input layers (dpo/reference.py), or a given copy. Errors enter the
-    loss in the configured units (dpo/loss.py: noise-equivalent)."""
+    loss in the configured units (dpo/loss.py: noise-equivalent). PRESERVE: one caption per pair
+    from --preserve-captions, whose prediction at the pair's noisy latents is anchored."""
     device = next(transformer.parameters()).device
     text = pairs.text.to(device)
     both = TextEncoding(
@@ -64,11 +72,16 @@ def dpo_terms(
         config.dpop_lambda,
         config.sft_weight,
     )
-    # the adapter-off anchor on both halves (dpo/regularizers.py)
-    terms.anchor = anchor_distance(policy_out[-1], ref_out[-1], times).detach()
-    if config.anchor_weight:
-        distance = anchor_distance(policy_out[-1], ref_out[-1], times)
-        terms.loss = terms.loss + anchor_penalty(distance, config.anchor_weight, config.beta)
+    terms = with_anchor(terms, policy_out[-1], ref_out[-1], times, config)  # dpo/regularizers.py
+    if preserve is not None and config.preserve_weight:
+        # other captions at the same noisy latents, winners and losers in turn
+        mixed = torch.where((torch.arange(n) % 2 == 0).view(-1, 1, 1, 1), *latents.chunk(2))
+        args = (mixed, noise.to(device), t.to(device), preserve.to(device))
+        with capturing(base) as policy_out:
+            velocity_errors(transformer, *args)
+        with torch.no_grad(), adapter_off(base), capturing(base) as ref_out:
+            velocity_errors(base, *args)
+        terms = with_preservation(terms, policy_out[-1], ref_out[-1], args[2], config)
     return terms
 
 

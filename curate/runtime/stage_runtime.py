@@ -15,6 +15,11 @@ after that long with a one-line message) and then sees the first run's finished 
 Everything the stage reads (input stores, model folders, tokenizers) is fingerprinted; a
 finished output is skipped only when its manifest has the same stage, parameters and
 fingerprints. The resolved config is written beside the output as config.toml.
+
+Before anything is locked or written, `check_output` guards OUT: it must not be, lie inside or
+contain anything the stage reads; it must not be a file; an existing non-empty OUT must be this
+pipeline's output of this stage (another stage's output only with --overwrite), and files the
+pipeline did not write are never removed, with or without --overwrite.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import fcntl
 import filecmp
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -36,8 +42,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from curate.config_file import CONFIG_FILE, config_toml
-from curate.store import (
+from curate.runtime.config_file import CONFIG_FILE, config_toml
+from curate.runtime.store import (
     MANIFEST,
     REJECTED,
     SAMPLES,
@@ -53,6 +59,9 @@ from curate.store import (
 )
 
 LOCK_WAIT_ENV = "T2I_LOCK_WAIT_S"
+OVERWRITE_FLAG = "--overwrite"
+OWNER_FILE = ".t2i-output"  # {"stage": ...}: an output being written in place (train), unfinished
+ENTRIES = "entries"  # manifest extra: the top-level names the stage wrote into OUT
 _HELD: set[Path] = set()  # outputs this process holds, so a nested run fails instead of deadlocking
 _HELD_GUARD = threading.Lock()
 
@@ -63,6 +72,169 @@ class StageBusy(StoreError):
 
 class UnbalancedOutput(StoreError):
     """A stage tried to commit an output where input != kept + rejected."""
+
+
+class OutputRefused(StoreError):
+    """OUT would lose data: it is (or holds, or sits in) an input, a file, or someone else's."""
+
+
+# -- the output guard ---------------------------------------------------------------------
+
+_OVERWRITE = False  # set by the CLI's --overwrite for the duration of one command
+
+
+@contextlib.contextmanager
+def overwrite_allowed(allowed: bool = True) -> Iterator[None]:
+    """Within the body, an OUT that is another stage's output may be replaced (--overwrite)."""
+    global _OVERWRITE
+    previous, _OVERWRITE = _OVERWRITE, bool(allowed)
+    try:
+        yield
+    finally:
+        _OVERWRITE = previous
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def check_paths(
+    output: str | os.PathLike, stage: str, reads: Mapping[str, str | os.PathLike | None]
+) -> Path:
+    """OUT's real path, refused when it is, lies inside or contains something the stage reads."""
+    out = _real(output)
+    for name, path in reads.items():
+        if path in (None, ""):
+            continue
+        real = _real(path)
+        if real == out:
+            why = f"it is the {name} {path}"
+        elif real in out.parents:
+            why = f"it lies inside the {name} {path}"
+        elif out in real.parents:
+            why = f"it contains the {name} {path}"
+        else:
+            continue
+        raise OutputRefused(
+            f"{stage}: refusing to write {out}: {why} (a stage never writes over what it "
+            "reads); choose an output folder outside it"
+        )
+    return out
+
+
+def output_owner(output: Path) -> tuple[str | None, set[str] | None]:
+    """(stage, names it wrote) of OUT when this pipeline wrote it, else (None, None).
+
+    names is None when not recorded (outputs from before the record, or written in place)."""
+    manifest_path = output / MANIFEST
+    if manifest_path.is_file():
+        try:
+            manifest = Manifest.read(output)
+        except (ValueError, TypeError, OSError):
+            manifest = None  # some other program's manifest.json
+        if manifest is not None and isinstance(manifest.stage, str) and manifest.stage:
+            entries = manifest.extra.get(ENTRIES) if isinstance(manifest.extra, dict) else None
+            names = set(entries) if isinstance(entries, list) else None
+            return manifest.stage, names
+    marker = output / OWNER_FILE
+    if marker.is_file():
+        try:
+            stage = json.loads(marker.read_text()).get("stage")
+        except (ValueError, OSError, AttributeError):
+            stage = None
+        if isinstance(stage, str) and stage:
+            return stage, None
+    return None, None
+
+
+def check_output(
+    output: str | os.PathLike,
+    stage: str,
+    reads: Mapping[str, str | os.PathLike | None] = {},  # noqa: B006 - read only
+) -> Path:
+    """Refuse, in one line, an OUT whose writing could lose data; return its real path.
+
+    - OUT is, lies inside or contains something the stage reads;
+    - OUT is a file (or anything but a folder);
+    - OUT is a non-empty folder this pipeline did not write (no manifest or in-place marker of
+      ours), or one holding entries its manifest does not list: refused even with --overwrite,
+      since replacing OUT would remove them;
+    - OUT is another stage's output: refused unless --overwrite.
+    An empty folder, and this stage's own output, are fine."""
+    out = check_paths(output, stage, reads)
+    if not out.exists():
+        if os.path.lexists(out):
+            raise OutputRefused(f"{stage}: refusing to write {out}: it is a broken link")
+        return out
+    if not out.is_dir():
+        raise OutputRefused(
+            f"{stage}: refusing to write {out}: it is a file, not a folder; "
+            "choose a folder name (the stage never replaces a file)"
+        )
+    present = sorted(entry.name for entry in os.scandir(out))
+    if not present:
+        return out
+    owner, written = output_owner(out)
+    if owner is None:
+        raise OutputRefused(
+            f"{stage}: refusing to write {out}: it holds files this pipeline did not write "
+            f"({present[0]}{_more(present)}); choose another output or empty it "
+            f"({OVERWRITE_FLAG} never removes files the pipeline did not write)"
+        )
+    if written is not None:
+        foreign = [n for n in present if n not in written and n not in (MANIFEST, OWNER_FILE)]
+        if foreign:
+            raise OutputRefused(
+                f"{stage}: refusing to write {out}: it holds files `t2i {owner}` did not write "
+                f"({foreign[0]}{_more(foreign)}); move them out or choose another "
+                f"output ({OVERWRITE_FLAG} never removes files the pipeline did not write)"
+            )
+    if owner != stage and not _OVERWRITE:
+        raise OutputRefused(
+            f"{stage}: refusing to write {out}: it is the output of `t2i {owner}`; pass "
+            f"{OVERWRITE_FLAG} to replace it, or choose another output"
+        )
+    return out
+
+
+def check_output_file(
+    output: str | os.PathLike,
+    stage: str,
+    reads: Mapping[str, str | os.PathLike | None],
+    target: str | os.PathLike,
+) -> Path:
+    """The guard for a stage that writes one file TARGET (OUTPUT itself, or a file inside the
+    folder OUTPUT; lora-convert): OUTPUT apart from what it reads; an existing TARGET is
+    replaced only with --overwrite, and nothing else in the folder is touched."""
+    check_paths(output, stage, reads)
+    out, target = _real(output), _real(target)
+    if target != out and out.exists() and not out.is_dir():
+        raise OutputRefused(
+            f"{stage}: refusing to write into {out}: it is a file, not a folder; "
+            "name a .safetensors file or a folder"
+        )
+    if os.path.lexists(target):
+        if target.is_dir() or not target.is_file():
+            raise OutputRefused(f"{stage}: refusing to write {target}: it is not a regular file")
+        if not _OVERWRITE:
+            raise OutputRefused(
+                f"{stage}: refusing to write {target}: it exists; pass {OVERWRITE_FLAG} to "
+                "replace it, or choose another output"
+            )
+    return target
+
+
+def _more(names: list[str]) -> str:
+    return f" and {len(names) - 1} more" if len(names) > 1 else ""
+
+
+def claim_in_place(output: Path, stage: str) -> None:
+    """Mark OUT as this stage's output before writing into it in place (train)."""
+    output.mkdir(parents=True, exist_ok=True)
+    marker = output / OWNER_FILE
+    tmp = output / f"{OWNER_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({"stage": stage}) + "\n")
+    os.replace(tmp, marker)
 
 
 def lock_path(output: Path) -> Path:
@@ -210,10 +382,12 @@ class StageRun:
         for name, path in self.reads.items():
             if path not in (None, "") and not Path(path).exists():
                 raise FileNotFoundError(f"{self.stage}: {name} {path} does not exist")
+        check_output(self.output, self.stage, self.reads)  # before anything is created
         if self._holds_lock():
             self._lock = output_lock(self.output, self.stage)
             self._lock.__enter__()
         try:
+            check_output(self.output, self.stage, self.reads)  # again, now that OUT is ours
             self.input_fingerprint, self.read_record = reads_fingerprint(self.reads)
         except BaseException:
             self.__exit__(*sys.exc_info())
@@ -286,12 +460,14 @@ class StageRun:
         manifest = self.output / MANIFEST
         if manifest.is_file() and not self.finished:
             manifest.unlink(missing_ok=True)  # every rank of a multi-process launch may try
+        claim_in_place(self.output, self.stage)
 
     def commit_in_place(
         self, counts: dict[str, int], extra: dict[str, Any], wall_time_s: float
     ) -> Path:
         """For stages that write into OUT itself: config.toml, then the manifest, last."""
         _write_config(self, self.output)
+        entries = sorted(entry.name for entry in os.scandir(self.output))
         Manifest(
             stage=self.stage,
             parameters=self.parameters,
@@ -301,7 +477,7 @@ class StageRun:
             wall_time_s=round(wall_time_s, 3),
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             host=socket.gethostname(),
-            extra={**extra, "reads": self.read_record},
+            extra={**extra, "reads": self.read_record, ENTRIES: entries},
         ).write(self.output)
         share_like_umask(self.output)
         return self.output
@@ -328,6 +504,8 @@ class _ContractWriter(StageWriter):
             self._check_balance()
         self.extra["reads"] = self.run.read_record
         _write_config(self.run, self.path)
+        self.extra[ENTRIES] = sorted({entry.name for entry in os.scandir(self.path)} | {MANIFEST})
+        check_output(self.output, self.stage, self.run.reads)  # nothing foreign appeared meanwhile
         return super().commit()
 
     def _check_balance(self) -> None:
@@ -368,14 +546,23 @@ def write_folder(
     return run.output
 
 
-def generate(output: str | os.PathLike, stage: str, write: Callable[[Path], Any]) -> Path:
+def generate(
+    output: str | os.PathLike,
+    stage: str,
+    write: Callable[[Path], Any],
+    foreign: Callable[[Path], list[str]] | None = None,
+) -> Path:
     """For generators whose output is raw data, not a stage output (demo-data): WRITE into a
     fresh sibling under OUT's lock, then keep OUT untouched when it already holds exactly those
-    files (so what reads it sees no change), or swap the new files in."""
-    output = Path(output).resolve()
+    files (so what reads it sees no change), or swap the new files in.
+
+    An existing non-empty OUT is replaced only when FOREIGN(OUT), the files in it the generator
+    did not write, is empty: such files are never removed (with or without --overwrite)."""
+    output = check_output_folder(output, stage, foreign)
     with output_lock(output, stage):
         fresh = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            check_output_folder(output, stage, foreign)
             write(fresh)
             share_like_umask(fresh)
             if output.is_dir() and _same_files(fresh, output):
@@ -383,6 +570,7 @@ def generate(output: str | os.PathLike, stage: str, write: Callable[[Path], Any]
                     f"{stage}: {output} already holds this output; kept as it was", file=sys.stderr
                 )
                 return output
+            check_output_folder(output, stage, foreign)
             retired = None
             if output.exists():
                 retired = fresh.with_name(fresh.name + "-old")
@@ -395,11 +583,49 @@ def generate(output: str | os.PathLike, stage: str, write: Callable[[Path], Any]
     return output
 
 
-def _same_files(a: Path, b: Path) -> bool:
-    def listing(root: Path) -> list[str]:
-        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+def check_output_folder(
+    output: str | os.PathLike, stage: str, foreign: Callable[[Path], list[str]] | None
+) -> Path:
+    """The guard for a generator's raw-data OUT (no manifest): not a file; empty, or holding
+    only what the generator writes (FOREIGN(OUT) lists the rest)."""
+    out = check_paths(output, stage, {})
+    if not out.exists():
+        if os.path.lexists(out):
+            raise OutputRefused(f"{stage}: refusing to write {out}: it is a broken link")
+        return out
+    if not out.is_dir():
+        raise OutputRefused(
+            f"{stage}: refusing to write {out}: it is a file, not a folder; "
+            "choose a folder name (the stage never replaces a file)"
+        )
+    present = _listing(out, every=True)
+    if not present:
+        return out
+    others = present if foreign is None else foreign(out)
+    if others:
+        raise OutputRefused(
+            f"{stage}: refusing to write {out}: it holds files `t2i {stage}` did not write "
+            f"({others[0]}{_more(others)}); move them out or choose another output "
+            f"({OVERWRITE_FLAG} never removes files the pipeline did not write)"
+        )
+    return out
 
-    names = listing(a)
-    if names != listing(b):
+
+def _listing(root: Path, every: bool = False) -> list[str]:
+    """Relative paths of the files under ROOT; EVERY: also links, special files and empty
+    folders (NAME/), links not followed."""
+    names = []
+    for path in sorted(root.rglob("*")):
+        real_dir = path.is_dir() and not path.is_symlink()
+        if not real_dir and (every or path.is_file()):
+            names.append(path.relative_to(root).as_posix())
+        elif every and real_dir and not any(path.iterdir()):
+            names.append(path.relative_to(root).as_posix() + "/")
+    return names
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    names = _listing(a)
+    if names != _listing(b):
         return False
     return all(filecmp.cmp(a / name, b / name, shallow=False) for name in names)

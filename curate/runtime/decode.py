@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from curate import reasons
+from curate.runtime import reasons
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from curate import reasons
-from curate.decode import Invalid
+from curate.runtime import reasons
+from curate.runtime.decode import Invalid
 
 BYTES_TYPES = (bytes, bytearray, memoryview)
 

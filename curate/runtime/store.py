@@ -37,7 +37,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.redact import strip_credentials
+from curate.runtime.redact import strip_credentials
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples"
