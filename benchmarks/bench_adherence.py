@@ -330,6 +330,22 @@ def run(args) -> dict:
     return result
 
 
+def evaluate_again(args) -> dict:
+    """Judge an already trained run (CACHE/runs/TAG) at other guidance scales / T5 lengths."""
+    import torch
+
+    torch.set_num_threads(1)
+    ready = prepare(Path(args.cache))
+    out = Path(args.cache) / "runs" / args.tag
+    found = {}
+    for guidance in args.guidance:
+        r = pipeline_adherence(
+            out, ready["judge"], args.seeds, guidance=guidance, t5_length=args.t5_length
+        )
+        found[str(guidance)] = [r["shape"], r["colour"]]
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -354,7 +370,16 @@ def main() -> None:
     )
     p.add_argument("--control", action="store_true", help="also sample the untrained base folder")
     p.add_argument("--retrain", action="store_true")
+    e = sub.add_parser("eval")
+    e.add_argument("--tag", required=True)
+    e.add_argument("--cache", default=os.environ.get("ADHERENCE_CACHE", "/tmp/bench-adherence"))
+    e.add_argument("--seeds", type=int, default=8)
+    e.add_argument("--t5-length", type=int, default=T5_LENGTH)
+    e.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 7.0])
     args = parser.parse_args()
+    if args.command == "eval":
+        print(json.dumps({"tag": args.tag, "t5_length": args.t5_length, **evaluate_again(args)}))
+        return
     result = run(args)
     summary = {k: v for k, v in result["trained"].items() if k != "per_prompt"}
     for step in args.curve:

@@ -31,7 +31,8 @@ from captioning.config import CaptionConfig
 from captioning.stage import run_caption
 from captioning.tiny import init_captioner
 from captioning.vlm import GenerationSettings, LocalVLM
-from curate.runtime.store import StageWriter, sample_id
+from curate.runtime.store import sample_id
+from curate.runtime.store_writer import StageWriter
 
 
 def real_images(n: int) -> list[Image.Image]:

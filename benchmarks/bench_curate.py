@@ -34,9 +34,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curate.config import CurateConfig  # noqa: E402
-from curate.runtime.decode import to_rgb  # noqa: E402
-from curate.stage import run_curate  # noqa: E402
+from curate.config import CurateConfig
+from curate.runtime.decode import to_rgb
+from curate.stage import run_curate
 
 SCORERS = ("opennsfw", "brisque", "efficientnet_lite0")
 

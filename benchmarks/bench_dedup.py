@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curate import dedup  # noqa: E402
+from curate import dedup
 
 
 def synthetic(n: int, dim: int, groups: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,10 +10,14 @@ is fitted once and cached (--cache). Modes:
     sweep   beta x lr x LoRA targets (x remedies), DPO arm only, one JSON line per run in --out;
             runs already in --out are skipped, --shard K/N splits the grid across processes
     table   print the markdown table of a sweep's --out
+    shapes  issue 20: the shipped defaults on the two shapes tasks of dpo/shapes_task.py (bases
+            trained by `t2i train`'s loop, 1,500 and 500 steps), DPO and swapped control, each
+            class prompt's colour accuracy against the base on seeds the sweep never used
 
     PYTHONPATH=. python benchmarks/bench_dpo_proof.py proof --steps 300
     PYTHONPATH=. python benchmarks/bench_dpo_proof.py sweep --out /tmp/sweep.jsonl --shard 0/2
     PYTHONPATH=. python benchmarks/bench_dpo_proof.py table --out /tmp/sweep.jsonl
+    PYTHONPATH=. python benchmarks/bench_dpo_proof.py shapes --steps 200 --cache DIR
 """
 
 from __future__ import annotations
@@ -199,6 +203,35 @@ def proof(args) -> None:
     print(json.dumps(report, indent=2))
 
 
+def shapes(args) -> None:
+    """Issue 20: the shipped defaults (steps scaled down) on both shapes tasks, DPO and control,
+    every class prompt on its own, on the seeds the sweep never looked at."""
+    from dpo.shapes_proof import PROOF_SEEDS, Sampling, run_proof, toy_table
+    from dpo.shapes_task import build_task
+
+    report = {}
+    for name, base_steps in (("strong", 1500), ("weak", 500)):
+        if name not in args.tasks:
+            continue
+        model, task = build_task(args.cache, name, base_steps)
+        config = DPOConfig(model=str(model), max_steps=args.steps, eval_seeds=0)
+        start = time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_proof(model, task, config, tmp, PROOF_SEEDS[: args.seeds], Sampling(),
+                               args.pool, args.eval_at)  # fmt: skip
+        result["total_s"] = round(time.monotonic() - start, 1)
+        report[name] = result
+        judged = result["judged"]
+        print(f"## {name} base ({base_steps} steps): verdict {result['verdict']}", flush=True)
+        for arm in ("dpo", "swapped"):
+            j = judged[arm]
+            print(f"{arm}: red share {j['preferred']:.3f} (rise {j['rise']:+.3f}); worst prompt "
+                  f"{j['worst_prompt']} {j['worst_colour_change']:+.3f}; largest move "
+                  f"{j['largest_colour_move']:.3f}; mean {j['colour_mean_change']:+.3f}")  # fmt: skip
+        print(toy_table(result["base"], result["dpo"]["evals"][-1]["measures"]), flush=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), **report}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -223,13 +256,24 @@ def main() -> None:
     p_sweep.add_argument("--rank", type=int, default=128)
     p_sweep.add_argument("--control", action="store_true", help="also run swapped labels")
     p_sweep.add_argument("--shard", default="0/1")
+    p_shapes = modes.add_parser("shapes", help="issue 20: both shapes tasks at the defaults")
+    p_shapes.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "t2i-dpo-shapes"))
+    p_shapes.add_argument("--steps", type=int, default=200, help="DPO optimizer steps")
+    p_shapes.add_argument("--seeds", type=int, default=48, help="proof seeds per prompt")
+    p_shapes.add_argument("--pool", default="shapes", choices=["shapes", "empty"],
+                          help="--preserve-captions: the circle and square prompts, or none")  # fmt: skip
+    p_shapes.add_argument("--out", default="dpo-shapes-proof.json")
+    p_shapes.add_argument("--tasks", nargs="+", default=["strong", "weak"])
+    p_shapes.add_argument("--eval-at", type=int, nargs="*", default=None,
+                          help="also measure at these steps (the last one is --steps)")  # fmt: skip
+    p_shapes.add_argument("--threads", type=int, default=1)
     p_table = modes.add_parser("table")
     p_table.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.mode == "table":
         return table(args)
     torch.set_num_threads(args.threads)
-    {"proof": proof, "sweep": sweep}[args.mode](args)
+    {"proof": proof, "sweep": sweep, "shapes": shapes}[args.mode](args)
 
 
 if __name__ == "__main__":

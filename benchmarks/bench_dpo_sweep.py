@@ -15,7 +15,8 @@ defaults plus the run's overrides, measured on the sweep seeds at each --eval-at
 
 A run is "key=value,..." over: beta, lr, targets (attention | all-linears | both-streams | text-stream | qv),
 rank (alpha = rank), dpop, sft, anchor, preserve (weight; the pool is the circle and square
-prompts, the run then judged on the triangle and cross prompts), units (noise | velocity), batch, seed.
+prompts, the run then judged on the triangle and cross prompts; pool=empty: the empty caption),
+units (noise | velocity), batch, seed.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def overrides(spec: str) -> dict:
             out["lora_targets"] = TARGET_SETS.get(value, [value])
         elif key == "rank":
             out["lora_rank"], out["lora_alpha"] = int(value), float(value)
+        elif key == "pool":
+            out["pool"] = value
         elif key in KEYS:
             name, kind = KEYS[key]
             out[name] = kind(value)
@@ -106,11 +109,13 @@ def run(args) -> None:
             key = json.dumps([args.task, spec, args.eval_at, swapped, seeds[0], len(seeds)])
             if key in done:
                 continue
+            fields = overrides(spec)
+            pool = fields.pop("pool", "shapes")
             config = DPOConfig(
-                model=str(model), max_steps=max(args.eval_at), eval_seeds=0, **overrides(spec)
+                model=str(model), max_steps=max(args.eval_at), eval_seeds=0, **fields
             )
             with tempfile.TemporaryDirectory() as tmp:
-                preserve = config.preserve_weight > 0  # pool: the circle and square prompts
+                preserve = pool if config.preserve_weight > 0 else None
                 arm = run_arm(
                     model, task, config, tmp, base, seeds, args.eval_at, swapped, sampling, preserve
                 )
@@ -119,7 +124,7 @@ def run(args) -> None:
             with out.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             for e in arm["evals"]:
-                if preserve:  # judged on the prompts it did not preserve
+                if preserve == "shapes":  # judged on the prompts it did not preserve
                     e = {**e, **e["held_out"]}
                 print(
                     f"{args.task} {spec or 'defaults'}{' SWAPPED' if swapped else ''} step "
@@ -133,19 +138,22 @@ def run(args) -> None:
 def table(args) -> None:
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
     print(
-        "| task | run | labels | step | red share (base) | rise | worst colour prompt | its change | "
-        "mean colour change | largest move | worst shape change | err_w - ref_w | s |"
+        "| task | run | labels | step | red share (base) | rise | judged prompts | worst colour "
+        "prompt | its change | largest move | mean change | worst shape change | s |"
     )
     print("| " + " | ".join(["---"] * 13) + " |")
     for r in rows:
         base = r["base"]["preferred_rate"]
         for e in r["evals"]:
+            held = "preserve" in r["spec"] and "pool=empty" not in r["spec"]
+            j = e["held_out"] if held else e
             print(
-                f"| {r['task']} | {r['spec'] or 'defaults'} | {'swapped' if r['swapped'] else 'true'} | "
-                f"{e['step']} | {e['preferred']:.2f} ({base:.2f}) | {e['rise']:+.2f} | "
-                f"{e['worst_prompt']} | {e['worst_colour_change']:+.3f} | "
-                f"{e['colour_mean_change']:+.3f} | {e['largest_colour_move']:.3f} | "
-                f"{e['worst_shape_change']:+.3f} | {r['guard'].get('winner_drift') or 0:+.4f} | "
+                f"| {r['task']} | {r['spec'] or 'defaults (issue 11)'} | "
+                f"{'swapped' if r['swapped'] else 'true'} | {e['step']} | "
+                f"{e['preferred']:.2f} ({base:.2f}) | {e['rise']:+.2f} | "
+                f"{'8 triangle/cross' if held else 'all 16'} | {j['worst_prompt']} | "
+                f"{j['worst_colour_change']:+.3f} | {j['largest_colour_move']:.3f} | "
+                f"{j['colour_mean_change']:+.3f} | {j['worst_shape_change']:+.3f} | "
                 f"{r['seconds']:.0f} |"
             )
 

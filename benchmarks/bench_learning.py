@@ -92,27 +92,32 @@ def conditioning_accuracy(
     return correct / total
 
 
-def pipeline_accuracy(
+def pipeline_per_caption(
     model_dir: str | Path, colours: tuple[str, ...], classifier, seeds: list[int], steps: int,
     guidance: float, size: int, t5_length: int,
-) -> float:  # fmt: skip
+) -> dict[str, float]:  # fmt: skip
     """The same measure through diffusers' stock StableDiffusion3Pipeline loaded from MODEL_DIR
-    (its own text encoders, scheduler and empty-prompt guidance); latents come back before the
-    VAE (output_type="latent"), in the space the classifier was fitted in."""
+    (its own text encoders, scheduler and empty-prompt guidance), per caption; latents come back
+    before the VAE (output_type="latent"), in the space the classifier was fitted in."""
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    correct = total = 0
+    found = {}
     for label, caption in captions_of(colours):
         latents = pipe(
             prompt=[caption] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
             height=size, width=size, max_sequence_length=t5_length, output_type="latent",
             generator=[torch.Generator().manual_seed(s) for s in seeds],
         ).images  # fmt: skip
-        correct += int((classifier.predict(latent_features(latents)) == label).sum())
-        total += len(seeds)
-    return correct / total
+        found[caption] = float((classifier.predict(latent_features(latents)) == label).mean())
+    return found
+
+
+def pipeline_accuracy(*args, **kwargs) -> float:
+    """`pipeline_per_caption` over all captions (each has the same number of seeds)."""
+    per_caption = pipeline_per_caption(*args, **kwargs)
+    return sum(per_caption.values()) / len(per_caption)
 
 
 def measure(
@@ -132,6 +137,7 @@ def measure(
     work: Path | None = None,
     unconditional: str = "empty",
     pipeline: bool = False,
+    blind_control: bool = False,
 ) -> dict:
     """Train from scratch on the shapes set and compare colour accuracy before and after."""
     torch.set_num_threads(1)
@@ -172,8 +178,8 @@ def measure(
             unconditional,
         )
 
-    def through_pipeline(folder: Path | str) -> float:
-        return pipeline_accuracy(
+    def through_pipeline(folder: Path | str) -> dict[str, float]:
+        return pipeline_per_caption(
             folder,
             colours,
             classifier,
@@ -191,8 +197,15 @@ def measure(
     trained = SD3Transformer2DModel.from_pretrained(out / "transformer").eval()
     stock = {}
     if pipeline:  # the base folder's random transformer is the untrained control
-        stock = {"pipeline_untrained_accuracy": through_pipeline(model),
-                 "pipeline_trained_accuracy": through_pipeline(out)}  # fmt: skip
+        runs = {"untrained": model, "trained": out}
+        if blind_control:  # the same run with every encoder always dropped: it never sees a caption
+            runs["blind"] = train(
+                reader, work / "blind", config.model_copy(update={"encoder_drop": 1.0})
+            )
+        for name, folder in runs.items():
+            per_caption = through_pipeline(folder)
+            stock[f"pipeline_{name}_per_caption"] = per_caption
+            stock[f"pipeline_{name}_accuracy"] = sum(per_caption.values()) / len(per_caption)
     return {
         "unconditional": unconditional, **stock,
         "preset": preset, "params": sum(p.numel() for p in trained.parameters()), "image_size": size,

@@ -122,7 +122,8 @@ def build_store(out: Path, samples: int) -> Path:
     from PIL import Image
 
     from curate.demo_data import write_demo_data
-    from curate.runtime.store import StageWriter, sample_id
+    from curate.runtime.store import sample_id
+    from curate.runtime.store_writer import StageWriter
 
     store = out / f"store-{samples}"
     if (store / "manifest.json").is_file():

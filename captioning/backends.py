@@ -75,7 +75,7 @@ class TransformersBackend:
                 system_prompt=self.system_prompt,
             )
             return [Answer(text=t) for t in texts]
-        except Exception as error:  # noqa: BLE001 - isolate the row that broke the batch
+        except Exception as error:  # isolate the row that broke the batch
             if len(batch) == 1:
                 return [Answer(error=f"generation failed: {type(error).__name__}: {error}")]
             return [a for r in batch for a in self._batch([r])]

@@ -229,6 +229,23 @@ class ServeCaptionerConfig(BaseModel):
         ge=1,
         description="most tokens one request may generate; a larger max_tokens is lowered to this",
     )
+    max_prompt_chars: int = Field(
+        4096,
+        ge=1,
+        description="longest prompt (system and user text together, in characters) one request "
+        "may send; a longer one is answered 400 before it is tokenized, so it cannot hold the model",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection that sends nothing for this long, or does not finish its "
+        "request line, headers and body within 3 times this, is closed (408 when it can be told)",
+    )
+    max_connections: int = Field(
+        64,
+        ge=1,
+        description="connections served at once; one more is answered 503 and closed at once",
+    )
     fail_first: int = Field(
         0, ge=0, description="answer the first N chat requests with an error (client retry drills)"
     )

@@ -6,15 +6,23 @@ transformers backend uses, so both backends give the same captions. It stands in
 SGLang on machines without them, and in tests. Options mimic what a real server does under
 load: `api_key` answers 401 to requests without the key; `fail_first` answers the first N chat
 requests with `fail_status` (429/503) so client retries can be drilled against a real socket.
+
+A malformed request is a 400 (only a failed generation is a 500); a prompt over
+`max_prompt_chars` is refused before it is tokenized; a connection that stalls is closed after
+`read_timeout_s` of silence or 3x that for one whole request; at most `max_connections` are
+served at once (one more is answered 503 at once).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import json
+import math
 import os
+import socket
 import threading
 import time
 import uuid
@@ -36,13 +44,55 @@ class RequestError(ValueError):
         self.status = status
 
 
+class GenerationError(RuntimeError):
+    """The model failed on a well-formed request: the one case answered 500."""
+
+
+MALFORMED = (
+    TypeError,
+    ValueError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    RecursionError,
+)
+
+
 def parse_chat(
-    body: dict[str, Any], max_tokens_limit: int = 512
+    body: dict[str, Any], max_tokens_limit: int = 512, max_prompt_chars: int | None = None
 ) -> tuple[Image.Image, str, GenerationSettings]:
     """The image, prompt and decoding settings of one chat-completions request.
 
-    max_tokens above MAX_TOKENS_LIMIT is lowered to it; a malformed number is a 400.
+    max_tokens above MAX_TOKENS_LIMIT is lowered to it; anything malformed (a wrong type, a
+    number out of range, a prompt over MAX_PROMPT_CHARS) is a 400.
     """
+    try:
+        return _parse_chat(body, max_tokens_limit, max_prompt_chars)
+    except RequestError:
+        raise
+    except MALFORMED as error:
+        raise RequestError(400, f"malformed request: {type(error).__name__}: {error}") from None
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RequestError(400, f"{name} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise RequestError(400, f"a decoding setting is not a number: {name}={value!r}") from None
+    if not (math.isfinite(number) and low <= number <= high):
+        raise RequestError(400, f"{name} must be between {low:g} and {high:g}, got {value!r}")
+    return number
+
+
+def _parse_chat(
+    body: dict[str, Any], max_tokens_limit: int, max_prompt_chars: int | None
+) -> tuple[Image.Image, str, GenerationSettings]:
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object")
     messages = body.get("messages")
@@ -53,21 +103,38 @@ def parse_chat(
     if not isinstance(parts, list):
         raise RequestError(400, "the last message has no content")
     texts = [p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+    if not all(isinstance(text, str) for text in texts):
+        raise RequestError(400, "a text part's 'text' must be a string")
+    prompt, system = " ".join(texts).strip(), system_text(body) or ""
+    if max_prompt_chars is not None and len(prompt) + len(system) > max_prompt_chars:
+        raise RequestError(
+            400,
+            f"the prompt is {len(prompt) + len(system)} characters, over this server's limit of "
+            f"{max_prompt_chars} (--max-prompt-chars)",
+        )
     urls = [
         p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"
     ]
     if len(urls) != 1:
         raise RequestError(400, f"send exactly one image_url part, got {len(urls)}")
-    url = urls[0].get("url", "") if isinstance(urls[0], dict) else str(urls[0])
+    url = urls[0].get("url", "") if isinstance(urls[0], dict) else urls[0]
+    if not isinstance(url, str):
+        raise RequestError(400, "image_url must be a data URL string")
     image = decode_data_url(url)
+    raw_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 120
+    if isinstance(raw_tokens, float) and raw_tokens.is_integer():
+        raw_tokens = int(raw_tokens)
+    if isinstance(raw_tokens, bool) or not isinstance(raw_tokens, (int, str)):
+        raise RequestError(400, f"a decoding setting is not a number: max_tokens={raw_tokens!r}")
     try:
-        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 120)
-        temperature = (
-            1.0 if body.get("temperature") is None else float(body["temperature"])
-        )  # OpenAI's default
-        top_p, seed = float(body.get("top_p") or 1.0), int(body.get("seed") or 0)
-    except (TypeError, ValueError) as error:
-        raise RequestError(400, f"a decoding setting is not a number: {error}") from None
+        max_tokens = int(raw_tokens)
+    except ValueError:
+        raise RequestError(
+            400, f"a decoding setting is not a number: max_tokens={raw_tokens!r}"
+        ) from None
+    temperature = _number(body, "temperature", 0.0, 2.0, 1.0)  # OpenAI's default and range
+    top_p = _number(body, "top_p", 0.0, 1.0, 1.0) or 1.0
+    seed = int(_number(body, "seed", 0, 2**63 - 1, 0))
     if max_tokens < 1:
         raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}")
     settings = GenerationSettings(
@@ -77,17 +144,22 @@ def parse_chat(
         top_p=top_p,
         seed=seed,
     )
-    return image, " ".join(texts).strip(), settings
+    return image, prompt, settings
 
 
 def system_text(body: dict[str, Any]) -> str | None:
     """The text of the request's system messages, if any (string or text-part content)."""
     texts = []
-    for message in body.get("messages") or []:
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for message in messages if isinstance(messages, list) else []:
         if isinstance(message, dict) and message.get("role") == "system":
             content = message.get("content")
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            texts += [p.get("text", "") for p in parts or [] if isinstance(p, dict)]
+            if not isinstance(parts, list):
+                raise RequestError(400, "a system message's content must be text or a list")
+            texts += [p.get("text", "") for p in parts if isinstance(p, dict)]
+    if not all(isinstance(text, str) for text in texts):
+        raise RequestError(400, "a system message's 'text' must be a string")
     return " ".join(t for t in texts if t).strip() or None
 
 
@@ -120,13 +192,17 @@ class CaptionServer:
         self.api_key = api_key
         self.max_body_bytes = config.max_body_bytes
         self.max_tokens_limit = config.max_tokens_limit
+        self.max_prompt_chars = config.max_prompt_chars
+        self.read_timeout_s = config.read_timeout_s
         self.failures_left = config.fail_first
         self.fail_status = config.fail_status
         self.chat_requests = 0  # every chat request answered, failures included
         self.in_flight = self.max_in_flight = 0  # concurrent chat requests: now, and the most seen
         self._lock = threading.Lock()
         self._generate_lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((config.host, config.port), _handler_for(self))
+        self.httpd = _BoundedServer(
+            (config.host, config.port), _handler_for(self), config.max_connections
+        )
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -174,21 +250,26 @@ class CaptionServer:
             return False
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise RequestError(400, "the body must be a JSON object")
         if body.get("model") not in (None, self.name):
             raise RequestError(
                 404,
                 f"model {body.get('model')!r} is not served here; this server serves {self.name!r}",
             )
-        image, prompt, settings = parse_chat(body, self.max_tokens_limit)
+        image, prompt, settings = parse_chat(body, self.max_tokens_limit, self.max_prompt_chars)
         system = system_text(body)
         try:
             self.vlm.check_prompt(prompt, system)
         except ValueError as error:
             raise RequestError(400, str(error)) from None
-        with self._generate_lock:
-            text = self.vlm.generate(
-                [image], [prompt], settings, seed=settings.seed, system_prompt=system
-            )[0]
+        try:
+            with self._generate_lock:
+                text = self.vlm.generate(
+                    [image], [prompt], settings, seed=settings.seed, system_prompt=system
+                )[0]
+        except Exception as error:  # the model's failure, reported as a 500
+            raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from None
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -204,9 +285,72 @@ class CaptionServer:
         }
 
 
+_BUSY_BODY = json.dumps(
+    {
+        "error": {
+            "message": "too many connections; retry",
+            "type": "service_unavailable",
+            "code": 503,
+        }
+    }
+).encode()
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n" % len(_BUSY_BODY)
+) + _BUSY_BODY
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer serving at most LIMIT connections at once; one more is answered 503
+    and closed without a thread, so idle or stalled clients cannot pile up threads."""
+
+    def __init__(self, address, handler, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = server.read_timeout_s  # per receive: a silent client is dropped
+        _parsed = False
+
+        def handle_one_request(self) -> None:
+            """One request, whose line, headers and body must all arrive within 3x the read
+            timeout (a client trickling a byte at a time never hits the per-receive timeout)."""
+            self._parsed = False
+            timer = threading.Timer(3 * server.read_timeout_s, self._expire)
+            timer.daemon = True
+            timer.start()
+            try:
+                super().handle_one_request()
+            finally:
+                timer.cancel()
+
+        def _expire(self) -> None:
+            if not self._parsed:
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet; never logs headers
             pass
@@ -233,6 +377,7 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
             )
 
         def do_GET(self) -> None:
+            self._parsed = True
             if self.path.rstrip("/") != "/v1/models":
                 return self._error(404, f"no route {self.path}")
             if not server.authorised(self.headers.get("Authorization")):
@@ -265,7 +410,16 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                     413, f"body of {length} bytes is over the limit of {server.max_body_bytes}"
                 )
                 return None
-            return self.rfile.read(length)
+            try:
+                body = self.rfile.read(length)
+            except (TimeoutError, OSError):
+                body = b""
+            if len(body) < length:
+                with contextlib.suppress(OSError):
+                    self._refuse(408, f"the body stopped after {len(body)} of {length} bytes")
+                return None
+            self._parsed = True
+            return body
 
         def do_POST(self) -> None:
             if self.path.rstrip("/") != "/v1/chat/completions":
@@ -280,13 +434,19 @@ def _handler_for(server: CaptionServer) -> type[BaseHTTPRequestHandler]:
                 if server.next_failure():
                     retry = {"Retry-After": "0"} if server.fail_status == 429 else None
                     return self._error(server.fail_status, "simulated overload (fail_first)", retry)
-                self._send(200, server.complete(json.loads(raw or b"{}")))
-            except json.JSONDecodeError as error:
-                self._error(400, f"body is not JSON: {error}")
+                try:
+                    body = json.loads(raw or b"{}")
+                except (ValueError, RecursionError) as error:  # bad JSON, UTF-8 or nesting
+                    raise RequestError(400, f"body is not JSON: {error}") from None
+                self._send(200, server.complete(body))
             except RequestError as error:
                 self._error(error.status, str(error))
-            except Exception as error:  # noqa: BLE001 - a failed generation is the client's 500
-                self._error(500, f"generation failed: {type(error).__name__}: {error}")
+            except GenerationError as error:
+                self._error(500, str(error))
+            except OSError:
+                self.close_connection = True  # the client went away
+            except Exception as error:  # a bug here is still an answer, not a hang
+                self._error(500, f"internal error: {type(error).__name__}: {error}")
             finally:
                 server.enter(-1)
 
@@ -297,9 +457,7 @@ def run_serve_captioner(model: str, config: ServeCaptionerConfig = ServeCaptione
     """Serve until interrupted; the API key, if any, comes from $T2I_SERVER_API_KEY."""
     server = CaptionServer(model, config, api_key=os.environ.get("T2I_SERVER_API_KEY") or None)
     print(f"serving {server.name} at {server.url} (Ctrl-C to stop)", flush=True)
-    try:
+    try:  # Ctrl-C or SIGTERM ends it (`t2i` reports "interrupted" or "terminated")
         server.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.httpd.server_close()

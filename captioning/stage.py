@@ -37,16 +37,17 @@ from curate.runtime.cells import image_cell
 from curate.runtime.decode import Invalid, decode_image, open_image, plain_format
 from curate.runtime.executor import EXECUTION_FIELDS, Setup, executor_for
 from curate.runtime.markdown import escape, fenced
-from curate.runtime.stage_runtime import StageRun, check_output, local_path
+from curate.runtime.output_guard import check_output
+from curate.runtime.stage_runtime import StageRun, local_path
 from curate.runtime.store import (
     Manifest,
     StoreError,
-    WorkLog,
     load_rows,
     load_samples,
     params_hash,
     require_store,
 )
+from curate.runtime.store_writer import WorkLog
 
 STAGE = "caption"
 # Options that change how the work is scheduled, never a caption.
@@ -225,7 +226,7 @@ class ChunkWorker:
                         rows[index]["id"],
                         error=f"undecodable image: {invalid.reason}: {invalid.detail}",
                     )
-                except Exception as error:  # noqa: BLE001 - recorded as the row's failure
+                except Exception as error:  # recorded as the row's failure
                     results[index] = _result(
                         rows[index]["id"],
                         error=f"undecodable image: {type(error).__name__}: {error}",
@@ -302,7 +303,7 @@ def _declared_pixels(row: dict[str, Any]) -> int:
     """Pixels the row's image header declares (nothing decoded); 0 when it will fail to decode."""
     try:
         image = open_image(image_cell(row["image"]))
-    except Exception:  # noqa: BLE001 - fails again, with its reason, when the row is decoded
+    except Exception:  # fails again, with its reason, when the row is decoded
         return 0
     return image.width * image.height
 

@@ -64,6 +64,12 @@ class CurateConfig(ExecutorOptions):
         ge=1,
         description="reject a sample whose caption (sidecar file or table cell) is longer than this many bytes of UTF-8",
     )
+    max_image_bytes: int = Field(
+        256 << 20,
+        ge=1,
+        description="reject an image file, tar member or table cell larger than this many bytes, "
+        "before it is read (a tar member is checked from its header)",
+    )
     allow_path_cells: bool = Field(
         False,
         description=(

@@ -22,8 +22,11 @@ bytes escaped (`\\xNN`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import re
 import stat
 import tarfile
 from collections.abc import Iterator
@@ -42,8 +45,9 @@ KEY_COLUMNS = ("key", "__key__", "source", "name", "id")
 LAYOUTS = ("folder", "webdataset", "parquet", "datasets", "store")
 FILES_PER_SHARD = 256  # loose files per shard of an image folder
 ROWS_PER_SHARD = 4096  # rows per shard of a saved dataset or stage output
-# a .json sidecar may carry other metadata besides the caption
+# a .json sidecar may carry other metadata besides the caption, nested at most this deep
 JSON_SIDECAR_MAX = 1 << 20
+JSON_MAX_DEPTH = 64
 # parquet rows are read in record batches of about this many bytes, whatever the image size
 BATCH_BYTES = 8 << 20
 
@@ -54,6 +58,7 @@ class IngestOptions:
 
     max_caption_bytes: int = 16_384
     allow_path_cells: bool = False
+    max_image_bytes: int = 256 << 20
 
 
 @dataclass
@@ -133,7 +138,7 @@ def plan(root: str | Path, files_per_shard: int = FILES_PER_SHARD) -> list[Shard
 def _table_shards(root: Path, kind: str, rel: str) -> list[Shard]:
     try:
         rows = _load_table(root / rel if rel else root, kind).num_rows
-    except Exception as error:  # noqa: BLE001 - a broken saved dataset is one rejected row
+    except Exception as error:  # a broken saved dataset is one rejected row
         return [Shard(kind, rel, files=(f"{type(error).__name__}: {error}",))]
     if rows == 0:
         return []
@@ -250,13 +255,16 @@ def read_shard(
 # -- loose files ----------------------------------------------------------------------------------
 
 
-def read_inside(root: Path, rel: str, limit: int | None = None) -> bytes:
+def read_inside(
+    root: Path, rel: str, limit: int | None = None, reason: str = reasons.BAD_CAPTION
+) -> bytes:
     """Bytes of ROOT/REL, a regular file or a link to one inside ROOT; `Invalid` for anything else.
 
     Links out of ROOT, linked folders, pipes and devices are refused (`unsafe_path`) unopened;
     other readers of input folders (e.g. preference pair folders) can use it the same way.
 
-    With LIMIT, a file larger than it raises `Invalid(bad_caption)` before any byte is read.
+    With LIMIT, a file larger than it raises `Invalid(REASON)` before any byte is read. A hard
+    link whose other names are not all inside ROOT is refused like a symbolic link out of it.
     """
     full = root / rel
     info = os.lstat(full)
@@ -276,10 +284,17 @@ def read_inside(root: Path, rel: str, limit: int | None = None) -> bytes:
         raise Invalid(
             reasons.UNSAFE_PATH, "not a regular file (a device, pipe or socket); not opened"
         )
-    if limit is not None and info.st_size > limit:
+    if info.st_nlink > 1 and links_inside(root).get((info.st_dev, info.st_ino), 0) < info.st_nlink:
         raise Invalid(
-            reasons.BAD_CAPTION,
-            f"{shown(full.name)} is {info.st_size} bytes, over the limit of {limit} (max_caption_bytes)",
+            reasons.UNSAFE_PATH,
+            f"hard link to a file with {info.st_nlink} names, not all inside the input folder; "
+            "not read",
+        )
+    if limit is not None and info.st_size > limit:
+        option = "max_caption_bytes" if reason == reasons.BAD_CAPTION else "max_image_bytes"
+        raise Invalid(
+            reason,
+            f"{shown(full.name)} is {info.st_size} bytes, over the limit of {limit} ({option})",
             float(info.st_size),
             float(limit),
         )
@@ -288,20 +303,65 @@ def read_inside(root: Path, rel: str, limit: int | None = None) -> bytes:
         return handle.read()
 
 
+@functools.lru_cache(maxsize=4)
+def _links_inside(root: str, _: int) -> dict[tuple[int, int], int]:
+    found: dict[tuple[int, int], int] = {}
+    for directory, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(directory, name))
+                if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+                    key = (info.st_dev, info.st_ino)
+                    found[key] = found.get(key, 0) + 1
+    return found
+
+
+def links_inside(root: Path) -> dict[tuple[int, int], int]:
+    """(device, inode) -> how many names of that multiply-linked file lie inside ROOT (walked
+    once per process and input, only when some file has more than one name)."""
+    real = os.path.realpath(root)
+    return _links_inside(real, os.stat(real).st_mtime_ns)
+
+
 def _caption_from(name: str, payload: bytes, max_bytes: int) -> str:
     """The caption in a sidecar's bytes; `Invalid(bad_caption)` when it is not usable text."""
     if not name.lower().endswith(".json"):
         return caption_text(payload, shown(name), max_bytes)
     text = caption_text(payload, shown(name), JSON_SIDECAR_MAX)
+    depth = json_depth(text)
+    if depth > JSON_MAX_DEPTH:
+        raise Invalid(
+            reasons.BAD_CAPTION,
+            f"{shown(name)} nests {depth} levels deep, over the limit of {JSON_MAX_DEPTH}",
+            float(depth),
+            float(JSON_MAX_DEPTH),
+        )
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise Invalid(reasons.BAD_CAPTION, f"{shown(name)} is not valid JSON: {error}") from None
     if isinstance(meta, dict):
         for column in CAPTION_COLUMNS:
             if isinstance(meta.get(column), str):
                 return caption_cell(meta[column], max_bytes)
     return ""
+
+
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_depth(text: str) -> int:
+    """How deeply TEXT's arrays and objects nest (brackets inside strings not counted), found
+    without parsing it, so a sidecar of 100,000 brackets is refused before json.loads recurses."""
+    depth = deepest = 0
+    for token in _JSON_TOKENS.finditer(text):
+        mark = token.group()
+        if mark in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif mark in "]}":
+            depth -= 1
+    return deepest
 
 
 def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterator[Record]:
@@ -319,7 +379,7 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
         if name.lower().endswith(CAPTION_EXTENSIONS):
             continue  # a sidecar (read with its image) or collection metadata such as DEMO_TRUTH.json
         try:
-            data = read_inside(root, rel)
+            data = read_inside(root, rel, options.max_image_bytes, reasons.TOO_LARGE)
         except Invalid as invalid:
             yield _refused(key, invalid.reason, invalid.detail)
             continue
@@ -397,6 +457,7 @@ def _webdataset(root: Path, rel: str, options: IngestOptions) -> Iterator[Record
     with tar:
         pending: dict[str, dict[str, tuple[bytes, str]]] = {}
         order: list[str] = []
+        seen: dict[str, int] = {}  # member name -> how many times met, for duplicates
         try:
             for member in tar:
                 members += 1
@@ -413,6 +474,23 @@ def _webdataset(root: Path, rel: str, options: IngestOptions) -> Iterator[Record
                     yield _refused(source, reasons.UNSAFE_PATH, f"refused {kind}: {name!r}")
                     continue
                 key, extension = _sample_key(name)
+                if key in pending and extension in pending[key]:
+                    seen[name] = seen.get(name, 1) + 1
+                    yield _refused(
+                        f"{source}#{seen[name]}",
+                        reasons.DUPLICATE_MEMBER,
+                        f"member {name!r} appears {seen[name]} times in the shard; only the first "
+                        "is read",
+                    )
+                    continue
+                if extension not in CAPTION_EXTENSIONS and member.size > options.max_image_bytes:
+                    yield _refused(
+                        source,
+                        reasons.TOO_LARGE,
+                        f"member {name!r} is {member.size} bytes, over the limit of "
+                        f"{options.max_image_bytes} (max_image_bytes); not read",
+                    )
+                    continue
                 if key not in pending:
                     order.append(key)
                     pending[key] = {}
@@ -503,6 +581,13 @@ def _cell_record(key: str, image, caption, root: Path, options: IngestOptions) -
         data = image_cell(image, root if options.allow_path_cells else None)
     except Invalid as invalid:
         return _refused(key, invalid.reason, invalid.detail)
+    if len(data) > options.max_image_bytes:
+        return _refused(
+            key,
+            reasons.TOO_LARGE,
+            f"image cell is {len(data)} bytes, over the limit of {options.max_image_bytes} "
+            "(max_image_bytes)",
+        )
     try:
         text = caption_cell(caption, options.max_caption_bytes)
     except NotText as invalid:
@@ -551,7 +636,7 @@ def _parquet(root: Path, rel: str, options: IngestOptions) -> Iterator[Record]:
                 yield _cell_record(f"{name}:{label}", images[i].as_py(), caption, folder, options)
                 rows += 1
             del images, keys, captions
-    except Exception as error:  # noqa: BLE001 - pyarrow raises many types for a broken file
+    except Exception as error:  # pyarrow raises many types for a broken file
         yield _refused(
             name,
             reasons.CORRUPT_SHARD,
@@ -566,7 +651,9 @@ def _load_table(path: Path, kind: str):
         from curate.runtime.store import load_samples
 
         return load_samples(path)
-    loaded = datasets.load_from_disk(str(path))
+    from curate.runtime.store import load_saved
+
+    loaded = load_saved(path)
     if isinstance(loaded, datasets.DatasetDict):
         return datasets.concatenate_datasets([loaded[split] for split in sorted(loaded)])
     return loaded

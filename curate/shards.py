@@ -30,7 +30,8 @@ from curate import ingest
 from curate.config import CurateConfig
 from curate.ingest import IngestOptions, Record, Shard
 from curate.runtime import reasons
-from curate.runtime.store import WorkLog, sample_id
+from curate.runtime.store import sample_id
+from curate.runtime.store_writer import WorkLog
 
 LEDGER = "shards.jsonl"  # in the work log's folder: one line per finished shard
 
@@ -58,7 +59,9 @@ def chunk_name(shard: int, chunk: int) -> str:
 
 
 def ingest_options(config: CurateConfig) -> IngestOptions:
-    return IngestOptions(config.max_caption_bytes, config.allow_path_cells)
+    return IngestOptions(
+        config.max_caption_bytes, config.allow_path_cells, max_image_bytes=config.max_image_bytes
+    )
 
 
 def files_per_shard(config: CurateConfig) -> int:

@@ -29,8 +29,10 @@ from curate import ingest
 from curate.config import CurateConfig
 from curate.runtime import reasons
 from curate.runtime.executor import EXECUTION_FIELDS, Setup, executor_for
-from curate.runtime.stage_runtime import StageRun, check_output, local_path
-from curate.runtime.store import Rejection, WorkLog, params_hash
+from curate.runtime.output_guard import check_output
+from curate.runtime.stage_runtime import StageRun, local_path
+from curate.runtime.store import Rejection, params_hash
+from curate.runtime.store_writer import WorkLog
 from curate.shards import ChunkDone, Ledger, ShardTask, files_per_shard, score_shard
 
 STAGE = "curate"

@@ -134,10 +134,12 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
         "keep them apart from --offtarget-captions, which judge what was not trained on",
     )
     preserve_weight: float = Field(
-        0.0,
+        3.0,
         ge=0.0,
         description="weight of that preservation term, + weight * beta/2 * mean((1 - t)^2 "
-        "(v_lora - v_base)^2) on --preserve-captions; 0 = off",
+        "(v_lora - v_base)^2) on --preserve-captions (measured: benchmarks/RESULTS.md, issue 20: "
+        "1 let prompts of the preferred colour drift up to +0.21, 10 halved the intended movement); "
+        "acts only with --preserve-captions; 0 = off",
     )
     lr: float = Field(
         1e-4,
@@ -165,10 +167,6 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
 
     _targets = field_validator("lora_targets")(expand_lora_targets)
     _resume = field_validator("resume", mode="before")(resume_value)
-
-    def frozen_base_dtype(self) -> str:
-        """--lora-base-dtype resolved: auto = fp32, since dpo trains without autocast."""
-        return "fp32" if self.lora_base_dtype == "auto" else self.lora_base_dtype
 
     max_steps: int = Field(
         4000, ge=1, description="optimizer steps (SD3 appendix C: 4k for the 2B model)"
@@ -248,10 +246,14 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
     device: str = device_option(
         "one process per device; `accelerate launch` for several, CUDA_VISIBLE_DEVICES to choose"
     )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast precision; auto = bf16 on a GPU that supports it, else none (fp32 on CPU)",
+    )
     lora_base_dtype: BASE_DTYPE = Field(
         "auto",
-        description="dtype of the frozen base transformer (the LoRA stays fp32); auto = fp32, as dpo "
-        "trains without autocast",
+        description="dtype of the frozen base transformer (the LoRA stays fp32); auto = the autocast "
+        "precision: bf16 on GPUs (half the memory of fp32, docs/gpu.md), fp32 without autocast (CPU)",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute the transformer's activations in backward to save memory"

@@ -24,7 +24,8 @@ import datasets
 import numpy as np
 import torch
 
-from curate.runtime.store import Manifest, StageWriter, fingerprint, is_done, load_samples
+from curate.runtime.store import Manifest, fingerprint, is_done, load_samples
+from curate.runtime.store_writer import StageWriter
 from model.conditioning import TextEncoding
 from model.encoders import encoder_dims, read_config
 

@@ -237,7 +237,7 @@ def evaluate_lora(config, lora_dir, captions: Sequence[str], device) -> SampleEv
     guidance, scorer, off-target captions), the LoRA in LORA_DIR, the grids written there."""
     return evaluate_samples(
         config.model, lora_dir, captions, list(range(config.eval_seeds)), lora_dir,
-        config.eval_steps, config.eval_guidance, config.scorer, str(device), config.frozen_base_dtype(),
+        config.eval_steps, config.eval_guidance, config.scorer, str(device), config.lora_base_dtype,
         config.variant, config.transformer_file, config.offtarget_captions,
     )  # fmt: skip
 
@@ -312,6 +312,14 @@ def report_markdown(summary: dict) -> str:
             lines += ["No scorer given (--scorer): compare the images by eye.", ""]
         for caption, grid in zip(evaluation["captions"], evaluation["grids"]):
             lines += [f"**{_cell(caption)}**", "", f"![{_cell(caption)}]({grid})", ""]
+    if summary.get("preserve_captions") == 0:
+        lines += [
+            "**No --preserve-captions:** nothing held the LoRA to the base on prompts outside the "
+            "preference set; on the toy tasks of benchmarks/RESULTS.md (issue 20) such a LoRA moved "
+            "the colour accuracy of other prompts by up to 0.85. Pass a sample of the base's "
+            "training captions.",
+            "",
+        ]
     lines += selection_markdown(summary.get("selection"))
     guard = summary.get("guard") or {}
     lines += [

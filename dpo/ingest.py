@@ -32,8 +32,9 @@ from curate.ingest import read_inside
 from curate.runtime import reasons
 from curate.runtime.cells import caption_text, image_cell
 from curate.runtime.decode import Invalid, decode_image
-from curate.runtime.stage_runtime import StageRun, check_output
-from curate.runtime.store import Manifest, Rejection, load_samples
+from curate.runtime.output_guard import check_output
+from curate.runtime.stage_runtime import StageRun
+from curate.runtime.store import Manifest, Rejection, load_samples, load_saved
 from dpo.config import IngestPrefsConfig
 
 STAGE = "prefs"
@@ -130,7 +131,7 @@ def _saved_split(path: Path, split: str | None) -> datasets.Dataset:
     chosen = split or splits[0]
     if chosen not in splits:
         raise ValueError(f"{path} holds no {chosen} split; its splits: {', '.join(splits)}")
-    return datasets.load_from_disk(str(path / chosen))
+    return load_saved(path / chosen)
 
 
 def open_table(path: Path, split: str | None = None) -> tuple[list[str], Callable[..., Iterator]]:
@@ -143,7 +144,7 @@ def open_table(path: Path, split: str | None = None) -> tuple[list[str], Callabl
     elif path.is_dir() and (
         (path / "dataset_info.json").is_file() or (path / "state.json").is_file()
     ):
-        table = datasets.load_from_disk(str(path))
+        table = load_saved(path)
     elif path.is_dir() and (path / "samples").is_dir() and Manifest.read(path):
         table = load_samples(path)
     else:

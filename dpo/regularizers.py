@@ -83,7 +83,8 @@ def with_preservation(terms, policy: torch.Tensor, reference: torch.Tensor, t, c
 
 
 def preserve_texts(config, device) -> TextEncoding | None:
-    """--preserve-captions encoded once with the model's text encoders (None when unused)."""
+    """--preserve-captions encoded once with the model's text encoders; None without captions or
+    at --preserve-weight 0 (nothing is preserved then: the report says so)."""
     if not (config.preserve_captions and config.preserve_weight):
         return None
     from model.encoders import encode_texts

@@ -123,8 +123,11 @@ def base_measures(model_dir, task: ShapesTask, seeds, sampling: Sampling | None 
 PRESERVE_SHAPES = ("circle", "square")  # their class prompts may be a --preserve-captions pool
 
 
-def preserve_pool(task: ShapesTask) -> TextEncoding:
-    """The class prompts of PRESERVE_SHAPES, encoded (rows of task.texts)."""
+def preserve_pool(task: ShapesTask, pool: str = "shapes") -> TextEncoding:
+    """The class prompts of PRESERVE_SHAPES, encoded (rows of task.texts); pool "empty": the
+    empty caption alone (`t2i dpo`'s pool without --preserve-captions)."""
+    if pool == "empty":
+        return TextEncoding.stack([task.empty])
     rows = [k for k, (_, _, shape) in enumerate(class_prompts()) if shape in PRESERVE_SHAPES]
     return TextEncoding(**{k: v[rows] for k, v in vars(task.texts).items()})
 
@@ -166,7 +169,7 @@ def run_arm(
     eval_at: list[int] | None = None,
     swapped: bool = False,
     sampling: Sampling | None = None,
-    preserve: bool = False,
+    preserve: str | None = None,
 ) -> dict:
     """`t2i dpo`'s loop (dpo.trainer.train_lora) from the base on the task's pairs (true or
     swapped labels), stopping at each of EVAL_AT (default: only the end) to measure every prompt.
@@ -194,7 +197,7 @@ def run_arm(
     evals, optimizer, start = [], None, 0
     for stop in eval_at or [config.max_steps]:
         leg = config.model_copy(update={"max_steps": stop})
-        pool = preserve_pool(task) if preserve else None
+        pool = preserve_pool(task, preserve) if preserve else None
         optimizer = train_lora(model, train, leg, work, shift, start, optimizer, preserve=pool)
         start = stop
         measures = measure_prompts(model, task, seeds, sampling)
@@ -206,3 +209,62 @@ def run_arm(
         "guard": guard_summary(metric_rows(work / METRICS)),
         "seconds": round(time.monotonic() - clock, 1),
     }
+
+
+def verdict(dpo: dict, swapped: dict, tolerance: float = 0.05) -> dict:
+    """The issue-20 criteria on one task: rise >= 0.2, the swapped control falls >= 0.2, and no
+    judged class prompt's colour accuracy more than TOLERANCE below the base (a prompt that stops
+    obeying its colour). Rises are reported beside it (`largest_colour_move`), not judged: they
+    are prompts that obey their colour more often than the base did."""
+    return {
+        "rise_ok": dpo["rise"] >= 0.2,
+        "control_ok": -swapped["rise"] >= 0.2,
+        "no_prompt_dropped": dpo["worst_colour_change"] >= -tolerance,
+        "control_no_prompt_dropped": swapped["worst_colour_change"] >= -tolerance,
+        "largest_move": dpo["largest_colour_move"],
+    }
+
+
+def run_proof(
+    model_dir, task: ShapesTask, config, work, seeds=PROOF_SEEDS, sampling=None, pool="shapes",
+    eval_at=None,
+) -> dict:  # fmt: skip
+    """Base, DPO and swapped-label control at CONFIG on SEEDS; with --preserve-weight the pool
+    is the circle and square prompts and the verdict reads the triangle and cross prompts."""
+    preserve = pool if config.preserve_weight > 0 else None
+    base = base_measures(model_dir, task, seeds, sampling)
+    arms = {
+        name: run_arm(
+            model_dir,
+            task,
+            config,
+            Path(work) / name,
+            base,
+            seeds,
+            eval_at,
+            swap,
+            sampling,
+            preserve,
+        )  # fmt: skip
+        for name, swap in (("dpo", False), ("swapped", True))
+    }
+    held = preserve == "shapes"  # judged on the prompts outside the pool
+    judged = {n: a["evals"][-1]["held_out"] if held else a["evals"][-1] for n, a in arms.items()}
+    return {"base": asdict(base), **arms, "judged": judged,
+            "verdict": verdict(judged["dpo"], judged["swapped"])}  # fmt: skip
+
+
+def toy_table(base: dict, lora: dict) -> str:
+    """Markdown: each class prompt's colour and shape accuracy, base -> LoRA, worst change first."""
+    rows = sorted(base["colour"], key=lambda p: lora["colour"][p] - base["colour"][p])
+    lines = [
+        "| prompt | colour acc. base | LoRA | change | shape acc. base -> LoRA |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in rows:
+        change = lora["colour"][p] - base["colour"][p]
+        lines.append(
+            f"| {p} | {base['colour'][p]:.3f} | {lora['colour'][p]:.3f} | {change:+.3f} | "
+            f"{base['shape'][p]:.2f} -> {lora['shape'][p]:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

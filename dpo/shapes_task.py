@@ -116,7 +116,7 @@ def _store(out: Path, images: list[Image.Image], captions: list[str]) -> Path:
     """A captioned store (the captioning stage's format) of IMAGES, as `t2i precompute` reads."""
     import datasets
 
-    from curate.runtime.store import StageWriter
+    from curate.runtime.store_writer import StageWriter
 
     features = datasets.Features(
         {"id": datasets.Value("string"), "image": datasets.Image(),

@@ -50,6 +50,7 @@ from model.lora_train import lora_alpha
 from model.toolbox import (
     NonFiniteLossError,
     accelerator_released,
+    autocast_precision,
     make_accelerator,
     nonfinite,
     scheduler_shift,
@@ -92,6 +93,16 @@ def load_transformer(
     encoders are not loaded)."""
     transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
+
+
+def precision_of(config: DPOConfig) -> tuple[str, str]:
+    """(autocast precision, frozen base dtype) of a run. 'auto' picks bf16 autocast and a bf16 base
+    on a GPU that supports it, so SD3.5 fits a GPU (docs/gpu.md), and fp32 on CPU. An explicit
+    16-bit base without autocast also works: the inputs are cast to the base's dtype."""
+    precision = autocast_precision(config.mixed_precision, config.device)
+    if config.lora_base_dtype != "auto":
+        return precision, config.lora_base_dtype
+    return precision, precision if precision in ("bf16", "fp16") else "fp32"
 
 
 def train_lora(
@@ -207,7 +218,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     work = run.work_log(ignore=NOT_IN_RUN_KEY).path
     root = work.parent  # the hidden .OUT.work/: the preference table and its encodings
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(config.device)  # no autocast: an fp32 LoRA on the frozen base
+    precision, base_dtype = precision_of(config)  # bf16 autocast and base on GPUs, fp32 on CPU
+    accelerator = make_accelerator(config.device, precision)
 
     # 1. Preferences, encoded once into the pre-encoding shard format and streamed from disk
     resolution = config.resolution or native_resolution(config.model)
@@ -231,7 +243,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     transformer = load_transformer(
         config.model,
         accelerator.device,
-        parse_dtype(config.frozen_base_dtype()),
+        parse_dtype(base_dtype),
         config.variant,
         config.transformer_file,
     )
@@ -308,6 +320,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             "lora_parameters": sum(p.numel() for p in lora_parameters(transformer)),
             "guard": guard_summary(metric_rows(work / METRICS)),
             "selection": chosen,
+            "preserve_captions": len(config.preserve_captions) if config.preserve_weight else 0,
         }
         with run.writer() as writer:
             export_lora(transformer, lora_config, writer.path, config.save_dtype)
@@ -315,7 +328,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
             captions = eval_captions(config, rows, heldout or train)
             if config.eval_seeds and (captions or config.offtarget_captions):
-                evaluation = evaluate_lora(config, writer.path, captions, accelerator.device)
+                resolved = config.model_copy(update={"lora_base_dtype": base_dtype})
+                evaluation = evaluate_lora(resolved, writer.path, captions, accelerator.device)
                 summary["sample_eval"] = asdict(evaluation)
                 for grid in evaluation.grids:  # base left, LoRA right
                     log_image(accelerator, Path(grid).stem, writer.path / grid, config.max_steps)

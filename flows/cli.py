@@ -208,7 +208,7 @@ def validation_message(error: ValidationError) -> str:
 
 def one_line(error: BaseException) -> str:
     """An expected failure as one line: what happened, and to which file."""
-    from curate.runtime.stage_runtime import StageBusy
+    from curate.runtime.output_lock import StageBusy
 
     if isinstance(error, ValidationError):
         return f"invalid value: {validation_message(error)}"
@@ -267,16 +267,18 @@ def main(argv: list[str] | None = None) -> int:
             if debug:
                 raise
             parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
-    from curate.runtime.stage_runtime import overwrite_allowed
+    from curate.runtime.output_guard import overwrite_allowed
+    from flows.signals import Terminated, stopping_cleanly
 
     try:
-        with overwrite_allowed(overwrite):
+        with stopping_cleanly(), overwrite_allowed(overwrite):  # SIGINT/SIGTERM stop it all
             result = entry.run(*entry.arguments(positionals, config), config)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        print(f"t2i {entry.name}: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(stop, Terminated)
+        print(f"t2i {entry.name}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as error:
         if debug:
             raise

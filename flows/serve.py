@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
-from prefect import Flow, serve
+from prefect import Flow
+from prefect.runner import Runner
 from prefect.settings import (
+    PREFECT_API_URL,
     PREFECT_SERVER_ANALYTICS_ENABLED,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     temporary_settings,
@@ -15,6 +20,7 @@ from prefect.settings import (
 
 from flows.config import RunAllConfig, ServeConfig
 from flows.end_to_end import EndToEndConfig, end_to_end, tiny_kit
+from flows.signals import first_signal, interruption, note_signal
 from flows.stages import describe, stage_flows
 
 
@@ -60,7 +66,51 @@ def deployments(config: ServeConfig) -> list:
 
 
 def run_serve(config: ServeConfig) -> None:
-    serve(*deployments(config), limit=config.limit)
+    """Prefect's `serve`, with SIGTERM stopping the runner the way Ctrl-C does.
+
+    Prefect's runner installs its own SIGTERM handler, which exits from inside the event loop
+    (a traceback and status 0). Here SIGTERM raises like Ctrl-C: the runner pauses its
+    deployments and stops its flow-run processes, and `t2i` stops anything left."""
+    runner = StoppingRunner(limit=config.limit)
+    served = deployments(config)
+    for deployment in served:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in served)
+    where = PREFECT_API_URL.value() or "the active Prefect profile"
+    print(f"serving {len(served)} deployments ({names}) at {where}; Ctrl-C stops", flush=True)
+    asyncio.run(runner.serve_until_signalled())
+    if first_signal() is not None:  # stopped by a signal: `t2i` reports it and stops the rest
+        raise interruption(first_signal())
+
+
+class StoppingRunner(Runner):
+    """Prefect's runner, stopped by SIGINT or SIGTERM through its own `astop`: it cancels the flow
+    runs in progress (their processes end, their state says Cancelled) and returns from `start`.
+
+    Prefect's own SIGTERM handler exits from inside the event loop (a traceback, status 0), and a
+    KeyboardInterrupt raised in the loop tears tasks down mid-call; both are replaced here."""
+
+    async def serve_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, self._stop_soon, signal.SIGINT, loop)
+        await self.start()
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:  # installed by start()
+        self._stop_soon(signal.SIGTERM, asyncio.get_event_loop())
+
+    def _stop_soon(self, signum: int, loop: asyncio.AbstractEventLoop) -> None:
+        repeated = first_signal() is not None
+        note_signal(signum)
+        if not repeated:
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._stop()))
+
+    async def _stop(self) -> None:
+        for _ in range(100):  # a signal during start-up: stop once it has started
+            if self.started:
+                break
+            await asyncio.sleep(0.1)
+        with contextlib.suppress(RuntimeError):  # never started: nothing to stop
+            await self.astop()
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

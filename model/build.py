@@ -331,7 +331,7 @@ def check_single_file(path: Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
-    except Exception as error:  # noqa: BLE001 - any unreadable header
+    except Exception as error:  # any unreadable header
         raise ModelFolderError(
             f"{path} is not a readable safetensors file ({_one_line(error)})"
         ) from None

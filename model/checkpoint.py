@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
-from curate.runtime.store import share_like_umask
+from curate.runtime.store_writer import share_like_umask
 
 STATE_FILE = "trainer_state.json"
 FORMAT = "t2i-checkpoint-1"

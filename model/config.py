@@ -249,6 +249,11 @@ class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
     warmup_steps: int = Field(
         1000, ge=0, description="linear learning-rate warmup steps, then constant (SD3: 1000)"
     )
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="the learning rate after the warmup: constant (SD3), or a cosine / linear decay "
+        "to 0 at --max-steps",
+    )
     adam_beta1: float = Field(0.9, description="AdamW beta1")
     adam_beta2: float = Field(0.999, description="AdamW beta2")
     adam_eps: float = Field(

@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from curate.runtime.store import share_like_umask
+from curate.runtime.store_writer import share_like_umask
 from model.lora_formats import (
     LORA_FILE,
     LoraFormatError,
@@ -204,6 +204,23 @@ def _diffusers_warnings():
         diffusers_logging.set_verbosity(level)
 
 
+def check_finite(weights: LoraWeights, source: str) -> None:
+    """Refuse, in one line, a LoRA holding NaN or infinite values: it would turn every image it
+    touches black instead of failing (shapes are checked by read_lora and check_fits)."""
+    import math
+
+    for name, module in weights.modules.items():
+        for part, tensor in (("down", module.down), ("up", module.up)):
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise LoraFormatError(
+                    f"LoRA {source}: {name} {part} holds {bad} NaN or infinite value(s); "
+                    "refusing to use it (it would make black images)"
+                )
+        if not math.isfinite(module.alpha):
+            raise LoraFormatError(f"LoRA {source}: {name} has a non-finite alpha {module.alpha}")
+
+
 def read_lora_for(path: str | os.PathLike, model_dir: str | os.PathLike) -> LoraWeights:
     """Read a LoRA in any key style and check it against MODEL_DIR's transformer config (built on
     the meta device: no weights are loaded), so a LoRA for another model fails in one line first."""
@@ -218,6 +235,7 @@ def read_lora_for(path: str | os.PathLike, model_dir: str | os.PathLike) -> Lora
     with torch.device("meta"):
         transformer = SD3Transformer2DModel.from_config(config)
     check_fits(weights, linear_shapes(transformer), str(path))
+    check_finite(weights, str(path))
     if weights.ignored:
         print(
             f"LoRA {path}: ignoring {len(weights.ignored)} keys that are not SD3 transformer "

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from curate.runtime.store import share_like_umask
+from curate.runtime.store_writer import share_like_umask
 from model.lora_stability import (
     BLOCK_FROM_STABILITY,
     BLOCK_TO_STABILITY,
@@ -354,7 +354,7 @@ def peft_state_dict(weights: LoraWeights, prefix: str = "transformer.") -> dict[
 
 def run_lora_convert(input: str, output: str, config) -> Path:
     """`t2i lora-convert IN OUT --to FORMAT`: see flows/cli.py."""
-    from curate.runtime.stage_runtime import check_output_file
+    from curate.runtime.output_guard import check_output_file
 
     target = Path(output) if Path(output).suffix == ".safetensors" else Path(output) / LORA_FILE
     check_output_file(output, "lora-convert", {"input": input}, target)

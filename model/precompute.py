@@ -50,14 +50,8 @@ from curate.runtime.cells import image_cell
 from curate.runtime.decode import open_image
 from curate.runtime.executor import EXECUTION_FIELDS, Executor, Setup, executor_for
 from curate.runtime.stage_runtime import StageRun
-from curate.runtime.store import (
-    Rejection,
-    StageWriter,
-    StoreError,
-    load_rows,
-    load_samples,
-    params_hash,
-)
+from curate.runtime.store import Rejection, StoreError, load_rows, load_samples, params_hash
+from curate.runtime.store_writer import StageWriter
 from model.buckets import center_crop_resize, make_buckets, nearest_bucket
 from model.build import parse_dtype
 from model.config import PrecomputeConfig

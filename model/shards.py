@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from curate.runtime.store import share_like_umask
+from curate.runtime.store_writer import share_like_umask
 
 STAGE = "precompute"
 SHARDS = "shards"

@@ -90,8 +90,8 @@ def run_export_single_file(model: str, output: str, config) -> Path:
     """`t2i export-single-file MODEL OUTPUT`: see flows/cli.py."""
     from safetensors.torch import save_file
 
-    from curate.runtime.stage_runtime import check_output_file
-    from curate.runtime.store import share_like_umask
+    from curate.runtime.output_guard import check_output_file
+    from curate.runtime.store_writer import share_like_umask
     from model.build import load_transformer
     from model.lora_formats import SAVE_DTYPES
 

@@ -111,7 +111,7 @@ def _train(
         transformer.parameters(), config, fused=device.type in ("cpu", "cuda")
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        raw_optimizer, warmup_schedule(config.warmup_steps)
+        raw_optimizer, warmup_schedule(config.warmup_steps, config.lr_schedule, config.max_steps)
     )
     transformer, optimizer = accelerator.prepare(transformer, raw_optimizer)
     if config.compile:

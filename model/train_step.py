@@ -8,6 +8,7 @@ host anyway (`first_bad_step`), where `nonfinite_stop` names the step, micro-bat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,9 +23,26 @@ def micro_batch(step: int, k: int, grad_accum: int, rank: int, world: int) -> in
     return (step * grad_accum + k) * world + rank
 
 
-def warmup_schedule(warmup_steps: int):
-    """Linear warmup to the full learning rate, then constant (SD3 section 5.1)."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def warmup_schedule(warmup_steps: int, decay: str = "constant", max_steps: int = 0):
+    """The learning-rate multiplier of optimizer step STEP (from 0): a linear warmup to the full
+    rate over WARMUP_STEPS, then constant (SD3 section 5.1), or a cosine / linear decay that
+    reaches 0 at MAX_STEPS (short runs end on a settled model)."""
+
+    def multiplier(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant" or max_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+        if decay == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if decay == "linear":
+            return 1.0 - progress
+        raise ValueError(
+            f"unknown learning-rate schedule {decay!r}; choose constant, cosine or linear"
+        )
+
+    return multiplier
 
 
 def gradient_norm(

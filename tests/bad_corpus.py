@@ -8,6 +8,7 @@ must become: "keep", or the rejection reason. Stage tests run on it and compare.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import tarfile
@@ -15,6 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -226,4 +228,65 @@ def build(base: Path, demo_folder: Path) -> Corpus:
     )
     expect["latin1_cells.parquet:l1"] = "keep"
     corpus.captions_dropped.add("latin1_cells.parquet:l1")
+
+    # issue 24: a saved dataset whose state.json reads a data file outside the input
+    escaped = root / "escaped_ds"
+    datasets.Dataset.from_dict({"image": [canary], "caption": ["from outside"]}).save_to_disk(
+        str(outside / "ds")
+    )
+    escaped.mkdir()
+    for name in ("dataset_info.json", "state.json"):
+        (escaped / name).write_bytes((outside / "ds" / name).read_bytes())
+    state = json.loads((escaped / "state.json").read_text())
+    for entry in state["_data_files"]:
+        entry["filename"] = f"../../outside/ds/{entry['filename']}"
+    (escaped / "state.json").write_text(json.dumps(state))
+    expect["escaped_ds"] = reasons.CORRUPT_SHARD
+    # a tar holding dup.png twice: the first is read, the second counted and rejected
+    _tar(shards / "dup.tar", [("dup.png", demo("coins.jpg")), ("dup.png", demo("strip.jpg"))])
+    expect["shards/dup.tar/dup.png"] = "keep"
+    expect["shards/dup.tar/dup.png#2"] = reasons.DUPLICATE_MEMBER
+    # a caption sidecar of 100,000 nested brackets (json.loads would raise RecursionError)
+    (root / "deep_json.jpg").write_bytes(demo("grass.jpg"))
+    (root / "deep_json.json").write_text("[" * 100_000 + "]" * 100_000)
+    expect["deep_json.jpg"] = reasons.BAD_CAPTION
+    # a gzip tar of ~300 KB whose one member is BIG_MEMBER bytes: refused from its header
+    big_tar(shards / "big.tar")
+    expect["shards/big.tar/big.png"] = reasons.TOO_LARGE
+    # hard links: to a file outside the input (refused like a symlink), and inside it (read)
+    os.link(outside / "canary.png", root / "hardlink_out.png")
+    expect["hardlink_out.png"] = reasons.UNSAFE_PATH
+    os.link(root / "astronaut.jpg", root / "hardlink_in.jpg")
+    expect["hardlink_in.jpg"] = reasons.EXACT_DUPLICATE
     return corpus
+
+
+BIG_MEMBER = (256 << 20) + (4 << 20)  # just over curate's default max_image_bytes (256 MiB)
+
+
+def big_tar(path: Path, size: int = BIG_MEMBER) -> None:
+    """A gzip tar whose member big.png is SIZE bytes of a PNG signature then zeros, written in
+    1 MiB pieces (the file is small; reading the member would take SIZE bytes of memory)."""
+    info = tarfile.TarInfo("big.png")
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    with open(path, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=1) as tar:
+        tar.addfile(info, _Zeros(b"\x89PNG\r\n\x1a\n", size))
+
+
+class _Zeros(io.RawIOBase):
+    """HEAD then zeros, SIZE bytes in all, as a readable file."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head, self.left, self.sent = head, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        start = self.sent
+        chunk = (self.head[start : start + n] if start < len(self.head) else b"")
+        chunk += bytes(n - len(chunk))
+        self.left -= n
+        self.sent += n
+        return chunk

@@ -8,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Two cores: torch with two intra-op threads is much slower than one on small models.
 torch.set_num_threads(1)
@@ -81,7 +81,8 @@ def make_caption_store(demo_folder):
 
     import datasets
 
-    from curate.runtime.store import StageWriter, sample_id
+    from curate.runtime.store import sample_id
+    from curate.runtime.store_writer import StageWriter
 
     truth = json.loads((demo_folder / "DEMO_TRUTH.json").read_text())
     features = datasets.Features(

@@ -26,7 +26,8 @@ from captioning.stage import run_caption
 from curate.config import CurateConfig
 from curate.runtime import reasons
 from curate.runtime.markdown import escape
-from curate.runtime.store import Manifest, StageWriter, load_rejected, load_samples, sample_id
+from curate.runtime.store import Manifest, load_rejected, load_samples, sample_id
+from curate.runtime.store_writer import StageWriter
 from curate.stage import run_curate
 from dpo.config import IngestPrefsConfig, MakePrefsConfig
 from dpo.ingest import run_prefs
@@ -170,6 +171,21 @@ def test_curate_finishes_with_every_planted_case_kept_or_rejected_with_its_reaso
     assert (bomb["score"], bomb["threshold"]) == (900_000_000, CurateConfig().max_pixels)
     # a loose image beside the shards was read, and so was the shard's intact sample
     assert {"astronaut.jpg", "shards/cut.tar/hubble.jpg", "cells.parquet:good"} <= kept
+
+
+def test_the_issue_24_inputs_are_each_counted_with_their_reason_and_limit(corpus, curated):
+    rejected = load_rejected(curated).to_list()
+    escaped = _rejection_for(rejected, "escaped_ds")
+    assert "outside its folder" in escaped["detail"] and "../../outside" in escaped["detail"]
+    duplicate = _rejection_for(rejected, "shards/dup.tar/dup.png#2")
+    assert duplicate["reason"] == reasons.DUPLICATE_MEMBER and "2 times" in duplicate["detail"]
+    deep = _rejection_for(rejected, "deep_json.jpg")
+    assert "nests 100000 levels" in deep["detail"] and "limit of 64" in deep["detail"]
+    big = _rejection_for(rejected, "shards/big.tar/big.png")
+    assert str(bad_corpus.BIG_MEMBER) in big["detail"] and "max_image_bytes" in big["detail"]
+    assert "hard link" in _rejection_for(rejected, "hardlink_out.png")["detail"]
+    kept = {row["source"] for row in load_samples(curated).remove_columns("image")}
+    assert "shards/dup.tar/dup.png" in kept and "hardlink_in.jpg" not in kept
 
 
 def test_nothing_outside_the_input_reaches_the_output_and_nothing_around_it_changes(

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from curate.runtime.stage_runtime import StageBusy
+from curate.runtime.output_lock import StageBusy
 from curate.runtime.store import StoreError
 from flows.cli import build_parser, main
 from flows.commands import stage_commands

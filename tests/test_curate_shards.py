@@ -12,7 +12,8 @@ from PIL import Image
 
 from curate.config import CurateConfig
 from curate.runtime import reasons
-from curate.runtime.store import Manifest, WorkLog, load_rejected, load_samples
+from curate.runtime.store import Manifest, load_rejected, load_samples
+from curate.runtime.store_writer import WorkLog
 from curate.shards import LEDGER, ChunkDone, Ledger, chunk_name
 from curate.stage import run_curate
 

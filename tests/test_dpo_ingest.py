@@ -111,7 +111,8 @@ def test_unknown_columns_give_an_error_that_names_the_expected_layouts(tmp_path)
 
 
 def test_make_prefs_from_a_stage_output_gives_winners_the_attribute_the_losers_lack(tmp_path):
-    from curate.runtime.store import StageWriter, sample_id
+    from curate.runtime.store import sample_id
+    from curate.runtime.store_writer import StageWriter
     from dpo.config import MakePrefsConfig
     from dpo.synthetic import attribute_score, run_make_prefs
 

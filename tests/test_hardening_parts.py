@@ -21,7 +21,8 @@ from curate.runtime.cells import caption_cell, image_cell
 from curate.runtime.decode import Invalid, check, decode_image
 from curate.runtime.markdown import escape, fenced
 from curate.runtime.redact import strip_credentials
-from curate.runtime.store import Manifest, StageWriter
+from curate.runtime.store import Manifest
+from curate.runtime.store_writer import StageWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -400,3 +401,125 @@ def test_allow_path_cells_reads_paths_inside_the_input_only(tmp_path):
             (reasons.UNSAFE_PATH, False),
             (reasons.UNSAFE_PATH, False),
         ]
+
+
+# ---- issue 24: saved datasets read only inside IN, tar duplicates and sizes, deep JSON, hard links
+
+
+def _saved(path: Path, rows: int = 1) -> Path:
+    import datasets
+
+    datasets.Dataset.from_dict(
+        {"image": [_png(color=(i, 9, 9)) for i in range(rows)], "caption": ["c"] * rows}
+    ).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("escape", ["../outside/DATA", "/ABS/DATA", "sub/DATA", "link"])
+def test_a_saved_dataset_reads_no_data_file_outside_its_folder(tmp_path, escape):
+    from curate.runtime.store import StoreError, check_saved_dataset
+
+    outside = _saved(tmp_path / "outside")
+    data = next(p.name for p in outside.glob("*.arrow"))
+    inner = _saved(tmp_path / "in" / "ds")
+    state = json.loads((inner / "state.json").read_text())
+    if escape == "link":
+        (inner / "link.arrow").symlink_to(outside / data)
+        name = "link.arrow"
+    else:
+        name = escape.replace("DATA", data).replace("/ABS", str(tmp_path))
+    state["_data_files"] = [{"filename": name}]
+    (inner / "state.json").write_text(json.dumps(state))
+    with pytest.raises(StoreError, match="outside"):
+        check_saved_dataset(inner)
+    records = list(read_records(tmp_path / "in"))
+    assert [(r.key, r.refused) for r in records] == [("ds", reasons.CORRUPT_SHARD)]
+
+
+def test_a_dataset_dict_whose_split_climbs_out_is_refused(tmp_path):
+    from curate.runtime.store import StoreError, check_saved_dataset
+
+    _saved(tmp_path / "outside" / "train")
+    root = tmp_path / "in" / "dd"
+    root.mkdir(parents=True)
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["../../outside/train"]}))
+    with pytest.raises(StoreError, match="split"):
+        check_saved_dataset(root)
+
+
+def test_prefs_refuses_a_saved_dataset_reading_outside_in_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    outside = _saved(tmp_path / "outside")
+    inner = _saved(tmp_path / "pairs")
+    state = json.loads((inner / "state.json").read_text())
+    for entry in state["_data_files"]:
+        entry["filename"] = "../outside/" + next(p.name for p in outside.glob("*.arrow"))
+    (inner / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["prefs", str(inner), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "outside its folder" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_duplicate_tar_member_is_counted_and_only_the_first_read(tmp_path):
+    members = [("a.png", _png(color=(1, 1, 1))), ("a.txt", b"first"), ("a.png", _png()),
+               ("a.txt", b"second"), ("a.png", b"third")]  # fmt: skip
+    bad_corpus._tar(tmp_path / "dup.tar", members)
+    records = list(read_records(tmp_path / "dup.tar"))
+    got = [(r.key, r.refused, r.caption) for r in records]
+    assert got == [
+        ("dup.tar/a.png#2", reasons.DUPLICATE_MEMBER, ""),
+        ("dup.tar/a.txt#2", reasons.DUPLICATE_MEMBER, ""),
+        ("dup.tar/a.png#3", reasons.DUPLICATE_MEMBER, ""),
+        ("dup.tar/a.png", "", "first"),
+    ]
+    assert records[-1].data == _png(color=(1, 1, 1))
+
+
+def test_tar_members_and_loose_files_share_the_image_size_cap(tmp_path):
+    from curate.ingest import IngestOptions
+
+    image = _png()
+    (tmp_path / "in").mkdir()
+    bad_corpus._tar(tmp_path / "in" / "s.tar", [("big.png", image), ("ok.txt", b"x")])
+    (tmp_path / "in" / "loose.png").write_bytes(image)
+    options = IngestOptions(max_image_bytes=len(image) - 1)
+    got = {r.key: (r.refused, r.detail) for r in read_records(tmp_path / "in", options)}
+    for key in ("s.tar/big.png", "loose.png"):
+        reason, detail = got[key]
+        assert reason == reasons.TOO_LARGE and f"{len(image)} bytes" in detail, got
+        assert "max_image_bytes" in detail
+    wide = IngestOptions(max_image_bytes=len(image))
+    assert {r.refused for r in read_records(tmp_path / "in", wide)} == {""}
+
+
+def test_a_deeply_nested_json_sidecar_is_one_rejection_not_a_recursion_error(tmp_path):
+    from curate.ingest import JSON_MAX_DEPTH, json_depth
+
+    assert json_depth('{"a": "[[[[", "b": [[1]]}') == 3
+    (tmp_path / "x.png").write_bytes(_png())
+    (tmp_path / "x.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "y.png").write_bytes(_png(color=(1, 2, 3)))
+    nested = "{" + '"a": {' * (JSON_MAX_DEPTH - 2) + '"caption": "deep but fine"' + "}" * (
+        JSON_MAX_DEPTH - 1
+    )
+    (tmp_path / "y.json").write_text(nested)
+    got = {r.key: (r.refused, r.caption) for r in read_records(tmp_path)}
+    assert got["x.png"][0] == reasons.BAD_CAPTION
+    assert got["y.png"] == ("", "")  # at the limit: parsed (the caption is not at the top)
+
+
+def test_a_hard_link_to_a_file_outside_the_input_is_refused_one_inside_is_read(tmp_path):
+    import os
+
+    (tmp_path / "outside.png").write_bytes(_png(color=(7, 7, 7)))
+    root = tmp_path / "in"
+    root.mkdir()
+    os.link(tmp_path / "outside.png", root / "out_link.png")
+    (root / "a.png").write_bytes(_png())
+    os.link(root / "a.png", root / "sub_link.png")
+    got = {r.key: (r.refused, r.detail) for r in read_records(root)}
+    assert got["out_link.png"][0] == reasons.UNSAFE_PATH and "hard link" in got["out_link.png"][1]
+    assert got["a.png"][0] == got["sub_link.png"][0] == ""

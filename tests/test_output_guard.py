@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate.runtime.stage_runtime import OWNER_FILE, OutputRefused, check_output, overwrite_allowed
+from curate.runtime.output_guard import OWNER_FILE, OutputRefused, check_output, overwrite_allowed
 from flows.cli import COMMANDS, main
 
 CHEAP = ["--nsfw-detector", "none", "--aesthetic-scorer", "none", "--workers", "1"]

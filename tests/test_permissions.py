@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.runtime.store import process_umask, share_like_umask
+from curate.runtime.store_writer import process_umask, share_like_umask
 
 ROOT = Path(__file__).resolve().parents[1]
 

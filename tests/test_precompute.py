@@ -15,14 +15,8 @@ import torch
 from PIL import Image
 
 from curate.runtime import reasons
-from curate.runtime.store import (
-    Manifest,
-    StageWriter,
-    StoreError,
-    fingerprint,
-    load_rejected,
-    load_samples,
-)
+from curate.runtime.store import Manifest, StoreError, fingerprint, load_rejected, load_samples
+from curate.runtime.store_writer import StageWriter
 from model.buckets import make_buckets
 from model.build import load_pipeline
 from model.conditioning import TextEncoding, joint_condition
@@ -260,10 +254,11 @@ def test_aspect_ratio_buckets_keep_the_area_and_patchify_exactly(bucketed, tiny_
 
 
 def test_bad_inputs_get_errors_that_say_what_to_do(captioned_store, tiny_model_dir, tmp_path):
+    (tmp_path / "raw").mkdir()  # inputs apart from OUT: the guard refuses an OUT inside a read
     with pytest.raises(StoreError, match="curated or captioned store"):
-        run_precompute(tmp_path, tmp_path / "out", config_for(tiny_model_dir))
+        run_precompute(tmp_path / "raw", tmp_path / "out", config_for(tiny_model_dir))
     with pytest.raises(FileNotFoundError, match="init-model"):
-        run_precompute(captioned_store, tmp_path / "out", config_for(str(tmp_path)))
+        run_precompute(captioned_store, tmp_path / "out", config_for(str(tmp_path / "raw")))
     with pytest.raises(ValueError, match="multiple of 8"):
         run_precompute(
             captioned_store, tmp_path / "out", config_for(tiny_model_dir, resolution=100)

@@ -80,5 +80,35 @@ def test_a_folder_without_lora_weights_is_refused_with_what_to_pass(
         "--out",
         str(tmp_path / "s"),
     ]
-    assert t2i([*argv, "--lora", str(tmp_path)]) == 1
+    (tmp_path / "no-lora").mkdir()  # apart from OUT: the guard refuses an OUT inside a read
+    assert t2i([*argv, "--lora", str(tmp_path / "no-lora")]) == 1
     assert "t2i dpo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "rank"])
+def test_a_damaged_lora_is_refused_in_one_line_before_any_image(
+    tiny_model_dir, lora_dir, tmp_path, capsys, poison
+):
+    """Issue 24: a NaN/inf LoRA made black images and exit 0; a LoRA whose up and down ranks
+    differ is damaged too. Each is one line, exit 1, and no output folder."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    up = next(k for k in sorted(tensors) if "lora_B" in k)
+    if poison == "rank":
+        tensors[up] = tensors[up][:, :-1].contiguous()
+    else:
+        tensors[up] = tensors[up].clone()
+        tensors[up][0, 0] = float(poison)
+    bad = tmp_path / "bad" / "pytorch_lora_weights.safetensors"
+    bad.parent.mkdir()
+    save_file(tensors, str(bad))
+    out = tmp_path / "out"
+    argv = ["sample", "--model", tiny_model_dir, "--prompt", "x", "--steps", "2", "--out", str(out)]
+    capsys.readouterr()
+    assert t2i([*argv, "--lora", str(bad.parent)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    expected = "not a linear" if poison == "rank" else "NaN or infinite"
+    assert expected in err
+    assert not out.exists()

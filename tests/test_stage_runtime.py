@@ -17,14 +17,9 @@ from pydantic import BaseModel, Field
 from train_sets import shapes_encoded
 
 from curate.runtime.config_file import read_config_file
+from curate.runtime.output_lock import LOCK_WAIT_ENV, StageBusy, lock_path
 from curate.runtime.seeds import seed_int, seed_unit
-from curate.runtime.stage_runtime import (
-    LOCK_WAIT_ENV,
-    StageBusy,
-    StageRun,
-    UnbalancedOutput,
-    lock_path,
-)
+from curate.runtime.stage_runtime import StageRun, UnbalancedOutput
 from curate.runtime.store import Manifest, Rejection, load_samples
 
 ROOT = Path(__file__).resolve().parents[1]

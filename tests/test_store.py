@@ -11,15 +11,14 @@ import pytest
 from curate.runtime.store import (
     Manifest,
     Rejection,
-    StageWriter,
     StoreError,
-    WorkLog,
     fingerprint,
     is_done,
     load_rejected,
     load_samples,
     sample_id,
 )
+from curate.runtime.store_writer import StageWriter, WorkLog
 
 FEATURES = datasets.Features({"id": datasets.Value("string"), "caption": datasets.Value("string")})
 
@@ -79,7 +78,7 @@ def test_fingerprint_changes_when_a_file_changes(tmp_path):
 KILLED_WRITER = textwrap.dedent(
     """
     import sys, time, datasets
-    from curate.runtime.store import StageWriter
+    from curate.runtime.store_writer import StageWriter
     features = datasets.Features({"id": datasets.Value("string")})
     with StageWriter(sys.argv[1], "slow", {}, "fp") as writer:
         writer.write_samples(({"id": str(i)} for i in range(100)), features)

@@ -265,3 +265,27 @@ def test_our_guided_sampler_is_the_stock_pipelines(guidance, tiny_model_dir):
     unguided = sample_latents(transformer, text, negative, seeds, shape, steps, shift, 1.0)
     if guidance != 1.0:  # the two conditions really pull apart here
         assert (ours - unguided).abs().max() > 0.05
+
+
+# ----------------------------------------------------------------------------- learning-rate schedule
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine", "linear"])
+def test_the_learning_rate_warms_up_linearly_then_holds_or_decays_to_zero_at_max_steps(decay):
+    import math
+
+    from model.train_step import warmup_schedule
+
+    warmup, total = 10, 110
+    multiplier = warmup_schedule(warmup, decay, total)
+    assert [multiplier(s) for s in range(warmup)] == pytest.approx(
+        [(s + 1) / 10 for s in range(10)]
+    )
+    halfway = multiplier(warmup + (total - warmup) // 2)
+    expected = {"constant": 1.0, "cosine": 0.5 * (1 + math.cos(math.pi / 2)), "linear": 0.5}
+    assert halfway == pytest.approx(expected[decay])
+    assert multiplier(total) == pytest.approx(1.0 if decay == "constant" else 0.0, abs=1e-12)
+    steps = [multiplier(s) for s in range(warmup, total + 1)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # never rises after the warmup
+    with pytest.raises(ValueError, match="schedule"):
+        warmup_schedule(10, "step", 100)(50)

@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from curate.runtime.store import StageWriter
+from curate.runtime.store_writer import StageWriter
 from model.config import PrecomputeConfig
 from model.precompute import run_precompute
 

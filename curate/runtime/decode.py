@@ -157,7 +157,7 @@ def _is_plain(image: Image.Image) -> bool:
         return False
     try:
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block: store our own PNG instead
+    except Exception:  # a broken EXIF block: store our own PNG instead
         return False
     return orientation in (None, 1)
 
@@ -229,7 +229,7 @@ def plain_format(data: bytes) -> str | None:
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
             return image.format if image.mode == "RGB" and _is_plain(image) else None
-    except Exception:  # noqa: BLE001 - only a hint for passing bytes through unchanged
+    except Exception:  # only a hint for passing bytes through unchanged
         return None
 
 

@@ -166,7 +166,7 @@ VOCABULARY: dict[str, SharedOption] = {
         BASE_DTYPE,
         "auto",
         TRAINERS,
-        reason="auto = the autocast precision (bf16 on GPUs in train); dpo does not autocast: fp32",
+        reason="auto = the autocast precision: bf16 on GPUs that support it, fp32 without autocast",
         renamed={"dpo": "base_dtype"},
     ),
     "resume": SharedOption(
@@ -205,6 +205,13 @@ VOCABULARY: dict[str, SharedOption] = {
         DTYPE,
         "bf16",
         ("train", "dpo", "lora-convert", "export-single-file"),
+    ),
+    "mixed_precision": SharedOption(
+        "autocast precision",
+        Literal["auto", "no", "bf16", "fp16"],
+        "auto",
+        TRAINERS,
+        reason="auto = bf16 on a GPU that supports it, else none (fp32)",
     ),
     "report_to": SharedOption(
         "where the scalars and sample grids of a training run go",

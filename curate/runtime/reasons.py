@@ -23,3 +23,5 @@ INVALID_CELL = "invalid_cell"  # a table cell that should hold image bytes holds
 CORRUPT_SHARD = "corrupt_shard"  # a tar or parquet file that cannot be read (to its end)
 BAD_CAPTION = "bad_caption"  # a caption that is not text, or longer than the cap
 HIDDEN_FILE = "hidden_file"  # a dot-file or dot-folder in an input folder, never read
+TOO_LARGE = "too_large"  # an image file or tar member over max_image_bytes, never read
+DUPLICATE_MEMBER = "duplicate_member"  # a second tar member of the same name, never read

@@ -9,326 +9,60 @@ make-prefs, dpo, sample).
             ...
             writer.counts["input"] = n        # checked: input = kept + rejected
 
-A run holds an exclusive lock on OUT (a lock file beside it) from the skip check to the commit:
-a second run on the same OUT waits for the first (or, with T2I_LOCK_WAIT_S=SECONDS, gives up
-after that long with a one-line message) and then sees the first run's finished output.
+A run holds an exclusive lock on OUT (curate/runtime/output_lock.py) from the skip check to the
+commit: a second run on the same OUT waits for the first and then sees its finished output.
 Everything the stage reads (input stores, model folders, tokenizers) is fingerprinted; a
 finished output is skipped only when its manifest has the same stage, parameters and
 fingerprints. The resolved config is written beside the output as config.toml.
 
-Before anything is locked or written, `check_output` guards OUT: it must not be, lie inside or
-contain anything the stage reads; it must not be a file; an existing non-empty OUT must be this
-pipeline's output of this stage (another stage's output only with --overwrite), and files the
-pipeline did not write are never removed, with or without --overwrite.
+Before anything is locked or written, `check_output` (curate/runtime/output_guard.py) guards OUT
+against the stage's inputs and against folders the pipeline did not write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import filecmp
 import hashlib
-import json
 import os
 import shutil
 import socket
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from curate.runtime.config_file import CONFIG_FILE, config_toml
+from curate.runtime.output_guard import (
+    ENTRIES,
+    check_output,
+    check_output_folder,
+    claim_in_place,
+    same_files,
+)
+from curate.runtime.output_lock import output_lock
 from curate.runtime.store import (
     MANIFEST,
     REJECTED,
     SAMPLES,
     Manifest,
-    StageWriter,
     StoreError,
-    WorkLog,
     canonical_json,
     fingerprint,
     library_versions,
     params_hash,
-    share_like_umask,
 )
-
-LOCK_WAIT_ENV = "T2I_LOCK_WAIT_S"
-OVERWRITE_FLAG = "--overwrite"
-OWNER_FILE = ".t2i-output"  # {"stage": ...}: an output being written in place (train), unfinished
-ENTRIES = "entries"  # manifest extra: the top-level names the stage wrote into OUT
-_HELD: set[Path] = set()  # outputs this process holds, so a nested run fails instead of deadlocking
-_HELD_GUARD = threading.Lock()
-
-
-class StageBusy(StoreError):
-    """Another run holds the output."""
+from curate.runtime.store_writer import StageWriter, WorkLog, share_like_umask
 
 
 class UnbalancedOutput(StoreError):
     """A stage tried to commit an output where input != kept + rejected."""
 
 
-class OutputRefused(StoreError):
-    """OUT would lose data: it is (or holds, or sits in) an input, a file, or someone else's."""
-
-
 # -- the output guard ---------------------------------------------------------------------
-
-_OVERWRITE = False  # set by the CLI's --overwrite for the duration of one command
-
-
-@contextlib.contextmanager
-def overwrite_allowed(allowed: bool = True) -> Iterator[None]:
-    """Within the body, an OUT that is another stage's output may be replaced (--overwrite)."""
-    global _OVERWRITE
-    previous, _OVERWRITE = _OVERWRITE, bool(allowed)
-    try:
-        yield
-    finally:
-        _OVERWRITE = previous
-
-
-def _real(path: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
-
-
-def check_paths(
-    output: str | os.PathLike, stage: str, reads: Mapping[str, str | os.PathLike | None]
-) -> Path:
-    """OUT's real path, refused when it is, lies inside or contains something the stage reads."""
-    out = _real(output)
-    for name, path in reads.items():
-        if path in (None, ""):
-            continue
-        real = _real(path)
-        if real == out:
-            why = f"it is the {name} {path}"
-        elif real in out.parents:
-            why = f"it lies inside the {name} {path}"
-        elif out in real.parents:
-            why = f"it contains the {name} {path}"
-        else:
-            continue
-        raise OutputRefused(
-            f"{stage}: refusing to write {out}: {why} (a stage never writes over what it "
-            "reads); choose an output folder outside it"
-        )
-    return out
-
-
-def output_owner(output: Path) -> tuple[str | None, set[str] | None]:
-    """(stage, names it wrote) of OUT when this pipeline wrote it, else (None, None).
-
-    names is None when not recorded (outputs from before the record, or written in place)."""
-    manifest_path = output / MANIFEST
-    if manifest_path.is_file():
-        try:
-            manifest = Manifest.read(output)
-        except (ValueError, TypeError, OSError):
-            manifest = None  # some other program's manifest.json
-        if manifest is not None and isinstance(manifest.stage, str) and manifest.stage:
-            entries = manifest.extra.get(ENTRIES) if isinstance(manifest.extra, dict) else None
-            names = set(entries) if isinstance(entries, list) else None
-            return manifest.stage, names
-    marker = output / OWNER_FILE
-    if marker.is_file():
-        try:
-            stage = json.loads(marker.read_text()).get("stage")
-        except (ValueError, OSError, AttributeError):
-            stage = None
-        if isinstance(stage, str) and stage:
-            return stage, None
-    return None, None
-
-
-def check_output(
-    output: str | os.PathLike,
-    stage: str,
-    reads: Mapping[str, str | os.PathLike | None] = {},  # noqa: B006 - read only
-) -> Path:
-    """Refuse, in one line, an OUT whose writing could lose data; return its real path.
-
-    - OUT is, lies inside or contains something the stage reads;
-    - OUT is a file (or anything but a folder);
-    - OUT is a non-empty folder this pipeline did not write (no manifest or in-place marker of
-      ours), or one holding entries its manifest does not list: refused even with --overwrite,
-      since replacing OUT would remove them;
-    - OUT is another stage's output: refused unless --overwrite.
-    An empty folder, and this stage's own output, are fine."""
-    out = check_paths(output, stage, reads)
-    if not out.exists():
-        if os.path.lexists(out):
-            raise OutputRefused(f"{stage}: refusing to write {out}: it is a broken link")
-        return out
-    if not out.is_dir():
-        raise OutputRefused(
-            f"{stage}: refusing to write {out}: it is a file, not a folder; "
-            "choose a folder name (the stage never replaces a file)"
-        )
-    present = sorted(entry.name for entry in os.scandir(out))
-    if not present:
-        return out
-    owner, written = output_owner(out)
-    if owner is None:
-        raise OutputRefused(
-            f"{stage}: refusing to write {out}: it holds files this pipeline did not write "
-            f"({present[0]}{_more(present)}); choose another output or empty it "
-            f"({OVERWRITE_FLAG} never removes files the pipeline did not write)"
-        )
-    if written is not None:
-        foreign = [n for n in present if n not in written and n not in (MANIFEST, OWNER_FILE)]
-        if foreign:
-            raise OutputRefused(
-                f"{stage}: refusing to write {out}: it holds files `t2i {owner}` did not write "
-                f"({foreign[0]}{_more(foreign)}); move them out or choose another "
-                f"output ({OVERWRITE_FLAG} never removes files the pipeline did not write)"
-            )
-    if owner != stage and not _OVERWRITE:
-        raise OutputRefused(
-            f"{stage}: refusing to write {out}: it is the output of `t2i {owner}`; pass "
-            f"{OVERWRITE_FLAG} to replace it, or choose another output"
-        )
-    return out
-
-
-def check_output_file(
-    output: str | os.PathLike,
-    stage: str,
-    reads: Mapping[str, str | os.PathLike | None],
-    target: str | os.PathLike,
-) -> Path:
-    """The guard for a stage that writes one file TARGET (OUTPUT itself, or a file inside the
-    folder OUTPUT; lora-convert): OUTPUT apart from what it reads; an existing TARGET is
-    replaced only with --overwrite, and nothing else in the folder is touched."""
-    check_paths(output, stage, reads)
-    out, target = _real(output), _real(target)
-    if target != out and out.exists() and not out.is_dir():
-        raise OutputRefused(
-            f"{stage}: refusing to write into {out}: it is a file, not a folder; "
-            "name a .safetensors file or a folder"
-        )
-    if os.path.lexists(target):
-        if target.is_dir() or not target.is_file():
-            raise OutputRefused(f"{stage}: refusing to write {target}: it is not a regular file")
-        if not _OVERWRITE:
-            raise OutputRefused(
-                f"{stage}: refusing to write {target}: it exists; pass {OVERWRITE_FLAG} to "
-                "replace it, or choose another output"
-            )
-    return target
-
-
-def _more(names: list[str]) -> str:
-    return f" and {len(names) - 1} more" if len(names) > 1 else ""
-
-
-def claim_in_place(output: Path, stage: str) -> None:
-    """Mark OUT as this stage's output before writing into it in place (train)."""
-    output.mkdir(parents=True, exist_ok=True)
-    marker = output / OWNER_FILE
-    tmp = output / f"{OWNER_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps({"stage": stage}) + "\n")
-    os.replace(tmp, marker)
-
-
-def lock_path(output: Path) -> Path:
-    return output.parent / f".{output.name}.lock"
-
-
-def _lock_wait_s() -> float | None:
-    value = os.environ.get(LOCK_WAIT_ENV, "").strip()
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        raise ValueError(f"{LOCK_WAIT_ENV}={value!r} is not a number of seconds") from None
-
-
-@contextlib.contextmanager
-def output_lock(output: str | os.PathLike, stage: str) -> Iterator[None]:
-    """Hold OUTPUT exclusively (fcntl lock on a file beside it) for the body."""
-    output = Path(output).resolve()
-    with _HELD_GUARD:
-        if output in _HELD:
-            raise StageBusy(f"{stage}: {output} is already being written by this process")
-        _HELD.add(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        path = lock_path(output)
-        fd = _open_locked(path, output, stage)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{stage} pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # while still held: a waiter then sees its file gone and retries
-            os.close(fd)
-    finally:
-        with _HELD_GUARD:
-            _HELD.discard(output)
-
-
-def _open_locked(path: Path, output: Path, stage: str) -> int:
-    """An open, locked descriptor of PATH, the file that is at PATH now (the previous holder
-    removes it when done, so a lock taken on a removed file is dropped and taken again)."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            _acquire(fd, path, output, stage)
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
-                current = None
-            held = os.fstat(fd)
-            if current is not None and (current.st_ino, current.st_dev) == (
-                held.st_ino,
-                held.st_dev,
-            ):
-                return fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-
-
-def _acquire(fd: int, path: Path, output: Path, stage: str) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:
-        pass
-    try:
-        holder = path.read_text(errors="replace").strip() or "another run"
-    except FileNotFoundError:
-        holder = "another run"
-    wait = _lock_wait_s()
-    if wait == 0:
-        raise StageBusy(
-            f"{stage}: {output} is being written by another run ({holder}); "
-            "wait for it to finish or choose another output"
-        )
-    limit = "" if wait is None else f" (at most {wait:g} s)"
-    print(f"{stage}: {output} is being written by {holder}; waiting{limit}", file=sys.stderr)
-    deadline = None if wait is None else time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise StageBusy(
-                    f"{stage}: {output} is still being written by {holder} after {wait:g} s; "
-                    "try again later or choose another output"
-                ) from None
-            time.sleep(0.2)
 
 
 def reads_fingerprint(reads: Mapping[str, str | os.PathLike | None]) -> tuple[str, dict[str, Any]]:
@@ -565,7 +299,7 @@ def generate(
             check_output_folder(output, stage, foreign)
             write(fresh)
             share_like_umask(fresh)
-            if output.is_dir() and _same_files(fresh, output):
+            if output.is_dir() and same_files(fresh, output):
                 print(
                     f"{stage}: {output} already holds this output; kept as it was", file=sys.stderr
                 )
@@ -581,51 +315,3 @@ def generate(
         finally:
             shutil.rmtree(fresh, ignore_errors=True)
     return output
-
-
-def check_output_folder(
-    output: str | os.PathLike, stage: str, foreign: Callable[[Path], list[str]] | None
-) -> Path:
-    """The guard for a generator's raw-data OUT (no manifest): not a file; empty, or holding
-    only what the generator writes (FOREIGN(OUT) lists the rest)."""
-    out = check_paths(output, stage, {})
-    if not out.exists():
-        if os.path.lexists(out):
-            raise OutputRefused(f"{stage}: refusing to write {out}: it is a broken link")
-        return out
-    if not out.is_dir():
-        raise OutputRefused(
-            f"{stage}: refusing to write {out}: it is a file, not a folder; "
-            "choose a folder name (the stage never replaces a file)"
-        )
-    present = _listing(out, every=True)
-    if not present:
-        return out
-    others = present if foreign is None else foreign(out)
-    if others:
-        raise OutputRefused(
-            f"{stage}: refusing to write {out}: it holds files `t2i {stage}` did not write "
-            f"({others[0]}{_more(others)}); move them out or choose another output "
-            f"({OVERWRITE_FLAG} never removes files the pipeline did not write)"
-        )
-    return out
-
-
-def _listing(root: Path, every: bool = False) -> list[str]:
-    """Relative paths of the files under ROOT; EVERY: also links, special files and empty
-    folders (NAME/), links not followed."""
-    names = []
-    for path in sorted(root.rglob("*")):
-        real_dir = path.is_dir() and not path.is_symlink()
-        if not real_dir and (every or path.is_file()):
-            names.append(path.relative_to(root).as_posix())
-        elif every and real_dir and not any(path.iterdir()):
-            names.append(path.relative_to(root).as_posix() + "/")
-    return names
-
-
-def _same_files(a: Path, b: Path) -> bool:
-    names = _listing(a)
-    if names != _listing(b):
-        return False
-    return all(filecmp.cmp(a / name, b / name, shallow=False) for name in names)
