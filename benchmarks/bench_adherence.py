@@ -276,15 +276,21 @@ def pipeline_adherence(
             "samples": total, "per_prompt": per_prompt}  # fmt: skip
 
 
-def checkpoint_adherence(out: Path, step: int, judge, args) -> dict:
-    """The exported pipeline with the transformer's weights replaced by checkpoint STEP's EMA."""
+def checkpoint_adherence(
+    out: Path, step: int, judge, args, folder: Path | None = None, weights: str = "ema"
+) -> dict:
+    """The exported pipeline (or FOLDER's, a run of the same preset and shift) with the
+    transformer's weights replaced by checkpoint STEP's EMA (WEIGHTS="ema") or raw weights."""
     import torch
     from diffusers import StableDiffusion3Pipeline
 
     from model.checkpoint import checkpoint_path, load_object
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(out), local_files_only=True)
-    shadow = load_object(checkpoint_path(out / "training" / "checkpoints", step), "ema")["shadow"]
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder or out), local_files_only=True)
+    saved = checkpoint_path(out / "training" / "checkpoints", step)
+    shadow = (
+        load_object(saved, "ema")["shadow"] if weights == "ema" else load_object(saved, "model")
+    )
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
             p.copy_(shadow[name])
@@ -338,6 +344,16 @@ def evaluate_again(args) -> dict:
     ready = prepare(Path(args.cache))
     out = Path(args.cache) / "runs" / args.tag
     found = {}
+    for item in args.checkpoints:  # STEP or STEP:raw
+        step, _, weights = item.partition(":")
+        folder = Path(args.cache) / "runs" / args.pipeline_from if args.pipeline_from else None
+        r = checkpoint_adherence(out, int(step), ready["judge"], args, folder, weights or "ema")
+        found[f"step_{item}"] = [r["shape"], r["colour"]]
+        (Path(args.cache) / "results" / f"{args.tag}-step{item.replace(':', '-')}.json").write_text(
+            json.dumps(r, indent=2)
+        )
+    if args.checkpoints:
+        return found
     for guidance in args.guidance:
         r = pipeline_adherence(
             out, ready["judge"], args.seeds, guidance=guidance, t5_length=args.t5_length
@@ -376,6 +392,12 @@ def main() -> None:
     e.add_argument("--seeds", type=int, default=8)
     e.add_argument("--t5-length", type=int, default=T5_LENGTH)
     e.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 7.0])
+    e.add_argument(
+        "--checkpoints", nargs="+", default=[], help="STEP or STEP:raw of the run to judge"
+    )
+    e.add_argument(
+        "--pipeline-from", default=None, help="the run folder whose pipeline to load them into"
+    )
     args = parser.parse_args()
     if args.command == "eval":
         print(json.dumps({"tag": args.tag, "t5_length": args.t5_length, **evaluate_again(args)}))

@@ -234,6 +234,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             resolution,
             config.t5_length,
             device=str(accelerator.device),
+            compute_dtype=base_dtype,  # the encoders in 16 bits on a GPU (T5-XXL: 9.5 GB, not 19)
             variant=config.variant,
         )
     train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)

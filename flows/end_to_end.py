@@ -1,4 +1,4 @@
-"""The end_to_end flow: raw data -> curated -> captioned -> encoded -> trained -> DPO LoRA -> samples.
+"""The end_to_end flow: curate -> caption -> precompute -> fine-tune -> DPO -> evaluation samples.
 
 `CHAIN` is the only description of the chain: each stage once, in order, with the folder it
 writes under the run's workdir and the offline tiny kit's options. `plan` is the recipe, read
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -19,11 +19,11 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from captioning.config import CaptionConfig, InitCaptionerConfig
 from curate.config import CurateConfig, DemoDataConfig
-from dpo.config import DPOConfig, MakePrefsConfig
+from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
 from flows.stages import call_stage, describe, run_sample_shards, stage
 from model.config import InitModelConfig, PrecomputeConfig, SampleConfig, TrainConfig
 
@@ -63,6 +63,7 @@ CHAIN = (
             "checkpoint_every": 10,
         },
     ),
+    Link("prefs", "prefs-ingested", {}),
     Link("make-prefs", "prefs", {"pairs_per_image": 1}),
     Link(
         "dpo",
@@ -108,7 +109,9 @@ class _Recipe:
         arguments |= {p: folder for p in spec.positionals if p in ("output", "out")}
         section = getattr(self.config, link.section).model_dump()
         values = {k: v for k, v in section.items() if v is not None}
-        values |= {k: v for k, v in chained.items() if section.get(k) is None}
+        values |= {
+            k: v for k, v in chained.items() if v is not None and section.get(k) in (None, "")
+        }
         if "out" in spec.config_model.model_fields and section.get("out") is None:
             values["out"] = folder
         try:
@@ -122,24 +125,80 @@ class _Recipe:
 
 
 def plan(config: BaseModel) -> list[Step]:
-    """The recipe: every stage once, each on earlier outputs; raises before any work."""
-    recipe = _Recipe(config)
-    raw = config.source or recipe.add("demo-data")
-    base = config.base_model or recipe.add("init-model")
-    curated = recipe.add("curate", input=raw)
-    captioner = config.captioner or recipe.add("init-captioner")
-    captioned = recipe.add("caption", input=curated, model=captioner)
-    encoded = recipe.add("precompute", input=captioned, model=base)
-    trained = recipe.add("train", encoded=encoded, model=base)
-    prefs = recipe.add("make-prefs", source=raw)
-    lora = recipe.add("dpo", prefs=prefs, model=trained)
-    recipe.add("sample", model=trained, lora=lora)  # base/ and lora/ images, same seeds, a grid
-    return recipe.steps
+    """The recipe, as the form's `recipe` section switches it: each stage on earlier outputs.
+
+    curate -> caption -> precompute -> fine-tune (LoRA, full or none) -> DPO on synthetic pairs
+    made from the curated set or on a real preference dataset -> evaluation samples with and
+    without the final LoRA. One base model feeds every stage that loads one. Raises before any
+    work when the switches do not fit together."""
+    recipe = config.recipe
+    steps = _Recipe(config)
+    fine_tune = recipe.fine_tune
+    if (recipe.caption or fine_tune != "none") and not recipe.curate:
+        raise ValueError(
+            "end_to_end: caption and fine-tuning read a curated store; switch curate on, or "
+            "set fine_tune none and caption off"
+        )
+    if recipe.dpo and recipe.preferences == "dataset" and not recipe.preference_data:
+        raise ValueError(
+            "end_to_end: preferences 'dataset' needs preference_data (a Pick-a-Pic folder, "
+            "parquet files or pair folders that `t2i prefs` reads)"
+        )
+    raw = config.source or steps.add("demo-data")
+    base = config.base_model or steps.add("init-model")
+    curated = steps.add("curate", input=raw) if recipe.curate else None
+    store = curated
+    if recipe.caption:
+        captioner = config.captioner or steps.add("init-captioner")
+        store = steps.add("caption", input=curated, model=captioner)
+    # what DPO starts from, and what the evaluation compares against
+    model, lora = base, None
+    if fine_tune != "none":
+        encoded = steps.add("precompute", input=store, model=base)
+        rank = config.train.lora_rank or (DEFAULT_LORA_RANK if fine_tune == "lora" else None)
+        trained = steps.add("train", encoded=encoded, model=base, lora_rank=rank)
+        if fine_tune == "full":
+            model = trained  # DPO's reference is then the fine-tuned model, as in Diffusion-DPO
+        else:
+            lora = trained  # DPO continues this LoRA (--init-lora); its reference is the base
+    if recipe.dpo:
+        if recipe.preferences == "dataset":
+            prefs = steps.add("prefs", source=recipe.preference_data)
+            scorer = None
+        else:  # synthetic pairs from the curated set: its attribute is the judge of the samples
+            prefs = steps.add("make-prefs", source=curated or raw)
+            scorer = f"attribute:{config.make_prefs.attribute}"
+        lora = steps.add("dpo", prefs=prefs, model=model, init_lora=lora, scorer=scorer)
+    if recipe.evaluate:
+        steps.add("sample", model=model, lora=lora)  # base/ and lora/ images, same seeds, a grid
+    return steps.steps
 
 
 # ---- the form: one section per stage, its own config model ------------------------------------
 # A section is the stage's config model, with the fields the chain fills (model, lora, out,
 # source, and any required one) optional: empty means "the output of an earlier stage".
+
+
+DEFAULT_LORA_RANK = 64  # fine_tune "lora" with no --lora-rank given in the train section
+
+
+def _without_null(schema: dict[str, Any]) -> None:
+    """Optional fields as the form shows them: their own type, no `null` branch (which the
+    Prefect UI renders as a `Property is type "None"` box). Empty still means the default."""
+    for field in schema.get("properties", {}).values():
+        branches = field.get("anyOf")
+        if not branches:
+            continue
+        kept = [b for b in branches if b.get("type") != "null"]
+        if len(kept) == 1 and len(kept) < len(branches):
+            del field["anyOf"]
+            field.update(kept[0])
+
+
+class FormSection(BaseModel):
+    """A section of the end_to_end form (a stage's options)."""
+
+    model_config = ConfigDict(json_schema_extra=_without_null)
 
 
 def chained(model: type[BaseModel], name: str) -> Any:
@@ -148,27 +207,78 @@ def chained(model: type[BaseModel], name: str) -> Any:
     return Field(None, description=f"{description} (empty: set by the chain)")
 
 
-class CaptionConfigInChain(CaptionConfig):
+class Recipe(FormSection):
+    """Which stages run, and what DPO learns from."""
+
+    curate: bool = Field(True, description="validate, filter and deduplicate the source")
+    caption: bool = Field(True, description="recaption the curated set with the captioner VLM")
+    fine_tune: Literal["none", "lora", "full"] = Field(
+        "lora",
+        description="before DPO: a LoRA on the base (train section; rank 64 unless set there), "
+        "a full fine-tune, or none (DPO on the base itself)",
+    )
+    dpo: bool = Field(
+        True, description="align with Diffusion-DPO (a LoRA) on the preference source"
+    )
+    preferences: Literal["synthetic", "dataset"] = Field(
+        "synthetic",
+        description="synthetic: warm/bright-tinted pairs made from the curated set (make_prefs "
+        "section; a check that DPO moves the model); dataset: a real preference set, read by "
+        "`t2i prefs` (prefs section)",
+    )
+    preference_data: str = Field(
+        "",
+        description="for preferences 'dataset': a Pick-a-Pic v2 folder or parquet files, a generic "
+        "table (caption, image_w, image_l) or a folder of pair folders",
+    )
+    evaluate: bool = Field(
+        True,
+        description="sample the evaluation prompts (sample section) with and without the final "
+        "LoRA, same seeds, side by side",
+    )
+
+
+class DemoDataInForm(FormSection, DemoDataConfig):
+    pass
+
+
+class InitModelInForm(FormSection, InitModelConfig):
+    pass
+
+
+class CurateInForm(FormSection, CurateConfig):
+    pass
+
+
+class InitCaptionerInForm(FormSection, InitCaptionerConfig):
+    pass
+
+
+class CaptionConfigInChain(FormSection, CaptionConfig):
     model: str | None = chained(CaptionConfig, "model")
 
 
-class PrecomputeConfigInChain(PrecomputeConfig):
+class PrecomputeConfigInChain(FormSection, PrecomputeConfig):
     model: str | None = chained(PrecomputeConfig, "model")
 
 
-class TrainConfigInChain(TrainConfig):
+class TrainConfigInChain(FormSection, TrainConfig):
     model: str | None = chained(TrainConfig, "model")
 
 
-class MakePrefsConfigInChain(MakePrefsConfig):
+class PrefsConfigInChain(FormSection, IngestPrefsConfig):
+    pass
+
+
+class MakePrefsConfigInChain(FormSection, MakePrefsConfig):
     source: str | None = chained(MakePrefsConfig, "source")
 
 
-class DPOConfigInChain(DPOConfig):
+class DPOConfigInChain(FormSection, DPOConfig):
     model: str | None = chained(DPOConfig, "model")
 
 
-class SampleConfigInChain(SampleConfig):
+class SampleConfigInChain(FormSection, SampleConfig):
     model: str | None = chained(SampleConfig, "model")
     out: str | None = chained(SampleConfig, "out")
     lora: str | None = chained(SampleConfig, "lora")
@@ -181,25 +291,28 @@ def section(model: type[BaseModel]) -> Any:
 
 class EndToEndConfig(BaseModel):
     workdir: str = Field(..., description="working directory; each stage writes a subfolder of it")
+    base_model: str = Field(
+        "",
+        description="local SD3/SD3.5 diffusers folder every stage starts from (precompute, train, "
+        "DPO, samples); empty: write a random-weight tiny one",
+    )
     source: str = Field(
         "",
         description="raw image-text collection (folder, webdataset tars, parquet); empty: write the demo collection",
-    )
-    base_model: str = Field(
-        "",
-        description="local SD3 diffusers folder to start from; empty: write a random-weight tiny one",
     )
     captioner: str = Field(
         "",
         description="local image-text-to-text model folder; empty: write a random-weight tiny VLM",
     )
-    demo_data: DemoDataConfig = section(DemoDataConfig)
-    init_model: InitModelConfig = section(InitModelConfig)
-    curate: CurateConfig = section(CurateConfig)
-    init_captioner: InitCaptionerConfig = section(InitCaptionerConfig)
+    recipe: Recipe = Field(default_factory=Recipe, description=Recipe.__doc__)
+    demo_data: DemoDataInForm = section(DemoDataInForm)
+    init_model: InitModelInForm = section(InitModelInForm)
+    curate: CurateInForm = section(CurateInForm)
+    init_captioner: InitCaptionerInForm = section(InitCaptionerInForm)
     caption: CaptionConfigInChain = section(CaptionConfigInChain)
     precompute: PrecomputeConfigInChain = section(PrecomputeConfigInChain)
     train: TrainConfigInChain = section(TrainConfigInChain)
+    prefs: PrefsConfigInChain = section(PrefsConfigInChain)
     make_prefs: MakePrefsConfigInChain = section(MakePrefsConfigInChain)
     dpo: DPOConfigInChain = section(DPOConfigInChain)
     sample: SampleConfigInChain = section(SampleConfigInChain)
@@ -208,6 +321,7 @@ class EndToEndConfig(BaseModel):
 def tiny_kit(workdir: str, **top: Any) -> dict[str, Any]:
     """end_to_end parameters for the offline tiny kit (JSON-ready)."""
     parameters: dict[str, Any] = {"workdir": workdir, **top}
+    parameters["recipe"] = {"fine_tune": "full"}  # the demo: DPO on a fully fine-tuned model
     for link in CHAIN:
         model = EndToEndConfig.model_fields[link.section].annotation
         parameters[link.section] = model(**link.tiny).model_dump(mode="json")
@@ -233,8 +347,11 @@ def documented_by(model: type[BaseModel]):
 @flow(
     name="end_to_end",
     description=(
-        "Raw image-text data -> curate -> caption -> precompute -> train -> preference pairs -> "
-        "DPO LoRA -> samples with and without the LoRA. Finished stages skip themselves."
+        "The recipe: raw image-text data -> curate -> caption -> precompute -> LoRA or full "
+        "fine-tune (or none) -> Diffusion-DPO on synthetic pairs from the curated set or a real "
+        "preference dataset -> evaluation samples with and without the LoRA. Each stage can be "
+        "switched off in the recipe section; one base model feeds them all; finished stages "
+        "skip themselves."
     ),
     validate_parameters=True,
     log_prints=False,  # stage libraries print freely; the run log keeps our own lines
@@ -243,26 +360,29 @@ def documented_by(model: type[BaseModel]):
 def end_to_end(
     *,
     workdir: str,
-    source: str = "",
     base_model: str = "",
+    source: str = "",
     captioner: str = "",
-    demo_data: DemoDataConfig = DemoDataConfig(),
-    init_model: InitModelConfig = InitModelConfig(),
-    curate: CurateConfig = CurateConfig(),
-    init_captioner: InitCaptionerConfig = InitCaptionerConfig(),
+    recipe: Recipe = Recipe(),
+    demo_data: DemoDataInForm = DemoDataInForm(),
+    init_model: InitModelInForm = InitModelInForm(),
+    curate: CurateInForm = CurateInForm(),
+    init_captioner: InitCaptionerInForm = InitCaptionerInForm(),
     caption: CaptionConfigInChain = CaptionConfigInChain(),
     precompute: PrecomputeConfigInChain = PrecomputeConfigInChain(),
     train: TrainConfigInChain = TrainConfigInChain(),
+    prefs: PrefsConfigInChain = PrefsConfigInChain(),
     make_prefs: MakePrefsConfigInChain = MakePrefsConfigInChain(),
     dpo: DPOConfigInChain = DPOConfigInChain(),
     sample: SampleConfigInChain = SampleConfigInChain(),
 ) -> dict:
-    """Run every stage in order, each on the previous one's output."""
+    """Run the recipe's stages in order, each on an earlier one's output."""
     parameters = {
         "workdir": workdir,
-        "source": source,
         "base_model": base_model,
+        "source": source,
         "captioner": captioner,
+        "recipe": recipe,
         "demo_data": demo_data,
         "init_model": init_model,
         "curate": curate,
@@ -270,6 +390,7 @@ def end_to_end(
         "caption": caption,
         "precompute": precompute,
         "train": train,
+        "prefs": prefs,
         "make_prefs": make_prefs,
         "dpo": dpo,
         "sample": sample,

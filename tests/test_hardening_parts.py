@@ -502,12 +502,17 @@ def test_a_deeply_nested_json_sidecar_is_one_rejection_not_a_recursion_error(tmp
     (tmp_path / "x.png").write_bytes(_png())
     (tmp_path / "x.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "y.png").write_bytes(_png(color=(1, 2, 3)))
-    nested = "{" + '"a": {' * (JSON_MAX_DEPTH - 2) + '"caption": "deep but fine"' + "}" * (
-        JSON_MAX_DEPTH - 1
+    nested = (
+        "{"
+        + '"a": {' * (JSON_MAX_DEPTH - 2)
+        + '"caption": "deep but fine"'
+        + "}" * (JSON_MAX_DEPTH - 1)
     )
     (tmp_path / "y.json").write_text(nested)
     got = {r.key: (r.refused, r.caption) for r in read_records(tmp_path)}
     assert got["x.png"][0] == reasons.BAD_CAPTION
+    detail = next(r.detail for r in read_records(tmp_path) if r.key == "x.png")
+    assert "nests 100000 levels deep, over the limit of 64" in detail
     assert got["y.png"] == ("", "")  # at the limit: parsed (the caption is not at the top)
 
 
