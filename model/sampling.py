@@ -13,8 +13,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from curate.runtime.stage_runtime import StageRun
-from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
+from model.folders import load_pipeline, parse_dtype
 from model.lora import load_into_pipeline, read_lora_for
 
 LORA_ADAPTER = "lora"
