@@ -42,13 +42,12 @@ from flows import artifacts
 from flows.progress import tqdm_progress
 from model.build import run_init_model
 from model.config import (
-    ExportSingleFileConfig,
     InitModelConfig,
-    LoraConvertConfig,
     PrecomputeConfig,
     SampleConfig,
     TrainConfig,
 )
+from model.interop_config import ExportSingleFileConfig, LoraConvertConfig
 from model.lora_formats import run_lora_convert
 from model.precompute import run_precompute
 from model.sampling import run_sample
