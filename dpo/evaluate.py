@@ -180,7 +180,7 @@ def evaluate_samples(
 
     CAPTIONS are the preference set's (the win rate is theirs); OFF_TARGET captions are outside
     it and are reported per caption (`prompt_changes`), their worst drop on its own."""
-    from model.build import load_pipeline, parse_dtype
+    from model.folders import load_pipeline, parse_dtype
     from model.sampling import (
         generate,
         load_lora,

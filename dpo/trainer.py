@@ -42,10 +42,10 @@ from dpo.lora import add_lora, export_lora, lora_parameters
 from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
 from dpo.regularizers import draw_preserve, preserve_texts
 from dpo.step import dpo_terms, implicit_accuracy, velocity_errors  # noqa: F401 (re-exported)
-from model import build
-from model.build import parse_dtype
+from model import folders
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
+from model.folders import parse_dtype
 from model.lora_train import lora_alpha
 from model.toolbox import (
     NonFiniteLossError,
@@ -91,7 +91,7 @@ def load_transformer(
 ) -> SD3Transformer2DModel:
     """The base MMDiT of a local diffusers folder (or a Stability single file), frozen (the
     encoders are not loaded)."""
-    transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
+    transformer = folders.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
 
 

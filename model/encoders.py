@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 from curate.runtime.options import resolve_device
 from model.buckets import center_crop_resize
-from model.build import MissingModelFile, has_t5, load_component, model_index, t5_width
 from model.conditioning import TextEncoding
+from model.folders import MissingModelFile, has_t5, load_component, model_index, t5_width
 
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
 ENCODERS = ("vae", *TEXT_ENCODERS)

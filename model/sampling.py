@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from curate.runtime.options import resolve_device
 from curate.runtime.stage_runtime import StageRun
-from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
+from model.folders import load_pipeline, parse_dtype
 from model.lora import load_into_pipeline, read_lora_for
 
 LORA_ADAPTER = "lora"

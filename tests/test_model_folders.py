@@ -23,11 +23,12 @@ from curate.runtime.store import Manifest
 from dpo.config import DPOConfig
 from dpo.trainer import run_dpo
 from flows.cli import main as cli_main
-from model.build import build_transformer, load_pipeline, load_transformer
+from model.build import build_transformer
 from model.conditioning import TextEncoding, joint_condition
 from model.config import PrecomputeConfig, TrainConfig
 from model.encoded import EncodedDataset
 from model.encoders import encode_texts
+from model.folders import load_pipeline, load_transformer
 from model.precompute import run_precompute
 from model.train import run_train
 from model.train_model import build_or_load_transformer
