@@ -20,14 +20,12 @@ from curate.config import CurateConfig, DemoDataConfig
 from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
 from flows.config import RunAllConfig, ServeConfig
 from model.config import (
-    ExportSingleFileConfig,
     InitModelConfig,
-    LoraConvertConfig,
-    MergeLoraConfig,
     PrecomputeConfig,
     SampleConfig,
     TrainConfig,
 )
+from model.interop_config import ExportSingleFileConfig, LoraConvertConfig, MergeLoraConfig
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,8 @@ CHAIN = (
         {
             "max_steps": 10,
             "batch_size": 2,
-            "rank": 8,
-            "alpha": 8.0,
+            "lora_rank": 8,
+            "lora_alpha": 8.0,
             "lr": 1e-3,
             "log_every": 2,
             "checkpoint_every": 5,

@@ -42,14 +42,12 @@ from flows import artifacts
 from flows.progress import tqdm_progress
 from model.build import run_init_model
 from model.config import (
-    ExportSingleFileConfig,
     InitModelConfig,
-    LoraConvertConfig,
-    MergeLoraConfig,
     PrecomputeConfig,
     SampleConfig,
     TrainConfig,
 )
+from model.interop_config import ExportSingleFileConfig, LoraConvertConfig, MergeLoraConfig
 from model.lora_formats import run_lora_convert
 from model.merge_lora import run_merge_lora
 from model.precompute import run_precompute

@@ -11,7 +11,7 @@ from lora_kit import random_trained_lora
 from safetensors.torch import load_file
 
 from flows.cli import main as t2i
-from model.config import MergeLoraConfig
+from model.interop_config import MergeLoraConfig
 from model.lora_formats import LoraModule, LoraWeights, read_lora, save_lora
 from model.merge_lora import run_merge_lora
 

@@ -23,11 +23,12 @@ from curate.runtime.store import Manifest
 from dpo.config import DPOConfig
 from dpo.trainer import run_dpo
 from flows.cli import main as cli_main
-from model.build import build_transformer, load_pipeline, load_transformer
+from model.build import build_transformer
 from model.conditioning import TextEncoding, joint_condition
 from model.config import PrecomputeConfig, TrainConfig
 from model.encoded import EncodedDataset
 from model.encoders import encode_texts
+from model.folders import load_pipeline, load_transformer
 from model.precompute import run_precompute
 from model.train import run_train
 from model.train_model import build_or_load_transformer
@@ -210,8 +211,8 @@ def test_dpo_runs_on_a_t5_less_fp16_folder(kinds, demo_folder, tmp_path, t2i):
     config = DPOConfig(
         model=str(model),
         variant="fp16",
-        rank=2,
-        alpha=2,
+        lora_rank=2,
+        lora_alpha=2,
         batch_size=2,
         max_steps=2,
         resolution=32,
