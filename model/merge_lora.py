@@ -29,10 +29,10 @@ def merge_into(transformer: torch.nn.Module, weights: LoraWeights) -> int:
 
 
 def run_merge_lora(base: str, lora: str, output: str, config) -> Path:
-    """`t2i merge-lora BASE LORA OUTPUT`: see model/config.py MergeLoraConfig."""
+    """`t2i merge-lora BASE LORA OUTPUT`: see model/interop_config.py MergeLoraConfig."""
     from curate.runtime.stage_runtime import StageRun
-    from model.build import load_transformer, parse_dtype
     from model.export import export_pipeline
+    from model.folders import load_transformer, parse_dtype
     from model.lora import read_lora_for
 
     reads = {"base": base, "lora": lora}
