@@ -61,7 +61,7 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
         rand(batch, 16, side, side),
         text,
     )
-    config = DPOConfig(model=".", rank=rank, alpha=float(rank))
+    config = DPOConfig(model=".", lora_rank=rank, lora_alpha=float(rank))
     before = rss_bytes()
 
     transformer = build(depth, DTYPES[base])

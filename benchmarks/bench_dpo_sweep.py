@@ -70,9 +70,9 @@ def overrides(spec: str) -> dict:
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key == "targets":
-            out["target_modules"] = TARGET_SETS.get(value, [value])
+            out["lora_targets"] = TARGET_SETS.get(value, [value])
         elif key == "rank":
-            out["rank"], out["alpha"] = int(value), float(value)
+            out["lora_rank"], out["lora_alpha"] = int(value), float(value)
         elif key == "pool":
             out["pool"] = value
         elif key in KEYS:

@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from dpo.config import ALL_BLOCK_LINEARS, EMBEDDERS, FINAL_LAYER
 from flows.cli import main as t2i
-from model.build import init_model, load_transformer
+from model.build import init_model
+from model.folders import load_transformer
 from model.lora import add_lora, load_into_pipeline, lora_weights
 from model.lora_formats import read_lora, save_lora
 

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from curate.runtime.executor import ExecutorOptions
+from curate.runtime.options import device_option
 
 # Florence-2's captioning task tokens: its processor expands each into the question it was trained on.
 TASK_TOKENS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
@@ -143,9 +144,7 @@ class CaptionConfig(ExecutorOptions):
     batch_size: int = Field(
         8, ge=1, description="images per generate() call (backend transformers)"
     )
-    device: str = Field(
-        "cpu", description="torch device, e.g. cuda or cuda:1 (backend transformers)"
-    )
+    device: str = device_option("backend transformers")
     dtype: str = Field("fp32", description="fp32, fp16 or bf16 (backend transformers)")
     trust_remote_code: bool = Field(
         False,
@@ -208,7 +207,7 @@ class ServeCaptionerConfig(BaseModel):
     served_name: str | None = Field(
         None, description="model name clients ask for (default: the folder's name)"
     )
-    device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
+    device: str = device_option()
     dtype: str = Field("fp32", description="fp32, fp16 or bf16")
     trust_remote_code: bool = Field(
         False, description="allow the model folder's own Python code; only for folders you trust"

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from curate.runtime.executor import ExecutorOptions
+from curate.runtime.options import device_option
 
 
 class DemoDataConfig(BaseModel):
@@ -147,7 +148,8 @@ class CurateConfig(ExecutorOptions):
     clusters: int | None = Field(
         None,
         ge=1,
-        description="k-means clusters K; default grows with N: min(16000, max(1, round(sqrt(N)/2))) (SD3 used 16,000)",
+        description="k-means clusters K; default grows with the N images: 1 (exact all-pairs search) "
+        "up to 2,000, then min(16000, round(2 * sqrt(N))), e.g. 200 at 10,000 (SD3 used 16,000)",
     )
     cluster_assign: int = Field(
         2,
@@ -170,7 +172,7 @@ class CurateConfig(ExecutorOptions):
         ge=1,
         description="most pixels (as the headers declare them) per chunk: bounds a worker's decoded images whatever their size",
     )
-    device: str = Field("cpu", description="torch device for the torch scorers and embedders")
+    device: str = device_option("of the torch scorers and embedders")
     seed: int = Field(0, description="seed for k-means")
     contact_sheet_max: int = Field(
         64, ge=0, description="thumbnails per contact sheet in the report"

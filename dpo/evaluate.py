@@ -180,7 +180,7 @@ def evaluate_samples(
 
     CAPTIONS are the preference set's (the win rate is theirs); OFF_TARGET captions are outside
     it and are reported per caption (`prompt_changes`), their worst drop on its own."""
-    from model.build import load_pipeline, parse_dtype
+    from model.folders import load_pipeline, parse_dtype
     from model.sampling import (
         generate,
         load_lora,
@@ -237,7 +237,7 @@ def evaluate_lora(config, lora_dir, captions: Sequence[str], device) -> SampleEv
     guidance, scorer, off-target captions), the LoRA in LORA_DIR, the grids written there."""
     return evaluate_samples(
         config.model, lora_dir, captions, list(range(config.eval_seeds)), lora_dir,
-        config.eval_steps, config.eval_guidance, config.scorer, str(device), config.base_dtype,
+        config.eval_steps, config.eval_guidance, config.scorer, str(device), config.lora_base_dtype,
         config.variant, config.transformer_file, config.offtarget_captions,
     )  # fmt: skip
 

@@ -183,6 +183,7 @@ def run_arm(
         split_heldout,
         train_lora,
     )
+    from model.lora_train import lora_alpha
 
     clock = time.monotonic()
     work = Path(work)
@@ -190,7 +191,7 @@ def run_arm(
     (work / METRICS).unlink(missing_ok=True)
     torch.manual_seed(config.seed)
     model = load_transformer(model_dir, "cpu", torch.float32)
-    add_lora(model, config.rank, config.alpha, config.target_modules, config.seed)
+    add_lora(model, config.lora_rank, lora_alpha(config), config.lora_targets, config.seed)
     train, held = split_heldout(task.swapped() if swapped else task.pairs, 0.25, config.seed)
     shift = (sampling or Sampling()).shift if config.shift is None else config.shift
     evals, optimizer, start = [], None, 0

@@ -41,9 +41,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from curate.runtime.options import resolve_device
 from model.buckets import center_crop_resize
-from model.build import MissingModelFile, has_t5, load_component, model_index, t5_width
 from model.conditioning import TextEncoding
+from model.folders import MissingModelFile, has_t5, load_component, model_index, t5_width
 
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
 ENCODERS = ("vae", *TEXT_ENCODERS)
@@ -108,7 +109,7 @@ class Encoder:
             raise ValueError(f"unknown encoder {name!r}; use one of {', '.join(ENCODERS)}")
         self.name, self.device, self.dtype, self.t5_length = (
             name,
-            torch.device(device),
+            torch.device(resolve_device(str(device))),
             dtype,
             t5_length,
         )

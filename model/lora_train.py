@@ -35,12 +35,17 @@ def base_dtype(requested: str, mixed_precision: str) -> torch.dtype:
     return _DTYPES[requested]
 
 
+def lora_alpha(config) -> float:
+    """--lora-alpha of `t2i train` and `t2i dpo`; unset = the rank (a scale alpha / rank of 1)."""
+    return config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
+
+
 def attach_lora(transformer: torch.nn.Module, config, mixed_precision: str):
     """Freeze TRANSFORMER (cast to the base dtype) and attach the trainable LoRA; None without --lora-rank."""
     if not config.lora_rank:
         return None
     transformer.to(base_dtype(config.lora_base_dtype, mixed_precision))
-    alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
+    alpha = lora_alpha(config)
     return add_lora(transformer, config.lora_rank, alpha, config.lora_targets, config.seed)
 
 
@@ -73,5 +78,6 @@ __all__ = [
     "attach_lora",
     "base_dtype",
     "export_trained_lora",
+    "lora_alpha",
     "make_optimizer",
 ]

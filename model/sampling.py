@@ -12,9 +12,10 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from curate.runtime.options import resolve_device
 from curate.runtime.stage_runtime import StageRun
-from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
+from model.folders import load_pipeline, parse_dtype
 from model.lora import load_into_pipeline, read_lora_for
 
 LORA_ADAPTER = "lora"
@@ -141,14 +142,14 @@ def run_sample(output: str | Path, config: SampleConfig) -> Path:
         lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
         pipe = load_pipeline(
             config.model,
-            config.device,
+            resolve_device(config.device),
             parse_dtype(config.dtype),
             variant=config.variant,
             transformer_file=config.transformer_file,
         )
         pipe.set_progress_bar_config(disable=True)
         prompts = read_prompts(config.prompt, config.prompts)
-        t5_length = config.max_sequence_length or trained_t5_length(config.model) or 256
+        t5_length = config.t5_length or trained_t5_length(config.model) or 256
         zeros = trained_record(config.model).get("unconditional") == "zeros"
         options = (
             config.steps,

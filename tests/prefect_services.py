@@ -111,6 +111,13 @@ class PrefectServices:
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> PrefectServices:
+        try:
+            return self._start()
+        except BaseException:  # a failed start must not leave the server running
+            self.__exit__()
+            raise
+
+    def _start(self) -> PrefectServices:
         prefect = str(Path(sys.executable).parent / "prefect")
         server_log = self.home / "server.log"
         server = start(

@@ -36,7 +36,7 @@ def policy(tiny_model_dir):
 
 
 def _config(model_dir: str, **kw) -> DPOConfig:
-    return DPOConfig(model=model_dir, rank=4, alpha=4.0, target_modules=TARGETS, **kw)
+    return DPOConfig(model=model_dir, lora_rank=4, lora_alpha=4.0, lora_targets=TARGETS, **kw)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from diffusers import StableDiffusion3Pipeline
 from lora_kit import random_trained_lora
 
 from dpo.lora import LORA_FILE, lora_parameters
-from model.build import load_pipeline
+from model.folders import load_pipeline
 
 # fp32 on CPU: the reloaded transformer computes the same ops in the same order; allow for
 # reordered additions only.

@@ -195,7 +195,7 @@ BOMB_SCRIPT = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, "tests")
     import bad_corpus
-    from captioning.server import RequestError, decode_data_url
+    from captioning.chat_request import RequestError, decode_data_url
     from curate.runtime.decode import Invalid, check, decode_image, to_rgb
     from curate.ingest import read_records
     from dpo.synthetic import source_images
@@ -384,7 +384,7 @@ def test_allow_path_cells_reads_paths_inside_the_input_only(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate.ingest import IngestOptions
+    from curate.records import IngestOptions
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(_png())
@@ -479,7 +479,7 @@ def test_every_duplicate_tar_member_is_counted_and_only_the_first_read(tmp_path)
 
 
 def test_tar_members_and_loose_files_share_the_image_size_cap(tmp_path):
-    from curate.ingest import IngestOptions
+    from curate.records import IngestOptions
 
     image = _png()
     (tmp_path / "in").mkdir()
@@ -496,7 +496,7 @@ def test_tar_members_and_loose_files_share_the_image_size_cap(tmp_path):
 
 
 def test_a_deeply_nested_json_sidecar_is_one_rejection_not_a_recursion_error(tmp_path):
-    from curate.ingest import JSON_MAX_DEPTH, json_depth
+    from curate.records import JSON_MAX_DEPTH, json_depth
 
     assert json_depth('{"a": "[[[[", "b": [[1]]}') == 3
     (tmp_path / "x.png").write_bytes(_png())

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from sd_scripts_kit import merged_like_comfyui, stability_checkpoint
 
 from flows.cli import main as t2i
-from model.build import build_transformer, load_pipeline
+from model.build import build_transformer
+from model.folders import load_pipeline
 from model.lora import add_lora, load_into_pipeline, lora_weights
 from model.lora_formats import (
     LoraModule,

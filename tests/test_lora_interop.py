@@ -142,7 +142,7 @@ def test_dpo_target_modules_reach_the_embedders_and_the_final_layer(
     dpo_pairs, tiny64_model_dir, tmp_path
 ):
     targets = ["attn.to_q", "embedders", "final-layer"]
-    assert dpo(dpo_pairs, tiny64_model_dir, tmp_path / "out", "--target-modules", *targets) == 0
+    assert dpo(dpo_pairs, tiny64_model_dir, tmp_path / "out", "--lora-targets", *targets) == 0
     modules = set(read_lora(tmp_path / "out").modules)
     assert modules == EMBEDDER_MODULES | {f"transformer_blocks.{i}.attn.to_q" for i in (0, 1)}
     # and the file travels: kohya keys for them, back to the same modules

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from train_sets import shapes_encoded
 
 from flows.cli import main as t2i
-from model.build import load_pipeline
 from model.checkpoint import list_checkpoints
 from model.config import TrainConfig
+from model.folders import load_pipeline
 from model.lora import add_lora
 from model.lora_formats import LORA_FILE
 from model.lora_train import make_optimizer

@@ -18,11 +18,11 @@ from curate.runtime import reasons
 from curate.runtime.store import Manifest, StoreError, fingerprint, load_rejected, load_samples
 from curate.runtime.store_writer import StageWriter
 from model.buckets import make_buckets
-from model.build import load_pipeline
 from model.conditioning import TextEncoding, joint_condition
 from model.config import PrecomputeConfig
 from model.encoded import EncodedDataset, collate
 from model.encoders import encode_images, encode_texts, encoder_dims
+from model.folders import load_pipeline
 from model.precompute import run_precompute
 
 STORE_FEATURES = datasets.Features(

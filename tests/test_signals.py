@@ -128,3 +128,19 @@ def test_serve_stops_with_a_flow_run_in_progress(sig, tmp_path, tiny_model_dir):
         assert tree  # the flow run was a child process of `t2i serve`
         text = services.serve_log.read_text()
         assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_train_stops_mid_run(sig, encoded, tiny_model_dir, tmp_path):
+    log = tmp_path / "train.log"
+    argv = [sys.executable, "-m", "flows.cli", "train", str(encoded), str(tmp_path / "out"),
+            "--model", tiny_model_dir, "--device", "cpu", "--max-steps", "100000", "--log-every", "1",
+            "--batch-size", "4", "--val-every", "0", "--sample-every", "0", "--checkpoint-every", "100000"]  # fmt: skip
+    process = start(argv, log)
+    wait_for("training steps", lambda: "step 3/" in log.read_text(), 240, process, log)
+    signal_and_check(process, sig, log)
+    expected = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert f"t2i train: {expected}" in log.read_text()
+    assert not (
+        tmp_path / "out" / "manifest.json"
+    ).exists()  # an interrupted run never looks finished

@@ -15,10 +15,10 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from model.build import load_pipeline
 from model.conditioning import ENCODER_DROP_PROB, TextEncoding
 from model.config import TrainConfig
 from model.encoders import encode_texts
+from model.folders import load_pipeline
 from model.latent_sampling import sample_latents
 from model.train import train
 

@@ -187,7 +187,7 @@ def test_sample_uses_the_t5_length_and_unconditional_input_the_model_was_trained
     config = SampleConfig(model=str(out), prompt=["a red circle"], steps=1, height=32, width=32,
                           out=str(tmp_path / "samples"))  # fmt: skip
     sampling.run_sample(config.out, config)
-    sampling.run_sample(config.out, config.model_copy(update={"max_sequence_length": 20}))
+    sampling.run_sample(config.out, config.model_copy(update={"t5_length": 20}))
     sampling.run_sample(config.out, config.model_copy(update={"model": tiny_model_dir}))
     sampling.run_sample(config.out, config.model_copy(update={"model": str(zeros)}))
     assert seen == [(32, False), (20, False), (256, False), (32, True)]
