@@ -1,9 +1,10 @@
 """At its shipped defaults (only the steps scaled down), `t2i dpo`'s loop moves samples toward the
-preferred images, swapped labels move them the other way, and every single prompt outside the
-preference set keeps its colour accuracy (issue 20; dpo/shapes_task.py, dpo/shapes_proof.py).
+preferred images, swapped labels move them the other way, and no single prompt outside the
+preference set loses more than 0.05 of its colour accuracy (issue 20; dpo/shapes_task.py,
+dpo/shapes_proof.py).
 
 The light version of `benchmarks/bench_dpo_proof.py shapes`: the weaker of its two bases (500
-steps of `t2i train`'s loop on 4 shapes x 4 colours at 64 px; the leak is larger on it), 150 DPO
+steps of `t2i train`'s loop on 4 shapes x 4 colours at 64 px; the leak is larger on it), 200 DPO
 steps, 24 held-out sampling seeds per prompt. --preserve-captions are the circle and square
 prompts; the verdict reads the triangle and cross prompts, which no part of training shows.
 """
@@ -17,7 +18,7 @@ from dpo.shapes_proof import PROOF_SEEDS, Sampling, run_proof
 from dpo.shapes_task import build_task
 
 pytestmark = pytest.mark.slow
-DPO_STEPS = 150
+DPO_STEPS = 200
 
 
 @pytest.fixture(scope="module")
