@@ -63,6 +63,7 @@ CHAIN = (
             "checkpoint_every": 10,
         },
     ),
+    Link("merge-lora", "fine-tuned", {}),  # no form section: its defaults (an fp32 merge)
     Link("prefs", "prefs-ingested", {}),
     Link("make-prefs", "prefs", {"pairs_per_image": 1}),
     Link(
@@ -107,7 +108,8 @@ class _Recipe:
         folder = str(self.work / link.folder)
         arguments = {p: chained.pop(p) for p in spec.positionals if p in chained}
         arguments |= {p: folder for p in spec.positionals if p in ("output", "out")}
-        section = getattr(self.config, link.section).model_dump()
+        section = getattr(self.config, link.section, None)
+        section = section.model_dump() if section is not None else {}
         values = {k: v for k, v in section.items() if v is not None}
         values |= {
             k: v for k, v in chained.items() if v is not None and section.get(k) in (None, "")
@@ -159,8 +161,10 @@ def plan(config: BaseModel) -> list[Step]:
         trained = steps.add("train", encoded=encoded, model=base, lora_rank=rank)
         if fine_tune == "full":
             model = trained  # DPO's reference is then the fine-tuned model, as in Diffusion-DPO
+        elif recipe.dpo:  # merged, so DPO's reference (adapter off) is the fine-tuned model too
+            model = steps.add("merge-lora", base=base, lora=trained)
         else:
-            lora = trained  # DPO continues this LoRA (--init-lora); its reference is the base
+            lora = trained  # evaluation: the base with and without the fine-tune LoRA
     if recipe.dpo:
         if recipe.preferences == "dataset":
             prefs = steps.add("prefs", source=recipe.preference_data)
@@ -168,7 +172,7 @@ def plan(config: BaseModel) -> list[Step]:
         else:  # synthetic pairs from the curated set: its attribute is the judge of the samples
             prefs = steps.add("make-prefs", source=curated or raw)
             scorer = f"attribute:{config.make_prefs.attribute}"
-        lora = steps.add("dpo", prefs=prefs, model=model, init_lora=lora, scorer=scorer)
+        lora = steps.add("dpo", prefs=prefs, model=model, scorer=scorer)
     if recipe.evaluate:
         steps.add("sample", model=model, lora=lora)  # base/ and lora/ images, same seeds, a grid
     return steps.steps
@@ -322,7 +326,7 @@ def tiny_kit(workdir: str, **top: Any) -> dict[str, Any]:
     """end_to_end parameters for the offline tiny kit (JSON-ready)."""
     parameters: dict[str, Any] = {"workdir": workdir, **top}
     parameters["recipe"] = {"fine_tune": "full"}  # the demo: DPO on a fully fine-tuned model
-    for link in CHAIN:
+    for link in (link for link in CHAIN if link.section in EndToEndConfig.model_fields):
         model = EndToEndConfig.model_fields[link.section].annotation
         parameters[link.section] = model(**link.tiny).model_dump(mode="json")
     return EndToEndConfig.model_validate(parameters).model_dump(mode="json")

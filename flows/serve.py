@@ -61,6 +61,7 @@ TITLES = {
     "export-single-file": "11 export a single-file checkpoint",
     "init-model": "12 random tiny SD3 model",
     "init-captioner": "13 random tiny captioner",
+    "merge-lora": "14 merge a LoRA into its base model",
 }
 
 

@@ -47,8 +47,9 @@ from model.config import (
     SampleConfig,
     TrainConfig,
 )
-from model.interop_config import ExportSingleFileConfig, LoraConvertConfig
+from model.interop_config import ExportSingleFileConfig, LoraConvertConfig, MergeLoraConfig
 from model.lora_formats import run_lora_convert
+from model.merge_lora import run_merge_lora
 from model.precompute import run_precompute
 from model.sampling import run_sample
 from model.single_file import run_export_single_file
@@ -106,6 +107,7 @@ STAGES: dict[str, Stage] = {
         Stage("train", TrainConfig, run_train),
         Stage("prefs", IngestPrefsConfig, run_prefs),
         Stage("make-prefs", MakePrefsConfig, run_make_prefs),
+        Stage("merge-lora", MergeLoraConfig, run_merge_lora),
         Stage("dpo", DPOConfig, run_dpo),
         Stage("sample", SampleConfig, run_sample),
         Stage("lora-convert", LoraConvertConfig, run_lora_convert),
@@ -327,6 +329,13 @@ def make_prefs_flow(*, output: str, config: MakePrefsConfig) -> dict:
     return run_flow_stage("make-prefs", {"output": output}, config)
 
 
+@stage_flow_of("merge-lora")
+def merge_lora_flow(
+    *, base: str, lora: str, output: str, config: MergeLoraConfig = MergeLoraConfig()
+) -> dict:
+    return run_flow_stage("merge-lora", {"base": base, "lora": lora, "output": output}, config)
+
+
 @stage_flow_of("dpo")
 def dpo_flow(*, prefs: str, output: str, config: DPOConfig) -> dict:
     return run_flow_stage("dpo", {"prefs": prefs, "output": output}, config)
@@ -360,6 +369,7 @@ STAGE_FLOWS: dict[str, Flow] = {
     "train": train_flow,
     "prefs": prefs_flow,
     "make-prefs": make_prefs_flow,
+    "merge-lora": merge_lora_flow,
     "dpo": dpo_flow,
     "sample": sample_flow,
     "lora-convert": lora_convert_flow,

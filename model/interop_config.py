@@ -1,5 +1,6 @@
-"""Options of the commands that write files for other tools: `t2i lora-convert` (a LoRA in
-another key style) and `t2i export-single-file` (the transformer in Stability's layout)."""
+"""Options of the commands that write files for other tools or merge them: `t2i lora-convert` (a
+LoRA in another key style), `t2i export-single-file` (the transformer in Stability's layout) and
+`t2i merge-lora` (a LoRA merged into its base model)."""
 
 from __future__ import annotations
 
@@ -61,4 +62,25 @@ class ExportSingleFileConfig(VariantOption):
 
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the written weights (Stability ships SD3 in 16 bits)"
+    )
+
+
+class MergeLoraConfig(VariantOption):
+    """`t2i merge-lora`: a LoRA merged into its base model's transformer, as a new SD3 folder."""
+
+    summary: ClassVar[str] = "merge a LoRA into its base SD3 model: a new diffusers folder"
+    description: ClassVar[str] = (
+        "Writes OUTPUT, a copy of the diffusers SD3 folder BASE whose transformer weights are "
+        "W + alpha / rank * up @ down for every layer the LoRA adapts (the fuse_lora update), "
+        "in fp32 unless --save-dtype says otherwise. A fine-tune LoRA merged this way is the "
+        "reference model Diffusion-DPO needs (`t2i dpo --model OUTPUT`, a fresh LoRA)."
+    )
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("base", "diffusers SD3 folder the LoRA was trained on"),
+        ("lora", "LoRA .safetensors file or a folder with one (any key style)"),
+        ("output", "the merged diffusers folder to write"),
+    )
+
+    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="dtype of the merged transformer's weights"
     )

@@ -86,7 +86,7 @@ def test_end_to_end_plan_chains_each_stage_on_earlier_outputs_only(tmp_path):
     steps = plan(EndToEndConfig.model_validate(tiny_kit(str(tmp_path.resolve()))))
     names = [name for name, _, _ in steps]
     # each stage once, in the chain's order; the tiny kit's pairs are synthetic (no `prefs`)
-    assert names == [link.command for link in CHAIN if link.command != "prefs"]
+    assert names == [link.command for link in CHAIN if link.command not in ("prefs", "merge-lora")]
     written: list[str] = []
     for name, arguments, config in steps:
         read = [v for k, v in arguments.items() if k not in ("output", "out")]
@@ -146,20 +146,21 @@ def test_the_default_recipe_is_lora_then_dpo_on_pairs_from_the_curated_set(tmp_p
         "caption",
         "precompute",
         "train",
+        "merge-lora",
         "make-prefs",
         "dpo",
         "sample",
     ]
     base = "/models/sd3.5-medium"  # given once, used by every stage that loads a model
-    assert all(
-        c.model == base
-        for n, (_, c) in steps.items()
-        if n not in ("curate", "caption", "make-prefs")
-    )
+    assert steps["precompute"][1].model == base and steps["train"][1].model == base
     curated = steps["curate"][0]["output"]
     assert steps["make-prefs"][1].source == curated  # synthetic pairs from the curated set
     assert steps["train"][1].lora_rank == 64
-    assert steps["dpo"][1].init_lora == steps["train"][0]["output"]  # DPO continues the LoRA
+    # DPO runs a fresh LoRA on base + the fine-tune LoRA merged: its reference is the SFT model
+    merge = steps["merge-lora"][0]
+    assert (merge["base"], merge["lora"]) == (base, steps["train"][0]["output"])
+    assert steps["dpo"][1].model == merge["output"] and steps["dpo"][1].init_lora is None
+    assert steps["sample"][1].model == merge["output"]  # evaluated against the SFT model
     assert steps["dpo"][1].scorer == "attribute:warm"  # the pairs' attribute judges the samples
     assert steps["sample"][1].lora == steps["dpo"][0]["output"]
 
@@ -176,6 +177,7 @@ def test_recipe_switches_leave_stages_out(tmp_path):
     assert list(only_tune) == ["curate", "caption", "precompute", "train"]
     no_dpo = recipe_plan(tmp_path, dpo=False)
     assert no_dpo["sample"][1].lora == no_dpo["train"][0]["output"]  # the fine-tune is evaluated
+    assert "merge-lora" not in no_dpo and no_dpo["sample"][1].model == "/models/sd3.5-medium"
 
 
 def test_a_real_preference_dataset_goes_through_prefs(tmp_path):

@@ -198,7 +198,7 @@ def test_every_command_that_writes_takes_overwrite():
 
     parser = build_parser()
     names = {c.name for c in COMMANDS if c.writes}
-    assert set(WRITERS) | {"lora-convert", "export-single-file", "run-all"} == names
+    assert set(WRITERS) | {"lora-convert", "export-single-file", "merge-lora", "run-all"} == names
     for name in names:
         args = parser.parse_args([name, *["x"] * len(_positionals(name)), "--overwrite"])
         assert args._overwrite is True

@@ -192,7 +192,7 @@ VOCABULARY: dict[str, SharedOption] = {
         "weight variant of --model (e.g. fp16)",
         str,
         None,
-        ("precompute", "train", "dpo", "sample", "export-single-file"),
+        ("precompute", "train", "dpo", "sample", "export-single-file", "merge-lora"),
     ),
     "transformer_file": SharedOption(
         "Stability single-file transformer used in place of --model's",
@@ -204,7 +204,9 @@ VOCABULARY: dict[str, SharedOption] = {
         "dtype of exported weights (a LoRA; export-single-file: the transformer)",
         DTYPE,
         "bf16",
-        ("train", "dpo", "lora-convert", "export-single-file"),
+        ("train", "dpo", "lora-convert", "export-single-file", "merge-lora"),
+        {"merge-lora": "fp32"},
+        "an exact merge, the reference DPO starts from",
     ),
     "mixed_precision": SharedOption(
         "autocast precision",
