@@ -138,7 +138,7 @@ def test_dpo_trains_an_emb_dims_lora_from_sd_scripts_past_the_blocks(
         assert not torch.allclose(trained.modules[name].delta(), start.modules[name].delta()), name
 
 
-def test_dpo_target_modules_reach_the_embedders_and_the_final_layer(
+def test_dpo_lora_targets_reach_the_embedders_and_the_final_layer(
     dpo_pairs, tiny64_model_dir, tmp_path
 ):
     targets = ["attn.to_q", "embedders", "final-layer"]
