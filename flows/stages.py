@@ -224,9 +224,14 @@ def run_sample_shards(
     results = [_unwrap(r) for r in futures.result()]
     images = sorted(p for p in out.rglob("*.png"))
     artifacts.publish_gallery(label, out, images)
-    return {"stage": label, "output": str(out), "skipped": all(r["skipped"] for r in results),
-            "counts": {"images": len(images), "shards": len(shards)}, "wall_time_s": None,
-            "worker": ", ".join(sorted({r["worker"] for r in results}))}  # fmt: skip
+    return {
+        "stage": label,
+        "output": str(out),
+        "skipped": all(r["skipped"] for r in results),
+        "counts": {"images": len(images), "shards": len(shards)},
+        "wall_time_s": None,
+        "worker": ", ".join(sorted({r["worker"] for r in results})),
+    }
 
 
 run_stage = task(
@@ -275,7 +280,9 @@ def stage_flow_of(name: str) -> Callable[[Callable[..., dict[str, Any]]], Flow]:
     return make
 
 
-def run_flow_stage(name: str, arguments: dict[str, Any], config: BaseModel | None) -> dict[str, Any]:
+def run_flow_stage(
+    name: str, arguments: dict[str, Any], config: BaseModel | None
+) -> dict[str, Any]:
     """A stage flow's body: its config validated, then the stage run as one task."""
     config = stage(name).config_model.model_validate(config if config is not None else {})
     arguments = {key: str(value) for key, value in arguments.items()}
@@ -320,7 +327,9 @@ def train_flow(*, encoded: str, output: str, config: TrainConfig) -> dict:
 
 
 @stage_flow_of("prefs")
-def prefs_flow(*, source: str, output: str, config: IngestPrefsConfig = IngestPrefsConfig()) -> dict:
+def prefs_flow(
+    *, source: str, output: str, config: IngestPrefsConfig = IngestPrefsConfig()
+) -> dict:
     return run_flow_stage("prefs", {"source": source, "output": output}, config)
 
 
