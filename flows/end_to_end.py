@@ -36,7 +36,8 @@ from flows.form import (
     SampleConfigInChain,
     TrainConfigInChain,
 )
-from flows.stages import call_stage, describe, run_sample_shards, stage
+from flows.registry import stage
+from flows.stages import call_stage, describe, run_sample_shards
 
 
 @dataclass(frozen=True)

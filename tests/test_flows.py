@@ -12,7 +12,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.end_to_end import CHAIN, EndToEndConfig, end_to_end, plan, tiny_kit
-from flows.stages import is_transient, run_stage, stage_flow, stages
+from flows.registry import stages
+from flows.stages import is_transient, run_stage, stage_flow
 
 
 @pytest.fixture(scope="module", autouse=True)
