@@ -33,17 +33,30 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (230, 220, 30)}  # fmt: skip
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 60, 230),
+    "yellow": (230, 220, 30),
+}
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZE = 64
 T5_LENGTH = 77
 # The issue's run: t2i train --preset tiny-d4 --max-steps 1500 --batch-size 16 --lr 5e-4
 # --warmup-steps 100 --synthetic-caption-p 0 (plus: CPU, no grids, checkpoints or validation).
 ISSUE_RUN = dict(
-    preset="tiny-d4", max_steps=1500, batch_size=16, lr=5e-4, warmup_steps=100,
-    synthetic_caption_p=0.0, device="cpu", sample_count=0, checkpoint_every=0, val_every=0,
+    preset="tiny-d4",
+    max_steps=1500,
+    batch_size=16,
+    lr=5e-4,
+    warmup_steps=100,
+    synthetic_caption_p=0.0,
+    device="cpu",
+    sample_count=0,
+    checkpoint_every=0,
+    val_every=0,
     log_every=100,
-)  # fmt: skip
+)
 
 
 # ----------------------------------------------------------------------------- the set
@@ -126,10 +139,14 @@ def classifier_net():
         def __init__(self, channels: int = 16):
             super().__init__()
             self.body = nn.Sequential(
-                nn.Conv2d(channels, 48, 3, padding=1), nn.GELU(),
-                nn.Conv2d(48, 64, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-                nn.Conv2d(64, 96, 3, padding=1), nn.GELU(),
-            )  # fmt: skip
+                nn.Conv2d(channels, 48, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(48, 64, 3, padding=1),
+                nn.GELU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(64, 96, 3, padding=1),
+                nn.GELU(),
+            )
             self.shape = nn.Linear(192, 4)
             self.colour = nn.Linear(192, 4)
 
@@ -189,8 +206,13 @@ def encode_with_this_checkout(model: str, out: Path, n: int, seed: int) -> tuple
     images, captions, labels = labelled_images(n, seed)
     if not (out / "manifest.json").is_file():
         store = write_store(out.parent / (out.name + "-store"), images, captions, [None] * n)
-        run_precompute(store, out, PrecomputeConfig(model=model, resolution=SIZE, t5_length=T5_LENGTH,
-                                                    shard_size=max(64, n)))  # fmt: skip
+        run_precompute(
+            store,
+            out,
+            PrecomputeConfig(
+                model=model, resolution=SIZE, t5_length=T5_LENGTH, shard_size=max(64, n)
+            ),
+        )
     return out, labels
 
 
@@ -231,20 +253,36 @@ def prepare(cache: Path) -> dict:
         x, y = ordered_latents(fit_set, 1024, 99)
         hx, hy = ordered_latents(held_set, 256, 98)
         judge, shape_acc, colour_acc = fit_judge(x, y, hx, hy)
-        torch.save({"state": judge["net"].state_dict(), "mean": judge["mean"], "std": judge["std"],
-                    "held_shape": shape_acc, "held_colour": colour_acc}, judge_file)  # fmt: skip
+        torch.save(
+            {
+                "state": judge["net"].state_dict(),
+                "mean": judge["mean"],
+                "std": judge["std"],
+                "held_shape": shape_acc,
+                "held_colour": colour_acc,
+            },
+            judge_file,
+        )
     saved = torch.load(judge_file)
     net = classifier_net()
     net.load_state_dict(saved["state"])
     judge = {"net": net.eval(), "mean": saved["mean"], "std": saved["std"]}
-    return {"model": str(model), "judge": judge, "judge_held_shape": saved["held_shape"],
-            "judge_held_colour": saved["held_colour"]}  # fmt: skip
+    return {
+        "model": str(model),
+        "judge": judge,
+        "judge_held_shape": saved["held_shape"],
+        "judge_held_colour": saved["held_colour"],
+    }
 
 
 def pipeline_adherence(
-    folder, judge, seeds: int = 8, steps: int = 28, guidance: float = 7.0,
+    folder,
+    judge,
+    seeds: int = 8,
+    steps: int = 28,
+    guidance: float = 7.0,
     t5_length: int | None = T5_LENGTH,
-) -> dict:  # fmt: skip
+) -> dict:
     """FOLDER: an SD3 folder or a loaded pipeline. Per prompt: the share of stock-pipeline samples whose judged shape / colour is the prompt's."""
     import torch
     from diffusers import StableDiffusion3Pipeline
@@ -258,10 +296,15 @@ def pipeline_adherence(
     extra = {} if t5_length is None else {"max_sequence_length": t5_length}
     for prompt, shape, colour in prompts():
         latents = pipe(
-            prompt=[prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance,
-            height=SIZE, width=SIZE, output_type="latent",
-            generator=[torch.Generator().manual_seed(1000 + s) for s in range(seeds)], **extra,
-        ).images  # fmt: skip
+            prompt=[prompt] * seeds,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=SIZE,
+            width=SIZE,
+            output_type="latent",
+            generator=[torch.Generator().manual_seed(1000 + s) for s in range(seeds)],
+            **extra,
+        ).images
         s, c = predict(judge, latents)
         hit_s, hit_c = (s == shape), (c == colour)
         per_prompt[prompt] = {
@@ -272,19 +315,30 @@ def pipeline_adherence(
         colour_hits += int(hit_c.sum())
         both_hits += int((hit_s & hit_c).sum())
         total += seeds
-    return {"shape": shape_hits / total, "colour": colour_hits / total, "both": both_hits / total,
-            "samples": total, "per_prompt": per_prompt}  # fmt: skip
+    return {
+        "shape": shape_hits / total,
+        "colour": colour_hits / total,
+        "both": both_hits / total,
+        "samples": total,
+        "per_prompt": per_prompt,
+    }
 
 
-def checkpoint_adherence(out: Path, step: int, judge, args) -> dict:
-    """The exported pipeline with the transformer's weights replaced by checkpoint STEP's EMA."""
+def checkpoint_adherence(
+    out: Path, step: int, judge, args, folder: Path | None = None, weights: str = "ema"
+) -> dict:
+    """The exported pipeline (or FOLDER's, a run of the same preset and shift) with the
+    transformer's weights replaced by checkpoint STEP's EMA (WEIGHTS="ema") or raw weights."""
     import torch
     from diffusers import StableDiffusion3Pipeline
 
     from model.checkpoint import checkpoint_path, load_object
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(out), local_files_only=True)
-    shadow = load_object(checkpoint_path(out / "training" / "checkpoints", step), "ema")["shadow"]
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder or out), local_files_only=True)
+    saved = checkpoint_path(out / "training" / "checkpoints", step)
+    shadow = (
+        load_object(saved, "ema")["shadow"] if weights == "ema" else load_object(saved, "model")
+    )
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
             p.copy_(shadow[name])
@@ -309,15 +363,34 @@ def run(args) -> dict:
     started = time.time()
     if not (out / "transformer").is_dir() or args.retrain:
         subprocess.run(
-            [sys.executable, "-c", TRAIN_DRIVER, json.dumps({
-                "code": str(code), "harness": str(Path(__file__).resolve()), "model": ready["model"],
-                "encoded": str(cache / f"encoded-{args.encoded_key or code.name}"), "n": args.n,
-                "out": str(out), "config": config})],
-            check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(code)},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-c",
+                TRAIN_DRIVER,
+                json.dumps(
+                    {
+                        "code": str(code),
+                        "harness": str(Path(__file__).resolve()),
+                        "model": ready["model"],
+                        "encoded": str(cache / f"encoded-{args.encoded_key or code.name}"),
+                        "n": args.n,
+                        "out": str(out),
+                        "config": config,
+                    }
+                ),
+            ],
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(code)},
+        )
     train_s = time.time() - started
-    result = {"tag": args.tag, "code": str(code), "config": config, "train_s": round(train_s, 1),
-              "judge_held_shape": ready["judge_held_shape"], "judge_held_colour": ready["judge_held_colour"]}  # fmt: skip
+    result = {
+        "tag": args.tag,
+        "code": str(code),
+        "config": config,
+        "train_s": round(train_s, 1),
+        "judge_held_shape": ready["judge_held_shape"],
+        "judge_held_colour": ready["judge_held_colour"],
+    }
     result["trained"] = pipeline_adherence(
         out, ready["judge"], args.seeds, t5_length=args.t5_length
     )
@@ -338,6 +411,16 @@ def evaluate_again(args) -> dict:
     ready = prepare(Path(args.cache))
     out = Path(args.cache) / "runs" / args.tag
     found = {}
+    for item in args.checkpoints:  # STEP or STEP:raw
+        step, _, weights = item.partition(":")
+        folder = Path(args.cache) / "runs" / args.pipeline_from if args.pipeline_from else None
+        r = checkpoint_adherence(out, int(step), ready["judge"], args, folder, weights or "ema")
+        found[f"step_{item}"] = [r["shape"], r["colour"]]
+        (Path(args.cache) / "results" / f"{args.tag}-step{item.replace(':', '-')}.json").write_text(
+            json.dumps(r, indent=2)
+        )
+    if args.checkpoints:
+        return found
     for guidance in args.guidance:
         r = pipeline_adherence(
             out, ready["judge"], args.seeds, guidance=guidance, t5_length=args.t5_length
@@ -376,6 +459,12 @@ def main() -> None:
     e.add_argument("--seeds", type=int, default=8)
     e.add_argument("--t5-length", type=int, default=T5_LENGTH)
     e.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 7.0])
+    e.add_argument(
+        "--checkpoints", nargs="+", default=[], help="STEP or STEP:raw of the run to judge"
+    )
+    e.add_argument(
+        "--pipeline-from", default=None, help="the run folder whose pipeline to load them into"
+    )
     args = parser.parse_args()
     if args.command == "eval":
         print(json.dumps({"tag": args.tag, "t5_length": args.t5_length, **evaluate_again(args)}))
@@ -387,8 +476,18 @@ def main() -> None:
             result[f"step_{step}"]["shape"],
             result[f"step_{step}"]["colour"],
         ]
-    print(json.dumps({"tag": result["tag"], "train_s": result["train_s"], **summary,
-                      "untrained": {k: v for k, v in result.get("untrained", {}).items() if k != "per_prompt"}}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "tag": result["tag"],
+                "train_s": result["train_s"],
+                **summary,
+                "untrained": {
+                    k: v for k, v in result.get("untrained", {}).items() if k != "per_prompt"
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

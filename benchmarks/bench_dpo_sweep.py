@@ -43,8 +43,11 @@ from dpo.shapes_task import build_task
 TASKS = {"strong": 1500, "weak": 500}
 # the default's image-stream projections plus the text stream's of the joint attention
 BOTH_STREAMS = ATTENTION_PROJECTIONS + [
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"
-]  # fmt: skip
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
 TEXT_STREAM = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 TARGET_SETS = {
     "both-streams": BOTH_STREAMS,
@@ -70,9 +73,9 @@ def overrides(spec: str) -> dict:
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key == "targets":
-            out["target_modules"] = TARGET_SETS.get(value, [value])
+            out["lora_targets"] = TARGET_SETS.get(value, [value])
         elif key == "rank":
-            out["rank"], out["alpha"] = int(value), float(value)
+            out["lora_rank"], out["lora_alpha"] = int(value), float(value)
         elif key == "pool":
             out["pool"] = value
         elif key in KEYS:
@@ -119,8 +122,14 @@ def run(args) -> None:
                 arm = run_arm(
                     model, task, config, tmp, base, seeds, args.eval_at, swapped, sampling, preserve
                 )
-            record = {"key": key, "task": args.task, "spec": spec, "swapped": swapped,
-                      "base": asdict(base), **arm}  # fmt: skip
+            record = {
+                "key": key,
+                "task": args.task,
+                "spec": spec,
+                "swapped": swapped,
+                "base": asdict(base),
+                **arm,
+            }
             with out.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             for e in arm["evals"]:

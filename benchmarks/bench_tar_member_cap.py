@@ -10,6 +10,7 @@ cap (the default max_image_bytes) the member is refused from its header and neve
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,9 @@ READ = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=400)
+    parser.add_argument(
+        "--code", default=str(REPO), help="checkout whose curate.ingest reads (e.g. an older one)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests"))
     import bad_corpus
@@ -34,8 +38,13 @@ def main() -> None:
         tar = Path(folder) / "big.tar"
         bad_corpus.big_tar(tar, args.size_mb << 20)
         print(f"{tar.stat().st_size / 1e6:.2f} MB gzip tar, member {args.size_mb} MiB")
+        env = {**os.environ, "PYTHONPATH": args.code}
         done = subprocess.run(
-            [sys.executable, "-c", READ, str(tar)], capture_output=True, text=True, cwd=REPO
+            [sys.executable, "-c", READ, str(tar)],
+            capture_output=True,
+            text=True,
+            cwd=args.code,
+            env=env,
         )
         print(done.stdout.strip() or done.stderr.strip()[-400:])
 

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from curate.runtime.executor import ExecutorOptions
+from curate.runtime.options import device_option
 
 # Florence-2's captioning task tokens: its processor expands each into the question it was trained on.
 TASK_TOKENS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
@@ -41,7 +42,9 @@ T5_TRAINING_LENGTH = 77
 
 class CaptionConfig(ExecutorOptions):
     # `t2i caption`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "recaption a curated store with a VLM (local model or OpenAI-compatible server)"
+    summary: ClassVar[str] = (
+        "recaption a curated store with a VLM (local model or OpenAI-compatible server)"
+    )
     description: ClassVar[str] = (
         "Reads INPUT (a finished stage output with id and image columns, e.g. `t2i curate` "
         "output) and writes OUTPUT: every row, all columns kept, plus caption_synthetic (the "
@@ -54,7 +57,10 @@ class CaptionConfig(ExecutorOptions):
         "Failed rows are kept with null captions and listed in OUTPUT/report.md. Work is saved "
         "in chunks: rerunning after a kill continues where it stopped."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("input", "curated store to caption"), ("output", "directory to write"))
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("input", "curated store to caption"),
+        ("output", "directory to write"),
+    )
 
     backend: Literal["transformers", "openai"] = Field(
         "transformers",
@@ -143,9 +149,7 @@ class CaptionConfig(ExecutorOptions):
     batch_size: int = Field(
         8, ge=1, description="images per generate() call (backend transformers)"
     )
-    device: str = Field(
-        "cpu", description="torch device, e.g. cuda or cuda:1 (backend transformers)"
-    )
+    device: str = device_option("backend transformers")
     dtype: str = Field("fp32", description="fp32, fp16 or bf16 (backend transformers)")
     trust_remote_code: bool = Field(
         False,
@@ -171,7 +175,9 @@ class CaptionConfig(ExecutorOptions):
 
 class InitCaptionerConfig(BaseModel):
     # `t2i init-captioner`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "write a random-weight tiny VLM folder (LLaVA, Florence-2 or Qwen2-VL) built offline"
+    summary: ClassVar[str] = (
+        "write a random-weight tiny VLM folder (LLaVA, Florence-2 or Qwen2-VL) built offline"
+    )
     description: ClassVar[str] = (
         "Builds a VLM with random weights and its processor (PIL image processor, WordPiece "
         "tokenizer, chat template where the family has one), all made locally, and saves a "
@@ -181,7 +187,9 @@ class InitCaptionerConfig(BaseModel):
         "a Qwen2-VL (dynamic resolution; --processor-kwargs '{\"max_pixels\": N}'). They "
         "generate word salad: they exist so tests and the demo run the real captioning code path."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory for the VLM folder"),)
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("output", "directory for the VLM folder"),
+    )
 
     preset: Literal["tiny", "tiny-florence2", "tiny-qwen2vl"] = Field(
         "tiny",
@@ -208,7 +216,7 @@ class ServeCaptionerConfig(BaseModel):
     served_name: str | None = Field(
         None, description="model name clients ask for (default: the folder's name)"
     )
-    device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
+    device: str = device_option()
     dtype: str = Field("fp32", description="fp32, fp16 or bf16")
     trust_remote_code: bool = Field(
         False, description="allow the model folder's own Python code; only for folders you trust"

@@ -19,10 +19,17 @@ from typing import Any
 from PIL import Image
 
 from captioning.config import TASK_TOKENS
+from curate.runtime.options import resolve_device
 from curate.runtime.seeds import seed_int
 
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class LocalVLM:
                 "folder, e.g. one written by `t2i init-captioner`"
             )
         self.folder = path
-        self.device = device
+        self.device = resolve_device(device)
         self.dtype = torch_dtype(dtype)
         cls = transformers.AutoModelForImageTextToText
         if model_class is not None:
@@ -107,7 +114,7 @@ class LocalVLM:
             )
             message = " ".join(str(error).split())  # one line
             raise ValueError(f"cannot load a VLM from {path}: {message}{hint}") from None
-        self.model.to(device).eval()
+        self.model.to(self.device).eval()
         # generate() returns only the answer for encoder-decoder models, prompt + answer otherwise
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         tokenizer = getattr(self.processor, "tokenizer", None)

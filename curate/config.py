@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from curate.runtime.executor import ExecutorOptions
+from curate.runtime.options import device_option
 
 
 class DemoDataConfig(BaseModel):
@@ -20,7 +21,9 @@ class DemoDataConfig(BaseModel):
         "OUTPUT/DEMO_TRUTH.json says what curation should do with each file. Never uses the "
         "network."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory to write the collection to"),)
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("output", "directory to write the collection to"),
+    )
 
     format: Literal["folder", "webdataset", "parquet", "all"] = Field(
         "folder", description="layout to write; 'all' writes each layout into a subfolder"
@@ -32,7 +35,9 @@ class CurateConfig(ExecutorOptions):
     """Options of `t2i curate` (validation limits, scorers, dedup, throughput)."""
 
     # `t2i curate`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "validate, NSFW/aesthetic-filter and deduplicate an image-text collection"
+    summary: ClassVar[str] = (
+        "validate, NSFW/aesthetic-filter and deduplicate an image-text collection"
+    )
     description: ClassVar[str] = (
         "Reads INPUT (an image folder with sidecar .txt/.json captions, webdataset .tar shards, "
         "parquet with image bytes, a saved `datasets` dir, or a stage output) and writes OUTPUT: "
@@ -44,7 +49,10 @@ class CurateConfig(ExecutorOptions):
         "quality offline); near-duplicates by pHash and FAISS k-means + per-cluster range "
         "search (Algorithm 1). Resumable after a kill; skipped when already done. Offline."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("input", "collection to curate (never modified)"), ("output", "directory to write"))
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("input", "collection to curate (never modified)"),
+        ("output", "directory to write"),
+    )
 
     # Decode and validate
     min_side: int = Field(
@@ -147,7 +155,8 @@ class CurateConfig(ExecutorOptions):
     clusters: int | None = Field(
         None,
         ge=1,
-        description="k-means clusters K; default grows with N: min(16000, max(1, round(sqrt(N)/2))) (SD3 used 16,000)",
+        description="k-means clusters K; default grows with the N images: 1 (exact all-pairs search) "
+        "up to 2,000, then min(16000, round(2 * sqrt(N))), e.g. 200 at 10,000 (SD3 used 16,000)",
     )
     cluster_assign: int = Field(
         2,
@@ -170,7 +179,7 @@ class CurateConfig(ExecutorOptions):
         ge=1,
         description="most pixels (as the headers declare them) per chunk: bounds a worker's decoded images whatever their size",
     )
-    device: str = Field("cpu", description="torch device for the torch scorers and embedders")
+    device: str = device_option("of the torch scorers and embedders")
     seed: int = Field(0, description="seed for k-means")
     contact_sheet_max: int = Field(
         64, ge=0, description="thumbnails per contact sheet in the report"

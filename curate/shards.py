@@ -28,7 +28,7 @@ from PIL import Image
 
 from curate import ingest
 from curate.config import CurateConfig
-from curate.ingest import IngestOptions, Record, Shard
+from curate.records import IngestOptions, Record, Shard
 from curate.runtime import reasons
 from curate.runtime.store import sample_id
 from curate.runtime.store_writer import WorkLog

@@ -11,7 +11,7 @@ elsewhere to the same tables.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 from curate.config import CurateConfig
 from curate.runtime import reasons
 from curate.runtime.decode import Invalid, check
+from curate.runtime.options import resolve_device
 
 THUMB = 160  # px, longest side of the thumbnails kept for the report's contact sheets
 
@@ -79,6 +80,9 @@ class Scorers:
         import torch
 
         torch.set_num_threads(1)
+        # --device auto is resolved here, in the worker, which may sit on another machine
+        device = resolve_device(resolved.config.device)
+        resolved = replace(resolved, config=resolved.config.model_copy(update={"device": device}))
         config = resolved.config
         self.resolved = resolved
         clip = None

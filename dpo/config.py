@@ -9,23 +9,18 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from model.config import LORA_BLOCK_LINEARS, ModelFiles, ReportOptions, TimestepOptions
+from curate.runtime.options import BASE_DTYPE, RenamedOptions, device_option, resume_value
+from model.config import ModelFiles, ReportOptions, TimestepOptions
+from model.lora_targets import (
+    ALL_BLOCK_LINEARS,
+    ATTENTION_PROJECTIONS,
+    EMBEDDERS,
+    FINAL_LAYER,
+    TARGET_SETS,
+    expand_lora_targets,
+)
 
-ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
-
-# The attention projections of both streams only (no feed-forward, no AdaLN modulation).
-ATTENTION_PROJECTIONS = [name for name in ALL_BLOCK_LINEARS if name.startswith(("attn.", "attn2."))]
-# The layers outside the blocks: the input embedders (patch, timestep, pooled text, text) and the
-# final layer (sd-scripts' emb_dims covers the same ones).
-EMBEDDERS = ["pos_embed.proj", "time_text_embed.*", "context_embedder"]
-FINAL_LAYER = ["norm_out.linear", "proj_out"]
-# Shorthands accepted by --target-modules.
-TARGET_SETS = {
-    "attention": ATTENTION_PROJECTIONS,
-    "all-linears": ALL_BLOCK_LINEARS,
-    "embedders": EMBEDDERS,
-    "final-layer": FINAL_LAYER,
-}
+__all__ = ["ALL_BLOCK_LINEARS", "ATTENTION_PROJECTIONS", "EMBEDDERS", "FINAL_LAYER", "TARGET_SETS"]
 
 
 class IngestPrefsConfig(BaseModel):
@@ -69,7 +64,14 @@ class IngestPrefsConfig(BaseModel):
     )
 
 
-class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
+class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
+    RENAMED = {  # old spellings, accepted with a warning until the next release (docs/options.md)
+        "rank": "lora_rank",
+        "alpha": "lora_alpha",
+        "target_modules": "lora_targets",
+        "base_dtype": "lora_base_dtype",
+        "max_sequence_length": "t5_length",
+    }
     # `t2i dpo`: its one-line summary, its --help text and its positional arguments
     summary: ClassVar[str] = "align a model with rank-128 LoRA Diffusion-DPO on preference pairs"
     description: ClassVar[str] = (
@@ -147,11 +149,13 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
     grad_clip: float = Field(
         1.0, gt=0.0, description="clip the LoRA gradients' global norm to this"
     )
-    rank: int = Field(128, ge=1, description="LoRA rank (SD3 appendix C: 128)")
-    alpha: float = Field(
-        128.0, gt=0.0, description="LoRA alpha; the update is scaled by alpha / rank"
+    lora_rank: int = Field(128, ge=1, description="LoRA rank (SD3 appendix C: 128)")
+    lora_alpha: float | None = Field(
+        None,
+        gt=0.0,
+        description="LoRA alpha (the update is scaled by alpha / rank); default: the rank",
     )
-    target_modules: list[str] = Field(
+    lora_targets: list[str] = Field(
         default_factory=lambda: list(ATTENTION_PROJECTIONS),
         description="module-name suffixes of the transformer's linear/conv layers that get a LoRA "
         "(attn.to_q, ff.net.2, proj_out, context_embedder, pos_embed.proj, time_text_embed.*: * is a "
@@ -162,10 +166,8 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
         "(benchmarks/RESULTS.md, issue 11)",
     )
 
-    @field_validator("target_modules")
-    @classmethod
-    def _expand_target_sets(cls, value: list[str]) -> list[str]:
-        return [name for item in value for name in TARGET_SETS.get(item, [item])]
+    _targets = field_validator("lora_targets")(expand_lora_targets)
+    _resume = field_validator("resume", mode="before")(resume_value)
 
     max_steps: int = Field(
         4000, ge=1, description="optimizer steps (SD3 appendix C: 4k for the 2B model)"
@@ -183,7 +185,7 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
     resolution: int | None = Field(
         None, description="square training resolution in pixels; default: the model's native size"
     )
-    max_sequence_length: int = Field(77, ge=1, description="T5 tokens per caption")
+    t5_length: int = Field(77, ge=1, le=512, description="T5 tokens per caption")
     heldout_fraction: float = Field(
         0.1,
         ge=0.0,
@@ -236,19 +238,20 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
     )
     log_every: int = Field(10, ge=1, description="steps per metrics row in metrics.jsonl")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
-    resume: bool = Field(
-        True, description="continue from the latest checkpoint of an identical earlier run"
+    resume: str | None = Field(
+        "latest",
+        description="latest = continue from the latest checkpoint of an identical earlier run (its "
+        "checkpoints are kept under a key of the run's options), a checkpoint folder, or none = "
+        "start over",
     )
-    device: str | None = Field(
-        None,
-        description="cpu, cuda, ...; default: what accelerate picks (one GPU per process; use "
-        "`accelerate launch` for several, CUDA_VISIBLE_DEVICES to choose)",
+    device: str = device_option(
+        "one process per device; `accelerate launch` for several, CUDA_VISIBLE_DEVICES to choose"
     )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto",
         description="autocast precision; auto = bf16 on a GPU that supports it, else none (fp32 on CPU)",
     )
-    base_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+    lora_base_dtype: BASE_DTYPE = Field(
         "auto",
         description="dtype of the frozen base transformer (the LoRA stays fp32); auto = the autocast "
         "precision: bf16 on GPUs (half the memory of fp32, docs/gpu.md), fp32 without autocast (CPU)",
@@ -259,8 +262,8 @@ class DPOConfig(ModelFiles, TimestepOptions, ReportOptions):
     init_lora: str | None = Field(
         None,
         description="continue from an existing LoRA: a diffusers-format folder (pytorch_lora_weights"
-        ".safetensors) or .safetensors file; its rank, alpha and target layers replace --rank, --alpha "
-        "and --target-modules",
+        ".safetensors) or .safetensors file; its rank, alpha and target layers replace --lora-rank, "
+        "--lora-alpha and --lora-targets",
     )
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "bf16",

@@ -3,7 +3,7 @@
 The file is read in any key style model/lora_formats.py knows (diffusers, kohya, ComfyUI,
 OneTrainer, peft) and checked against --model's transformer before any work. The new adapter
 takes the file's shape: its layers, each layer's rank and alpha (the most common ones as the
-defaults, the others as peft's per-layer patterns), so --rank, --alpha and --target-modules do not
+defaults, the others as peft's per-layer patterns), so --lora-rank, --lora-alpha and --lora-targets do not
 apply; model.lora.init_lora_from then sets it to the file's matrices, so step 0 of the run
 computes what the old LoRA computes. Layers outside the transformer blocks (sd-scripts' emb_dims:
 the patch, timestep, pooled-text and text embedders, the final layer) train like the rest; the

@@ -28,7 +28,7 @@ def encoded_pairs_dir(root: Path, table_dir: Path, config: DPOConfig, resolution
             "table": fingerprint(table_dir),
             "model": fingerprint(config.model),
             "resolution": resolution,
-            "t5": config.max_sequence_length,
+            "t5": config.t5_length,
             "variant": config.variant,
         }
     )

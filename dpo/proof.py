@@ -295,6 +295,7 @@ def run_arm(
         split_heldout,
         train_lora,
     )
+    from model.lora_train import lora_alpha
     from model.toolbox import scheduler_shift
 
     clock = time.monotonic()
@@ -303,7 +304,7 @@ def run_arm(
     work.mkdir(parents=True)
     torch.manual_seed(config.seed)
     model = load_transformer(model_dir, "cpu", torch.float32)
-    add_lora(model, config.rank, config.alpha, config.target_modules, config.seed)
+    add_lora(model, config.lora_rank, lora_alpha(config), config.lora_targets, config.seed)
     train, held = split_heldout(data.swapped() if swapped else data.pairs, 0.25, config.seed)
     shift = config.shift if config.shift is not None else scheduler_shift(model_dir)
     train_lora(model, train, config, work, shift)

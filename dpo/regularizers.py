@@ -90,7 +90,7 @@ def preserve_texts(config, device) -> TextEncoding | None:
     from model.encoders import encode_texts
 
     return encode_texts(
-        config.model, config.preserve_captions, config.max_sequence_length, device, progress=False
+        config.model, config.preserve_captions, config.t5_length, device, progress=False
     )
 
 

@@ -139,7 +139,7 @@ def summarise(base: PromptMeasures, lora: PromptMeasures, held_out_only: bool = 
         base, lora = (
             PromptMeasures(
                 m.preferred_rate, {c: m.colour[c] for c in keep}, {c: m.shape[c] for c in keep}
-            )  # fmt: skip
+            )
             for m in (base, lora)
         )
     change = Change.between(base, lora)
@@ -183,6 +183,7 @@ def run_arm(
         split_heldout,
         train_lora,
     )
+    from model.lora_train import lora_alpha
 
     clock = time.monotonic()
     work = Path(work)
@@ -190,7 +191,7 @@ def run_arm(
     (work / METRICS).unlink(missing_ok=True)
     torch.manual_seed(config.seed)
     model = load_transformer(model_dir, "cpu", torch.float32)
-    add_lora(model, config.rank, config.alpha, config.target_modules, config.seed)
+    add_lora(model, config.lora_rank, lora_alpha(config), config.lora_targets, config.seed)
     train, held = split_heldout(task.swapped() if swapped else task.pairs, 0.25, config.seed)
     shift = (sampling or Sampling()).shift if config.shift is None else config.shift
     evals, optimizer, start = [], None, 0
@@ -200,8 +201,13 @@ def run_arm(
         optimizer = train_lora(model, train, leg, work, shift, start, optimizer, preserve=pool)
         start = stop
         measures = measure_prompts(model, task, seeds, sampling)
-        evals.append({"step": stop, **summarise(base, measures),
-                      "held_out": summarise(base, measures, held_out_only=True)})  # fmt: skip
+        evals.append(
+            {
+                "step": stop,
+                **summarise(base, measures),
+                "held_out": summarise(base, measures, held_out_only=True),
+            }
+        )
     return {
         "evals": evals,
         "heldout_implicit_acc": implicit_accuracy(model, held, config, shift),
@@ -225,9 +231,15 @@ def verdict(dpo: dict, swapped: dict, tolerance: float = 0.05) -> dict:
 
 
 def run_proof(
-    model_dir, task: ShapesTask, config, work, seeds=PROOF_SEEDS, sampling=None, pool="shapes",
+    model_dir,
+    task: ShapesTask,
+    config,
+    work,
+    seeds=PROOF_SEEDS,
+    sampling=None,
+    pool="shapes",
     eval_at=None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Base, DPO and swapped-label control at CONFIG on SEEDS; with --preserve-weight the pool
     is the circle and square prompts and the verdict reads the triangle and cross prompts."""
     preserve = pool if config.preserve_weight > 0 else None
@@ -244,13 +256,17 @@ def run_proof(
             swap,
             sampling,
             preserve,
-        )  # fmt: skip
+        )
         for name, swap in (("dpo", False), ("swapped", True))
     }
     held = preserve == "shapes"  # judged on the prompts outside the pool
     judged = {n: a["evals"][-1]["held_out"] if held else a["evals"][-1] for n, a in arms.items()}
-    return {"base": asdict(base), **arms, "judged": judged,
-            "verdict": verdict(judged["dpo"], judged["swapped"])}  # fmt: skip
+    return {
+        "base": asdict(base),
+        **arms,
+        "judged": judged,
+        "verdict": verdict(judged["dpo"], judged["swapped"]),
+    }
 
 
 def toy_table(base: dict, lora: dict) -> str:

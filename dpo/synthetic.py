@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from curate.ingest import IngestOptions, read_records
+from curate.ingest import read_records
+from curate.records import IngestOptions
 from curate.runtime import reasons
 from curate.runtime.decode import Invalid, decode_image
 from curate.runtime.stage_runtime import StageRun

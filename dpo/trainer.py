@@ -42,10 +42,11 @@ from dpo.lora import add_lora, export_lora, lora_parameters
 from dpo.metrics import METRICS, mean_rows, metric_rows, metrics_until
 from dpo.regularizers import draw_preserve, preserve_texts
 from dpo.step import dpo_terms, implicit_accuracy, velocity_errors  # noqa: F401 (re-exported)
-from model import build
-from model.build import parse_dtype
+from model import folders
 from model.checkpoint import ModuleSubset, load_checkpoint, resolve_resume, save_checkpoint
 from model.conditioning import TextEncoding
+from model.folders import parse_dtype
+from model.lora_train import lora_alpha
 from model.toolbox import (
     NonFiniteLossError,
     accelerator_released,
@@ -90,7 +91,7 @@ def load_transformer(
 ) -> SD3Transformer2DModel:
     """The base MMDiT of a local diffusers folder (or a Stability single file), frozen (the
     encoders are not loaded)."""
-    transformer = build.load_transformer(model_dir, variant, dtype, transformer_file)
+    transformer = folders.load_transformer(model_dir, variant, dtype, transformer_file)
     return transformer.to(device).requires_grad_(False)
 
 
@@ -99,8 +100,8 @@ def precision_of(config: DPOConfig) -> tuple[str, str]:
     on a GPU that supports it, so SD3.5 fits a GPU (docs/gpu.md), and fp32 on CPU. An explicit
     16-bit base without autocast also works: the inputs are cast to the base's dtype."""
     precision = autocast_precision(config.mixed_precision, config.device)
-    if config.base_dtype != "auto":
-        return precision, config.base_dtype
+    if config.lora_base_dtype != "auto":
+        return precision, config.lora_base_dtype
     return precision, precision if precision in ("bf16", "fp16") else "fp32"
 
 
@@ -151,7 +152,7 @@ def train_lora(
                 raise NonFiniteLossError(
                     f"DPO loss is {terms.loss.item()} at step {step + 1} (metrics {terms.metrics()}); "
                     f"stopped before applying it. Checkpoints in {work} hold the last good state: lower "
-                    "--lr or --beta (or use --base-dtype fp32) and rerun"
+                    "--lr or --beta (or use --lora-base-dtype fp32) and rerun"
                 )
             loss = terms.loss / config.grad_accum
             accelerator.backward(loss) if accelerator is not None else loss.backward()
@@ -231,8 +232,9 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             table_dir,
             encoded_pairs_dir(root, table_dir, config, resolution),
             resolution,
-            config.max_sequence_length,
+            config.t5_length,
             device=str(accelerator.device),
+            compute_dtype=base_dtype,  # the encoders in 16 bits on a GPU (T5-XXL: 9.5 GB, not 19)
             variant=config.variant,
         )
     train, heldout = split_heldout(pairs, config.heldout_fraction, config.seed)
@@ -249,8 +251,9 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
     if config.init_lora:
         lora_config = add_init_lora(transformer, config.init_lora, config.model, config.seed)
     else:
+        alpha = lora_alpha(config)
         lora_config = add_lora(
-            transformer, config.rank, config.alpha, config.target_modules, config.seed
+            transformer, config.lora_rank, alpha, config.lora_targets, config.seed
         )
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -262,7 +265,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
 
     # 3-4. The DPO loop, from the latest checkpoint of this exact run if there is one
     checkpoints = work / "checkpoints"
-    resume_from = resolve_resume(checkpoints, "latest" if config.resume else None)
+    resume_from = resolve_resume(checkpoints, config.resume)
     start = load_checkpoint(accelerator, resume_from, objects)["step"] if resume_from else 0
     start_trackers(
         accelerator, config.report_to, work, STAGE, run.output.name, config.model_dump(), start
@@ -284,9 +287,17 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
         for stop in selection.stops(start, config.max_steps, config.select_every):
             leg = config.model_copy(update={"max_steps": stop})
             train_lora(
-                transformer, train, leg, work, shift, begin, optimizer, accelerator, checkpoint,
+                transformer,
+                train,
+                leg,
+                work,
+                shift,
+                begin,
+                optimizer,
+                accelerator,
+                checkpoint,
                 preserve,
-            )  # fmt: skip
+            )
             begin = stop
             if picker:
                 picker.evaluate(accelerator, transformer, lora_config, stop)
@@ -328,7 +339,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
             captions = eval_captions(config, rows, heldout or train)
             if config.eval_seeds and (captions or config.offtarget_captions):
-                resolved = config.model_copy(update={"base_dtype": base_dtype})
+                resolved = config.model_copy(update={"lora_base_dtype": base_dtype})
                 evaluation = evaluate_lora(resolved, writer.path, captions, accelerator.device)
                 summary["sample_eval"] = asdict(evaluation)
                 for grid in evaluation.grids:  # base left, LoRA right

@@ -20,11 +20,15 @@ import os
 import sys
 import types
 import typing
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from curate.runtime.options import OptionRenamed, warn_renamed
 from flows.commands import COMMANDS, Command
 
 # ---- parsing --------------------------------------------------------------------------------
@@ -43,34 +47,59 @@ def flag(name: str) -> str:
 
 
 def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    """One --flag per field: type, choices and help text (with its default) from the model.
+    """One --flag per field: type, choices and help text (with its default) from the model; the
+    old spellings in the model's RENAMED as hidden flags that warn (curate/runtime/options.py).
 
     Required fields are checked after merging --config, so a file may supply them."""
-    for name, info in model.model_fields.items():
-        annotation, _ = _unwrap_optional(info.annotation)
-        help_text = (info.description or "").rstrip(".")
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if info.is_required():
-            kwargs["help"] += " (required)"
-        else:
-            default = info.get_default(call_default_factory=True)
-            if default not in (None, "", [], {}):
-                shown = " ".join(map(str, default)) if isinstance(default, list) else default
-                kwargs["help"] += f" (default: {shown})"
-        origin = typing.get_origin(annotation)
-        if annotation is bool:
-            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, **kwargs)
-        elif origin is Literal:
-            parser.add_argument(flag(name), choices=list(typing.get_args(annotation)), **kwargs)
-        elif origin in (list, tuple):
-            item = _scalar(typing.get_args(annotation)[0])
-            parser.add_argument(flag(name), nargs="+", type=item, **kwargs)
-        elif origin is dict or annotation is dict:
-            parser.add_argument(flag(name), type=_json_object, metavar="JSON", **kwargs)
-        else:
-            parser.add_argument(
-                flag(name), type=_scalar(annotation), metavar=name.upper(), **kwargs
-            )
+    options = {name: _option(name, info) for name, info in model.model_fields.items()}
+    for name, kwargs in options.items():
+        parser.add_argument(flag(name), **kwargs)
+    for old, new in getattr(model, "RENAMED", {}).items():
+        hidden = {**options[new], "help": argparse.SUPPRESS, "action": _old_spelling(old, new)}
+        parser.add_argument(flag(old), **hidden)
+    if "resume" in options:  # dpo's old switch: --no-resume = --resume none
+        switch = _old_spelling("no_resume", "resume none")
+        hidden = {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+        parser.add_argument(
+            "--no-resume", dest="resume", nargs=0, const="none", action=switch, **hidden
+        )
+
+
+def _option(name: str, info) -> dict[str, Any]:
+    """add_argument's keywords for one field."""
+    annotation, _ = _unwrap_optional(info.annotation)
+    help_text = (info.description or "").rstrip(".")
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+    if info.is_required():
+        kwargs["help"] += " (required)"
+    else:
+        default = info.get_default(call_default_factory=True)
+        if default not in (None, "", [], {}):
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            kwargs["help"] += f" (default: {shown})"
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return {**kwargs, "action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {**kwargs, "choices": list(typing.get_args(annotation))}
+    if origin in (list, tuple):
+        return {**kwargs, "nargs": "+", "type": _scalar(typing.get_args(annotation)[0])}
+    if origin is dict or annotation is dict:
+        return {**kwargs, "type": _json_object, "metavar": "JSON"}
+    if name == "resume":  # a bare --resume continues from the latest checkpoint
+        return {**kwargs, "nargs": "?", "const": "latest", "metavar": "latest|FOLDER|none"}
+    return {**kwargs, "type": _scalar(annotation), "metavar": name.upper()}
+
+
+def _old_spelling(old: str, new: str) -> type[argparse.Action]:
+    """An argparse action that stores under the new name and warns that OLD is deprecated."""
+
+    class OldSpelling(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            warn_renamed(old, new)
+            setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+    return OldSpelling
 
 
 def _scalar(annotation: Any):
@@ -218,23 +247,26 @@ PLAIN_ERRORS = {
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    entry: Command = args.pop("_command")
-    args.pop("command")
-    debug = args.pop("debug", False)
-    config_file = args.pop("_config_file", None)
-    overwrite = args.pop("_overwrite", False)
-    positionals = {name: args.pop(name) for name in entry.positional_names}
-    try:
-        config = resolve_config(entry, args, config_file)
-    except ValidationError as error:
-        if debug:
-            raise
-        parser.exit(2, f"t2i {entry.name}: invalid options: {validation_message(error)}\n")
-    except (OSError, ValueError) as error:
-        if debug:
-            raise
-        parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), "")
+    with _renamed_options_reported(command):  # an old option spelling: one line on stderr
+        args = vars(parser.parse_args(argv))
+        entry: Command = args.pop("_command")
+        args.pop("command")
+        debug = args.pop("debug", False)
+        config_file = args.pop("_config_file", None)
+        overwrite = args.pop("_overwrite", False)
+        positionals = {name: args.pop(name) for name in entry.positional_names}
+        try:
+            config = resolve_config(entry, args, config_file)
+        except ValidationError as error:
+            if debug:
+                raise
+            parser.exit(2, f"t2i {entry.name}: invalid options: {validation_message(error)}\n")
+        except (OSError, ValueError) as error:
+            if debug:
+                raise
+            parser.exit(2, f"t2i {entry.name}: {one_line(error)}\n")
     from curate.runtime.output_guard import overwrite_allowed
     from flows.signals import Terminated, stopping_cleanly
 
@@ -259,6 +291,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _report(entry.name, result)
     return 0
+
+
+@contextmanager
+def _renamed_options_reported(command: str) -> Iterator[None]:
+    """Each OptionRenamed warning inside as a `t2i COMMAND: message` line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OptionRenamed)
+        try:
+            yield
+        finally:
+            for item in caught:
+                if issubclass(item.category, OptionRenamed):
+                    print(f"t2i {command}: {item.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _expected(error: BaseException) -> bool:

@@ -20,13 +20,12 @@ from curate.config import CurateConfig, DemoDataConfig
 from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
 from flows.config import RunAllConfig, ServeConfig
 from model.config import (
-    ExportSingleFileConfig,
     InitModelConfig,
-    LoraConvertConfig,
     PrecomputeConfig,
     SampleConfig,
     TrainConfig,
 )
+from model.interop_config import ExportSingleFileConfig, LoraConvertConfig, MergeLoraConfig
 
 
 @dataclass(frozen=True)
@@ -149,6 +148,12 @@ def run_export_single_file(model: str, output: str, config: ExportSingleFileConf
     return run_export_single_file(model, output, config)
 
 
+def run_merge_lora(base: str, lora: str, output: str, config: MergeLoraConfig) -> Path:
+    from model.merge_lora import run_merge_lora
+
+    return run_merge_lora(base, lora, output, config)
+
+
 def run_serve(config: ServeConfig) -> None:
     from flows.serve import run_serve
 
@@ -174,6 +179,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", TrainConfig, run_train),
     Command("prefs", IngestPrefsConfig, run_prefs),
     Command("make-prefs", MakePrefsConfig, run_make_prefs),
+    Command("merge-lora", MergeLoraConfig, run_merge_lora),
     Command("dpo", DPOConfig, run_dpo),
     Command("sample", SampleConfig, run_sample),
     Command("lora-convert", LoraConvertConfig, run_lora_convert),

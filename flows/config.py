@@ -12,7 +12,9 @@ from pydantic import BaseModel, Field
 
 class ServeConfig(BaseModel):
     # `t2i serve`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "serve every stage flow and end_to_end as deployments for the Prefect UI"
+    summary: ClassVar[str] = (
+        "serve every stage flow and end_to_end as deployments for the Prefect UI"
+    )
     description: ClassVar[str] = (
         "Registers one deployment per stage flow (demo-data, init-model, curate, caption, "
         "precompute, train, make-prefs, dpo, sample, ...) and end_to_end, all named FLOW/NAME, "
@@ -41,7 +43,9 @@ class ServeConfig(BaseModel):
         "", description="default VLM folder of the end_to_end form; empty: a random-weight tiny one"
     )
     name: str = Field(
-        "t2i", description="deployment name; deployments are FLOW/NAME, e.g. end_to_end/t2i"
+        "t2i",
+        description="tag of every deployment; deployments are titled by what they do (flows/serve.py "
+        "TITLES), with ' - NAME' appended when NAME is not t2i (several servers side by side)",
     )
     dask_address: str | None = Field(
         None,
@@ -54,14 +58,20 @@ class ServeConfig(BaseModel):
 
 class RunAllConfig(BaseModel):
     # `t2i run-all`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "run the end_to_end flow here (Prefect's ephemeral mode when no server is configured)"
+    summary: ClassVar[str] = (
+        "run the end_to_end flow here (Prefect's ephemeral mode when no server is configured)"
+    )
     description: ClassVar[str] = (
         "Runs end_to_end in this process: demo data (or SOURCE) -> curate -> caption -> "
-        "precompute -> train -> preference pairs -> DPO LoRA -> samples with and without the "
-        "LoRA, each stage in a subfolder of WORKDIR; stages already finished there with the "
-        "same inputs and parameters are skipped. Prints where each output is."
+        "precompute -> LoRA or full fine-tune (--fine-tune) -> DPO LoRA on synthetic pairs from "
+        "the curated set or on a preference dataset (--preferences dataset --preference-data "
+        "DIR) -> samples with and without the LoRA, each stage in a subfolder of WORKDIR "
+        "(--skip switches stages off); stages already finished there with the same inputs and "
+        "parameters are skipped. Prints where each output is."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("workdir", "working directory; each stage writes a subfolder"),)
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("workdir", "working directory; each stage writes a subfolder"),
+    )
 
     kit: Literal["tiny", "stage-defaults"] = Field(
         "tiny",
@@ -77,6 +87,23 @@ class RunAllConfig(BaseModel):
     captioner: str = Field(
         "",
         description="local image-text-to-text model folder; empty: write a random-weight tiny VLM",
+    )
+    fine_tune: Literal["kit", "none", "lora", "full"] = Field(
+        "kit",
+        description="before DPO: a LoRA, a full fine-tune or none; kit = the kit's choice (tiny: "
+        "full, stage-defaults: lora)",
+    )
+    preferences: Literal["synthetic", "dataset"] = Field(
+        "synthetic",
+        description="DPO's pairs: synthetic (tinted copies of the curated images) or a preference "
+        "dataset (--preference-data)",
+    )
+    preference_data: str = Field(
+        "",
+        description="a Pick-a-Pic v2 folder, parquet files or pair folders (`t2i prefs` reads it)",
+    )
+    skip: list[Literal["curate", "caption", "dpo", "evaluate"]] = Field(
+        default_factory=list, description="stages to switch off"
     )
     parameters: str | None = Field(
         None,

@@ -1,4 +1,4 @@
-"""The end_to_end flow: raw data -> curated -> captioned -> encoded -> trained -> DPO LoRA -> samples.
+"""The end_to_end flow: curate -> caption -> precompute -> fine-tune -> DPO -> evaluation samples.
 
 `CHAIN` is the only description of the chain: each stage once, in order, with the folder it
 writes under the run's workdir and the offline tiny kit's options. `plan` is the recipe, read
@@ -19,13 +19,25 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from captioning.config import CaptionConfig, InitCaptionerConfig
-from curate.config import CurateConfig, DemoDataConfig
-from dpo.config import DPOConfig, MakePrefsConfig
-from flows.stages import call_stage, describe, run_sample_shards, stage
-from model.config import InitModelConfig, PrecomputeConfig, SampleConfig, TrainConfig
+from flows.form import (
+    CaptionConfigInChain,
+    CurateInForm,
+    DemoDataInForm,
+    DPOConfigInChain,
+    EndToEndConfig,
+    InitCaptionerInForm,
+    InitModelInForm,
+    MakePrefsConfigInChain,
+    PrecomputeConfigInChain,
+    PrefsConfigInChain,
+    Recipe,
+    SampleConfigInChain,
+    TrainConfigInChain,
+)
+from flows.registry import stage
+from flows.stages import call_stage, describe, run_sample_shards
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ CHAIN = (
             "checkpoint_every": 10,
         },
     ),
+    Link("merge-lora", "fine-tuned", {}),  # no form section: its defaults (an fp32 merge)
+    Link("prefs", "prefs-ingested", {}),
     Link("make-prefs", "prefs", {"pairs_per_image": 1}),
     Link(
         "dpo",
@@ -70,8 +84,8 @@ CHAIN = (
         {
             "max_steps": 10,
             "batch_size": 2,
-            "rank": 8,
-            "alpha": 8.0,
+            "lora_rank": 8,
+            "lora_alpha": 8.0,
             "lr": 1e-3,
             "log_every": 2,
             "checkpoint_every": 5,
@@ -106,9 +120,12 @@ class _Recipe:
         folder = str(self.work / link.folder)
         arguments = {p: chained.pop(p) for p in spec.positionals if p in chained}
         arguments |= {p: folder for p in spec.positionals if p in ("output", "out")}
-        section = getattr(self.config, link.section).model_dump()
+        section = getattr(self.config, link.section, None)
+        section = section.model_dump() if section is not None else {}
         values = {k: v for k, v in section.items() if v is not None}
-        values |= {k: v for k, v in chained.items() if section.get(k) is None}
+        values |= {
+            k: v for k, v in chained.items() if v is not None and section.get(k) in (None, "")
+        }
         if "out" in spec.config_model.model_fields and section.get("out") is None:
             values["out"] = folder
         try:
@@ -122,19 +139,55 @@ class _Recipe:
 
 
 def plan(config: BaseModel) -> list[Step]:
-    """The recipe: every stage once, each on earlier outputs; raises before any work."""
-    recipe = _Recipe(config)
-    raw = config.source or recipe.add("demo-data")
-    base = config.base_model or recipe.add("init-model")
-    curated = recipe.add("curate", input=raw)
-    captioner = config.captioner or recipe.add("init-captioner")
-    captioned = recipe.add("caption", input=curated, model=captioner)
-    encoded = recipe.add("precompute", input=captioned, model=base)
-    trained = recipe.add("train", encoded=encoded, model=base)
-    prefs = recipe.add("make-prefs", source=raw)
-    lora = recipe.add("dpo", prefs=prefs, model=trained)
-    recipe.add("sample", model=trained, lora=lora)  # base/ and lora/ images, same seeds, a grid
-    return recipe.steps
+    """The recipe, as the form's `recipe` section switches it: each stage on earlier outputs.
+
+    curate -> caption -> precompute -> fine-tune (LoRA, full or none) -> DPO on synthetic pairs
+    made from the curated set or on a real preference dataset -> evaluation samples with and
+    without the final LoRA. One base model feeds every stage that loads one. Raises before any
+    work when the switches do not fit together."""
+    recipe = config.recipe
+    steps = _Recipe(config)
+    fine_tune = recipe.fine_tune
+    if (recipe.caption or fine_tune != "none") and not recipe.curate:
+        raise ValueError(
+            "end_to_end: caption and fine-tuning read a curated store; switch curate on, or "
+            "set fine_tune none and caption off"
+        )
+    if recipe.dpo and recipe.preferences == "dataset" and not recipe.preference_data:
+        raise ValueError(
+            "end_to_end: preferences 'dataset' needs preference_data (a Pick-a-Pic folder, "
+            "parquet files or pair folders that `t2i prefs` reads)"
+        )
+    raw = config.source or steps.add("demo-data")
+    base = config.base_model or steps.add("init-model")
+    curated = steps.add("curate", input=raw) if recipe.curate else None
+    store = curated
+    if recipe.caption:
+        captioner = config.captioner or steps.add("init-captioner")
+        store = steps.add("caption", input=curated, model=captioner)
+    # what DPO starts from, and what the evaluation compares against
+    model, lora = base, None
+    if fine_tune != "none":
+        encoded = steps.add("precompute", input=store, model=base)
+        rank = config.train.lora_rank or (DEFAULT_LORA_RANK if fine_tune == "lora" else None)
+        trained = steps.add("train", encoded=encoded, model=base, lora_rank=rank)
+        if fine_tune == "full":
+            model = trained  # DPO's reference is then the fine-tuned model, as in Diffusion-DPO
+        elif recipe.dpo:  # merged, so DPO's reference (adapter off) is the fine-tuned model too
+            model = steps.add("merge-lora", base=base, lora=trained)
+        else:
+            lora = trained  # evaluation: the base with and without the fine-tune LoRA
+    if recipe.dpo:
+        if recipe.preferences == "dataset":
+            prefs = steps.add("prefs", source=recipe.preference_data)
+            scorer = None
+        else:  # synthetic pairs from the curated set: its attribute is the judge of the samples
+            prefs = steps.add("make-prefs", source=curated or raw)
+            scorer = f"attribute:{config.make_prefs.attribute}"
+        lora = steps.add("dpo", prefs=prefs, model=model, scorer=scorer)
+    if recipe.evaluate:
+        steps.add("sample", model=model, lora=lora)  # base/ and lora/ images, same seeds, a grid
+    return steps.steps
 
 
 # ---- the form: one section per stage, its own config model ------------------------------------
@@ -142,73 +195,14 @@ def plan(config: BaseModel) -> list[Step]:
 # source, and any required one) optional: empty means "the output of an earlier stage".
 
 
-def chained(model: type[BaseModel], name: str) -> Any:
-    """A field of `model` the chain fills from an earlier stage when the form leaves it empty."""
-    description = model.model_fields[name].description or name
-    return Field(None, description=f"{description} (empty: set by the chain)")
-
-
-class CaptionConfigInChain(CaptionConfig):
-    model: str | None = chained(CaptionConfig, "model")
-
-
-class PrecomputeConfigInChain(PrecomputeConfig):
-    model: str | None = chained(PrecomputeConfig, "model")
-
-
-class TrainConfigInChain(TrainConfig):
-    model: str | None = chained(TrainConfig, "model")
-
-
-class MakePrefsConfigInChain(MakePrefsConfig):
-    source: str | None = chained(MakePrefsConfig, "source")
-
-
-class DPOConfigInChain(DPOConfig):
-    model: str | None = chained(DPOConfig, "model")
-
-
-class SampleConfigInChain(SampleConfig):
-    model: str | None = chained(SampleConfig, "model")
-    out: str | None = chained(SampleConfig, "out")
-    lora: str | None = chained(SampleConfig, "lora")
-
-
-def section(model: type[BaseModel]) -> Any:
-    """A stage's section of the form: its defaults, described by the stage's summary."""
-    return Field(default_factory=model, description=model.summary)
-
-
-class EndToEndConfig(BaseModel):
-    workdir: str = Field(..., description="working directory; each stage writes a subfolder of it")
-    source: str = Field(
-        "",
-        description="raw image-text collection (folder, webdataset tars, parquet); empty: write the demo collection",
-    )
-    base_model: str = Field(
-        "",
-        description="local SD3 diffusers folder to start from; empty: write a random-weight tiny one",
-    )
-    captioner: str = Field(
-        "",
-        description="local image-text-to-text model folder; empty: write a random-weight tiny VLM",
-    )
-    demo_data: DemoDataConfig = section(DemoDataConfig)
-    init_model: InitModelConfig = section(InitModelConfig)
-    curate: CurateConfig = section(CurateConfig)
-    init_captioner: InitCaptionerConfig = section(InitCaptionerConfig)
-    caption: CaptionConfigInChain = section(CaptionConfigInChain)
-    precompute: PrecomputeConfigInChain = section(PrecomputeConfigInChain)
-    train: TrainConfigInChain = section(TrainConfigInChain)
-    make_prefs: MakePrefsConfigInChain = section(MakePrefsConfigInChain)
-    dpo: DPOConfigInChain = section(DPOConfigInChain)
-    sample: SampleConfigInChain = section(SampleConfigInChain)
+DEFAULT_LORA_RANK = 64  # fine_tune "lora" with no --lora-rank given in the train section
 
 
 def tiny_kit(workdir: str, **top: Any) -> dict[str, Any]:
     """end_to_end parameters for the offline tiny kit (JSON-ready)."""
     parameters: dict[str, Any] = {"workdir": workdir, **top}
-    for link in CHAIN:
+    parameters["recipe"] = {"fine_tune": "full"}  # the demo: DPO on a fully fine-tuned model
+    for link in (link for link in CHAIN if link.section in EndToEndConfig.model_fields):
         model = EndToEndConfig.model_fields[link.section].annotation
         parameters[link.section] = model(**link.tiny).model_dump(mode="json")
     return EndToEndConfig.model_validate(parameters).model_dump(mode="json")
@@ -233,8 +227,11 @@ def documented_by(model: type[BaseModel]):
 @flow(
     name="end_to_end",
     description=(
-        "Raw image-text data -> curate -> caption -> precompute -> train -> preference pairs -> "
-        "DPO LoRA -> samples with and without the LoRA. Finished stages skip themselves."
+        "The recipe: raw image-text data -> curate -> caption -> precompute -> LoRA or full "
+        "fine-tune (or none) -> Diffusion-DPO on synthetic pairs from the curated set or a real "
+        "preference dataset -> evaluation samples with and without the LoRA. Each stage can be "
+        "switched off in the recipe section; one base model feeds them all; finished stages "
+        "skip themselves."
     ),
     validate_parameters=True,
     log_prints=False,  # stage libraries print freely; the run log keeps our own lines
@@ -243,26 +240,29 @@ def documented_by(model: type[BaseModel]):
 def end_to_end(
     *,
     workdir: str,
-    source: str = "",
     base_model: str = "",
+    source: str = "",
     captioner: str = "",
-    demo_data: DemoDataConfig = DemoDataConfig(),
-    init_model: InitModelConfig = InitModelConfig(),
-    curate: CurateConfig = CurateConfig(),
-    init_captioner: InitCaptionerConfig = InitCaptionerConfig(),
+    recipe: Recipe = Recipe(),
+    demo_data: DemoDataInForm = DemoDataInForm(),
+    init_model: InitModelInForm = InitModelInForm(),
+    curate: CurateInForm = CurateInForm(),
+    init_captioner: InitCaptionerInForm = InitCaptionerInForm(),
     caption: CaptionConfigInChain = CaptionConfigInChain(),
     precompute: PrecomputeConfigInChain = PrecomputeConfigInChain(),
     train: TrainConfigInChain = TrainConfigInChain(),
+    prefs: PrefsConfigInChain = PrefsConfigInChain(),
     make_prefs: MakePrefsConfigInChain = MakePrefsConfigInChain(),
     dpo: DPOConfigInChain = DPOConfigInChain(),
     sample: SampleConfigInChain = SampleConfigInChain(),
 ) -> dict:
-    """Run every stage in order, each on the previous one's output."""
+    """Run the recipe's stages in order, each on an earlier one's output."""
     parameters = {
         "workdir": workdir,
-        "source": source,
         "base_model": base_model,
+        "source": source,
         "captioner": captioner,
+        "recipe": recipe,
         "demo_data": demo_data,
         "init_model": init_model,
         "curate": curate,
@@ -270,6 +270,7 @@ def end_to_end(
         "caption": caption,
         "precompute": precompute,
         "train": train,
+        "prefs": prefs,
         "make_prefs": make_prefs,
         "dpo": dpo,
         "sample": sample,

@@ -19,7 +19,7 @@ from prefect.settings import (
 )
 
 from flows.config import RunAllConfig, ServeConfig
-from flows.end_to_end import EndToEndConfig, end_to_end, tiny_kit
+from flows.end_to_end import EndToEndConfig, end_to_end, plan, tiny_kit
 from flows.signals import first_signal, interruption, note_signal
 from flows.stages import describe, stage_flows
 
@@ -44,9 +44,47 @@ def end_to_end_defaults(workdir: str, kit: str, **top: Any) -> dict[str, Any]:
     return EndToEndConfig.model_validate({"workdir": workdir, **top}).model_dump(mode="json")
 
 
+# Deployment names say what each one does. The Prefect UI lists deployments by name, ten to a
+# page: the numbers put the recipe first and the stages in pipeline order after it.
+TITLES = {
+    "end_to_end": "00 full recipe - curate caption fine-tune DPO evaluate",
+    "demo-data": "01 write the demo collection",
+    "curate": "02 curate a collection",
+    "caption": "03 recaption with a VLM",
+    "precompute": "04 pre-encode latents and text",
+    "train": "05 fine-tune - full or LoRA",
+    "prefs": "06 ingest preference pairs",
+    "make-prefs": "07 make synthetic preference pairs",
+    "dpo": "08 align with Diffusion-DPO",
+    "sample": "09 generate samples",
+    "lora-convert": "10 convert a LoRA",
+    "export-single-file": "11 export a single-file checkpoint",
+    "init-model": "12 random tiny SD3 model",
+    "init-captioner": "13 random tiny captioner",
+    "merge-lora": "14 merge a LoRA into its base model",
+}
+
+
+def title(flow_name: str, name: str = "t2i") -> str:
+    """The deployment's name: what it does, plus NAME when it is not the default."""
+    return TITLES.get(flow_name, flow_name) + ("" if name == "t2i" else f" - {name}")
+
+
+def without_none(parameters: dict[str, Any]) -> dict[str, Any]:
+    """PARAMETERS without the fields left at None, at any depth: the end_to_end form shows
+    optional fields with their own type and no null branch, and the server checks a
+    deployment's parameters against that schema (an absent field takes its default)."""
+    return {
+        key: without_none(value) if isinstance(value, dict) else value
+        for key, value in parameters.items()
+        if value is not None
+    }
+
+
 def deployments(config: ServeConfig) -> list:
-    """One deployment per stage flow plus end_to_end, all named FLOW/config.name."""
-    flows = {**stage_flows(), "end_to_end": end_to_end}
+    """One deployment per stage flow plus end_to_end, titled by what it does (`TITLES`), tagged
+    with config.name."""
+    flows = {"end_to_end": end_to_end, **stage_flows()}
     result = []
     for name, flow in flows.items():
         parameters = None
@@ -56,10 +94,15 @@ def deployments(config: ServeConfig) -> list:
                 "base_model": config.base_model,
                 "captioner": config.captioner,
             }
-            parameters = end_to_end_defaults(str(Path(config.workdir).resolve()), config.kit, **top)
+            parameters = without_none(
+                end_to_end_defaults(str(Path(config.workdir).resolve()), config.kit, **top)
+            )
         result.append(
             with_runner(flow, config.dask_address).to_deployment(
-                name=config.name, parameters=parameters, tags=["t2i"], description=flow.description
+                name=title(name, config.name),
+                parameters=parameters,
+                tags=sorted({"t2i", config.name}),
+                description=flow.description,
             )
         )
     return result
@@ -127,15 +170,21 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def run_run_all(workdir: str, config: RunAllConfig) -> Path:
     top = {"source": config.source, "base_model": config.base_model, "captioner": config.captioner}
     parameters = end_to_end_defaults(workdir, config.kit, **top)
+    recipe = {name: False for name in config.skip}
+    recipe |= {"preferences": config.preferences, "preference_data": config.preference_data}
+    if config.fine_tune != "kit":
+        recipe["fine_tune"] = config.fine_tune
+    parameters = _merge(parameters, {"recipe": recipe})
     if config.parameters:
         path = Path(config.parameters)
         if not path.is_file():
             raise FileNotFoundError(f"--parameters {path}: no such JSON file")
         parameters = _merge(parameters, json.loads(path.read_text()))
     try:
-        EndToEndConfig.model_validate(parameters)
+        checked = EndToEndConfig.model_validate(parameters)
     except Exception as error:
         raise ValueError(f"invalid end_to_end parameters:\n{error}") from None
+    plan(checked)  # switches that do not fit together fail here, before Prefect starts
     # Ephemeral mode starts a local API server; on 2 busy cores it can take longer than Prefect's 20 s.
     patience = {
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120,

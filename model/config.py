@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from curate.runtime.executor import ExecutorOptions
-
-# Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
-# streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second
-# attention (attn2) too. Suffixes of module names inside `transformer_blocks`.
-LORA_BLOCK_LINEARS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    "norm1.linear", "norm1_context.linear",
-]  # fmt: skip
+from curate.runtime.options import BASE_DTYPE, RenamedOptions, device_option, resume_value
+from model.lora_targets import (
+    LORA_BLOCK_LINEARS,
+    expand_lora_targets,
+)
 
 
 class VariantOption(BaseModel):
@@ -43,13 +37,17 @@ class ModelFiles(VariantOption):
 
 class InitModelConfig(BaseModel):
     # `t2i init-model`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "write a random-weight SD3 pipeline folder built from configs (offline)"
+    summary: ClassVar[str] = (
+        "write a random-weight SD3 pipeline folder built from configs (offline)"
+    )
     description: ClassVar[str] = (
         "Builds SD3Transformer2DModel (QK RMS-norm), a 16-channel AutoencoderKL, CLIP-L, CLIP-G, "
         "T5 and their tokenizers from configs alone, with random weights, and saves a diffusers "
         "folder that StableDiffusion3Pipeline.from_pretrained(OUTPUT) loads with no model hub."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory for the diffusers pipeline folder"),)
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("output", "directory for the diffusers pipeline folder"),
+    )
 
     preset: str = Field(
         "tiny",
@@ -60,7 +58,8 @@ class InitModelConfig(BaseModel):
     seed: int = Field(0, description="seed for the random weights")
 
 
-class SampleConfig(ModelFiles):
+class SampleConfig(RenamedOptions, ModelFiles):
+    RENAMED = {"max_sequence_length": "t5_length"}  # accepted until the next release
     # `t2i sample`: its one-line summary, its --help text and its positional arguments
     summary: ClassVar[str] = "generate images from a diffusers SD3 folder"
     description: ClassVar[str] = (
@@ -81,7 +80,7 @@ class SampleConfig(ModelFiles):
     )
     height: int | None = Field(None, description="image height; default: the model's native size")
     width: int | None = Field(None, description="image width; default: the model's native size")
-    max_sequence_length: int | None = Field(
+    t5_length: int | None = Field(
         None,
         ge=1,
         le=512,
@@ -89,7 +88,7 @@ class SampleConfig(ModelFiles):
         "in its manifest.json), else 256 (the pipeline's default)",
     )
     out: str = Field("samples", description="directory for the PNGs")
-    device: str = Field("cpu", description="torch device, e.g. cuda or cuda:1")
+    device: str = device_option()
     dtype: str = Field("fp32", description="fp32, fp16 or bf16")
     lora: str | None = Field(
         None,
@@ -103,7 +102,9 @@ class SampleConfig(ModelFiles):
 
 class PrecomputeConfig(VariantOption, ExecutorOptions):
     # `t2i precompute`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "pre-encode VAE latents and CLIP-L/CLIP-G/T5 embeddings of a captioned set (16-bit, memory-mapped)"
+    summary: ClassVar[str] = (
+        "pre-encode VAE latents and CLIP-L/CLIP-G/T5 embeddings of a captioned set (16-bit, memory-mapped)"
+    )
     description: ClassVar[str] = (
         "Reads a curated or captioned store (id, image, caption, optional caption_synthetic) and "
         "encodes every image (square center crop at --resolution, or aspect-ratio buckets) with "
@@ -148,7 +149,7 @@ class PrecomputeConfig(VariantOption, ExecutorOptions):
     compute_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="dtype the encoders run in (fp16/bf16 on GPUs to save memory)"
     )
-    device: str = Field("cpu", description="torch device for the encoders, e.g. cuda or cuda:1")
+    device: str = device_option("of the encoders")
     batch_size: int = Field(16, ge=1, description="images or captions per encoder call")
     shard_size: int = Field(512, ge=1, description="input rows per shard (the unit of resumption)")
 
@@ -316,12 +317,14 @@ class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
         500, ge=0, description="save the full training state every N steps (0: never)"
     )
     checkpoints_total_limit: int = Field(3, ge=1, description="keep only the newest N checkpoints")
-    resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from")
-    # execution
-    device: str | None = Field(
+    resume: str | None = Field(
         None,
-        description="cpu, cuda, ...; default: what accelerate picks (use `accelerate launch` for multi-GPU)",
+        description="latest = continue from the newest checkpoint in OUTPUT/training/checkpoints, a "
+        "checkpoint folder, or none; default none, and a rerun into a folder holding checkpoints is "
+        "refused",
     )
+    # execution
+    device: str = device_option("one process per device; `accelerate launch` for multi-GPU")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="autocast precision; auto = bf16 on GPUs that support it, else fp32"
     )
@@ -351,7 +354,9 @@ class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
         "(default: every linear layer of the blocks; proj_out, context_embedder, pos_embed.proj, "
         "time_text_embed.* reach outside them; * is a wildcard)",
     )
-    lora_base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    _targets = field_validator("lora_targets")(expand_lora_targets)
+    _resume = field_validator("resume", mode="before")(resume_value)
+    lora_base_dtype: BASE_DTYPE = Field(
         "auto",
         description="dtype of the frozen base under --lora-rank; auto = the autocast precision (bf16 "
         "on GPUs), fp32 without autocast (CPU)",
@@ -362,58 +367,4 @@ class TrainConfig(ModelFiles, TimestepOptions, ReportOptions):
     )
     save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "bf16", description="dtype of the exported LoRA matrices under --lora-rank"
-    )
-
-
-class LoraConvertConfig(BaseModel):
-    """`t2i lora-convert`: one LoRA file into another tool's key style."""
-
-    # `t2i lora-convert`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "convert an SD3 LoRA between diffusers, kohya and ComfyUI key styles"
-    description: ClassVar[str] = (
-        "Reads a LoRA file (or a folder holding one) in diffusers, kohya (sd-scripts lora_sd3), "
-        "ComfyUI, OneTrainer or peft key style, detected from its keys, and writes it in --to's "
-        "style. kohya and ComfyUI use Stability's MMDiT module names with q/k/v fused (downs "
-        "stacked, ups block-diagonal, alpha scaled with the rank); diffusers files carry alpha "
-        "folded into B. Converting back gives the same matrices. OUTPUT is a .safetensors path "
-        "or a folder (then OUTPUT/pytorch_lora_weights.safetensors)."
-    )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("input", "LoRA .safetensors file or a folder with one"),
-        ("output", "a .safetensors path or a folder"),
-    )
-
-    to: Literal["diffusers", "kohya", "comfyui"] = Field(
-        ...,
-        description="diffusers (StableDiffusion3Pipeline.load_lora_weights; alpha folded into B), kohya "
-        "(sd-scripts lora_sd3: lora_unet_joint_blocks_N_..., fused qkv, .alpha) or comfyui "
-        "(diffusion_model.joint_blocks.N...., fused qkv, .alpha)",
-    )
-    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "bf16", description="dtype of the written LoRA matrices (alpha stays fp32)"
-    )
-
-
-class ExportSingleFileConfig(VariantOption):
-    """`t2i export-single-file`: a diffusers SD3 folder's transformer in Stability's layout."""
-
-    # `t2i export-single-file`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = (
-        "write a trained SD3 transformer as one Stability-layout .safetensors file (ComfyUI)"
-    )
-    description: ClassVar[str] = (
-        "Reads MODEL's transformer (a diffusers SD3 folder: `t2i train` output, or any SD3/SD3.5 "
-        "folder) and writes it under Stability's MMDiT names, model.diffusion_model.joint_blocks.N"
-        ".x_block.attn.qkv.weight and so on (q/k/v fused, the (shift, scale) modulations in "
-        "Stability's order): the file ComfyUI's Load Diffusion Model and sd-scripts read, and "
-        "diffusers' SD3Transformer2DModel.from_single_file(OUTPUT, config=MODEL) loads back. The "
-        "VAE and text encoders stay in MODEL (ComfyUI loads them separately)."
-    )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("model", "diffusers SD3 folder whose transformer to export"),
-        ("output", "the .safetensors file to write"),
-    )
-
-    save_dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "bf16", description="dtype of the written weights (Stability ships SD3 in 16 bits)"
     )

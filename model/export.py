@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from model.build import weight_variant
+from model.folders import weight_variant
 
 SKIP = {"transformer", "model_index.json", "training", "manifest.json"}
 WEIGHTS = (".safetensors", ".bin")

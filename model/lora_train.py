@@ -35,12 +35,17 @@ def base_dtype(requested: str, mixed_precision: str) -> torch.dtype:
     return _DTYPES[requested]
 
 
+def lora_alpha(config) -> float:
+    """--lora-alpha of `t2i train` and `t2i dpo`; unset = the rank (a scale alpha / rank of 1)."""
+    return config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
+
+
 def attach_lora(transformer: torch.nn.Module, config, mixed_precision: str):
     """Freeze TRANSFORMER (cast to the base dtype) and attach the trainable LoRA; None without --lora-rank."""
     if not config.lora_rank:
         return None
     transformer.to(base_dtype(config.lora_base_dtype, mixed_precision))
-    alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
+    alpha = lora_alpha(config)
     return add_lora(transformer, config.lora_rank, alpha, config.lora_targets, config.seed)
 
 
@@ -48,8 +53,12 @@ def make_optimizer(parameters, config, fused: bool = False) -> torch.optim.Optim
     """--optimizer adamw (torch; FUSED: one kernel for all tensors) or adamw8bit (bitsandbytes),
     with the run's AdamW settings."""
     trainable = [p for p in parameters if p.requires_grad]
-    kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                  weight_decay=config.weight_decay)  # fmt: skip
+    kwargs = dict(
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
     if config.optimizer == "adamw":
         return torch.optim.AdamW(trainable, fused=fused or None, **kwargs)
     try:
@@ -73,5 +82,6 @@ __all__ = [
     "attach_lora",
     "base_dtype",
     "export_trained_lora",
+    "lora_alpha",
     "make_optimizer",
 ]

@@ -12,9 +12,10 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from curate.runtime.options import resolve_device
 from curate.runtime.stage_runtime import StageRun
-from model.build import load_pipeline, parse_dtype
 from model.config import SampleConfig
+from model.folders import load_pipeline, parse_dtype
 from model.lora import load_into_pipeline, read_lora_for
 
 LORA_ADAPTER = "lora"
@@ -72,13 +73,19 @@ def zero_negative_inputs(
 ) -> dict:
     """The prompt's embeddings, with zeros as the negative (unconditional) embeddings."""
     embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt, prompt, prompt, device=pipe.device, do_classifier_free_guidance=False,
+        prompt,
+        prompt,
+        prompt,
+        device=pipe.device,
+        do_classifier_free_guidance=False,
         max_sequence_length=max_sequence_length,
-    )  # fmt: skip
+    )
     return {
-        "prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
-        "negative_prompt_embeds": torch.zeros_like(embeds), "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
-    }  # fmt: skip
+        "prompt_embeds": embeds,
+        "pooled_prompt_embeds": pooled,
+        "negative_prompt_embeds": torch.zeros_like(embeds),
+        "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
+    }
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -141,14 +148,14 @@ def run_sample(output: str | Path, config: SampleConfig) -> Path:
         lora = read_lora_for(config.lora, config.model) if config.lora is not None else None
         pipe = load_pipeline(
             config.model,
-            config.device,
+            resolve_device(config.device),
             parse_dtype(config.dtype),
             variant=config.variant,
             transformer_file=config.transformer_file,
         )
         pipe.set_progress_bar_config(disable=True)
         prompts = read_prompts(config.prompt, config.prompts)
-        t5_length = config.max_sequence_length or trained_t5_length(config.model) or 256
+        t5_length = config.t5_length or trained_t5_length(config.model) or 256
         zeros = trained_record(config.model).get("unconditional") == "zeros"
         options = (
             config.steps,

@@ -92,7 +92,7 @@ def run_export_single_file(model: str, output: str, config) -> Path:
 
     from curate.runtime.output_guard import check_output_file
     from curate.runtime.store_writer import share_like_umask
-    from model.build import load_transformer
+    from model.folders import load_transformer
     from model.lora_formats import SAVE_DTYPES
 
     target = Path(output)

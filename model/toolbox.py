@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from curate.runtime.options import resolve_device
 from curate.runtime.seeds import seed_unit
 from curate.runtime.store import Manifest, library_versions
 
@@ -47,11 +48,13 @@ def autocast_precision(precision: str, device: str | None) -> str:
 def make_accelerator(
     device: str | None, mixed_precision: str = "no", grad_accum: int = 1
 ) -> Accelerator:
-    """One process per device (launch several with `accelerate launch`); DEVICE "cpu" forces the CPU."""
+    """One process per device (launch several with `accelerate launch`): the GPU when --device
+    auto finds one (curate/runtime/options.py resolve_device), the CPU when it does not or for cpu."""
+    on_cpu = resolve_device(device) == "cpu"
     return Accelerator(
-        mixed_precision=autocast_precision(mixed_precision, device),
+        mixed_precision=autocast_precision(mixed_precision, "cpu" if on_cpu else device),
         gradient_accumulation_steps=grad_accum,
-        cpu=device == "cpu",
+        cpu=on_cpu,
     )
 
 

@@ -9,16 +9,12 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
 from model import rectified_flow as rf
-from model.build import (
-    build_transformer,
-    folder_text_dims,
-    load_transformer,
-    transformer_config_for,
-)
+from model.build import build_transformer, transformer_config_for
 from model.checkpoint import ModuleSubset
 from model.config import TrainConfig
 from model.ema import EMA
 from model.export import export_pipeline
+from model.folders import folder_text_dims, load_transformer
 from model.lora_train import export_trained_lora
 from model.toolbox import scheduler_shift
 

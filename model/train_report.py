@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from model.build import load_component
 from model.conditioning import TextEncoding
 from model.config import TrainConfig
 from model.ema import EMA
+from model.folders import load_component
 from model.latent_sampling import decode_latents, sample_latents, save_grid
 from model.objective import validation_loss
 from model.trackers import finish_trackers, log_image, start_trackers

@@ -7,9 +7,11 @@ must become: "keep", or the rejection reason. Stage tests run on it and compare.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import stat
 import struct
 import tarfile
 import zlib
@@ -285,8 +287,25 @@ class _Zeros(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left)
         start = self.sent
-        chunk = (self.head[start : start + n] if start < len(self.head) else b"")
+        chunk = self.head[start : start + n] if start < len(self.head) else b""
         chunk += bytes(n - len(chunk))
         self.left -= n
         self.sent += n
         return chunk
+
+
+def tree_hash(root: Path) -> str:
+    """One hash of every entry under ROOT: its path, kind, bytes (or link target) and mtime."""
+    digest = hashlib.sha256()
+    for directory, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            digest.update(os.path.relpath(path, root).encode("utf-8", "surrogateescape") + b"\0")
+            digest.update(f"{stat.S_IFMT(info.st_mode)}\0".encode())
+            if stat.S_ISLNK(info.st_mode):
+                digest.update(os.readlink(path).encode())
+            elif stat.S_ISREG(info.st_mode):
+                digest.update(Path(path).read_bytes() + f"\0{info.st_mtime_ns}".encode())
+    return digest.hexdigest()

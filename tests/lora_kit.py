@@ -4,7 +4,7 @@ import torch
 
 from dpo.config import ALL_BLOCK_LINEARS
 from dpo.lora import add_lora, export_lora
-from model.build import load_pipeline
+from model.folders import load_pipeline
 
 
 def random_trained_lora(model_dir, out, rank: int, alpha: float, std: float, seed: int):

@@ -20,7 +20,7 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import save_file
 
-from model.build import load_pipeline
+from model.folders import load_pipeline
 
 PREFIX = "model.diffusion_model."
 

@@ -14,6 +14,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+from flows.serve import title
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +111,13 @@ class PrefectServices:
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> PrefectServices:
+        try:
+            return self._start()
+        except BaseException:  # a failed start must not leave the server running
+            self.__exit__()
+            raise
+
+    def _start(self) -> PrefectServices:
         prefect = str(Path(sys.executable).parent / "prefect")
         server_log = self.home / "server.log"
         server = start(
@@ -141,7 +151,11 @@ class PrefectServices:
         )
         self.processes.append(serve)
         self.deployment = wait_for(
-            "t2i serve", lambda: self.read_deployment("end_to_end", "t2i"), 180, serve, serve_log
+            "t2i serve",
+            lambda: self.read_deployment("end_to_end", title("end_to_end")),
+            180,
+            serve,
+            serve_log,
         )
         self.serve_log = serve_log
         return self
@@ -152,7 +166,8 @@ class PrefectServices:
 
     def read_deployment(self, flow: str, name: str) -> dict | None:
         try:
-            return api(f"{self.api_url}/deployments/name/{flow}/{name}", timeout=5)
+            path = f"{quote(flow, safe='')}/{quote(name, safe='')}"
+            return api(f"{self.api_url}/deployments/name/{path}", timeout=5)
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 return None

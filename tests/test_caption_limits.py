@@ -15,8 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from captioning.chat_request import parse_chat
 from captioning.config import CaptionConfig, ServeCaptionerConfig
-from captioning.server import CaptionServer, parse_chat
+from captioning.server import CaptionServer
 from captioning.stage import run_caption
 
 HUGE = 60_000_000  # bytes a hostile server offers
@@ -186,7 +187,7 @@ def test_bad_or_oversized_content_lengths_are_refused_unread(guarded, length, st
 
 
 def test_max_tokens_is_capped_and_a_bad_number_is_a_400(guarded):
-    from captioning.server import RequestError
+    from captioning.chat_request import RequestError
 
     body = {
         "messages": [

@@ -174,7 +174,7 @@ def test_trainer_takes_errors_in_noise_units_and_averages_accumulated_micro_batc
     pairs = _random_pairs(6)
     t, noise = torch.tensor([0.2, 0.9]), torch.randn(2, 16, 8, 8)
     chosen = pairs.select([0, 1])
-    base = {"model": tiny_model_dir, "rank": 4, "alpha": 4.0}
+    base = {"model": tiny_model_dir, "lora_rank": 4, "lora_alpha": 4.0}
     in_noise = dpo_terms(transformer, chosen, t, noise, DPOConfig(**base))
     in_velocity = dpo_terms(
         transformer, chosen, t, noise, DPOConfig(**base, error_units="velocity")

@@ -50,6 +50,6 @@ def test_a_gpu_without_bf16_gets_no_autocast_unless_asked(gpu):
 
 def test_explicit_choices_are_kept(gpu):
     gpu(bf16=True)
-    assert precision_of(config(base_dtype="fp32")) == ("bf16", "fp32")
+    assert precision_of(config(lora_base_dtype="fp32")) == ("bf16", "fp32")
     assert precision_of(config(mixed_precision="no")) == ("no", "fp32")
-    assert precision_of(config(mixed_precision="no", base_dtype="bf16")) == ("no", "bf16")
+    assert precision_of(config(mixed_precision="no", lora_base_dtype="bf16")) == ("no", "bf16")

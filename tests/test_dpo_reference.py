@@ -38,7 +38,7 @@ def test_the_reference_equals_a_frozen_copy_without_running_the_input_layers_aga
                 parameter.normal_(std=0.05)
     pairs = _random_pairs(3).select([0, 1, 2])
     t, noise = torch.tensor([0.1, 0.5, 0.9]), torch.randn(3, 16, 8, 8)
-    config = DPOConfig(model=tiny_model_dir, rank=4, alpha=4.0)
+    config = DPOConfig(model=tiny_model_dir, lora_rank=4, lora_alpha=4.0)
     calls = _counting(transformer)
 
     ours = dpo_terms(transformer, pairs, t, noise, config)
@@ -70,6 +70,6 @@ def test_an_input_layer_with_a_lora_of_its_own_is_run_for_the_reference(tiny_mod
         pairs,
         torch.tensor([0.3, 0.6]),
         torch.randn(2, 16, 8, 8),
-        DPOConfig(model=tiny_model_dir, rank=4, alpha=4.0),
+        DPOConfig(model=tiny_model_dir, lora_rank=4, lora_alpha=4.0),
     )
     assert calls["context_embedder"] == 2 and calls["pos_embed"] == 1

@@ -16,7 +16,18 @@ from dpo.trainer import run_dpo
 from flows.cli import main as t2i
 from model.toolbox import NonFiniteLossError
 
-FAST = ["--rank", "4", "--alpha", "8", "--batch-size", "2", "--beta", "1000", "--lr", "1e-3"]
+FAST = [
+    "--lora-rank",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--batch-size",
+    "2",
+    "--beta",
+    "1000",
+    "--lr",
+    "1e-3",
+]
 FAST += ["--log-every", "2", "--heldout-fraction", "0.3", "--eval-seeds", "2", "--eval-steps", "4"]
 
 
@@ -91,7 +102,7 @@ def test_dpo_writes_a_diffusers_lora_metrics_and_a_held_out_accuracy(dpo_out):
     assert summary["heldout_implicit_acc"] >= 0.75 and summary["train_implicit_acc"] >= 0.75
     assert set(summary["guard"]) >= {"winner_drift", "saturated_frac", "warning"}
     manifest = Manifest.read(dpo_out)
-    assert manifest.stage == "dpo" and manifest.parameters["rank"] == 4
+    assert manifest.stage == "dpo" and manifest.parameters["lora_rank"] == 4
     assert [r["reason"] for r in load_rejected(dpo_out)] == [reasons.IDENTICAL_PAIR]
     # checkpoints (model/checkpoint.py) hold the LoRA and the optimizer, never the frozen base
     (step,) = (dpo_out.parent / f".{dpo_out.name}.work").glob("*/checkpoints/step-*")
@@ -195,7 +206,12 @@ def test_an_interrupted_run_resumes_exactly_even_past_a_torn_metrics_line(
 
 def test_a_non_finite_loss_stops_cleanly_without_writing_an_output(pairs, tiny_model_dir, tmp_path):
     config = DPOConfig(
-        model=tiny_model_dir, rank=4, alpha=4, batch_size=2, max_steps=3, beta=float("inf")
+        model=tiny_model_dir,
+        lora_rank=4,
+        lora_alpha=4,
+        batch_size=2,
+        max_steps=3,
+        beta=float("inf"),
     )
     with pytest.raises(NonFiniteLossError, match="at step 1 .*lower --lr or --beta"):
         run_dpo(pairs, tmp_path / "lora", config)
@@ -394,8 +410,10 @@ def test_dpo_init_lora_trains_on_from_the_old_adapter(pairs, tiny_model_dir, old
     assert t2i([*argv, "--init-lora", str(folder), "--save-dtype", "fp32"]) == 0
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     old = load_file(str(folder / "pytorch_lora_weights.safetensors"))
-    assert weights.keys() == old.keys()  # the old adapter's layers, not --target-modules
-    assert {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {4}  # its rank, not --rank
+    assert weights.keys() == old.keys()  # the old adapter's layers, not --lora-targets
+    assert {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {
+        4
+    }  # its rank, not --lora-rank
     assert json.loads((out / "summary.json").read_text())["init_lora"] == str(folder)
     assert any(not torch.equal(weights[k], old[k].float()) for k in old)  # and it trained on
 
@@ -427,9 +445,9 @@ def test_two_processes_train_the_same_lora_as_one_process_with_their_global_batc
         tiny_model_dir,
         "--max-steps",
         "3",
-        "--rank",
+        "--lora-rank",
         "4",
-        "--alpha",
+        "--lora-alpha",
         "4",
         "--beta",
         "1000",

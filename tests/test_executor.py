@@ -67,7 +67,7 @@ def test_curate_chunks_close_at_the_pixel_bound_whatever_the_image_count():
     from PIL import Image
 
     from curate.config import CurateConfig
-    from curate.ingest import Record
+    from curate.records import Record
     from curate.shards import chunks as cut
 
     def jpeg(side: int, shade: int) -> bytes:

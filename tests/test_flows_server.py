@@ -15,12 +15,19 @@ from prefect_services import PrefectServices, api
 
 from flows.artifacts import read_scalars
 from flows.end_to_end import EndToEndConfig, plan
+from flows.serve import title
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 RUN_TIMEOUT = 420
 
 
@@ -94,12 +101,8 @@ def test_end_to_end_triggered_from_the_dashboard_completes_and_is_screenshotted(
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{services.url}/deployments")
-        page.get_by_placeholder("Search deployments").fill(
-            "end_to_end", timeout=90_000
-        )  # one page of 10
-        page.locator("tr", has_text="end_to_end").get_by_role("link", name="t2i").click(
-            timeout=90_000
-        )
+        recipe = title("end_to_end")  # listed first, no search needed
+        page.get_by_role("link", name=recipe).first.click(timeout=90_000)
         page.get_by_role("button", name="Run", exact=True).click(timeout=90_000)
         page.get_by_text("Quick run").first.click(timeout=30_000)
         dialog = page.get_by_role("dialog")  # the form: workdir is required, so the UI asks

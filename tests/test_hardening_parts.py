@@ -195,7 +195,7 @@ BOMB_SCRIPT = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, "tests")
     import bad_corpus
-    from captioning.server import RequestError, decode_data_url
+    from captioning.chat_request import RequestError, decode_data_url
     from curate.runtime.decode import Invalid, check, decode_image, to_rgb
     from curate.ingest import read_records
     from dpo.synthetic import source_images
@@ -384,7 +384,7 @@ def test_allow_path_cells_reads_paths_inside_the_input_only(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate.ingest import IngestOptions
+    from curate.records import IngestOptions
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(_png())
@@ -464,8 +464,13 @@ def test_prefs_refuses_a_saved_dataset_reading_outside_in_one_line(tmp_path, cap
 
 
 def test_every_duplicate_tar_member_is_counted_and_only_the_first_read(tmp_path):
-    members = [("a.png", _png(color=(1, 1, 1))), ("a.txt", b"first"), ("a.png", _png()),
-               ("a.txt", b"second"), ("a.png", b"third")]  # fmt: skip
+    members = [
+        ("a.png", _png(color=(1, 1, 1))),
+        ("a.txt", b"first"),
+        ("a.png", _png()),
+        ("a.txt", b"second"),
+        ("a.png", b"third"),
+    ]
     bad_corpus._tar(tmp_path / "dup.tar", members)
     records = list(read_records(tmp_path / "dup.tar"))
     got = [(r.key, r.refused, r.caption) for r in records]
@@ -479,7 +484,7 @@ def test_every_duplicate_tar_member_is_counted_and_only_the_first_read(tmp_path)
 
 
 def test_tar_members_and_loose_files_share_the_image_size_cap(tmp_path):
-    from curate.ingest import IngestOptions
+    from curate.records import IngestOptions
 
     image = _png()
     (tmp_path / "in").mkdir()
@@ -496,18 +501,23 @@ def test_tar_members_and_loose_files_share_the_image_size_cap(tmp_path):
 
 
 def test_a_deeply_nested_json_sidecar_is_one_rejection_not_a_recursion_error(tmp_path):
-    from curate.ingest import JSON_MAX_DEPTH, json_depth
+    from curate.records import JSON_MAX_DEPTH, json_depth
 
     assert json_depth('{"a": "[[[[", "b": [[1]]}') == 3
     (tmp_path / "x.png").write_bytes(_png())
     (tmp_path / "x.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "y.png").write_bytes(_png(color=(1, 2, 3)))
-    nested = "{" + '"a": {' * (JSON_MAX_DEPTH - 2) + '"caption": "deep but fine"' + "}" * (
-        JSON_MAX_DEPTH - 1
+    nested = (
+        "{"
+        + '"a": {' * (JSON_MAX_DEPTH - 2)
+        + '"caption": "deep but fine"'
+        + "}" * (JSON_MAX_DEPTH - 1)
     )
     (tmp_path / "y.json").write_text(nested)
     got = {r.key: (r.refused, r.caption) for r in read_records(tmp_path)}
     assert got["x.png"][0] == reasons.BAD_CAPTION
+    detail = next(r.detail for r in read_records(tmp_path) if r.key == "x.png")
+    assert "nests 100000 levels deep, over the limit of 64" in detail
     assert got["y.png"] == ("", "")  # at the limit: parsed (the caption is not at the top)
 
 

@@ -8,36 +8,18 @@ line and a non-zero exit, and a hash of the whole tree around it is the same bef
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import stat
 from pathlib import Path
 
 import pytest
+from bad_corpus import tree_hash
 from PIL import Image
 
 from curate.runtime.output_guard import OWNER_FILE, OutputRefused, check_output, overwrite_allowed
 from flows.cli import COMMANDS, main
 
 CHEAP = ["--nsfw-detector", "none", "--aesthetic-scorer", "none", "--workers", "1"]
-
-
-def tree_hash(root: Path) -> str:
-    """One hash of every entry under ROOT: its path, kind, bytes (or link target) and mtime."""
-    digest = hashlib.sha256()
-    for directory, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            path = os.path.join(directory, name)
-            info = os.lstat(path)
-            digest.update(os.path.relpath(path, root).encode("utf-8", "surrogateescape") + b"\0")
-            digest.update(f"{stat.S_IFMT(info.st_mode)}\0".encode())
-            if stat.S_ISLNK(info.st_mode):
-                digest.update(os.readlink(path).encode())
-            elif stat.S_ISREG(info.st_mode):
-                digest.update(Path(path).read_bytes() + f"\0{info.st_mtime_ns}".encode())
-    return digest.hexdigest()
 
 
 def images(folder: Path, count: int = 3) -> Path:
@@ -158,8 +140,17 @@ def _self_output(name: str) -> list[str]:
     }[name]
 
 
-READERS = ["curate", "caption", "precompute", "train", "prefs", "make-prefs", "dpo", "sample",
-           "lora-convert"]  # fmt: skip
+READERS = [
+    "curate",
+    "caption",
+    "precompute",
+    "train",
+    "prefs",
+    "make-prefs",
+    "dpo",
+    "sample",
+    "lora-convert",
+]
 
 
 def _inputs(tmp_path: Path, make_caption_store) -> None:
@@ -216,7 +207,7 @@ def test_every_command_that_writes_takes_overwrite():
 
     parser = build_parser()
     names = {c.name for c in COMMANDS if c.writes}
-    assert set(WRITERS) | {"lora-convert", "export-single-file", "run-all"} == names
+    assert set(WRITERS) | {"lora-convert", "export-single-file", "merge-lora", "run-all"} == names
     for name in names:
         args = parser.parse_args([name, *["x"] * len(_positionals(name)), "--overwrite"])
         assert args._overwrite is True

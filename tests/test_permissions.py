@@ -47,7 +47,7 @@ CHAIN = textwrap.dedent(
     run("train", encoded, work / "full", *quick)
     run("train", encoded, work / "lora-train", *quick, "--lora-rank", "4")
     run("make-prefs", work / "prefs", "--source", work / "raw", "--pairs-per-image", "1")
-    run("dpo", work / "prefs", work / "dpo", "--model", work / "model", "--max-steps", "2", "--rank", "4",
+    run("dpo", work / "prefs", work / "dpo", "--model", work / "model", "--max-steps", "2", "--lora-rank", "4",
         "--batch-size", "2", "--checkpoint-every", "1", "--eval-seeds", "1", "--eval-steps", "2",
         "--scorer", "attribute:warm")
     run("lora-convert", work / "dpo", work / "comfy.safetensors", "--to", "comfyui")

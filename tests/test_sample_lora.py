@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from bad_corpus import tree_hash
 from lora_kit import random_trained_lora
 from PIL import Image
 
@@ -106,7 +107,9 @@ def test_a_damaged_lora_is_refused_in_one_line_before_any_image(
     out = tmp_path / "out"
     argv = ["sample", "--model", tiny_model_dir, "--prompt", "x", "--steps", "2", "--out", str(out)]
     capsys.readouterr()
+    before = tree_hash(tmp_path)
     assert t2i([*argv, "--lora", str(bad.parent)]) == 1
+    assert tree_hash(tmp_path) == before
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     expected = "not a linear" if poison == "rank" else "NaN or infinite"

@@ -138,7 +138,7 @@ def test_stalled_half_sent_and_trickling_connections_are_closed(server):
         connection.sendall(head.encode())  # headers never finished
     half = [_connect(server) for _ in range(2)]
     for connection in half:
-        connection.sendall(f"{head}Content-Length: 1000\r\n\r\n{{\"messages\"".encode())
+        connection.sendall(f'{head}Content-Length: 1000\r\n\r\n{{"messages"'.encode())
     # while those hang, a well-behaved client is served
     assert _post(server, json.dumps(_chat()).encode())[0] == 200
     for connection in stalled:

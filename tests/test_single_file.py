@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from sd_scripts_kit import stability_checkpoint
 
 from flows.cli import main as t2i
-from model.build import build_transformer, load_transformer
+from model.build import build_transformer
+from model.folders import load_transformer
 from model.presets import tiny_mmdit_config
 from model.single_file import PREFIX, stability_state_dict
 

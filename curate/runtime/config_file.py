@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from curate.runtime.options import rename_keys
 from curate.runtime.redact import strip_credentials
 
 try:
@@ -35,6 +36,8 @@ def read_config_file(path: str | Path, model: type[BaseModel]) -> dict[str, Any]
         values = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"--config {path}: not valid TOML: {error}") from None
+    # old spellings of renamed options (curate/runtime/options.py), accepted with a warning for one release
+    values = rename_keys(values, getattr(model, "RENAMED", {}), "key", f"--config {path}: ")
     unknown = sorted(set(values) - set(model.model_fields))
     if unknown:
         raise ValueError(
