@@ -23,6 +23,7 @@ demo: setup
 test: setup
 	bash scripts/test-services.sh
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

@@ -33,17 +33,30 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (230, 220, 30)}  # fmt: skip
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 60, 230),
+    "yellow": (230, 220, 30),
+}
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZE = 64
 T5_LENGTH = 77
 # The issue's run: t2i train --preset tiny-d4 --max-steps 1500 --batch-size 16 --lr 5e-4
 # --warmup-steps 100 --synthetic-caption-p 0 (plus: CPU, no grids, checkpoints or validation).
 ISSUE_RUN = dict(
-    preset="tiny-d4", max_steps=1500, batch_size=16, lr=5e-4, warmup_steps=100,
-    synthetic_caption_p=0.0, device="cpu", sample_count=0, checkpoint_every=0, val_every=0,
+    preset="tiny-d4",
+    max_steps=1500,
+    batch_size=16,
+    lr=5e-4,
+    warmup_steps=100,
+    synthetic_caption_p=0.0,
+    device="cpu",
+    sample_count=0,
+    checkpoint_every=0,
+    val_every=0,
     log_every=100,
-)  # fmt: skip
+)
 
 
 # ----------------------------------------------------------------------------- the set
@@ -126,10 +139,14 @@ def classifier_net():
         def __init__(self, channels: int = 16):
             super().__init__()
             self.body = nn.Sequential(
-                nn.Conv2d(channels, 48, 3, padding=1), nn.GELU(),
-                nn.Conv2d(48, 64, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-                nn.Conv2d(64, 96, 3, padding=1), nn.GELU(),
-            )  # fmt: skip
+                nn.Conv2d(channels, 48, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(48, 64, 3, padding=1),
+                nn.GELU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(64, 96, 3, padding=1),
+                nn.GELU(),
+            )
             self.shape = nn.Linear(192, 4)
             self.colour = nn.Linear(192, 4)
 
@@ -189,8 +206,13 @@ def encode_with_this_checkout(model: str, out: Path, n: int, seed: int) -> tuple
     images, captions, labels = labelled_images(n, seed)
     if not (out / "manifest.json").is_file():
         store = write_store(out.parent / (out.name + "-store"), images, captions, [None] * n)
-        run_precompute(store, out, PrecomputeConfig(model=model, resolution=SIZE, t5_length=T5_LENGTH,
-                                                    shard_size=max(64, n)))  # fmt: skip
+        run_precompute(
+            store,
+            out,
+            PrecomputeConfig(
+                model=model, resolution=SIZE, t5_length=T5_LENGTH, shard_size=max(64, n)
+            ),
+        )
     return out, labels
 
 
@@ -231,20 +253,36 @@ def prepare(cache: Path) -> dict:
         x, y = ordered_latents(fit_set, 1024, 99)
         hx, hy = ordered_latents(held_set, 256, 98)
         judge, shape_acc, colour_acc = fit_judge(x, y, hx, hy)
-        torch.save({"state": judge["net"].state_dict(), "mean": judge["mean"], "std": judge["std"],
-                    "held_shape": shape_acc, "held_colour": colour_acc}, judge_file)  # fmt: skip
+        torch.save(
+            {
+                "state": judge["net"].state_dict(),
+                "mean": judge["mean"],
+                "std": judge["std"],
+                "held_shape": shape_acc,
+                "held_colour": colour_acc,
+            },
+            judge_file,
+        )
     saved = torch.load(judge_file)
     net = classifier_net()
     net.load_state_dict(saved["state"])
     judge = {"net": net.eval(), "mean": saved["mean"], "std": saved["std"]}
-    return {"model": str(model), "judge": judge, "judge_held_shape": saved["held_shape"],
-            "judge_held_colour": saved["held_colour"]}  # fmt: skip
+    return {
+        "model": str(model),
+        "judge": judge,
+        "judge_held_shape": saved["held_shape"],
+        "judge_held_colour": saved["held_colour"],
+    }
 
 
 def pipeline_adherence(
-    folder, judge, seeds: int = 8, steps: int = 28, guidance: float = 7.0,
+    folder,
+    judge,
+    seeds: int = 8,
+    steps: int = 28,
+    guidance: float = 7.0,
     t5_length: int | None = T5_LENGTH,
-) -> dict:  # fmt: skip
+) -> dict:
     """FOLDER: an SD3 folder or a loaded pipeline. Per prompt: the share of stock-pipeline samples whose judged shape / colour is the prompt's."""
     import torch
     from diffusers import StableDiffusion3Pipeline
@@ -258,10 +296,15 @@ def pipeline_adherence(
     extra = {} if t5_length is None else {"max_sequence_length": t5_length}
     for prompt, shape, colour in prompts():
         latents = pipe(
-            prompt=[prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance,
-            height=SIZE, width=SIZE, output_type="latent",
-            generator=[torch.Generator().manual_seed(1000 + s) for s in range(seeds)], **extra,
-        ).images  # fmt: skip
+            prompt=[prompt] * seeds,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=SIZE,
+            width=SIZE,
+            output_type="latent",
+            generator=[torch.Generator().manual_seed(1000 + s) for s in range(seeds)],
+            **extra,
+        ).images
         s, c = predict(judge, latents)
         hit_s, hit_c = (s == shape), (c == colour)
         per_prompt[prompt] = {
@@ -272,8 +315,13 @@ def pipeline_adherence(
         colour_hits += int(hit_c.sum())
         both_hits += int((hit_s & hit_c).sum())
         total += seeds
-    return {"shape": shape_hits / total, "colour": colour_hits / total, "both": both_hits / total,
-            "samples": total, "per_prompt": per_prompt}  # fmt: skip
+    return {
+        "shape": shape_hits / total,
+        "colour": colour_hits / total,
+        "both": both_hits / total,
+        "samples": total,
+        "per_prompt": per_prompt,
+    }
 
 
 def checkpoint_adherence(
@@ -315,15 +363,34 @@ def run(args) -> dict:
     started = time.time()
     if not (out / "transformer").is_dir() or args.retrain:
         subprocess.run(
-            [sys.executable, "-c", TRAIN_DRIVER, json.dumps({
-                "code": str(code), "harness": str(Path(__file__).resolve()), "model": ready["model"],
-                "encoded": str(cache / f"encoded-{args.encoded_key or code.name}"), "n": args.n,
-                "out": str(out), "config": config})],
-            check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(code)},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-c",
+                TRAIN_DRIVER,
+                json.dumps(
+                    {
+                        "code": str(code),
+                        "harness": str(Path(__file__).resolve()),
+                        "model": ready["model"],
+                        "encoded": str(cache / f"encoded-{args.encoded_key or code.name}"),
+                        "n": args.n,
+                        "out": str(out),
+                        "config": config,
+                    }
+                ),
+            ],
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(code)},
+        )
     train_s = time.time() - started
-    result = {"tag": args.tag, "code": str(code), "config": config, "train_s": round(train_s, 1),
-              "judge_held_shape": ready["judge_held_shape"], "judge_held_colour": ready["judge_held_colour"]}  # fmt: skip
+    result = {
+        "tag": args.tag,
+        "code": str(code),
+        "config": config,
+        "train_s": round(train_s, 1),
+        "judge_held_shape": ready["judge_held_shape"],
+        "judge_held_colour": ready["judge_held_colour"],
+    }
     result["trained"] = pipeline_adherence(
         out, ready["judge"], args.seeds, t5_length=args.t5_length
     )
@@ -409,8 +476,18 @@ def main() -> None:
             result[f"step_{step}"]["shape"],
             result[f"step_{step}"]["colour"],
         ]
-    print(json.dumps({"tag": result["tag"], "train_s": result["train_s"], **summary,
-                      "untrained": {k: v for k, v in result.get("untrained", {}).items() if k != "per_prompt"}}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "tag": result["tag"],
+                "train_s": result["train_s"],
+                **summary,
+                "untrained": {
+                    k: v for k, v in result.get("untrained", {}).items() if k != "per_prompt"
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -136,17 +136,21 @@ def main() -> None:
                 for _ in range(args.repeats)
             )
             rows.append((batch, generate, generate_cpu, stage))
-    print(f"model: {args.model or 'tiny random LLaVA (t2i init-captioner --preset tiny)'}; "
-          f"{args.images} images, max_new_tokens {args.max_new_tokens}, greedy, "
-          f"{args.threads} thread(s), device {args.device}, median of {args.repeats}")  # fmt: skip
+    print(
+        f"model: {args.model or 'tiny random LLaVA (t2i init-captioner --preset tiny)'}; "
+        f"{args.images} images, max_new_tokens {args.max_new_tokens}, greedy, "
+        f"{args.threads} thread(s), device {args.device}, median of {args.repeats}"
+    )
     print("\n| batch | generate captions/s | generate captions/CPU-s | stage captions/s |")
     print("| --- | --- | --- | --- |")
     for batch, generate, generate_cpu, stage in rows:
         print(f"| {batch} | {generate:.1f} | {generate_cpu:.1f} | {stage:.1f} |")
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        print(f"\nbatch {last[0]} / batch {first[0]}: generate x{last[1] / first[1]:.2f} "
-              f"(CPU x{last[2] / first[2]:.2f}), stage x{last[3] / first[3]:.2f}")  # fmt: skip
+        print(
+            f"\nbatch {last[0]} / batch {first[0]}: generate x{last[1] / first[1]:.2f} "
+            f"(CPU x{last[2] / first[2]:.2f}), stage x{last[3] / first[3]:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -121,15 +121,26 @@ def main() -> None:
     }
     hits = len(found & truth)
     figures = {
-        "n": args.n, "dim": args.dim, "clusters": k, "assign": args.assign, "threshold": args.threshold,
-        "threads": args.threads, "planted_groups": args.groups, "make_data_s": round(made_s, 1),
-        "kmeans_and_assign_s": round(t1 - t0, 1), "cluster_search_s": round(t2 - t1, 1),
-        "select_s": round(t3 - t2, 1), "dedup_total_s": round(t3 - t0, 1),
-        "pairs_found": len(pairs), "removed": len(removed),
-        "sample_queries": len(queries), "sample_true_pairs": len(truth),
-        "pair_recall": round(hits / max(1, len(truth)), 4), "pair_precision": round(hits / max(1, len(found)), 4),
+        "n": args.n,
+        "dim": args.dim,
+        "clusters": k,
+        "assign": args.assign,
+        "threshold": args.threshold,
+        "threads": args.threads,
+        "planted_groups": args.groups,
+        "make_data_s": round(made_s, 1),
+        "kmeans_and_assign_s": round(t1 - t0, 1),
+        "cluster_search_s": round(t2 - t1, 1),
+        "select_s": round(t3 - t2, 1),
+        "dedup_total_s": round(t3 - t0, 1),
+        "pairs_found": len(pairs),
+        "removed": len(removed),
+        "sample_queries": len(queries),
+        "sample_true_pairs": len(truth),
+        "pair_recall": round(hits / max(1, len(truth)), 4),
+        "pair_precision": round(hits / max(1, len(found)), 4),
         "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-    }  # fmt: skip
+    }
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

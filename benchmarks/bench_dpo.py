@@ -59,9 +59,13 @@ def one_mode(args: argparse.Namespace) -> dict:
     b, c, s, t5 = args.batch, config["in_channels"], args.latent, args.t5_tokens
     dims = SD3_TEXT_DIMS
     text = TextEncoding(
-        torch.randn(b, 77, dims["clip_l"]), torch.randn(b, dims["clip_l"]), torch.randn(b, 77, dims["clip_g"]),
-        torch.randn(b, dims["clip_g"]), torch.randn(b, t5, dims["t5"]), torch.ones(b, t5),
-    )  # fmt: skip
+        torch.randn(b, 77, dims["clip_l"]),
+        torch.randn(b, dims["clip_l"]),
+        torch.randn(b, 77, dims["clip_g"]),
+        torch.randn(b, dims["clip_g"]),
+        torch.randn(b, t5, dims["t5"]),
+        torch.ones(b, t5),
+    )
     pairs = EncodedPairs(
         [str(i) for i in range(b)], torch.randn(b, c, s, s), torch.randn(b, c, s, s), text
     )

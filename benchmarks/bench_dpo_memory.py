@@ -52,9 +52,13 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
     text = TextEncoding(
-        rand(batch, 77, SD3_TEXT_DIMS["clip_l"]), rand(batch, 768), rand(batch, 77, SD3_TEXT_DIMS["clip_g"]),
-        rand(batch, 1280), rand(batch, 77, SD3_TEXT_DIMS["t5"]), torch.ones(batch, 77),
-    )  # fmt: skip
+        rand(batch, 77, SD3_TEXT_DIMS["clip_l"]),
+        rand(batch, 768),
+        rand(batch, 77, SD3_TEXT_DIMS["clip_g"]),
+        rand(batch, 1280),
+        rand(batch, 77, SD3_TEXT_DIMS["t5"]),
+        torch.ones(batch, 77),
+    )
     pairs = EncodedPairs(
         [str(i) for i in range(batch)],
         rand(batch, 16, side, side),
@@ -86,27 +90,43 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
     states = tensor_bytes(v for s in optimizer.state.values() for v in s.values())
     mb = lambda b: round(b / 2**20, 1)  # noqa: E731
     return {
-        "mode": mode, "depth": depth, "tokens": batch * ((side // 2) ** 2 + 154),
-        "params_M": round(sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n) / 1e6, 2),
+        "mode": mode,
+        "depth": depth,
+        "tokens": batch * ((side // 2) ** 2 + 154),
+        "params_M": round(
+            sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n) / 1e6, 2
+        ),
         "trainable_M": round(sum(p.numel() for p in trainable) / 1e6, 3),
-        "peak_MB": mb(peak), "weights_MB": mb(weights), "grads_MB": mb(grads),
-        "optimizer_MB": mb(states), "activations_MB": mb(peak - weights - grads - states),
-    }  # fmt: skip
+        "peak_MB": mb(peak),
+        "weights_MB": mb(weights),
+        "grads_MB": mb(grads),
+        "optimizer_MB": mb(states),
+        "activations_MB": mb(peak - weights - grads - states),
+    }
 
 
 def released_counts(rank: int) -> dict[str, dict[str, float]]:
     """Exact parameter counts of SD3.5-M/-L (meta device) and of the default attention LoRA."""
     counts = {}
     for name, spec in RELEASED.items():
-        config = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
-                      joint_attention_dim=4096, pooled_projection_dim=2048, **spec)  # fmt: skip
+        config = dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            attention_head_dim=64,
+            joint_attention_dim=4096,
+            pooled_projection_dim=2048,
+            **spec,
+        )
         transformer = build_transformer(config, "meta")
         lora = sum(
             rank * (m.in_features + m.out_features)
             for n, m in transformer.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")
+            if isinstance(m, torch.nn.Linear)
+            and n.startswith("transformer_blocks.")
             and any(n.endswith("." + s) for s in ATTENTION)
-        )  # fmt: skip
+        )
         counts[name] = {
             "params": sum(p.numel() for p in transformer.parameters()),
             "lora": lora,
@@ -133,8 +153,14 @@ def extrapolate(rows: list[dict], counts: dict, side: int, batches: tuple[int, .
     fit = measured["depth"] * measured["tokens"] * 64 * measured["depth"]
     tokens = (side // 2) ** 2 + 154
     heads = [f"{n} batch {b}" for n in counts for b in batches]
-    lines = ["| mode | alpha (B) | static " + " | static ".join(counts) + " | " + " | ".join(heads) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in [*counts, *heads]) + " |"]  # fmt: skip
+    lines = [
+        "| mode | alpha (B) | static "
+        + " | static ".join(counts)
+        + " | "
+        + " | ".join(heads)
+        + " |",
+        "| --- | --- | " + " | ".join("---" for _ in [*counts, *heads]) + " |",
+    ]
     for row in rows:
         a, b = STATIC[row["mode"]]
         alpha = row["activations_MB"] * 2**20 / fit
@@ -150,7 +176,9 @@ def extrapolate(rows: list[dict], counts: dict, side: int, batches: tuple[int, .
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--side", type=int, default=64, help="latent side (64: 512^2 images)")
     parser.add_argument("--batch", type=int, default=1, help="preference pairs per step")
@@ -173,8 +201,20 @@ def main() -> None:
         return
     print(json.dumps(released_counts(args.rank)), flush=True)
     for mode in MODES:
-        argv = [sys.executable, __file__, "--mode", mode, "--depth", str(args.depth),
-                "--side", str(args.side), "--batch", str(args.batch), "--rank", str(args.rank)]  # fmt: skip
+        argv = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--depth",
+            str(args.depth),
+            "--side",
+            str(args.side),
+            "--batch",
+            str(args.batch),
+            "--rank",
+            str(args.rank),
+        ]
         print(
             subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip(),
             flush=True,

@@ -217,17 +217,27 @@ def shapes(args) -> None:
         config = DPOConfig(model=str(model), max_steps=args.steps, eval_seeds=0)
         start = time.monotonic()
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_proof(model, task, config, tmp, PROOF_SEEDS[: args.seeds], Sampling(),
-                               args.pool, args.eval_at)  # fmt: skip
+            result = run_proof(
+                model,
+                task,
+                config,
+                tmp,
+                PROOF_SEEDS[: args.seeds],
+                Sampling(),
+                args.pool,
+                args.eval_at,
+            )
         result["total_s"] = round(time.monotonic() - start, 1)
         report[name] = result
         judged = result["judged"]
         print(f"## {name} base ({base_steps} steps): verdict {result['verdict']}", flush=True)
         for arm in ("dpo", "swapped"):
             j = judged[arm]
-            print(f"{arm}: red share {j['preferred']:.3f} (rise {j['rise']:+.3f}); worst prompt "
-                  f"{j['worst_prompt']} {j['worst_colour_change']:+.3f}; largest move "
-                  f"{j['largest_colour_move']:.3f}; mean {j['colour_mean_change']:+.3f}")  # fmt: skip
+            print(
+                f"{arm}: red share {j['preferred']:.3f} (rise {j['rise']:+.3f}); worst prompt "
+                f"{j['worst_prompt']} {j['worst_colour_change']:+.3f}; largest move "
+                f"{j['largest_colour_move']:.3f}; mean {j['colour_mean_change']:+.3f}"
+            )
         print(toy_table(result["base"], result["dpo"]["evals"][-1]["measures"]), flush=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), **report}, indent=2))
 
@@ -260,12 +270,21 @@ def main() -> None:
     p_shapes.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "t2i-dpo-shapes"))
     p_shapes.add_argument("--steps", type=int, default=200, help="DPO optimizer steps")
     p_shapes.add_argument("--seeds", type=int, default=48, help="proof seeds per prompt")
-    p_shapes.add_argument("--pool", default="shapes", choices=["shapes", "empty"],
-                          help="--preserve-captions: the circle and square prompts, or none")  # fmt: skip
+    p_shapes.add_argument(
+        "--pool",
+        default="shapes",
+        choices=["shapes", "empty"],
+        help="--preserve-captions: the circle and square prompts, or none",
+    )
     p_shapes.add_argument("--out", default="dpo-shapes-proof.json")
     p_shapes.add_argument("--tasks", nargs="+", default=["strong", "weak"])
-    p_shapes.add_argument("--eval-at", type=int, nargs="*", default=None,
-                          help="also measure at these steps (the last one is --steps)")  # fmt: skip
+    p_shapes.add_argument(
+        "--eval-at",
+        type=int,
+        nargs="*",
+        default=None,
+        help="also measure at these steps (the last one is --steps)",
+    )
     p_shapes.add_argument("--threads", type=int, default=1)
     p_table = modes.add_parser("table")
     p_table.add_argument("--out", required=True)

@@ -43,8 +43,11 @@ from dpo.shapes_task import build_task
 TASKS = {"strong": 1500, "weak": 500}
 # the default's image-stream projections plus the text stream's of the joint attention
 BOTH_STREAMS = ATTENTION_PROJECTIONS + [
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"
-]  # fmt: skip
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
 TEXT_STREAM = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 TARGET_SETS = {
     "both-streams": BOTH_STREAMS,
@@ -119,8 +122,14 @@ def run(args) -> None:
                 arm = run_arm(
                     model, task, config, tmp, base, seeds, args.eval_at, swapped, sampling, preserve
                 )
-            record = {"key": key, "task": args.task, "spec": spec, "swapped": swapped,
-                      "base": asdict(base), **arm}  # fmt: skip
+            record = {
+                "key": key,
+                "task": args.task,
+                "spec": spec,
+                "swapped": swapped,
+                "base": asdict(base),
+                **arm,
+            }
             with out.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             for e in arm["evals"]:

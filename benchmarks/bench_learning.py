@@ -69,9 +69,17 @@ def zeros_like_text(text: TextEncoding) -> TextEncoding:
 
 
 def conditioning_accuracy(
-    transformer, colours: tuple[str, ...], model_dir: str, reader: EncodedDataset, classifier,
-    seeds: list[int], steps: int, guidance: float, shift: float, negative: str = "empty",
-) -> float:  # fmt: skip
+    transformer,
+    colours: tuple[str, ...],
+    model_dir: str,
+    reader: EncodedDataset,
+    classifier,
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    shift: float,
+    negative: str = "empty",
+) -> float:
     """Share of samples (every colour x shape caption x held-out seed) classified as their caption's
     colour; guidance contrasts with NEGATIVE: the empty prompt's encoding, or zeros."""
     captions = captions_of(colours)
@@ -93,9 +101,15 @@ def conditioning_accuracy(
 
 
 def pipeline_per_caption(
-    model_dir: str | Path, colours: tuple[str, ...], classifier, seeds: list[int], steps: int,
-    guidance: float, size: int, t5_length: int,
-) -> dict[str, float]:  # fmt: skip
+    model_dir: str | Path,
+    colours: tuple[str, ...],
+    classifier,
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    size: int,
+    t5_length: int,
+) -> dict[str, float]:
     """The same measure through diffusers' stock StableDiffusion3Pipeline loaded from MODEL_DIR
     (its own text encoders, scheduler and empty-prompt guidance), per caption; latents come back
     before the VAE (output_type="latent"), in the space the classifier was fitted in."""
@@ -106,10 +120,15 @@ def pipeline_per_caption(
     found = {}
     for label, caption in captions_of(colours):
         latents = pipe(
-            prompt=[caption] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
-            height=size, width=size, max_sequence_length=t5_length, output_type="latent",
+            prompt=[caption] * len(seeds),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            max_sequence_length=t5_length,
+            output_type="latent",
             generator=[torch.Generator().manual_seed(s) for s in seeds],
-        ).images  # fmt: skip
+        ).images
         found[caption] = float((classifier.predict(latent_features(latents)) == label).mean())
     return found
 
@@ -157,11 +176,23 @@ def measure(
             (classifier.predict(latent_features(held_latents)) == held_truth).mean()
         )
     config = TrainConfig(
-        model=model, preset=preset, device="cpu", max_steps=steps, batch_size=batch, lr=lr,
-        warmup_steps=min(100, steps // 10) if warmup is None else warmup, shift=1.0, ema_decay=0.99,
-        val_fraction=0.0, log_every=max(1, steps // 5), val_every=0, sample_every=0, sample_count=0,
-        checkpoint_every=0, unconditional=unconditional,
-    )  # fmt: skip
+        model=model,
+        preset=preset,
+        device="cpu",
+        max_steps=steps,
+        batch_size=batch,
+        lr=lr,
+        warmup_steps=min(100, steps // 10) if warmup is None else warmup,
+        shift=1.0,
+        ema_decay=0.99,
+        val_fraction=0.0,
+        log_every=max(1, steps // 5),
+        val_every=0,
+        sample_every=0,
+        sample_count=0,
+        checkpoint_every=0,
+        unconditional=unconditional,
+    )
     sample_seeds = list(range(1000, 1000 + seeds))  # never used for training noise
 
     def evaluate(transformer) -> float:
@@ -207,13 +238,24 @@ def measure(
             stock[f"pipeline_{name}_per_caption"] = per_caption
             stock[f"pipeline_{name}_accuracy"] = sum(per_caption.values()) / len(per_caption)
     return {
-        "unconditional": unconditional, **stock,
-        "preset": preset, "params": sum(p.numel() for p in trained.parameters()), "image_size": size,
-        "solid": solid, "colours": len(colours), "steps": steps, "batch": batch, "lr": lr,
-        "train_samples": n, "train_s": round(train_s, 1), "chance": 1 / len(colours),
-        "classifier_on_real_latents": real_accuracy, "untrained_accuracy": untrained_accuracy,
-        "trained_accuracy": evaluate(trained), "samples_per_model": len(colours) * len(SHAPES) * seeds,
-    }  # fmt: skip
+        "unconditional": unconditional,
+        **stock,
+        "preset": preset,
+        "params": sum(p.numel() for p in trained.parameters()),
+        "image_size": size,
+        "solid": solid,
+        "colours": len(colours),
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "train_samples": n,
+        "train_s": round(train_s, 1),
+        "chance": 1 / len(colours),
+        "classifier_on_real_latents": real_accuracy,
+        "untrained_accuracy": untrained_accuracy,
+        "trained_accuracy": evaluate(trained),
+        "samples_per_model": len(colours) * len(SHAPES) * seeds,
+    }
 
 
 def main() -> None:
@@ -231,8 +273,16 @@ def main() -> None:
         "--pipeline", action="store_true", help="also classify stock-pipeline samples"
     )
     args = parser.parse_args()
-    result = measure(args.preset, args.steps, args.n, args.batch, args.lr, args.seeds,
-                     unconditional=args.unconditional, pipeline=args.pipeline)  # fmt: skip
+    result = measure(
+        args.preset,
+        args.steps,
+        args.n,
+        args.batch,
+        args.lr,
+        args.seeds,
+        unconditional=args.unconditional,
+        pipeline=args.pipeline,
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from model.build import build_transformer  # noqa: E402
 from model.conditioning import TextEncoding  # noqa: E402
-from model.config import LORA_BLOCK_LINEARS, TrainConfig  # noqa: E402
+from model.config import TrainConfig  # noqa: E402
 from model.ema import EMA  # noqa: E402
 from model.lora import add_lora  # noqa: E402
+from model.lora_targets import LORA_BLOCK_LINEARS  # noqa: E402
 from model.lora_train import make_optimizer  # noqa: E402
 from model.objective import FlowSettings, draw_noise_and_time, training_loss  # noqa: E402
 from model.presets import SD3_TEXT_DIMS, mmdit_config  # noqa: E402
@@ -46,11 +47,23 @@ MODES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # diffusers configs of the released models (transformer/config.json)
 RELEASED = {
-    "SD3.5-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                         pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
-    "SD3.5-large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
-                        pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=()),
-}  # fmt: skip
+    "SD3.5-medium": dict(
+        num_layers=24,
+        num_attention_heads=24,
+        caption_projection_dim=1536,
+        pos_embed_max_size=384,
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)),
+    ),
+    "SD3.5-large": dict(
+        num_layers=38,
+        num_attention_heads=38,
+        caption_projection_dim=2432,
+        pos_embed_max_size=192,
+        qk_norm="rms_norm",
+        dual_attention_layers=(),
+    ),
+}
 
 
 def rss_bytes() -> int:
@@ -81,9 +94,13 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
     text = TextEncoding(
-        rand(batch, 77, SD3_TEXT_DIMS["clip_l"]), rand(batch, 768), rand(batch, 77, SD3_TEXT_DIMS["clip_g"]),
-        rand(batch, 1280), rand(batch, 77, SD3_TEXT_DIMS["t5"]), torch.ones(batch, 77),
-    )  # fmt: skip
+        rand(batch, 77, SD3_TEXT_DIMS["clip_l"]),
+        rand(batch, 768),
+        rand(batch, 77, SD3_TEXT_DIMS["clip_g"]),
+        rand(batch, 1280),
+        rand(batch, 77, SD3_TEXT_DIMS["t5"]),
+        torch.ones(batch, 77),
+    )
     latents = rand(batch, 16, side, side)
     settings = FlowSettings()
     before = rss_bytes()
@@ -116,28 +133,44 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
     shadows = tensor_bytes(ema.shadow.values())
     mb = lambda b: round(b / 2**20, 1)  # noqa: E731
     return {
-        "mode": mode, "depth": depth, "tokens": batch * ((side // 2) ** 2 + 154),
-        "params_M": round(sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n) / 1e6, 2),
+        "mode": mode,
+        "depth": depth,
+        "tokens": batch * ((side // 2) ** 2 + 154),
+        "params_M": round(
+            sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n) / 1e6, 2
+        ),
         "trainable_M": round(sum(p.numel() for p in trainable) / 1e6, 3),
-        "peak_MB": mb(peak), "weights_MB": mb(weights), "grads_MB": mb(grads),
-        "optimizer_MB": mb(states), "ema_MB": mb(shadows),
+        "peak_MB": mb(peak),
+        "weights_MB": mb(weights),
+        "grads_MB": mb(grads),
+        "optimizer_MB": mb(states),
+        "ema_MB": mb(shadows),
         "activations_MB": mb(peak - weights - grads - states - shadows),
-    }  # fmt: skip
+    }
 
 
 def released_counts(rank: int) -> dict[str, dict[str, float]]:
     """Exact parameter counts of SD3.5-M/-L (on the meta device) and of a rank-R LoRA on every block linear."""
     counts = {}
     for name, spec in RELEASED.items():
-        config = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
-                      joint_attention_dim=4096, pooled_projection_dim=2048, **spec)  # fmt: skip
+        config = dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            attention_head_dim=64,
+            joint_attention_dim=4096,
+            pooled_projection_dim=2048,
+            **spec,
+        )
         transformer = build_transformer(config, "meta")
         lora = sum(
             rank * (m.in_features + m.out_features)
             for n, m in transformer.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")
+            if isinstance(m, torch.nn.Linear)
+            and n.startswith("transformer_blocks.")
             and any(n.endswith("." + s) for s in LORA_BLOCK_LINEARS)
-        )  # fmt: skip
+        )
         counts[name] = {
             "params": sum(p.numel() for p in transformer.parameters()),
             "lora": lora,
@@ -164,8 +197,10 @@ def extrapolate(rows: list[dict], counts: dict, side: int = 128, batch: int = 1)
     measured = rows[0]
     d = 64 * measured["depth"]
     fit = measured["depth"] * measured["tokens"] * d
-    lines = ["| mode | alpha (B) | " + " | ".join(f"{n} static / total (GiB)" for n in counts) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in counts) + " |"]  # fmt: skip
+    lines = [
+        "| mode | alpha (B) | " + " | ".join(f"{n} static / total (GiB)" for n in counts) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in counts) + " |",
+    ]
     for row in rows:
         a, b = STATIC[row["mode"]]
         alpha = row["activations_MB"] * 2**20 / fit
@@ -179,7 +214,9 @@ def extrapolate(rows: list[dict], counts: dict, side: int = 128, batch: int = 1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--side", type=int, default=64, help="latent side (64: 512^2 images)")
     parser.add_argument("--batch", type=int, default=1)
@@ -205,8 +242,20 @@ def main() -> None:
         print(json.dumps(measure(args.mode, args.depth, args.side, args.batch, args.rank)))
         return
     for mode in MODES:
-        command = [sys.executable, __file__, "--mode", mode, "--depth", str(args.depth),
-                   "--side", str(args.side), "--batch", str(args.batch), "--rank", str(args.rank)]  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--depth",
+            str(args.depth),
+            "--side",
+            str(args.side),
+            "--batch",
+            str(args.batch),
+            "--rank",
+            str(args.rank),
+        ]
         result = subprocess.run(command, check=True, capture_output=True, text=True)
         print(result.stdout.strip().splitlines()[-1], flush=True)
     command = [sys.executable, __file__, "--released", "--rank", str(args.rank)]

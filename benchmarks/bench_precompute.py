@@ -36,19 +36,47 @@ TABLE7_KB = {"vae": 65.5, "clip_l": 121.3, "clip_g": 202.2, "t5": 630.7}
 
 # stable-diffusion-3-medium-diffusers component configs (the fields that set tensor sizes).
 SD3_MEDIUM = {
-    "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                     "num_attention_heads": 12, "projection_dim": 768, "max_position_embeddings": 77},
-    "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                       "num_attention_heads": 20, "projection_dim": 1280, "max_position_embeddings": 77},
-    "text_encoder_3": {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24},
-    "vae": {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16, "scaling_factor": 1.5305,
-            "shift_factor": 0.0609, "layers_per_block": 2, "use_quant_conv": False, "use_post_quant_conv": False},
+    "text_encoder": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "projection_dim": 768,
+        "max_position_embeddings": 77,
+    },
+    "text_encoder_2": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "projection_dim": 1280,
+        "max_position_embeddings": 77,
+    },
+    "text_encoder_3": {
+        "d_model": 4096,
+        "d_ff": 10240,
+        "d_kv": 64,
+        "num_heads": 64,
+        "num_layers": 24,
+    },
+    "vae": {
+        "block_out_channels": [128, 256, 512, 512],
+        "latent_channels": 16,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "layers_per_block": 2,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
     "transformer": {"patch_size": 2},
-}  # fmt: skip
-CLASSES = {"text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-           "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-           "text_encoder_3": ["transformers", "T5EncoderModel"], "vae": ["diffusers", "AutoencoderKL"],
-           "transformer": ["diffusers", "SD3Transformer2DModel"]}  # fmt: skip
+}
+CLASSES = {
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_3": ["transformers", "T5EncoderModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "transformer": ["diffusers", "SD3Transformer2DModel"],
+}
 # "medium": SD3's widths, fewer layers, so that a CPU run takes minutes.
 MEDIUM_LAYERS = {"text_encoder": 12, "text_encoder_2": 8, "text_encoder_3": 2}
 
@@ -93,22 +121,45 @@ def build_medium_model(folder: Path) -> Path:
         return folder
     torch.manual_seed(0)
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
-    ids = {"vocab_size": len(clip_tok), "bos_token_id": clip_tok.bos_token_id,
-           "eos_token_id": clip_tok.eos_token_id, "pad_token_id": clip_tok.pad_token_id}  # fmt: skip
+    ids = {
+        "vocab_size": len(clip_tok),
+        "bos_token_id": clip_tok.bos_token_id,
+        "eos_token_id": clip_tok.eos_token_id,
+        "pad_token_id": clip_tok.pad_token_id,
+    }
     clip = [
-        CLIPTextModelWithProjection(CLIPTextConfig(**{**SD3_MEDIUM[name], "num_hidden_layers": MEDIUM_LAYERS[name]}, **ids))
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(**{**SD3_MEDIUM[name], "num_hidden_layers": MEDIUM_LAYERS[name]}, **ids)
+        )
         for name in ("text_encoder", "text_encoder_2")
-    ]  # fmt: skip
-    t5 = T5EncoderModel(T5Config(**{**SD3_MEDIUM["text_encoder_3"], "num_layers": MEDIUM_LAYERS["text_encoder_3"]},
-                                 vocab_size=len(t5_tok), feed_forward_proj="gated-gelu", pad_token_id=t5_tok.pad_token_id,
-                                 eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id))  # fmt: skip
+    ]
+    t5 = T5EncoderModel(
+        T5Config(
+            **{**SD3_MEDIUM["text_encoder_3"], "num_layers": MEDIUM_LAYERS["text_encoder_3"]},
+            vocab_size=len(t5_tok),
+            feed_forward_proj="gated-gelu",
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+        )
+    )
     vae_config = dict(SD3_MEDIUM["vae"])
     blocks = len(vae_config["block_out_channels"])
-    vae = AutoencoderKL(**vae_config, down_block_types=["DownEncoderBlock2D"] * blocks,
-                        up_block_types=["UpDecoderBlock2D"] * blocks)  # fmt: skip
-    components = {"text_encoder": clip[0], "text_encoder_2": clip[1], "text_encoder_3": t5, "vae": vae,
-                  "tokenizer": clip_tok, "tokenizer_2": build_clip_tokenizer(), "tokenizer_3": t5_tok,
-                  "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)}  # fmt: skip
+    vae = AutoencoderKL(
+        **vae_config,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+    )
+    components = {
+        "text_encoder": clip[0],
+        "text_encoder_2": clip[1],
+        "text_encoder_3": t5,
+        "vae": vae,
+        "tokenizer": clip_tok,
+        "tokenizer_2": build_clip_tokenizer(),
+        "tokenizer_3": t5_tok,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }
     config = transformer_config_for("tiny", text_dims(components))
     config["in_channels"] = config["out_channels"] = vae.config.latent_channels
     components["transformer"] = build_transformer(config)
@@ -141,11 +192,21 @@ def build_store(out: Path, samples: int) -> Path:
             )
             data = buffer.getvalue()
             synthetic = f"a detailed photo showing {t['caption']}" if n % 2 else None
-            yield {"id": sample_id(data), "image": {"bytes": data, "path": None}, "caption": t["caption"],
-                   "caption_synthetic": synthetic}  # fmt: skip
+            yield {
+                "id": sample_id(data),
+                "image": {"bytes": data, "path": None},
+                "caption": t["caption"],
+                "caption_synthetic": synthetic,
+            }
 
-    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                                  "caption": datasets.Value("string"), "caption_synthetic": datasets.Value("string")})  # fmt: skip
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "caption_synthetic": datasets.Value("string"),
+        }
+    )
     with StageWriter(store, "caption", {"bench": samples}, "bench") as writer:
         writer.write_samples(rows(), features)
     return store
@@ -181,8 +242,13 @@ def worker(mode: str, model: str, store: str, out: str, resolution: int, batch: 
         )
         run_precompute(store, out, config)
         manifest = json.loads((Path(out) / "manifest.json").read_text())
-        return {"peak_rss_mb": peak_rss_mb(), "wall_s": time.monotonic() - start, "counts": manifest["counts"],
-                "timings": manifest["extra"]["timings_s"], "bytes": manifest["extra"]["bytes"]}  # fmt: skip
+        return {
+            "peak_rss_mb": peak_rss_mb(),
+            "wall_s": time.monotonic() - start,
+            "counts": manifest["counts"],
+            "timings": manifest["extra"]["timings_s"],
+            "bytes": manifest["extra"]["bytes"],
+        }
     from PIL import Image
 
     encoders = [Encoder(model, name) for name in ENCODERS]  # all four resident at once
@@ -203,18 +269,29 @@ def measure(mode: str, *args) -> dict:
 
 def report(results: dict) -> str:
     t7 = results["table7"]
-    lines = ["### Bytes per sample at 256^2, SD3-medium dimensions (from configs) vs SD3 Table 7", "",
-             "| encoder | ours (16-bit) | Table 7 | note |", "| --- | ---: | ---: | --- |"]  # fmt: skip
-    notes = {"vae": f"Table 7 stores fp32; ours in fp32 would be {t7['vae_fp32_bytes'] / 1000:.1f} kB",
-             "clip_l": "77x768 states + 768 pooled; Table 7 = 79 rows of 768", "clip_g": "77x1280 + 1280 pooled; Table 7 = 79 rows",
-             "t5": "77x4096 + 77-byte mask"}  # fmt: skip
+    lines = [
+        "### Bytes per sample at 256^2, SD3-medium dimensions (from configs) vs SD3 Table 7",
+        "",
+        "| encoder | ours (16-bit) | Table 7 | note |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    notes = {
+        "vae": f"Table 7 stores fp32; ours in fp32 would be {t7['vae_fp32_bytes'] / 1000:.1f} kB",
+        "clip_l": "77x768 states + 768 pooled; Table 7 = 79 rows of 768",
+        "clip_g": "77x1280 + 1280 pooled; Table 7 = 79 rows",
+        "t5": "77x4096 + 77-byte mask",
+    }
     for name, kb in TABLE7_KB.items():
         lines.append(
             f"| {name} | {t7['ours_bytes'][name] / 1000:.1f} kB | {kb} kB | {notes[name]} |"
         )
-    lines += ["", "### Throughput and memory (one thread, random weights)", "",
-              "| scale | samples | vae img/s | clip_l cap/s | clip_g cap/s | t5 cap/s | end to end samples/s | bytes/sample on disk (overhead) | peak RSS one-at-a-time | peak RSS all loaded | RSS after imports |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += [
+        "",
+        "### Throughput and memory (one thread, random weights)",
+        "",
+        "| scale | samples | vae img/s | clip_l cap/s | clip_g cap/s | t5 cap/s | end to end samples/s | bytes/sample on disk (overhead) | peak RSS one-at-a-time | peak RSS all loaded | RSS after imports |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for scale, r in results["scales"].items():
         seq, timings = r["sequential"], r["sequential"]["timings"]
         rate = {k: v["items"] / v["encode"] for k, v in timings.items()}

@@ -40,9 +40,12 @@ def main() -> None:
         print(f"{tar.stat().st_size / 1e6:.2f} MB gzip tar, member {args.size_mb} MiB")
         env = {**os.environ, "PYTHONPATH": args.code}
         done = subprocess.run(
-            [sys.executable, "-c", READ, str(tar)], capture_output=True, text=True, cwd=args.code,
+            [sys.executable, "-c", READ, str(tar)],
+            capture_output=True,
+            text=True,
+            cwd=args.code,
             env=env,
-        )  # fmt: skip
+        )
         print(done.stdout.strip() or done.stderr.strip()[-400:])
 
 

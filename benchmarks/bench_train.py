@@ -68,9 +68,13 @@ def synthetic_batch(name: str, batch: int, device: torch.device):
     generator = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=generator).to(device)  # noqa: E731
     text = TextEncoding(
-        rand(batch, 77, d_l), rand(batch, p_l), rand(batch, 77, d_g), rand(batch, p_g),
-        rand(batch, t5_len, config["joint_attention_dim"]), torch.ones(batch, t5_len, device=device),
-    )  # fmt: skip
+        rand(batch, 77, d_l),
+        rand(batch, p_l),
+        rand(batch, 77, d_g),
+        rand(batch, p_g),
+        rand(batch, t5_len, config["joint_attention_dim"]),
+        torch.ones(batch, t5_len, device=device),
+    )
     return rand(batch, config["in_channels"], side, side), text
 
 
@@ -190,8 +194,20 @@ def main() -> None:
         return
     for name in ("tiny", "d4"):
         steps = args.steps if name == "d4" else args.steps * 10
-        command = [sys.executable, __file__, "--model", name, "--batch", str(args.batch), "--steps", str(steps),
-                   "--device", args.device, "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else [])  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--model",
+            name,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(steps),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ] + (["--breakdown"] if args.breakdown else [])
         print(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip())
 
 

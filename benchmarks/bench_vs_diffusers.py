@@ -68,28 +68,83 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
 
 
 def environment(extra_path: str | None) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ACCELERATE_USE_CPU": "1",
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "ACCELERATE_USE_CPU": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     env["PYTHONPATH"] = extra_path or str(ROOT)
     return env
 
 
 def peer_command(args, model: Path, images: Path, steps: int, out: Path) -> list[str]:
-    return [sys.executable, str(args.peer), "--pretrained_model_name_or_path", str(model),
-            "--instance_data_dir", str(images), "--instance_prompt", PROMPT, "--resolution", "64",
-            "--train_batch_size", "8", "--max_train_steps", str(steps), "--learning_rate", "1e-4",
-            "--mixed_precision", args.mixed_precision, "--weighting_scheme", "logit_normal", "--seed", "0",
-            "--output_dir", str(out)]  # fmt: skip
+    return [
+        sys.executable,
+        str(args.peer),
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(images),
+        "--instance_prompt",
+        PROMPT,
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        str(steps),
+        "--learning_rate",
+        "1e-4",
+        "--mixed_precision",
+        args.mixed_precision,
+        "--weighting_scheme",
+        "logit_normal",
+        "--seed",
+        "0",
+        "--output_dir",
+        str(out),
+    ]
 
 
 def ours_command(
     args, model: Path, encoded: Path, steps: int, out: Path, extra: list[str]
 ) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "train", str(encoded), str(out), "--model", str(model),
-            "--batch-size", "8", "--max-steps", str(steps), "--lr", "1e-4", "--warmup-steps", "0",
-            "--val-fraction", "0", "--sample-count", "0", "--checkpoint-every", "0",
-            "--log-every", "1000", "--mixed-precision", args.mixed_precision, "--device", "cpu", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "train",
+        str(encoded),
+        str(out),
+        "--model",
+        str(model),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(steps),
+        "--lr",
+        "1e-4",
+        "--warmup-steps",
+        "0",
+        "--val-fraction",
+        "0",
+        "--sample-count",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--log-every",
+        "1000",
+        "--mixed-precision",
+        args.mixed_precision,
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -163,10 +218,19 @@ def main() -> None:
                 rates[clock][name].append(
                     (long - short) / (times[name][long][k] - times[name][short][k])
                 )
-            print(json.dumps({"repeat": repeat, "trainer": name, "wall_s": {n: round(t[0], 2) for n, t in times[name].items()},
-                              "cpu_s": {n: round(t[1], 2) for n, t in times[name].items()},
-                              "steps_per_s_wall": round(rates["wall"][name][-1], 3),
-                              "steps_per_s_cpu": round(rates["cpu"][name][-1], 3)}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "repeat": repeat,
+                        "trainer": name,
+                        "wall_s": {n: round(t[0], 2) for n, t in times[name].items()},
+                        "cpu_s": {n: round(t[1], 2) for n, t in times[name].items()},
+                        "steps_per_s_wall": round(rates["wall"][name][-1], 3),
+                        "steps_per_s_cpu": round(rates["cpu"][name][-1], 3),
+                    }
+                ),
+                flush=True,
+            )
     summary: dict[str, object] = {
         "work": str(work),
         "repeats": args.repeats,

@@ -66,17 +66,27 @@ def random_batch(
         return torch.randn(*shape, generator=generator).to(device)
 
     text = TextEncoding(
-        rand(batch, 77, dims["clip_l"]), rand(batch, dims["clip_l_pooled"]), rand(batch, 77, dims["clip_g"]),
-        rand(batch, dims["clip_g_pooled"]), rand(batch, t5_tokens, dims["t5"]),
+        rand(batch, 77, dims["clip_l"]),
+        rand(batch, dims["clip_l_pooled"]),
+        rand(batch, 77, dims["clip_g"]),
+        rand(batch, dims["clip_g_pooled"]),
+        rand(batch, t5_tokens, dims["t5"]),
         torch.ones(batch, t5_tokens, device=device),
-    )  # fmt: skip
+    )
     return rand(batch, channels, latent, latent), text
 
 
 def measure(
-    depth: int, resolution: int, batch: int, steps: int, device: torch.device, compile_model: bool,
-    t5_tokens: int = 77, dims: dict | None = None, gemm_n: int = 8192,
-) -> dict:  # fmt: skip
+    depth: int,
+    resolution: int,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    compile_model: bool,
+    t5_tokens: int = 77,
+    dims: dict | None = None,
+    gemm_n: int = 8192,
+) -> dict:
     dims = dims or {**SD3_TEXT_DIMS, "clip_l_pooled": 768, "clip_g_pooled": 1280}
     config = mmdit_config(
         depth,
@@ -134,15 +144,25 @@ def measure(
     tokens = batch * ((latent // 2) ** 2 + 77 + t5_tokens)
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
-        "depth": depth, "hidden": 64 * depth, "params_B": round(params / 1e9, 3), "resolution": resolution,
-        "batch": batch, "tokens_per_sample": tokens // batch, "compile": compile_model,
+        "depth": depth,
+        "hidden": 64 * depth,
+        "params_B": round(params / 1e9, 3),
+        "resolution": resolution,
+        "batch": batch,
+        "tokens_per_sample": tokens // batch,
+        "compile": compile_model,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(autocast_dtype).removeprefix("torch."), "warmup_s": round(warmup_s, 2),
-        "s_per_step": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
-        "samples_per_s": round(batch / seconds, 2), "TFLOP_per_step": round(flops / 1e12, 4),
-        "achieved_TFLOPs": round(flops / seconds / 1e12, 3), "gemm_TFLOPs": round(peak / 1e12, 3),
-        "MFU": round(flops / seconds / peak, 4), "peak_memory_GiB": round(memory, 2) if memory else None,
-    }  # fmt: skip
+        "dtype": str(autocast_dtype).removeprefix("torch."),
+        "warmup_s": round(warmup_s, 2),
+        "s_per_step": round(seconds, 4),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "samples_per_s": round(batch / seconds, 2),
+        "TFLOP_per_step": round(flops / 1e12, 4),
+        "achieved_TFLOPs": round(flops / seconds / 1e12, 3),
+        "gemm_TFLOPs": round(peak / 1e12, 3),
+        "MFU": round(flops / seconds / peak, 4),
+        "peak_memory_GiB": round(memory, 2) if memory else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -161,11 +181,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.smoke:
-        settings = [dict(depth=2, resolution=64, batch=2, steps=2, gemm_n=256, t5_tokens=8,
-                         dims={"clip_l": 32, "clip_g": 48, "t5": 96, "clip_l_pooled": 32, "clip_g_pooled": 48})]  # fmt: skip
+        settings = [
+            dict(
+                depth=2,
+                resolution=64,
+                batch=2,
+                steps=2,
+                gemm_n=256,
+                t5_tokens=8,
+                dims={
+                    "clip_l": 32,
+                    "clip_g": 48,
+                    "t5": 96,
+                    "clip_l_pooled": 32,
+                    "clip_g_pooled": 48,
+                },
+            )
+        ]
     else:
-        settings = [dict(depth=args.depth, resolution=256, batch=8, steps=args.steps),
-                    dict(depth=args.depth, resolution=1024, batch=1, steps=args.steps)]  # fmt: skip
+        settings = [
+            dict(depth=args.depth, resolution=256, batch=8, steps=args.steps),
+            dict(depth=args.depth, resolution=1024, batch=1, steps=args.steps),
+        ]
     results = []
     for setting in settings:
         result = measure(device=device, compile_model=args.compile, **setting)

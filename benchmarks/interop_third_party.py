@@ -42,7 +42,9 @@ from model.lora_formats import read_lora, save_lora
 def stub_missing(*names: str) -> None:
     for name in names:
         top = sys.modules.get(name.split(".")[0])
-        real = getattr(top, "__file__", None) if top else importlib.util.find_spec(name.split(".")[0])
+        real = (
+            getattr(top, "__file__", None) if top else importlib.util.find_spec(name.split(".")[0])
+        )
         if name in sys.modules or real:
             continue
         module = types.ModuleType(name)
@@ -60,7 +62,10 @@ class Kit:
         self.root = root
         self.model = init_model(root / "model", "tiny-d2-64")
         self.single = root / "single.safetensors"
-        assert t2i(["export-single-file", str(self.model), str(self.single), "--save-dtype", "fp32"]) == 0
+        assert (
+            t2i(["export-single-file", str(self.model), str(self.single), "--save-dtype", "fp32"])
+            == 0
+        )
         base = load_transformer(self.model).eval()
         c, g = base.config, torch.Generator().manual_seed(0)
         self.x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
@@ -83,8 +88,12 @@ class Kit:
 
     def ours(self, transformer) -> torch.Tensor:
         with torch.no_grad():
-            return transformer(hidden_states=self.x, encoder_hidden_states=self.context,
-                               pooled_projections=self.pooled, timestep=self.t).sample  # fmt: skip
+            return transformer(
+                hidden_states=self.x,
+                encoder_hidden_states=self.context,
+                pooled_projections=self.pooled,
+                timestep=self.t,
+            ).sample
 
     def ours_with(self, lora: Path) -> torch.Tensor:
         pipe = StableDiffusion3Pipeline.from_pretrained(self.model)
@@ -109,8 +118,11 @@ def comfyui(kit: Kit, checkout: Path) -> dict:
         with torch.no_grad():
             return model.diffusion_model(kit.x, kit.t, y=kit.pooled, context=kit.context)
 
-    figures = {"model": type(patcher.model).__name__, "depth": len(patcher.model.diffusion_model.joint_blocks),
-               "single_file_vs_diffusers": (run(patcher.model) - kit.base).abs().max().item()}  # fmt: skip
+    figures = {
+        "model": type(patcher.model).__name__,
+        "depth": len(patcher.model.diffusion_model.joint_blocks),
+        "single_file_vs_diffusers": (run(patcher.model) - kit.base).abs().max().item(),
+    }
     for fmt, file in kit.loras.items():
         state = comfy.utils.load_torch_file(str(file))
         patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(patcher.model, {}))
@@ -118,8 +130,10 @@ def comfyui(kit: Kit, checkout: Path) -> dict:
         patched = patcher.clone()
         patched.add_patches(patches, 1.0)
         patched.patch_model()
-        figures[fmt] = {"keys_not_loaded": len(pairs) - len(patches),
-                        "vs_our_trainer": (run(patched.model) - kit.adapted).abs().max().item()}  # fmt: skip
+        figures[fmt] = {
+            "keys_not_loaded": len(pairs) - len(patches),
+            "vs_our_trainer": (run(patched.model) - kit.adapted).abs().max().item(),
+        }
         patched.unpatch_model()
     return figures
 
@@ -139,7 +153,9 @@ def sd_scripts(kit: Kit, checkout: Path) -> dict:
 
     figures = {"single_file_vs_diffusers": (run(mmdit()) - kit.base).abs().max().item()}
     merged = mmdit()
-    network, state = lora_sd3.create_network_from_weights(1.0, str(kit.loras["kohya"]), None, [], merged, for_inference=True)  # fmt: skip
+    network, state = lora_sd3.create_network_from_weights(
+        1.0, str(kit.loras["kohya"]), None, [], merged, for_inference=True
+    )
     network.merge_to([], merged, state, torch.float32, "cpu")
     figures["our_kohya_merged_vs_our_trainer"] = (run(merged) - kit.adapted).abs().max().item()
 
@@ -151,16 +167,34 @@ def sd_scripts(kit: Kit, checkout: Path) -> dict:
             if "lora_up" in name:
                 parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
         expected = run(theirs)
-    for dtype in ("fp32", "bf16"):  # LoRANetwork.save_weights' tensors (its hashing needs more deps)
+    for dtype in (
+        "fp32",
+        "bf16",
+    ):  # LoRANetwork.save_weights' tensors (its hashing needs more deps)
         cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         file = kit.root / f"sd-scripts-{dtype}.safetensors"
-        save_file({k: v.detach().clone().to(cast) for k, v in network.state_dict().items()}, str(file))
-        code = t2i(["lora-convert", str(file), str(kit.root / f"from-{dtype}"), "--to", "diffusers", "--save-dtype", dtype])  # fmt: skip
+        save_file(
+            {k: v.detach().clone().to(cast) for k, v in network.state_dict().items()}, str(file)
+        )
+        code = t2i(
+            [
+                "lora-convert",
+                str(file),
+                str(kit.root / f"from-{dtype}"),
+                "--to",
+                "diffusers",
+                "--save-dtype",
+                dtype,
+            ]
+        )
         figures[f"lora_convert_{dtype}_exit_code"] = code
     file = kit.root / "sd-scripts-fp32.safetensors"
     weights = read_lora(file)
-    figures["their_file"] = {"modules": len(weights.modules), "ignored": len(weights.ignored),
-                             "ours_vs_their_network": (kit.ours_with(file) - expected).abs().max().item()}  # fmt: skip
+    figures["their_file"] = {
+        "modules": len(weights.modules),
+        "ignored": len(weights.ignored),
+        "ours_vs_their_network": (kit.ours_with(file) - expected).abs().max().item(),
+    }
     return figures
 
 

@@ -22,6 +22,7 @@ class RequestError(ValueError):
 class GenerationError(RuntimeError):
     """The model failed on a well-formed request: the one case answered 500."""
 
+
 MALFORMED = (
     TypeError,
     ValueError,

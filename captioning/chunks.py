@@ -21,9 +21,15 @@ from curate.runtime.store import (
 )
 
 CHUNK_SCHEMA = pa.schema(
-    [("id", pa.string()), ("caption_synthetic", pa.string()), ("captioner", pa.string()),
-     ("error", pa.string()), ("truncated", pa.bool_()), ("raw", pa.string())]
-)  # fmt: skip
+    [
+        ("id", pa.string()),
+        ("caption_synthetic", pa.string()),
+        ("captioner", pa.string()),
+        ("error", pa.string()),
+        ("truncated", pa.bool_()),
+        ("raw", pa.string()),
+    ]
+)
 
 
 class ChunkWorker:
@@ -163,7 +169,19 @@ def _pixel_groups(
         yield group
 
 
-def _result(key: str, caption: str | None = None, captioner: str | None = None, error: str | None = None,
-            truncated: bool = False, raw: str | None = None) -> dict[str, Any]:  # fmt: skip
-    return {"id": key, "caption_synthetic": caption, "captioner": captioner, "error": error,
-            "truncated": truncated, "raw": raw}  # fmt: skip
+def _result(
+    key: str,
+    caption: str | None = None,
+    captioner: str | None = None,
+    error: str | None = None,
+    truncated: bool = False,
+    raw: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": key,
+        "caption_synthetic": caption,
+        "captioner": captioner,
+        "error": error,
+        "truncated": truncated,
+        "raw": raw,
+    }

@@ -42,7 +42,9 @@ T5_TRAINING_LENGTH = 77
 
 class CaptionConfig(ExecutorOptions):
     # `t2i caption`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "recaption a curated store with a VLM (local model or OpenAI-compatible server)"
+    summary: ClassVar[str] = (
+        "recaption a curated store with a VLM (local model or OpenAI-compatible server)"
+    )
     description: ClassVar[str] = (
         "Reads INPUT (a finished stage output with id and image columns, e.g. `t2i curate` "
         "output) and writes OUTPUT: every row, all columns kept, plus caption_synthetic (the "
@@ -55,7 +57,10 @@ class CaptionConfig(ExecutorOptions):
         "Failed rows are kept with null captions and listed in OUTPUT/report.md. Work is saved "
         "in chunks: rerunning after a kill continues where it stopped."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("input", "curated store to caption"), ("output", "directory to write"))
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("input", "curated store to caption"),
+        ("output", "directory to write"),
+    )
 
     backend: Literal["transformers", "openai"] = Field(
         "transformers",
@@ -170,7 +175,9 @@ class CaptionConfig(ExecutorOptions):
 
 class InitCaptionerConfig(BaseModel):
     # `t2i init-captioner`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "write a random-weight tiny VLM folder (LLaVA, Florence-2 or Qwen2-VL) built offline"
+    summary: ClassVar[str] = (
+        "write a random-weight tiny VLM folder (LLaVA, Florence-2 or Qwen2-VL) built offline"
+    )
     description: ClassVar[str] = (
         "Builds a VLM with random weights and its processor (PIL image processor, WordPiece "
         "tokenizer, chat template where the family has one), all made locally, and saves a "
@@ -180,7 +187,9 @@ class InitCaptionerConfig(BaseModel):
         "a Qwen2-VL (dynamic resolution; --processor-kwargs '{\"max_pixels\": N}'). They "
         "generate word salad: they exist so tests and the demo run the real captioning code path."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory for the VLM folder"),)
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("output", "directory for the VLM folder"),
+    )
 
     preset: Literal["tiny", "tiny-florence2", "tiny-qwen2vl"] = Field(
         "tiny",

@@ -36,7 +36,12 @@ from captioning.vlm import LocalVLM
 class CaptionServer:
     """A threaded HTTP server around one LocalVLM; generation is serialised by a lock."""
 
-    def __init__(self, folder: str | Path, config: ServeCaptionerConfig = ServeCaptionerConfig(), api_key: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: str | Path,
+        config: ServeCaptionerConfig = ServeCaptionerConfig(),
+        api_key: str | None = None,
+    ) -> None:
         self.vlm = LocalVLM(
             folder,
             config.device,

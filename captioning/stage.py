@@ -208,13 +208,22 @@ def _report(
     source: Path, captioner: str, template: str, stats: dict, failures: list, examples: list
 ) -> str:
     lines = [
-        "# Caption stage report", "",
-        f"- input: {escape(source)}", f"- captioner: {escape(captioner)}",
+        "# Caption stage report",
+        "",
+        f"- input: {escape(source)}",
+        f"- captioner: {escape(captioner)}",
         f"- captioned: {stats['captioned']}, failed: {stats['failed']}, "
-        f"cut to the token budget: {stats['truncated']}", "",
-        "## Prompt template", "", *fenced(template), "",
-        "## Examples", "", "| id | original | raw answer | synthetic |", "| --- | --- | --- | --- |",
-    ]  # fmt: skip
+        f"cut to the token budget: {stats['truncated']}",
+        "",
+        "## Prompt template",
+        "",
+        *fenced(template),
+        "",
+        "## Examples",
+        "",
+        "| id | original | raw answer | synthetic |",
+        "| --- | --- | --- | --- |",
+    ]
     for ex in examples:
         cells = [
             ex["id"][:12],
@@ -225,8 +234,12 @@ def _report(
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", f"## Failed rows ({len(failures)})", ""]
     if failures:
-        lines += ["These rows keep their original caption and have no synthetic one.", "",
-                  "| id | reason |", "| --- | --- |"]  # fmt: skip
+        lines += [
+            "These rows keep their original caption and have no synthetic one.",
+            "",
+            "| id | reason |",
+            "| --- | --- |",
+        ]
         lines += [f"| {_cell(f['id'])} | {_cell(f['reason'])} |" for f in failures]
     else:
         lines.append("none")

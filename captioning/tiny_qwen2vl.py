@@ -24,12 +24,25 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 SPECIALS = (PAD, "<|im_start|>", EOS, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, "<unk>")
 PATCH, MERGE = 4, 2
 MIN_PIXELS, MAX_PIXELS = (PATCH * MERGE * 2) ** 2, (PATCH * MERGE * 6) ** 2  # 16^2 .. 48^2 pixels
-VISION = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": PATCH,
-          "spatial_merge_size": MERGE, "temporal_patch_size": 2}  # fmt: skip
-TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 2048,
-        # head dim 16 = 2 * (2 + 3 + 3): temporal, height and width rotary sections (M-RoPE)
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}  # fmt: skip
+VISION = {
+    "depth": 2,
+    "embed_dim": 32,
+    "hidden_size": 64,
+    "num_heads": 2,
+    "patch_size": PATCH,
+    "spatial_merge_size": MERGE,
+    "temporal_patch_size": 2,
+}
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    # head dim 16 = 2 * (2 + 3 + 3): temporal, height and width rotary sections (M-RoPE)
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+}
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"

@@ -22,8 +22,14 @@ from captioning.config import TASK_TOKENS
 from curate.runtime.options import resolve_device
 from curate.runtime.seeds import seed_int
 
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 
 
 @dataclass(frozen=True)

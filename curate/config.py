@@ -21,7 +21,9 @@ class DemoDataConfig(BaseModel):
         "OUTPUT/DEMO_TRUTH.json says what curation should do with each file. Never uses the "
         "network."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory to write the collection to"),)
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("output", "directory to write the collection to"),
+    )
 
     format: Literal["folder", "webdataset", "parquet", "all"] = Field(
         "folder", description="layout to write; 'all' writes each layout into a subfolder"
@@ -33,7 +35,9 @@ class CurateConfig(ExecutorOptions):
     """Options of `t2i curate` (validation limits, scorers, dedup, throughput)."""
 
     # `t2i curate`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "validate, NSFW/aesthetic-filter and deduplicate an image-text collection"
+    summary: ClassVar[str] = (
+        "validate, NSFW/aesthetic-filter and deduplicate an image-text collection"
+    )
     description: ClassVar[str] = (
         "Reads INPUT (an image folder with sidecar .txt/.json captions, webdataset .tar shards, "
         "parquet with image bytes, a saved `datasets` dir, or a stage output) and writes OUTPUT: "
@@ -45,7 +49,10 @@ class CurateConfig(ExecutorOptions):
         "quality offline); near-duplicates by pHash and FAISS k-means + per-cluster range "
         "search (Algorithm 1). Resumable after a kill; skipped when already done. Offline."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("input", "collection to curate (never modified)"), ("output", "directory to write"))
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("input", "collection to curate (never modified)"),
+        ("output", "directory to write"),
+    )
 
     # Decode and validate
     min_side: int = Field(

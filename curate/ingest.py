@@ -340,4 +340,3 @@ def _files(root: Path, files: tuple[str, ...], options: IngestOptions) -> Iterat
 
 
 # -- tables: parquet, saved datasets, stage outputs -----------------------------------------------
-

@@ -96,6 +96,7 @@ def caption_from(name: str, payload: bytes, max_bytes: int) -> str:
                 return caption_cell(meta[column], max_bytes)
     return ""
 
+
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 

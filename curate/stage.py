@@ -256,12 +256,18 @@ def _sample_rows(work: WorkLog, removed, clusters, kind: str) -> Iterator[dict[s
             if row["status"] != "candidate" or row["id"] in removed:
                 continue
             yield {
-                "id": row["id"], "image": {"bytes": row["image"], "path": None}, "caption": row["caption"],
+                "id": row["id"],
+                "image": {"bytes": row["image"], "path": None},
+                "caption": row["caption"],
                 "caption_note": row["caption_note"] or "",
-                "source": row["source"], "width": row["width"], "height": row["height"],
-                "nsfw_score": row["nsfw_score"], "aesthetic_score": row["aesthetic_score"],
-                "aesthetic_kind": kind, "cluster_id": clusters.get(row["id"], -1),
-            }  # fmt: skip
+                "source": row["source"],
+                "width": row["width"],
+                "height": row["height"],
+                "nsfw_score": row["nsfw_score"],
+                "aesthetic_score": row["aesthetic_score"],
+                "aesthetic_kind": kind,
+                "cluster_id": clusters.get(row["id"], -1),
+            }
 
 
 def _captions_dropped(work: WorkLog, removed) -> int:
@@ -340,12 +346,18 @@ def run_curate(input: str | Path, output: str | Path, config: CurateConfig | Non
             if dropped := _captions_dropped(work, removed):  # only when there are some
                 writer.counts["captions_dropped"] = dropped
             writer.extra.update(
-                aesthetic_kind=resolved.aesthetic_kind, aesthetic_threshold=resolved.aesthetic_threshold,
-                similarity_threshold=resolved.similarity_threshold, scoring_s=round(scored_s, 3),
-                images_per_s=round(total / scored_s, 3) if scored_s else None, steady_images_per_s=steady,
+                aesthetic_kind=resolved.aesthetic_kind,
+                aesthetic_threshold=resolved.aesthetic_threshold,
+                similarity_threshold=resolved.similarity_threshold,
+                scoring_s=round(scored_s, 3),
+                images_per_s=round(total / scored_s, 3) if scored_s else None,
+                steady_images_per_s=steady,
                 executor=timing.get("executor"),
-                startup_s=round(timing["first_chunk"] - started, 3) if "first_chunk" in timing else None, **figures,
-            )  # fmt: skip
+                startup_s=round(timing["first_chunk"] - started, 3)
+                if "first_chunk" in timing
+                else None,
+                **figures,
+            )
             write_report(writer.path, work, removed, resolved, writer.counts, writer.extra)
         work.clear()
     return out

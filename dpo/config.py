@@ -10,19 +10,18 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from curate.runtime.options import BASE_DTYPE, RenamedOptions, device_option, resume_value
-from model.config import (
+from model.config import ModelFiles, ReportOptions, TimestepOptions
+from model.lora_targets import (
     ALL_BLOCK_LINEARS,
     ATTENTION_PROJECTIONS,
     EMBEDDERS,
     FINAL_LAYER,
     TARGET_SETS,
-    ModelFiles,
-    ReportOptions,
-    TimestepOptions,
     expand_lora_targets,
 )
 
 __all__ = ["ALL_BLOCK_LINEARS", "ATTENTION_PROJECTIONS", "EMBEDDERS", "FINAL_LAYER", "TARGET_SETS"]
+
 
 class IngestPrefsConfig(BaseModel):
     # `t2i prefs`: its one-line summary, its --help text and its positional arguments
@@ -152,7 +151,9 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
     )
     lora_rank: int = Field(128, ge=1, description="LoRA rank (SD3 appendix C: 128)")
     lora_alpha: float | None = Field(
-        None, gt=0.0, description="LoRA alpha (the update is scaled by alpha / rank); default: the rank"
+        None,
+        gt=0.0,
+        description="LoRA alpha (the update is scaled by alpha / rank); default: the rank",
     )
     lora_targets: list[str] = Field(
         default_factory=lambda: list(ATTENTION_PROJECTIONS),

@@ -125,8 +125,18 @@ def prompt_changes(evaluation: dict) -> list[dict]:
     ):
         wins, ties, losses = tally(b, a)
         base, lora = sum(b) / len(b), sum(a) / len(a)
-        rows.append({"caption": caption, "role": role, "base": base, "lora": lora,
-                     "change": lora - base, "wins": wins, "ties": ties, "losses": losses})  # fmt: skip
+        rows.append(
+            {
+                "caption": caption,
+                "role": role,
+                "base": base,
+                "lora": lora,
+                "change": lora - base,
+                "wins": wins,
+                "ties": ties,
+                "losses": losses,
+            }
+        )
     return rows
 
 
@@ -236,10 +246,20 @@ def evaluate_lora(config, lora_dir, captions: Sequence[str], device) -> SampleEv
     """`evaluate_samples` with a DPOConfig's evaluation options (seeds 0..eval_seeds-1, steps,
     guidance, scorer, off-target captions), the LoRA in LORA_DIR, the grids written there."""
     return evaluate_samples(
-        config.model, lora_dir, captions, list(range(config.eval_seeds)), lora_dir,
-        config.eval_steps, config.eval_guidance, config.scorer, str(device), config.lora_base_dtype,
-        config.variant, config.transformer_file, config.offtarget_captions,
-    )  # fmt: skip
+        config.model,
+        lora_dir,
+        captions,
+        list(range(config.eval_seeds)),
+        lora_dir,
+        config.eval_steps,
+        config.eval_guidance,
+        config.scorer,
+        str(device),
+        config.lora_base_dtype,
+        config.variant,
+        config.transformer_file,
+        config.offtarget_captions,
+    )
 
 
 def _cell(text: str, limit: int | None = 120) -> str:

@@ -127,8 +127,11 @@ class Picker:
 
         here = self.folder / f"step-{step:07d}"
         here.mkdir(parents=True, exist_ok=True)
-        state = {k: p.detach().float().cpu().contiguous()
-                 for k, p in transformer.named_parameters() if "lora_" in k}  # fmt: skip
+        state = {
+            k: p.detach().float().cpu().contiguous()
+            for k, p in transformer.named_parameters()
+            if "lora_" in k
+        }
         save_file(state, str(here / "lora-state.safetensors"))
         export_lora(transformer, lora_config, here, "fp32")
         evaluation = evaluate_lora(self.config, here, self.captions, device)

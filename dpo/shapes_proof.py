@@ -27,7 +27,7 @@ PROOF_SEEDS = list(range(20_000, 20_048))  # looked at only by the proof at the 
 @dataclass
 class Sampling:
     steps: int = 10
-    guidance: float = 3.0
+    guidance: float = 1.0  # the strong base's colour accuracy 0.77 (at 3: 0.99, which hides leaks)
     shift: float = 1.0  # the bases' scheduler shift (64 px: `t2i train` stores 1.0)
 
 
@@ -139,7 +139,7 @@ def summarise(base: PromptMeasures, lora: PromptMeasures, held_out_only: bool = 
         base, lora = (
             PromptMeasures(
                 m.preferred_rate, {c: m.colour[c] for c in keep}, {c: m.shape[c] for c in keep}
-            )  # fmt: skip
+            )
             for m in (base, lora)
         )
     change = Change.between(base, lora)
@@ -201,8 +201,13 @@ def run_arm(
         optimizer = train_lora(model, train, leg, work, shift, start, optimizer, preserve=pool)
         start = stop
         measures = measure_prompts(model, task, seeds, sampling)
-        evals.append({"step": stop, **summarise(base, measures),
-                      "held_out": summarise(base, measures, held_out_only=True)})  # fmt: skip
+        evals.append(
+            {
+                "step": stop,
+                **summarise(base, measures),
+                "held_out": summarise(base, measures, held_out_only=True),
+            }
+        )
     return {
         "evals": evals,
         "heldout_implicit_acc": implicit_accuracy(model, held, config, shift),
@@ -226,9 +231,15 @@ def verdict(dpo: dict, swapped: dict, tolerance: float = 0.05) -> dict:
 
 
 def run_proof(
-    model_dir, task: ShapesTask, config, work, seeds=PROOF_SEEDS, sampling=None, pool="shapes",
+    model_dir,
+    task: ShapesTask,
+    config,
+    work,
+    seeds=PROOF_SEEDS,
+    sampling=None,
+    pool="shapes",
     eval_at=None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Base, DPO and swapped-label control at CONFIG on SEEDS; with --preserve-weight the pool
     is the circle and square prompts and the verdict reads the triangle and cross prompts."""
     preserve = pool if config.preserve_weight > 0 else None
@@ -245,13 +256,17 @@ def run_proof(
             swap,
             sampling,
             preserve,
-        )  # fmt: skip
+        )
         for name, swap in (("dpo", False), ("swapped", True))
     }
     held = preserve == "shapes"  # judged on the prompts outside the pool
     judged = {n: a["evals"][-1]["held_out"] if held else a["evals"][-1] for n, a in arms.items()}
-    return {"base": asdict(base), **arms, "judged": judged,
-            "verdict": verdict(judged["dpo"], judged["swapped"])}  # fmt: skip
+    return {
+        "base": asdict(base),
+        **arms,
+        "judged": judged,
+        "verdict": verdict(judged["dpo"], judged["swapped"]),
+    }
 
 
 def toy_table(base: dict, lora: dict) -> str:

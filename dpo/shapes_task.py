@@ -119,16 +119,26 @@ def _store(out: Path, images: list[Image.Image], captions: list[str]) -> Path:
     from curate.runtime.store_writer import StageWriter
 
     features = datasets.Features(
-        {"id": datasets.Value("string"), "image": datasets.Image(),
-         "caption": datasets.Value("string"), "caption_synthetic": datasets.Value("string")}
-    )  # fmt: skip
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "caption_synthetic": datasets.Value("string"),
+        }
+    )
     rows = []
     for image, caption in zip(images, captions, strict=True):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
-        rows.append({"id": hashlib.sha256(data).hexdigest(), "image": {"bytes": data, "path": None},
-                     "caption": caption, "caption_synthetic": None})  # fmt: skip
+        rows.append(
+            {
+                "id": hashlib.sha256(data).hexdigest(),
+                "image": {"bytes": data, "path": None},
+                "caption": caption,
+                "caption_synthetic": None,
+            }
+        )
     with StageWriter(out, "caption", {"shapes_task": len(rows)}, "synthetic") as writer:
         writer.write_samples(rows, features)
     return out
@@ -139,10 +149,22 @@ def base_train_config(model: str, steps: int, seed: int = 0):
     from model.config import TrainConfig
 
     return TrainConfig(
-        model=model, preset="tiny-d4", device="cpu", max_steps=steps, batch_size=16, lr=5e-4,
-        warmup_steps=100, synthetic_caption_p=0.0, val_fraction=0.0, val_every=0, sample_every=0,
-        sample_count=0, checkpoint_every=0, log_every=100, seed=seed,
-    )  # fmt: skip
+        model=model,
+        preset="tiny-d4",
+        device="cpu",
+        max_steps=steps,
+        batch_size=16,
+        lr=5e-4,
+        warmup_steps=100,
+        synthetic_caption_p=0.0,
+        val_fraction=0.0,
+        val_every=0,
+        sample_every=0,
+        sample_count=0,
+        checkpoint_every=0,
+        log_every=100,
+        seed=seed,
+    )
 
 
 def build_task(
@@ -201,11 +223,19 @@ def build_task(
     colour_clf = _classifier(colour_features(latents), np.array(colours))
     shape_clf = _classifier(shape_features(latents), np.array(shapes))
     accuracy = {
-        "colour": float((colour_clf.predict(colour_features(held_latents))
-                         == np.array([list(COLOURS).index(c) for c, _ in held])).mean()),
-        "shape": float((shape_clf.predict(shape_features(held_latents))
-                        == np.array([SHAPES.index(s) for _, s in held])).mean()),
-    }  # fmt: skip
+        "colour": float(
+            (
+                colour_clf.predict(colour_features(held_latents))
+                == np.array([list(COLOURS).index(c) for c, _ in held])
+            ).mean()
+        ),
+        "shape": float(
+            (
+                shape_clf.predict(shape_features(held_latents))
+                == np.array([SHAPES.index(s) for _, s in held])
+            ).mean()
+        ),
+    }
 
     # pairs on the generic caption: the same shape, place and size in red (winner) and blue
     n_pairs, winners, losers = 64, [], []
@@ -223,8 +253,10 @@ def build_task(
     )
     pairs = EncodedPairs(
         [f"pair-{i:04d}" for i in range(n_pairs)],
-        pair_latents[:n_pairs], pair_latents[n_pairs:], generic,
-    )  # fmt: skip
+        pair_latents[:n_pairs],
+        pair_latents[n_pairs:],
+        generic,
+    )
     unconditional = base_train_config(str(kit), steps).unconditional
     empty = reader.empty_text()
     if unconditional == "zeros":

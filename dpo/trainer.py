@@ -252,7 +252,9 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
         lora_config = add_init_lora(transformer, config.init_lora, config.model, config.seed)
     else:
         alpha = lora_alpha(config)
-        lora_config = add_lora(transformer, config.lora_rank, alpha, config.lora_targets, config.seed)
+        lora_config = add_lora(
+            transformer, config.lora_rank, alpha, config.lora_targets, config.seed
+        )
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(
@@ -285,9 +287,17 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
         for stop in selection.stops(start, config.max_steps, config.select_every):
             leg = config.model_copy(update={"max_steps": stop})
             train_lora(
-                transformer, train, leg, work, shift, begin, optimizer, accelerator, checkpoint,
+                transformer,
+                train,
+                leg,
+                work,
+                shift,
+                begin,
+                optimizer,
+                accelerator,
+                checkpoint,
                 preserve,
-            )  # fmt: skip
+            )
             begin = stop
             if picker:
                 picker.evaluate(accelerator, transformer, lora_config, stop)

@@ -54,10 +54,15 @@ def _readable(path: Path) -> bool:
 def stage_images(output: Path) -> list[Path]:
     """Images a stage wrote beside its tables, the named plots and sheets first."""
     found = [
-        p for p in output.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") or part in ("samples", REJECTED) for part in p.relative_to(output).parts[:-1])
-    ][: MAX_IMAGES * 4]  # fmt: skip
+        p
+        for p in output.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(
+            part.startswith(".") or part in ("samples", REJECTED)
+            for part in p.relative_to(output).parts[:-1]
+        )
+    ][: MAX_IMAGES * 4]
     found.sort(
         key=lambda p: (not any(word in p.name.lower() for word in PREFERRED), len(p.parts), str(p))
     )
@@ -190,18 +195,30 @@ def publish_stage(stage: str, output: str | Path) -> None:
     manifest = Manifest.read(output) if output.is_dir() else None
     if manifest is not None:
         counts = [{"count": name, "value": value} for name, value in manifest.counts.items()]
-        create_table_artifact(counts or [{"count": "none", "value": 0}], key=f"{key}-counts",
-                              description=f"{stage}: counts from {output}/manifest.json")  # fmt: skip
+        create_table_artifact(
+            counts or [{"count": "none", "value": 0}],
+            key=f"{key}-counts",
+            description=f"{stage}: counts from {output}/manifest.json",
+        )
         reasons = rejection_table(output)
-        create_table_artifact(reasons or [{"reason": "(none rejected)", "stage": stage, "count": 0}],
-                              key=f"{key}-rejections", description=f"{stage}: rejections by reason")  # fmt: skip
+        create_table_artifact(
+            reasons or [{"reason": "(none rejected)", "stage": stage, "count": 0}],
+            key=f"{key}-rejections",
+            description=f"{stage}: rejections by reason",
+        )
     series = read_scalars(output) if output.is_dir() else {}
     if series:
-        create_table_artifact(metrics_table(series), key=f"{key}-metrics",
-                              description=f"{stage}: logged metrics by step")  # fmt: skip
+        create_table_artifact(
+            metrics_table(series),
+            key=f"{key}-metrics",
+            description=f"{stage}: logged metrics by step",
+        )
     curve = loss_curve(series, f"{stage} loss") if series else None
-    create_markdown_artifact(stage_markdown(stage, output, manifest, curve), key=f"{key}-report",
-                             description=f"{stage}: report, images and loss curve")  # fmt: skip
+    create_markdown_artifact(
+        stage_markdown(stage, output, manifest, curve),
+        key=f"{key}-report",
+        description=f"{stage}: report, images and loss curve",
+    )
 
 
 def publish_gallery(label: str, output: Path, images: list[Path]) -> None:

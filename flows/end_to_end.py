@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -19,13 +19,25 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from captioning.config import CaptionConfig, InitCaptionerConfig
-from curate.config import CurateConfig, DemoDataConfig
-from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
-from flows.stages import call_stage, describe, run_sample_shards, stage
-from model.config import InitModelConfig, PrecomputeConfig, SampleConfig, TrainConfig
+from flows.form import (
+    CaptionConfigInChain,
+    CurateInForm,
+    DemoDataInForm,
+    DPOConfigInChain,
+    EndToEndConfig,
+    InitCaptionerInForm,
+    InitModelInForm,
+    MakePrefsConfigInChain,
+    PrecomputeConfigInChain,
+    PrefsConfigInChain,
+    Recipe,
+    SampleConfigInChain,
+    TrainConfigInChain,
+)
+from flows.registry import stage
+from flows.stages import call_stage, describe, run_sample_shards
 
 
 @dataclass(frozen=True)
@@ -184,142 +196,6 @@ def plan(config: BaseModel) -> list[Step]:
 
 
 DEFAULT_LORA_RANK = 64  # fine_tune "lora" with no --lora-rank given in the train section
-
-
-def _without_null(schema: dict[str, Any]) -> None:
-    """Optional fields as the form shows them: their own type, no `null` branch (which the
-    Prefect UI renders as a `Property is type "None"` box). Empty still means the default."""
-    for field in schema.get("properties", {}).values():
-        branches = field.get("anyOf")
-        if not branches:
-            continue
-        kept = [b for b in branches if b.get("type") != "null"]
-        if len(kept) == 1 and len(kept) < len(branches):
-            del field["anyOf"]
-            field.update(kept[0])
-
-
-class FormSection(BaseModel):
-    """A section of the end_to_end form (a stage's options)."""
-
-    model_config = ConfigDict(json_schema_extra=_without_null)
-
-
-def chained(model: type[BaseModel], name: str) -> Any:
-    """A field of `model` the chain fills from an earlier stage when the form leaves it empty."""
-    description = model.model_fields[name].description or name
-    return Field(None, description=f"{description} (empty: set by the chain)")
-
-
-class Recipe(FormSection):
-    """Which stages run, and what DPO learns from."""
-
-    curate: bool = Field(True, description="validate, filter and deduplicate the source")
-    caption: bool = Field(True, description="recaption the curated set with the captioner VLM")
-    fine_tune: Literal["none", "lora", "full"] = Field(
-        "lora",
-        description="before DPO: a LoRA on the base (train section; rank 64 unless set there), "
-        "a full fine-tune, or none (DPO on the base itself)",
-    )
-    dpo: bool = Field(
-        True, description="align with Diffusion-DPO (a LoRA) on the preference source"
-    )
-    preferences: Literal["synthetic", "dataset"] = Field(
-        "synthetic",
-        description="synthetic: warm/bright-tinted pairs made from the curated set (make_prefs "
-        "section; a check that DPO moves the model); dataset: a real preference set, read by "
-        "`t2i prefs` (prefs section)",
-    )
-    preference_data: str = Field(
-        "",
-        description="for preferences 'dataset': a Pick-a-Pic v2 folder or parquet files, a generic "
-        "table (caption, image_w, image_l) or a folder of pair folders",
-    )
-    evaluate: bool = Field(
-        True,
-        description="sample the evaluation prompts (sample section) with and without the final "
-        "LoRA, same seeds, side by side",
-    )
-
-
-class DemoDataInForm(FormSection, DemoDataConfig):
-    pass
-
-
-class InitModelInForm(FormSection, InitModelConfig):
-    pass
-
-
-class CurateInForm(FormSection, CurateConfig):
-    pass
-
-
-class InitCaptionerInForm(FormSection, InitCaptionerConfig):
-    pass
-
-
-class CaptionConfigInChain(FormSection, CaptionConfig):
-    model: str | None = chained(CaptionConfig, "model")
-
-
-class PrecomputeConfigInChain(FormSection, PrecomputeConfig):
-    model: str | None = chained(PrecomputeConfig, "model")
-
-
-class TrainConfigInChain(FormSection, TrainConfig):
-    model: str | None = chained(TrainConfig, "model")
-
-
-class PrefsConfigInChain(FormSection, IngestPrefsConfig):
-    pass
-
-
-class MakePrefsConfigInChain(FormSection, MakePrefsConfig):
-    source: str | None = chained(MakePrefsConfig, "source")
-
-
-class DPOConfigInChain(FormSection, DPOConfig):
-    model: str | None = chained(DPOConfig, "model")
-
-
-class SampleConfigInChain(FormSection, SampleConfig):
-    model: str | None = chained(SampleConfig, "model")
-    out: str | None = chained(SampleConfig, "out")
-    lora: str | None = chained(SampleConfig, "lora")
-
-
-def section(model: type[BaseModel]) -> Any:
-    """A stage's section of the form: its defaults, described by the stage's summary."""
-    return Field(default_factory=model, description=model.summary)
-
-
-class EndToEndConfig(BaseModel):
-    workdir: str = Field(..., description="working directory; each stage writes a subfolder of it")
-    base_model: str = Field(
-        "",
-        description="local SD3/SD3.5 diffusers folder every stage starts from (precompute, train, "
-        "DPO, samples); empty: write a random-weight tiny one",
-    )
-    source: str = Field(
-        "",
-        description="raw image-text collection (folder, webdataset tars, parquet); empty: write the demo collection",
-    )
-    captioner: str = Field(
-        "",
-        description="local image-text-to-text model folder; empty: write a random-weight tiny VLM",
-    )
-    recipe: Recipe = Field(default_factory=Recipe, description=Recipe.__doc__)
-    demo_data: DemoDataInForm = section(DemoDataInForm)
-    init_model: InitModelInForm = section(InitModelInForm)
-    curate: CurateInForm = section(CurateInForm)
-    init_captioner: InitCaptionerInForm = section(InitCaptionerInForm)
-    caption: CaptionConfigInChain = section(CaptionConfigInChain)
-    precompute: PrecomputeConfigInChain = section(PrecomputeConfigInChain)
-    train: TrainConfigInChain = section(TrainConfigInChain)
-    prefs: PrefsConfigInChain = section(PrefsConfigInChain)
-    make_prefs: MakePrefsConfigInChain = section(MakePrefsConfigInChain)
-    dpo: DPOConfigInChain = section(DPOConfigInChain)
-    sample: SampleConfigInChain = section(SampleConfigInChain)
 
 
 def tiny_kit(workdir: str, **top: Any) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,12 @@ from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from captioning.config import CaptionConfig, InitCaptionerConfig
-from captioning.stage import run_caption
-from captioning.tiny import run_init_captioner
 from curate.config import CurateConfig, DemoDataConfig
-from curate.demo_data import run_demo_data
 from curate.runtime.store import Manifest, fingerprint
-from curate.stage import run_curate
 from dpo.config import DPOConfig, IngestPrefsConfig, MakePrefsConfig
-from dpo.ingest import run_prefs
-from dpo.synthetic import run_make_prefs
-from dpo.trainer import run_dpo
 from flows import artifacts
 from flows.progress import tqdm_progress
-from model.build import run_init_model
+from flows.registry import stage
 from model.config import (
     InitModelConfig,
     PrecomputeConfig,
@@ -48,83 +40,11 @@ from model.config import (
     TrainConfig,
 )
 from model.interop_config import ExportSingleFileConfig, LoraConvertConfig, MergeLoraConfig
-from model.lora_formats import run_lora_convert
-from model.merge_lora import run_merge_lora
-from model.precompute import run_precompute
-from model.sampling import run_sample
-from model.single_file import run_export_single_file
-from model.train import run_train
 
-OUTPUT_NAMES = ("output", "out")
 # Stage code is not thread-safe: diffusers loads models under a process-global meta-device
 # context. Under the local thread runner a process runs one stage call at a time; Dask workers
 # are separate processes and run mapped shards in parallel.
 _STAGE_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A stage seen by the orchestrator: what it reads, what it writes, how to run it."""
-
-    name: str  # the `t2i` command
-    config_model: type[BaseModel]
-    run: Callable[..., Path]  # run(*inputs, output, config)
-
-    @property
-    def summary(self) -> str:
-        return self.config_model.summary
-
-    @property
-    def description(self) -> str:
-        return self.config_model.description
-
-    @property
-    def positionals(self) -> list[str]:
-        return [name for name, _ in self.config_model.positionals]
-
-    @property
-    def inputs(self) -> list[str]:
-        return [name for name in self.positionals if name not in OUTPUT_NAMES]
-
-    def output_of(self, arguments: dict[str, str], config: BaseModel) -> Path:
-        for name in OUTPUT_NAMES:
-            if name in arguments:
-                return Path(arguments[name])
-        return Path(config.out)
-
-
-# Every stage the orchestrator runs, in pipeline order (services and the orchestrator itself
-# are `t2i` commands, not stages: flows/commands.py).
-STAGES: dict[str, Stage] = {
-    stage.name: stage
-    for stage in (
-        Stage("demo-data", DemoDataConfig, run_demo_data),
-        Stage("init-model", InitModelConfig, run_init_model),
-        Stage("curate", CurateConfig, run_curate),
-        Stage("init-captioner", InitCaptionerConfig, run_init_captioner),
-        Stage("caption", CaptionConfig, run_caption),
-        Stage("precompute", PrecomputeConfig, run_precompute),
-        Stage("train", TrainConfig, run_train),
-        Stage("prefs", IngestPrefsConfig, run_prefs),
-        Stage("make-prefs", MakePrefsConfig, run_make_prefs),
-        Stage("merge-lora", MergeLoraConfig, run_merge_lora),
-        Stage("dpo", DPOConfig, run_dpo),
-        Stage("sample", SampleConfig, run_sample),
-        Stage("lora-convert", LoraConvertConfig, run_lora_convert),
-        Stage("export-single-file", ExportSingleFileConfig, run_export_single_file),
-    )
-}
-
-
-def stages() -> dict[str, Stage]:
-    """The stages (not the services or the orchestrator), by command name."""
-    return dict(STAGES)
-
-
-def stage(name: str) -> Stage:
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return STAGES[name]
 
 
 # ---- the one task every stage runs through ------------------------------------------------
@@ -224,9 +144,14 @@ def run_sample_shards(
     results = [_unwrap(r) for r in futures.result()]
     images = sorted(p for p in out.rglob("*.png"))
     artifacts.publish_gallery(label, out, images)
-    return {"stage": label, "output": str(out), "skipped": all(r["skipped"] for r in results),
-            "counts": {"images": len(images), "shards": len(shards)}, "wall_time_s": None,
-            "worker": ", ".join(sorted({r["worker"] for r in results}))}  # fmt: skip
+    return {
+        "stage": label,
+        "output": str(out),
+        "skipped": all(r["skipped"] for r in results),
+        "counts": {"images": len(images), "shards": len(shards)},
+        "wall_time_s": None,
+        "worker": ", ".join(sorted({r["worker"] for r in results})),
+    }
 
 
 run_stage = task(
@@ -275,7 +200,9 @@ def stage_flow_of(name: str) -> Callable[[Callable[..., dict[str, Any]]], Flow]:
     return make
 
 
-def run_flow_stage(name: str, arguments: dict[str, Any], config: BaseModel | None) -> dict[str, Any]:
+def run_flow_stage(
+    name: str, arguments: dict[str, Any], config: BaseModel | None
+) -> dict[str, Any]:
     """A stage flow's body: its config validated, then the stage run as one task."""
     config = stage(name).config_model.model_validate(config if config is not None else {})
     arguments = {key: str(value) for key, value in arguments.items()}
@@ -320,7 +247,9 @@ def train_flow(*, encoded: str, output: str, config: TrainConfig) -> dict:
 
 
 @stage_flow_of("prefs")
-def prefs_flow(*, source: str, output: str, config: IngestPrefsConfig = IngestPrefsConfig()) -> dict:
+def prefs_flow(
+    *, source: str, output: str, config: IngestPrefsConfig = IngestPrefsConfig()
+) -> dict:
     return run_flow_stage("prefs", {"source": source, "output": output}, config)
 
 

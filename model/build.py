@@ -88,9 +88,14 @@ def build_tiny_components(seed: int = 0, transformer_preset: str = "tiny") -> di
         CLIPTextConfig(**presets.TINY_CLIP_G, **clip_common)
     )
     text_encoder_3 = T5EncoderModel(
-        T5Config(**presets.TINY_T5, vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
-                 eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=t5_tokenizer.pad_token_id)
-    )  # fmt: skip
+        T5Config(
+            **presets.TINY_T5,
+            vocab_size=len(t5_tokenizer),
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            decoder_start_token_id=t5_tokenizer.pad_token_id,
+        )
+    )
     vae = AutoencoderKL(**presets.TINY_VAE)
     components = {
         "text_encoder": text_encoder,

@@ -112,7 +112,7 @@ def decode_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return skeleton
     if not isinstance(skeleton, dict) or len(skeleton) != 1:
         raise CheckpointError(f"not a t2i checkpoint value: {str(skeleton)[:80]}")
-    (kind, body), = skeleton.items()  # fmt: skip
+    ((kind, body),) = skeleton.items()
     if kind == "tensor":
         if body not in tensors:
             raise CheckpointError(f"the checkpoint lacks tensor {body!r}")

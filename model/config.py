@@ -8,39 +8,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from curate.runtime.executor import ExecutorOptions
 from curate.runtime.options import BASE_DTYPE, RenamedOptions, device_option, resume_value
-
-# Every linear layer of an MMDiT block (SD3 appendix C puts its LoRA "on all linear layers"): both
-# streams' attention projections, both feed-forwards and both AdaLN modulations; SD3.5's second
-# attention (attn2) too. Suffixes of module names inside `transformer_blocks`.
-LORA_BLOCK_LINEARS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    "norm1.linear", "norm1_context.linear",
-]  # fmt: skip
-
-
-ALL_BLOCK_LINEARS = LORA_BLOCK_LINEARS  # every linear layer of the MMDiT blocks (SD3 appendix C)
-
-# The attention projections of both streams only (no feed-forward, no AdaLN modulation).
-ATTENTION_PROJECTIONS = [name for name in ALL_BLOCK_LINEARS if name.startswith(("attn.", "attn2."))]
-# The layers outside the blocks: the input embedders (patch, timestep, pooled text, text) and the
-# final layer (sd-scripts' emb_dims covers the same ones).
-EMBEDDERS = ["pos_embed.proj", "time_text_embed.*", "context_embedder"]
-FINAL_LAYER = ["norm_out.linear", "proj_out"]
-# Shorthands accepted by --lora-targets (train and dpo).
-TARGET_SETS = {
-    "attention": ATTENTION_PROJECTIONS,
-    "all-linears": ALL_BLOCK_LINEARS,
-    "embedders": EMBEDDERS,
-    "final-layer": FINAL_LAYER,
-}
-
-
-def expand_lora_targets(value: list[str]) -> list[str]:
-    """--lora-targets with its shorthands (attention, all-linears, embedders, final-layer) expanded."""
-    return [name for item in value for name in TARGET_SETS.get(item, [item])]
+from model.lora_targets import (
+    LORA_BLOCK_LINEARS,
+    expand_lora_targets,
+)
 
 
 class VariantOption(BaseModel):
@@ -66,13 +37,17 @@ class ModelFiles(VariantOption):
 
 class InitModelConfig(BaseModel):
     # `t2i init-model`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "write a random-weight SD3 pipeline folder built from configs (offline)"
+    summary: ClassVar[str] = (
+        "write a random-weight SD3 pipeline folder built from configs (offline)"
+    )
     description: ClassVar[str] = (
         "Builds SD3Transformer2DModel (QK RMS-norm), a 16-channel AutoencoderKL, CLIP-L, CLIP-G, "
         "T5 and their tokenizers from configs alone, with random weights, and saves a diffusers "
         "folder that StableDiffusion3Pipeline.from_pretrained(OUTPUT) loads with no model hub."
     )
-    positionals: ClassVar[tuple[tuple[str, str], ...]] = (("output", "directory for the diffusers pipeline folder"),)
+    positionals: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("output", "directory for the diffusers pipeline folder"),
+    )
 
     preset: str = Field(
         "tiny",
@@ -127,7 +102,9 @@ class SampleConfig(RenamedOptions, ModelFiles):
 
 class PrecomputeConfig(VariantOption, ExecutorOptions):
     # `t2i precompute`: its one-line summary, its --help text and its positional arguments
-    summary: ClassVar[str] = "pre-encode VAE latents and CLIP-L/CLIP-G/T5 embeddings of a captioned set (16-bit, memory-mapped)"
+    summary: ClassVar[str] = (
+        "pre-encode VAE latents and CLIP-L/CLIP-G/T5 embeddings of a captioned set (16-bit, memory-mapped)"
+    )
     description: ClassVar[str] = (
         "Reads a curated or captioned store (id, image, caption, optional caption_synthetic) and "
         "encodes every image (square center crop at --resolution, or aspect-ratio buckets) with "

@@ -105,8 +105,11 @@ class EncodedDataset(torch.utils.data.Dataset):
 
     def _text(self, shard: int | str, row: int) -> TextEncoding:
         fields = {}
-        for encoder, names in (("clip_l", ("clip_l", "clip_l_pooled")), ("clip_g", ("clip_g", "clip_g_pooled")),
-                               ("t5", ("t5", "t5_mask"))):  # fmt: skip
+        for encoder, names in (
+            ("clip_l", ("clip_l", "clip_l_pooled")),
+            ("clip_g", ("clip_g", "clip_g_pooled")),
+            ("t5", ("t5", "t5_mask")),
+        ):
             for name in names:
                 fields[name] = self._row(shard_file(shard, encoder), name, row)
         return TextEncoding(**fields)

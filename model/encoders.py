@@ -49,11 +49,19 @@ from model.folders import MissingModelFile, has_t5, load_component, model_index,
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
 ENCODERS = ("vae", *TEXT_ENCODERS)
 # Which pipeline components each encoder name uses.
-COMPONENTS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
-              "t5": ("text_encoder_3", "tokenizer_3"), "vae": ("vae", None)}  # fmt: skip
+COMPONENTS = {
+    "clip_l": ("text_encoder", "tokenizer"),
+    "clip_g": ("text_encoder_2", "tokenizer_2"),
+    "t5": ("text_encoder_3", "tokenizer_3"),
+    "vae": ("vae", None),
+}
 # Tensor fields each encoder produces (TextEncoding field names for the text encoders).
-FIELDS = {"vae": ("latents",), "clip_l": ("clip_l", "clip_l_pooled"),
-          "clip_g": ("clip_g", "clip_g_pooled"), "t5": ("t5", "t5_mask")}  # fmt: skip
+FIELDS = {
+    "vae": ("latents",),
+    "clip_l": ("clip_l", "clip_l_pooled"),
+    "clip_g": ("clip_g", "clip_g_pooled"),
+    "t5": ("t5", "t5_mask"),
+}
 LATENT_MODE = "mean"  # latent_dist.mean, see the module docstring
 
 
@@ -145,8 +153,13 @@ class Encoder:
 
     def _encode_clip(self, captions: list[str]) -> dict[str, torch.Tensor]:
         # StableDiffusion3Pipeline._get_clip_prompt_embeds: pad to 77, no attention mask.
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         out = self.module(ids.to(self.device), output_hidden_states=True)
         return {self.name: out.hidden_states[-2], f"{self.name}_pooled": out.text_embeds}
 
@@ -156,8 +169,14 @@ class Encoder:
             zeros = torch.zeros(*shape, self.zeros_width, device=self.device, dtype=self.dtype)
             return {"t5": zeros, "t5_mask": torch.zeros(shape, dtype=torch.bool)}
         # StableDiffusion3Pipeline._get_t5_prompt_embeds: pad to max_sequence_length, no mask.
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.t5_length, truncation=True,
-                                add_special_tokens=True, return_tensors="pt")  # fmt: skip
+        tokens = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.t5_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
         hidden = self.module(tokens.input_ids.to(self.device))[0]
         return {"t5": hidden, "t5_mask": tokens.attention_mask.to(torch.bool)}
 

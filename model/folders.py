@@ -203,6 +203,7 @@ def load_transformer(
             f"{_one_line(error)}"
         ) from None
 
+
 STABILITY_PREFIX = "model.diffusion_model."
 
 
@@ -277,8 +278,14 @@ def _no_loading_bar() -> Iterator[None]:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}  # fmt: skip
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     try:
         return table[name]
     except KeyError:

@@ -102,8 +102,12 @@ _FLAT_TABLES = {
         _underscored(GLOBAL_FROM_STABILITY),
         "joint_blocks",
     ),
-    "diffusers": (_underscored(BLOCK_TO_STABILITY), _underscored(GLOBAL_TO_STABILITY), "transformer_blocks"),
-}  # fmt: skip
+    "diffusers": (
+        _underscored(BLOCK_TO_STABILITY),
+        _underscored(GLOBAL_TO_STABILITY),
+        "transformer_blocks",
+    ),
+}
 
 
 def _resolve_flat(rest: str, naming: str) -> str | None:
@@ -295,8 +299,11 @@ def to_state_dict(
         tensors[f"{key}.lora_up.weight"] = cast(module.up)
         tensors[f"{key}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
     ranks = Counter(m.rank for m in to_stability(weights).values())
-    metadata = {"ss_network_module": "networks.lora_sd3", "ss_base_model_version": "sd3",
-                QKV_RANKS_KEY: json.dumps(qkv_ranks(weights))}  # fmt: skip
+    metadata = {
+        "ss_network_module": "networks.lora_sd3",
+        "ss_base_model_version": "sd3",
+        QKV_RANKS_KEY: json.dumps(qkv_ranks(weights)),
+    }
     if len(ranks) == 1:
         metadata["ss_network_dim"] = str(next(iter(ranks)))
     return tensors, metadata

@@ -53,8 +53,12 @@ def make_optimizer(parameters, config, fused: bool = False) -> torch.optim.Optim
     """--optimizer adamw (torch; FUSED: one kernel for all tensors) or adamw8bit (bitsandbytes),
     with the run's AdamW settings."""
     trainable = [p for p in parameters if p.requires_grad]
-    kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                  weight_decay=config.weight_decay)  # fmt: skip
+    kwargs = dict(
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
     if config.optimizer == "adamw":
         return torch.optim.AdamW(trainable, fused=fused or None, **kwargs)
     try:

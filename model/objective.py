@@ -102,9 +102,13 @@ def validation_loss(
     """Loss at each fixed timestep of the grid, [len(timesteps)], with each sample's noise fixed by
     its id: the same numbers at every evaluation, so changes come from the weights alone."""
     noise = torch.stack(
-        [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed_int(seed, "val", i)))
-         for i in ids]
-    ).to(latents.device)  # fmt: skip
+        [
+            torch.randn(
+                latents.shape[1:], generator=torch.Generator().manual_seed(seed_int(seed, "val", i))
+            )
+            for i in ids
+        ]
+    ).to(latents.device)
     losses = []
     for value in timesteps:
         t = torch.full((latents.shape[0],), float(value), device=latents.device)

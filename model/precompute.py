@@ -297,4 +297,3 @@ class _Run:
 
 
 # ---- the per-shard functions (run on a worker, whose state is one encoder) ----------------------
-

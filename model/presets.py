@@ -47,25 +47,49 @@ def mmdit_config(
 # The tiny kit: every component small enough to build, save and sample from in a second, with
 # deliberately unequal widths (CLIP-L 32, CLIP-G 48, T5 96) so a dimension mix-up fails loudly.
 TINY_CLIP_L = {
-    "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-}  # fmt: skip
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
 TINY_CLIP_G = {
-    "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "gelu",
-}  # fmt: skip
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "projection_dim": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+}
 TINY_T5 = {
-    "d_model": 96, "d_ff": 128, "d_kv": 24, "num_layers": 2, "num_heads": 4,
-    "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu",
-    "dense_act_fn": "gelu_new", "is_gated_act": True,
-}  # fmt: skip
+    "d_model": 96,
+    "d_ff": 128,
+    "d_kv": 24,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+}
 TINY_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16,
-    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
-    "sample_size": 64, "scaling_factor": 1.5305, "shift_factor": 0.0609,
-    "use_quant_conv": False, "use_post_quant_conv": False,
-}  # fmt: skip
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [16, 32, 32],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
 
 
 def tiny_mmdit_config(num_layers: int = 2, heads: int = 4, head_dim: int = 8) -> dict[str, Any]:

@@ -73,13 +73,19 @@ def zero_negative_inputs(
 ) -> dict:
     """The prompt's embeddings, with zeros as the negative (unconditional) embeddings."""
     embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt, prompt, prompt, device=pipe.device, do_classifier_free_guidance=False,
+        prompt,
+        prompt,
+        prompt,
+        device=pipe.device,
+        do_classifier_free_guidance=False,
         max_sequence_length=max_sequence_length,
-    )  # fmt: skip
+    )
     return {
-        "prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
-        "negative_prompt_embeds": torch.zeros_like(embeds), "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
-    }  # fmt: skip
+        "prompt_embeds": embeds,
+        "pooled_prompt_embeds": pooled,
+        "negative_prompt_embeds": torch.zeros_like(embeds),
+        "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
+    }
 
 
 def slug(text: str, limit: int = 40) -> str:

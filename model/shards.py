@@ -31,9 +31,19 @@ EMPTY = "empty"
 ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "BOOL": 1, "U8": 1, "I32": 4, "I64": 8}
 
 _INT_COLUMNS = (
-    "shard", "bucket_h", "bucket_w", "latent_row", "text_row", "text_row_synthetic",
-    "width", "height", "resized_w", "resized_h", "crop_left", "crop_top",
-)  # fmt: skip
+    "shard",
+    "bucket_h",
+    "bucket_w",
+    "latent_row",
+    "text_row",
+    "text_row_synthetic",
+    "width",
+    "height",
+    "resized_w",
+    "resized_h",
+    "crop_left",
+    "crop_top",
+)
 INDEX_FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
@@ -100,8 +110,9 @@ def storage_bytes(shards: Path, kept: int) -> dict[str, Any]:
     }
 
 
-def caption_and_latent_bytes(dims: dict[str, Any], latent_hw: tuple[int, int], t5_length: int,
-                             itemsize: int = 2) -> dict[str, int]:  # fmt: skip
+def caption_and_latent_bytes(
+    dims: dict[str, Any], latent_hw: tuple[int, int], t5_length: int, itemsize: int = 2
+) -> dict[str, int]:
     """Raw bytes of one image's latents and of one caption's encodings, from encoder dims.
 
     The same fields precompute stores (the T5 mask as 1 byte per token); compare with SD3

@@ -130,10 +130,20 @@ def load_batch(
     )
 
 
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                       "BOOL": torch.bool, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}  # fmt: skip
-_TEXT_FIELDS = {"clip_l": ("clip_l", "clip_l_pooled"), "clip_g": ("clip_g", "clip_g_pooled"),
-                "t5": ("t5", "t5_mask")}  # fmt: skip
+_SAFETENSORS_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+_TEXT_FIELDS = {
+    "clip_l": ("clip_l", "clip_l_pooled"),
+    "clip_g": ("clip_g", "clip_g_pooled"),
+    "t5": ("t5", "t5_mask"),
+}
 
 
 def mapped_safetensors(path: Path) -> dict[str, torch.Tensor]:

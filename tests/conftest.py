@@ -86,11 +86,19 @@ def make_caption_store(demo_folder):
 
     truth = json.loads((demo_folder / "DEMO_TRUTH.json").read_text())
     features = datasets.Features(
-        {"id": datasets.Value("string"), "image": datasets.Image(), "caption": datasets.Value("string"),
-         "source": datasets.Value("string"), "width": datasets.Value("int32"), "height": datasets.Value("int32"),
-         "nsfw_score": datasets.Value("float32"), "aesthetic_score": datasets.Value("float32"),
-         "aesthetic_kind": datasets.Value("string"), "cluster_id": datasets.Value("int64")}
-    )  # fmt: skip
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "nsfw_score": datasets.Value("float32"),
+            "aesthetic_score": datasets.Value("float32"),
+            "aesthetic_kind": datasets.Value("string"),
+            "cluster_id": datasets.Value("int64"),
+        }
+    )
     default = [k for k, t in truth.items() if t["expect"] in ("keep", "truncated")]
 
     def make(out, keys=None):
@@ -98,10 +106,20 @@ def make_caption_store(demo_folder):
         for index, key in enumerate(keys or default):
             name = f"{key}.{truth[key]['ext']}"
             data = (demo_folder / name).read_bytes()
-            rows.append({"id": sample_id(data), "image": {"bytes": data, "path": None},
-                         "caption": truth[key]["caption"], "source": name, "width": 64 + index,
-                         "height": 48 + index, "nsfw_score": 0.01 * index, "aesthetic_score": 5.0 + 0.1 * index,
-                         "aesthetic_kind": "demo", "cluster_id": index % 3})  # fmt: skip
+            rows.append(
+                {
+                    "id": sample_id(data),
+                    "image": {"bytes": data, "path": None},
+                    "caption": truth[key]["caption"],
+                    "source": name,
+                    "width": 64 + index,
+                    "height": 48 + index,
+                    "nsfw_score": 0.01 * index,
+                    "aesthetic_score": 5.0 + 0.1 * index,
+                    "aesthetic_kind": "demo",
+                    "cluster_id": index % 3,
+                }
+            )
         with StageWriter(out, "curate", {"keys": keys}, "demo") as writer:
             writer.write_samples(rows, features)
             writer.counts.update(kept=len(rows))

@@ -38,9 +38,13 @@ def block_modules(config) -> dict[str, tuple[int, int]]:
             if stream == "context_block" and last:  # pre-only: qkv and a (shift, scale) modulation
                 modules |= {base + "attn.qkv": (3 * h, h), base + "adaLN_modulation.1": (2 * h, h)}
                 continue
-            modules |= {base + "attn.qkv": (3 * h, h), base + "attn.proj": (h, h),
-                        base + "mlp.fc1": (4 * h, h), base + "mlp.fc2": (h, 4 * h),
-                        base + "adaLN_modulation.1": (6 * h, h)}  # fmt: skip
+            modules |= {
+                base + "attn.qkv": (3 * h, h),
+                base + "attn.proj": (h, h),
+                base + "mlp.fc1": (4 * h, h),
+                base + "mlp.fc2": (h, 4 * h),
+                base + "adaLN_modulation.1": (6 * h, h),
+            }
     return modules
 
 
@@ -54,8 +58,13 @@ def sd_scripts_state_dict(
     h = config["num_attention_heads"] * config["attention_head_dim"]
     ranks = dict.fromkeys(shapes, rank)
     if emb_rank:
-        dims = (h, config["joint_attention_dim"], config["pooled_projection_dim"],
-                config["out_channels"] or config["in_channels"], config["patch_size"])  # fmt: skip
+        dims = (
+            h,
+            config["joint_attention_dim"],
+            config["pooled_projection_dim"],
+            config["out_channels"] or config["in_channels"],
+            config["patch_size"],
+        )
         shapes |= {name: shape(*dims) for name, shape in EMBEDDERS.items()}
         ranks |= dict.fromkeys(EMBEDDERS, emb_rank)
     state = {}
@@ -76,8 +85,12 @@ def sd_scripts_state_dict(
 
 def save_sd_scripts_lora(path, config, rank=4, alpha=2.0, dtype=torch.float32, **kwargs):
     state = sd_scripts_state_dict(config, rank, alpha, dtype, **kwargs)
-    metadata = {"ss_network_module": "networks.lora_sd3", "ss_network_dim": str(rank),
-                "ss_network_alpha": str(alpha), "ss_base_model_version": "sd3"}  # fmt: skip
+    metadata = {
+        "ss_network_module": "networks.lora_sd3",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sd3",
+    }
     save_file(state, str(path), metadata=metadata)
     return path
 
@@ -109,16 +122,22 @@ def stability_checkpoint(sd: dict[str, torch.Tensor], num_layers: int) -> dict[s
         d, s = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
         last = i == num_layers - 1
         pairs = {
-            "x_block.attn.proj": "attn.to_out.0", "x_block.mlp.fc1": "ff.net.0.proj",
-            "x_block.mlp.fc2": "ff.net.2", "x_block.adaLN_modulation.1": "norm1.linear",
-        }  # fmt: skip
+            "x_block.attn.proj": "attn.to_out.0",
+            "x_block.mlp.fc1": "ff.net.0.proj",
+            "x_block.mlp.fc2": "ff.net.2",
+            "x_block.adaLN_modulation.1": "norm1.linear",
+        }
         if not last:
             pairs |= {
-                "context_block.attn.proj": "attn.to_add_out", "context_block.mlp.fc1": "ff_context.net.0.proj",
-                "context_block.mlp.fc2": "ff_context.net.2", "context_block.adaLN_modulation.1": "norm1_context.linear",
-            }  # fmt: skip
-        qkv = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-               "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
+                "context_block.attn.proj": "attn.to_add_out",
+                "context_block.mlp.fc1": "ff_context.net.0.proj",
+                "context_block.mlp.fc2": "ff_context.net.2",
+                "context_block.adaLN_modulation.1": "norm1_context.linear",
+            }
+        qkv = {
+            "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        }
         if d + "attn2.to_q.weight" in sd:
             pairs["x_block.attn2.proj"] = "attn2.to_out.0"
             qkv["x_block.attn2.qkv"] = ("attn2.to_q", "attn2.to_k", "attn2.to_v")
@@ -131,8 +150,11 @@ def stability_checkpoint(sd: dict[str, torch.Tensor], num_layers: int) -> dict[s
                 out[f"{s}context_block.adaLN_modulation.1.{end}"] = swap(
                     sd[f"{d}norm1_context.linear.{end}"]
                 )
-        for theirs, ours in (("x_block.attn", "attn.norm_"), ("context_block.attn", "attn.norm_added_"),
-                             ("x_block.attn2", "attn2.norm_")):  # fmt: skip
+        for theirs, ours in (
+            ("x_block.attn", "attn.norm_"),
+            ("context_block.attn", "attn.norm_added_"),
+            ("x_block.attn2", "attn2.norm_"),
+        ):
             for qk in ("q", "k"):
                 if f"{d}{ours}{qk}.weight" in sd:
                     out[f"{s}{theirs}.ln_{qk}.weight"] = sd[f"{d}{ours}{qk}.weight"]

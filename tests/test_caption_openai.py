@@ -46,8 +46,14 @@ def _serve(tiny_captioner_dir, **options):
 
 
 def _openai(endpoint, **options):
-    return CaptionConfig(backend="openai", endpoint=endpoint, model="vlm", api_key_env=KEY_ENV,
-                         retry_backoff_s=0.01, **{**FAST, **options})  # fmt: skip
+    return CaptionConfig(
+        backend="openai",
+        endpoint=endpoint,
+        model="vlm",
+        api_key_env=KEY_ENV,
+        retry_backoff_s=0.01,
+        **{**FAST, **options},
+    )
 
 
 def _captions(out):

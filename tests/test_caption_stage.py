@@ -94,8 +94,21 @@ def test_the_command_line_run_fits_t5_tokens_and_a_finished_run_is_skipped(
     store = make_caption_store(tmp_path / "store", ["astronaut", "coffee"])
     t5 = build_t5_tokenizer()
     t5.save_pretrained(tmp_path / "sd3" / "tokenizer_3")
-    argv = ["caption", str(store), str(tmp_path / "out"), "--model", tiny_captioner_dir, "--prompt", "hint",
-            "--budget-tokenizer", str(tmp_path / "sd3"), "--max-caption-tokens", "10", "--max-new-tokens", "24"]  # fmt: skip
+    argv = [
+        "caption",
+        str(store),
+        str(tmp_path / "out"),
+        "--model",
+        tiny_captioner_dir,
+        "--prompt",
+        "hint",
+        "--budget-tokenizer",
+        str(tmp_path / "sd3"),
+        "--max-caption-tokens",
+        "10",
+        "--max-new-tokens",
+        "24",
+    ]
     assert t2i(argv) == 0
     captions = [c for c, _ in _captions(tmp_path / "out").values()]
     assert all(c and len(t5(c)["input_ids"]) <= 10 for c in captions)
@@ -134,7 +147,10 @@ def test_bad_inputs_are_clear_errors(caption_store, tmp_path, capsys):
     assert t2i(["caption", str(tmp_path), str(tmp_path / "o"), "--model", "m"]) == 1
     assert "manifest.json" in capsys.readouterr().err
     (tmp_path / "m").mkdir()  # apart from OUT: the guard refuses an OUT inside a read
-    assert t2i(["caption", str(caption_store), str(tmp_path / "o"), "--model", str(tmp_path / "m")]) == 1
+    assert (
+        t2i(["caption", str(caption_store), str(tmp_path / "o"), "--model", str(tmp_path / "m")])
+        == 1
+    )
     assert "not a transformers model folder" in capsys.readouterr().err
     assert (
         t2i(

@@ -43,8 +43,24 @@ def test_a_missing_required_option_is_a_clear_usage_error():
 
 
 def test_sample_writes_pngs(tiny_model_dir, tmp_path):
-    result = t2i("sample", "--model", tiny_model_dir, "--prompt", "a red cat", "--steps", "2",
-                 "--seed", "1", "2", "--out", str(tmp_path / "s"), "--height", "64", "--width", "64")  # fmt: skip
+    result = t2i(
+        "sample",
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "a red cat",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "2",
+        "--out",
+        str(tmp_path / "s"),
+        "--height",
+        "64",
+        "--width",
+        "64",
+    )
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "s").glob("*.png"))) == 2
 

@@ -96,9 +96,18 @@ def test_a_stage_draws_only_its_own_progress_bars(model, demo_folder, tmp_path):
     prefs = t2i("make-prefs", tmp_path / "pairs", "--source", source)
     assert prefs.returncode == 0, prefs.stderr
     sample = t2i(
-        "sample", "--model", model, "--prompt", "a red cat", "--seed", "0", "--steps", "2",
-        "--out", tmp_path / "samples",
-    )  # fmt: skip
+        "sample",
+        "--model",
+        model,
+        "--prompt",
+        "a red cat",
+        "--seed",
+        "0",
+        "--steps",
+        "2",
+        "--out",
+        tmp_path / "samples",
+    )
     assert sample.returncode == 0, sample.stderr
     for done in (prefs, sample):
         noisy = [line for line in lines(done.stderr) if any(n in line for n in LIBRARY_NOISE)]

@@ -150,10 +150,17 @@ def test_curate_runs_end_to_end_with_the_clip_based_scorers(tiny, demo_folder, t
     ):
         (small / name).write_bytes((demo_folder / name).read_bytes())
     config = CurateConfig(
-        workers=1, nsfw_detector="laion_clip", nsfw_model=str(tiny / "nsfw_head.safetensors"), nsfw_threshold=1.0,
-        clip_model=str(tiny / "clip"), aesthetic_model=str(tiny / "aesthetic.safetensors"), aesthetic_threshold=-1e9,
-        embedder="clip", similarity_threshold=0.9999, phash_distance=-1,
-    )  # fmt: skip
+        workers=1,
+        nsfw_detector="laion_clip",
+        nsfw_model=str(tiny / "nsfw_head.safetensors"),
+        nsfw_threshold=1.0,
+        clip_model=str(tiny / "clip"),
+        aesthetic_model=str(tiny / "aesthetic.safetensors"),
+        aesthetic_threshold=-1e9,
+        embedder="clip",
+        similarity_threshold=0.9999,
+        phash_distance=-1,
+    )
     samples = load_samples(run_curate(small, tmp_path / "out", config))
     assert sorted(samples["source"]) == ["camera.jpg", "coins.jpg", "palette.png"]
     assert set(samples["aesthetic_kind"]) == {"laion_v2"}

@@ -76,7 +76,13 @@ def test_demo_data_is_byte_identical_across_runs(tmp_path, demo_folder):
 
 
 def test_valid_edge_cases_decode(demo_folder):
-    modes = {k: Image.open(io.BytesIO((demo_folder / f).read_bytes())).mode for k, f in
-             [("cmyk", "cmyk.jpg"), ("palette", "palette.png"), ("sixteen_bit", "sixteen_bit.png")]}  # fmt: skip
+    modes = {
+        k: Image.open(io.BytesIO((demo_folder / f).read_bytes())).mode
+        for k, f in [
+            ("cmyk", "cmyk.jpg"),
+            ("palette", "palette.png"),
+            ("sixteen_bit", "sixteen_bit.png"),
+        ]
+    }
     assert modes == {"cmyk": "CMYK", "palette": "P", "sixteen_bit": "I;16"}
     assert Image.open(demo_folder / "exif_rotated.jpg").getexif()[0x0112] == 6

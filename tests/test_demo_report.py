@@ -9,15 +9,23 @@ from PIL import Image
 from flows.demo import LABEL_HEIGHT, dpo_lines, sample_grids
 
 EVALUATION = {
-    "captions": ["a warm page", "a cold lake"], "seeds": [0, 1], "grids": ["eval/grid-00.png", "eval/grid-01.png"],
-    "scorer": "attribute:warm", "base_scores": [[0.1, 0.2], [0.3, 0.3]], "lora_scores": [[0.2, 0.3], [0.3, 0.1]],
-    "win_rate": 0.5, "roles": ["preference", "off-target"],
-}  # fmt: skip
+    "captions": ["a warm page", "a cold lake"],
+    "seeds": [0, 1],
+    "grids": ["eval/grid-00.png", "eval/grid-01.png"],
+    "scorer": "attribute:warm",
+    "base_scores": [[0.1, 0.2], [0.3, 0.3]],
+    "lora_scores": [[0.2, 0.3], [0.3, 0.1]],
+    "win_rate": 0.5,
+    "roles": ["preference", "off-target"],
+}
 
 
 def summary(drift: float, warning: str | None = None) -> dict:
-    return {"sample_eval": EVALUATION, "sample_win_rate": 1.0,
-            "guard": {"winner_drift": drift, "warning": warning}}  # fmt: skip
+    return {
+        "sample_eval": EVALUATION,
+        "sample_win_rate": 1.0,
+        "guard": {"winner_drift": drift, "warning": warning},
+    }
 
 
 def test_the_win_rate_and_the_per_prompt_table_are_printed():

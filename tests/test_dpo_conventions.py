@@ -153,9 +153,15 @@ def test_report_and_win_rate_count_ties_as_neither_win_nor_loss():
     base, lora = [0.1, 0.2, 0.3, 0.4], [0.1, 0.5, 0.3, 0.0]
     assert tally(base, lora) == (1, 2, 1) and win_rate(base, lora) == 0.5
     assert win_rate([1.0, 2.0], [1.0, 2.0]) == 0.5  # no change at all is not a win
-    evaluation = {"captions": ["x"], "seeds": [0, 1, 2, 3], "grids": ["g.png"],
-                  "scorer": "attribute:warm", "base_scores": [base], "lora_scores": [lora],
-                  "win_rate": 0.5}  # fmt: skip
+    evaluation = {
+        "captions": ["x"],
+        "seeds": [0, 1, 2, 3],
+        "grids": ["g.png"],
+        "scorer": "attribute:warm",
+        "base_scores": [base],
+        "lora_scores": [lora],
+        "win_rate": 0.5,
+    }
     text = report_markdown({"sample_eval": evaluation, "guard": {}})
     assert "| 1 / 2 / 1 |" in text
 

@@ -48,12 +48,21 @@ def test_lora_covers_attention_feed_forward_and_adaln_linears_of_both_streams(
         for name in adapted
         if name.startswith("transformer_blocks.0.")
     }
-    assert {"attn.to_q", "attn.add_q_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.2",
-            "ff_context.net.2", "norm1.linear", "norm1_context.linear"} <= block0  # fmt: skip
+    assert {
+        "attn.to_q",
+        "attn.add_q_proj",
+        "attn.to_out.0",
+        "attn.to_add_out",
+        "ff.net.2",
+        "ff_context.net.2",
+        "norm1.linear",
+        "norm1_context.linear",
+    } <= block0
     linears_in_blocks = {
-        name for name, module in base.named_modules()
+        name
+        for name, module in base.named_modules()
         if name.startswith("transformer_blocks.") and isinstance(module, torch.nn.Linear)
-    }  # fmt: skip
+    }
     assert adapted == linears_in_blocks
     assert not any(
         name.startswith(("proj_out", "context_embedder", "time_text")) for name in adapted

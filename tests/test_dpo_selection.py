@@ -42,11 +42,22 @@ def test_t2i_dpo_select_every_exports_the_checkpoint_the_rule_picks(tiny_model_d
     from dpo.trainer import run_dpo
 
     config = DPOConfig(
-        model=tiny_model_dir, rank=4, alpha=4.0, batch_size=2, max_steps=4, lr=1e-2, beta=1000.0,
-        heldout_fraction=0.0, eval_seeds=2, eval_steps=3, eval_captions=["a square 0"],
-        offtarget_captions=["a blue lake"], scorer="attribute:warm", select_every=2,
+        model=tiny_model_dir,
+        rank=4,
+        alpha=4.0,
+        batch_size=2,
+        max_steps=4,
+        lr=1e-2,
+        beta=1000.0,
+        heldout_fraction=0.0,
+        eval_seeds=2,
+        eval_steps=3,
+        eval_captions=["a square 0"],
+        offtarget_captions=["a blue lake"],
+        scorer="attribute:warm",
+        select_every=2,
         select_tolerance=1.0,
-    )  # fmt: skip
+    )
     out = run_dpo(_folder_prefs(tmp_path / "prefs"), tmp_path / "out", config)
     selection = json.loads((out / "summary.json").read_text())["selection"]
     assert [c["step"] for c in selection["candidates"]] == [2, 4]

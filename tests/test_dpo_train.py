@@ -16,7 +16,18 @@ from dpo.trainer import run_dpo
 from flows.cli import main as t2i
 from model.toolbox import NonFiniteLossError
 
-FAST = ["--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--beta", "1000", "--lr", "1e-3"]
+FAST = [
+    "--lora-rank",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--batch-size",
+    "2",
+    "--beta",
+    "1000",
+    "--lr",
+    "1e-3",
+]
 FAST += ["--log-every", "2", "--heldout-fraction", "0.3", "--eval-seeds", "2", "--eval-steps", "4"]
 
 
@@ -195,7 +206,12 @@ def test_an_interrupted_run_resumes_exactly_even_past_a_torn_metrics_line(
 
 def test_a_non_finite_loss_stops_cleanly_without_writing_an_output(pairs, tiny_model_dir, tmp_path):
     config = DPOConfig(
-        model=tiny_model_dir, lora_rank=4, lora_alpha=4, batch_size=2, max_steps=3, beta=float("inf")
+        model=tiny_model_dir,
+        lora_rank=4,
+        lora_alpha=4,
+        batch_size=2,
+        max_steps=3,
+        beta=float("inf"),
     )
     with pytest.raises(NonFiniteLossError, match="at step 1 .*lower --lr or --beta"):
         run_dpo(pairs, tmp_path / "lora", config)
@@ -395,7 +411,9 @@ def test_dpo_init_lora_trains_on_from_the_old_adapter(pairs, tiny_model_dir, old
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     old = load_file(str(folder / "pytorch_lora_weights.safetensors"))
     assert weights.keys() == old.keys()  # the old adapter's layers, not --lora-targets
-    assert {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {4}  # its rank, not --lora-rank
+    assert {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {
+        4
+    }  # its rank, not --lora-rank
     assert json.loads((out / "summary.json").read_text())["init_lora"] == str(folder)
     assert any(not torch.equal(weights[k], old[k].float()) for k in old)  # and it trained on
 

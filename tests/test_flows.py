@@ -12,7 +12,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.end_to_end import CHAIN, EndToEndConfig, end_to_end, plan, tiny_kit
-from flows.stages import is_transient, run_stage, stage_flow, stages
+from flows.registry import stages
+from flows.stages import is_transient, run_stage, stage_flow
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,8 +71,13 @@ def test_stage_flow_runs_the_stage_then_skips_it_until_an_input_changes(tmp_path
     assert "demo-data" in artifact("demo-data-report").data
 
     sample = stage_flow("sample")
-    config = {"model": tiny_model_dir, "prompt": ["a red cat", "a blue dog"], "seed": [3], "steps": 2,
-              "out": str(tmp_path / "samples")}  # fmt: skip
+    config = {
+        "model": tiny_model_dir,
+        "prompt": ["a red cat", "a blue dog"],
+        "seed": [3],
+        "steps": 2,
+        "out": str(tmp_path / "samples"),
+    }
     assert sample(config=config)["skipped"] is False
     assert sample(config=config)["skipped"] is True
     os.utime(Path(tiny_model_dir) / "model_index.json")  # the model changed: sample again
@@ -111,8 +117,15 @@ def test_sample_flow_maps_seed_shards_over_a_local_dask_cluster(tmp_path, tiny_m
         flow = stage_flow("sample").with_options(
             task_runner=DaskTaskRunner(address=cluster.scheduler_address)
         )
-        result = flow(config={"model": tiny_model_dir, "prompt": ["a red cat"], "seed": [0, 1], "steps": 2,
-                              "out": str(tmp_path / "samples")})  # fmt: skip
+        result = flow(
+            config={
+                "model": tiny_model_dir,
+                "prompt": ["a red cat"],
+                "seed": [0, 1],
+                "steps": 2,
+                "out": str(tmp_path / "samples"),
+            }
+        )
     assert result["counts"] == {"images": 2, "shards": 2}
     assert f":{os.getpid()}" not in result["worker"]  # ran in the cluster's worker processes
     assert sorted(p.parent.name for p in (tmp_path / "samples").rglob("*.png")) == [
@@ -134,8 +147,13 @@ def test_only_transient_io_errors_are_retried():
 
 def recipe_plan(tmp_path, **recipe) -> dict[str, tuple[dict, object]]:
     """{stage: (arguments, config)} of an end_to_end run on a given base model with RECIPE."""
-    parameters = {"workdir": str(tmp_path / "w"), "base_model": "/models/sd3.5-medium",
-                  "source": "/data/raw", "captioner": "/models/vlm", "recipe": recipe}  # fmt: skip
+    parameters = {
+        "workdir": str(tmp_path / "w"),
+        "base_model": "/models/sd3.5-medium",
+        "source": "/data/raw",
+        "captioner": "/models/vlm",
+        "recipe": recipe,
+    }
     return {n: (a, c) for n, a, c in plan(EndToEndConfig.model_validate(parameters))}
 
 
@@ -211,8 +229,11 @@ def test_the_form_has_a_recipe_section_first_and_no_null_typed_fields():
     assert '"null"' not in json.dumps(schema)  # the UI shows `Property is type "None"` for those
     recipe = schema["definitions"]["Recipe"]["properties"]
     assert recipe["fine_tune"]["enum"] == ["none", "lora", "full"]
-    assert all(field.get("description") for d in schema["definitions"].values()
-               for field in d.get("properties", {}).values())  # fmt: skip
+    assert all(
+        field.get("description")
+        for d in schema["definitions"].values()
+        for field in d.get("properties", {}).values()
+    )
 
 
 def test_deployments_are_titled_by_what_they_do_with_the_recipe_first():

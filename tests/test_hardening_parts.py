@@ -464,8 +464,13 @@ def test_prefs_refuses_a_saved_dataset_reading_outside_in_one_line(tmp_path, cap
 
 
 def test_every_duplicate_tar_member_is_counted_and_only_the_first_read(tmp_path):
-    members = [("a.png", _png(color=(1, 1, 1))), ("a.txt", b"first"), ("a.png", _png()),
-               ("a.txt", b"second"), ("a.png", b"third")]  # fmt: skip
+    members = [
+        ("a.png", _png(color=(1, 1, 1))),
+        ("a.txt", b"first"),
+        ("a.png", _png()),
+        ("a.txt", b"second"),
+        ("a.png", b"third"),
+    ]
     bad_corpus._tar(tmp_path / "dup.tar", members)
     records = list(read_records(tmp_path / "dup.tar"))
     got = [(r.key, r.refused, r.caption) for r in records]

@@ -1,4 +1,5 @@
-"""The code's layout (docs/DESIGN layering): no import circle, no import climbing back up.
+"""The code's layout (DESIGN's layering): no import circle, no import climbing back up, no
+package file over the line limit.
 
 The graph is read from the source with ast, every import counted, the ones inside functions too
 (an import put inside a function to dodge a circle still closes it).
@@ -152,3 +153,15 @@ def test_the_graph_sees_imports_inside_functions(tmp_path):
 )
 def test_the_layer_rule_allows_only_the_design_arrows(source, target, allowed):
     assert (upward_arrows({source: {target}}) == []) == allowed
+
+
+LINE_LIMIT = 400  # a file past this is usually two ideas (STYLE.md)
+
+
+def test_no_package_file_is_over_the_line_limit():
+    long = {}
+    for path in package_files():
+        lines = len(path.read_text().splitlines())
+        if lines > LINE_LIMIT:
+            long[path.relative_to(ROOT).as_posix()] = lines
+    assert long == {}, f"over {LINE_LIMIT} lines: {long}; split by idea"

@@ -234,12 +234,30 @@ def test_save_dtype_sets_the_matrices_dtype_and_halves_the_file(trained, tmp_pat
 # ----------------------------------------------------------------------------- real model shapes
 
 
-SD3_MEDIUM = dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                  pos_embed_max_size=192, qk_norm=None, dual_attention_layers=())  # fmt: skip
-SD35_MEDIUM = dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                   pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))  # fmt: skip
-SD35_LARGE = dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
-                  pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=())  # fmt: skip
+SD3_MEDIUM = dict(
+    num_layers=24,
+    num_attention_heads=24,
+    caption_projection_dim=1536,
+    pos_embed_max_size=192,
+    qk_norm=None,
+    dual_attention_layers=(),
+)
+SD35_MEDIUM = dict(
+    num_layers=24,
+    num_attention_heads=24,
+    caption_projection_dim=1536,
+    pos_embed_max_size=384,
+    qk_norm="rms_norm",
+    dual_attention_layers=tuple(range(13)),
+)
+SD35_LARGE = dict(
+    num_layers=38,
+    num_attention_heads=38,
+    caption_projection_dim=2432,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+    dual_attention_layers=(),
+)
 
 
 def expected_kohya_modules(num_layers: int, dual: tuple[int, ...]) -> set[str]:
@@ -260,29 +278,44 @@ def expected_kohya_modules(num_layers: int, dual: tuple[int, ...]) -> set[str]:
     "spec", [SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE], ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"]
 )
 def test_key_names_and_shapes_for_sd3_and_sd35_models(spec):
-    config = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
-                  joint_attention_dim=4096, pooled_projection_dim=2048, **spec)  # fmt: skip
+    config = dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        attention_head_dim=64,
+        joint_attention_dim=4096,
+        pooled_projection_dim=2048,
+        **spec,
+    )
     transformer = build_transformer(config, "meta")
     shapes = {
         n: s for n, s in linear_shapes(transformer).items() if n.startswith("transformer_blocks.")
     }
-    weights = LoraWeights({n: LoraModule(torch.zeros(1, i), torch.zeros(o, 1), 1.0) for n, (o, i) in shapes.items()})  # fmt: skip
+    weights = LoraWeights(
+        {n: LoraModule(torch.zeros(1, i), torch.zeros(o, 1), 1.0) for n, (o, i) in shapes.items()}
+    )
     kohya, _ = to_state_dict(weights, "kohya", torch.float32)
     comfy, _ = to_state_dict(weights, "comfyui", torch.float32)
     modules = {k.rsplit(".", 2)[0] for k in kohya if k.endswith(".lora_down.weight")}
     assert modules == expected_kohya_modules(spec["num_layers"], spec["dual_attention_layers"])
     assert {k.removeprefix("lora_unet_") for k in kohya} == {
-        k.removeprefix("diffusion_model.").replace(".", "_").replace("_lora_down_weight", ".lora_down.weight")
-        .replace("_lora_up_weight", ".lora_up.weight").replace("_alpha", ".alpha") for k in comfy
-    }  # fmt: skip
+        k.removeprefix("diffusion_model.")
+        .replace(".", "_")
+        .replace("_lora_down_weight", ".lora_down.weight")
+        .replace("_lora_up_weight", ".lora_up.weight")
+        .replace("_alpha", ".alpha")
+        for k in comfy
+    }
 
     # ComfyUI patches diffusion_model.<path>.weight: every path must be a real MMDiT weight of
     # matching shape (Stability layout checked against diffusers' own converter, on meta tensors).
     state = transformer.state_dict()
     checkpoint = stability_checkpoint(state, spec["num_layers"])
-    assert {k: v.shape for k, v in convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint)).items()} == {
-        k: v.shape for k, v in state.items()
-    }  # fmt: skip
+    assert {
+        k: v.shape
+        for k, v in convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint)).items()
+    } == {k: v.shape for k, v in state.items()}
     for key, tensor in comfy.items():
         if key.endswith(".lora_down.weight"):
             path = key.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
@@ -312,8 +345,20 @@ def onetrainer_file(weights: LoraWeights, path):
 
 
 def sample(model, out, *extra):
-    argv = ["sample", "--model", model, "--prompt", "a red cat", "--seed", "0", "--steps", "2",
-            "--out", str(out), *extra]  # fmt: skip
+    argv = [
+        "sample",
+        "--model",
+        model,
+        "--prompt",
+        "a red cat",
+        "--seed",
+        "0",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return t2i(argv)
 
 
@@ -323,7 +368,10 @@ def pixels(path):
 
 def test_t2i_sample_takes_a_single_file_in_every_key_style(trained, tiny64_model_dir, tmp_path):
     weights = lora_weights(trained[0])
-    files = {fmt: save_lora(weights, tmp_path / f"{fmt}.safetensors", fmt, "fp32") for fmt in ("diffusers", "kohya", "comfyui")}  # fmt: skip
+    files = {
+        fmt: save_lora(weights, tmp_path / f"{fmt}.safetensors", fmt, "fp32")
+        for fmt in ("diffusers", "kohya", "comfyui")
+    }
     files["onetrainer"] = onetrainer_file(weights, tmp_path / "onetrainer.safetensors")
     images = {}
     for style, file in files.items():
@@ -349,7 +397,10 @@ def test_a_lora_for_another_model_is_refused_in_one_line_before_any_image(
         "shapes": save_lora(wrong, tmp_path / "sd3m.safetensors", "kohya", "fp32"),
         "nothing": tmp_path / "text-only.safetensors",
     }
-    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 4)}, str(cases["nothing"]))  # fmt: skip
+    save_file(
+        {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 4)},
+        str(cases["nothing"]),
+    )
     for case, file in cases.items():
         out = tmp_path / case
         assert sample(tiny64_model_dir, out, "--lora", str(file)) == 1
@@ -388,12 +439,20 @@ def test_partial_and_untrained_qkv_loras_round_trip_matrix_for_matrix(tmp_path):
     g = torch.Generator().manual_seed(2)
     for name, std in (("partial", 0.1), ("fresh", 0.0)):
         modules = {
-            "transformer_blocks.0.attn.to_q": LoraModule(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g) * std, 8.0),
-            "transformer_blocks.0.attn.to_v": LoraModule(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g) * std, 8.0),
-            "transformer_blocks.0.attn.add_k_proj": LoraModule(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g) * std, 1.0),
-        }  # fmt: skip
+            "transformer_blocks.0.attn.to_q": LoraModule(
+                torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g) * std, 8.0
+            ),
+            "transformer_blocks.0.attn.to_v": LoraModule(
+                torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g) * std, 8.0
+            ),
+            "transformer_blocks.0.attn.add_k_proj": LoraModule(
+                torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g) * std, 1.0
+            ),
+        }
         if name == "fresh":
-            modules["transformer_blocks.0.attn.to_k"] = LoraModule(torch.randn(4, 32, generator=g), torch.zeros(32, 4), 8.0)  # fmt: skip
+            modules["transformer_blocks.0.attn.to_k"] = LoraModule(
+                torch.randn(4, 32, generator=g), torch.zeros(32, 4), 8.0
+            )
         for fmt in ("kohya", "comfyui"):
             file = save_lora(
                 LoraWeights(modules), tmp_path / f"{name}-{fmt}.safetensors", fmt, "fp32"
@@ -408,18 +467,65 @@ def test_partial_and_untrained_qkv_loras_round_trip_matrix_for_matrix(tmp_path):
 
 def test_t2i_lora_convert_chains_formats_back_to_the_same_file(trained, tmp_path, capsys):
     _, folder = trained
-    assert t2i(["lora-convert", str(folder), str(tmp_path / "k.safetensors"), "--to", "kohya", "--save-dtype", "fp32"]) == 0  # fmt: skip
-    assert t2i(["lora-convert", str(tmp_path / "k.safetensors"), str(tmp_path / "c.safetensors"), "--to", "comfyui", "--save-dtype", "fp32"]) == 0  # fmt: skip
-    assert t2i(["lora-convert", str(tmp_path / "c.safetensors"), str(tmp_path / "d"), "--to", "diffusers", "--save-dtype", "fp32"]) == 0  # fmt: skip
-    original, again = load_file(str(folder / "pytorch_lora_weights.safetensors")), load_file(str(tmp_path / "d" / "pytorch_lora_weights.safetensors"))  # fmt: skip
+    assert (
+        t2i(
+            [
+                "lora-convert",
+                str(folder),
+                str(tmp_path / "k.safetensors"),
+                "--to",
+                "kohya",
+                "--save-dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        t2i(
+            [
+                "lora-convert",
+                str(tmp_path / "k.safetensors"),
+                str(tmp_path / "c.safetensors"),
+                "--to",
+                "comfyui",
+                "--save-dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        t2i(
+            [
+                "lora-convert",
+                str(tmp_path / "c.safetensors"),
+                str(tmp_path / "d"),
+                "--to",
+                "diffusers",
+                "--save-dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    original, again = (
+        load_file(str(folder / "pytorch_lora_weights.safetensors")),
+        load_file(str(tmp_path / "d" / "pytorch_lora_weights.safetensors")),
+    )
     assert original.keys() == again.keys()
     assert all(torch.allclose(original[k], again[k], atol=1e-7) for k in original)
     capsys.readouterr()
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "not-a-lora.safetensors"))
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 16)
-    save_file({"lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_down.weight": torch.zeros(1, 32),
-               "lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_up.weight": torch.zeros(128, 1),
-               "lora_unet_joint_blocks_0_x_block_mlp_fc1.dora_scale": torch.ones(1, 32)}, str(tmp_path / "dora.safetensors"))  # fmt: skip
+    save_file(
+        {
+            "lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_down.weight": torch.zeros(1, 32),
+            "lora_unet_joint_blocks_0_x_block_mlp_fc1.lora_up.weight": torch.zeros(128, 1),
+            "lora_unet_joint_blocks_0_x_block_mlp_fc1.dora_scale": torch.ones(1, 32),
+        },
+        str(tmp_path / "dora.safetensors"),
+    )
     for bad in (
         "not-a-lora.safetensors",
         "garbage.safetensors",

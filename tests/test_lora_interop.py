@@ -83,10 +83,15 @@ def outputs(transformer, seed=3):
 
 
 EMBEDDER_MODULES = {
-    "pos_embed.proj", "context_embedder", "proj_out", "norm_out.linear",
-    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
-    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
-}  # fmt: skip
+    "pos_embed.proj",
+    "context_embedder",
+    "proj_out",
+    "norm_out.linear",
+    "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.timestep_embedder.linear_2",
+    "time_text_embed.text_embedder.linear_1",
+    "time_text_embed.text_embedder.linear_2",
+}
 
 
 def test_an_sd_scripts_lora_with_emb_dims_continues_as_sd_scripts_merges_it(
@@ -119,8 +124,25 @@ def test_an_sd_scripts_lora_with_emb_dims_continues_as_sd_scripts_merges_it(
 
 
 def dpo(pairs, model, out, *extra):
-    argv = ["dpo", str(pairs), str(out), "--model", model, "--max-steps", "2", "--batch-size", "2",
-            "--lr", "1e-3", "--heldout-fraction", "0", "--eval-seeds", "0", "--save-dtype", "fp32"]  # fmt: skip
+    argv = [
+        "dpo",
+        str(pairs),
+        str(out),
+        "--model",
+        model,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--heldout-fraction",
+        "0",
+        "--eval-seeds",
+        "0",
+        "--save-dtype",
+        "fp32",
+    ]
     return t2i([*argv, *extra])
 
 
@@ -138,7 +160,7 @@ def test_dpo_trains_an_emb_dims_lora_from_sd_scripts_past_the_blocks(
         assert not torch.allclose(trained.modules[name].delta(), start.modules[name].delta()), name
 
 
-def test_dpo_target_modules_reach_the_embedders_and_the_final_layer(
+def test_dpo_lora_targets_reach_the_embedders_and_the_final_layer(
     dpo_pairs, tiny64_model_dir, tmp_path
 ):
     targets = ["attn.to_q", "embedders", "final-layer"]
@@ -162,8 +184,12 @@ def test_dpo_target_modules_reach_the_embedders_and_the_final_layer(
         == 0
     )
     keys = {k.split(".")[0] for k in load_file(str(kohya))}
-    assert {"lora_unet_x_embedder_proj", "lora_unet_final_layer_linear",
-            "lora_unet_t_embedder_mlp_0", "lora_unet_y_embedder_mlp_2"} <= keys  # fmt: skip
+    assert {
+        "lora_unet_x_embedder_proj",
+        "lora_unet_final_layer_linear",
+        "lora_unet_t_embedder_mlp_0",
+        "lora_unet_y_embedder_mlp_2",
+    } <= keys
     assert set(read_lora(kohya).modules) == modules
     # diffusers' own loader takes the conv LoRA of the patch embedder too, and means the same
     ours, stock = (StableDiffusion3Pipeline.from_pretrained(tiny64_model_dir) for _ in range(2))

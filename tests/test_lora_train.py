@@ -30,10 +30,24 @@ def encoded(tiny_model_dir, tmp_path_factory) -> Path:
 
 def lora_config(model: str, **overrides) -> TrainConfig:
     base = dict(
-        model=model, device="cpu", batch_size=4, max_steps=6, warmup_steps=2, lr=3e-3, log_every=3,
-        val_every=0, sample_every=0, sample_count=0, checkpoint_every=3, val_fraction=0.2,
-        ema_decay=0.5, lora_rank=4, lora_alpha=8.0, save_dtype="fp32", mixed_precision="no",
-    )  # fmt: skip
+        model=model,
+        device="cpu",
+        batch_size=4,
+        max_steps=6,
+        warmup_steps=2,
+        lr=3e-3,
+        log_every=3,
+        val_every=0,
+        sample_every=0,
+        sample_count=0,
+        checkpoint_every=3,
+        val_fraction=0.2,
+        ema_decay=0.5,
+        lora_rank=4,
+        lora_alpha=8.0,
+        save_dtype="fp32",
+        mixed_precision="no",
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -88,11 +102,40 @@ def test_cli_lora_training_loads_in_stock_diffusers_and_changes_samples(
     encoded, tiny_model_dir, tmp_path
 ):
     out = tmp_path / "lora-run"
-    argv = ["train", str(encoded), str(out), "--model", tiny_model_dir, "--lora-rank", "4",
-            "--lora-alpha", "2", "--lora-targets", "attn.to_q", "attn.to_v", "ff.net.2",
-            "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1",
-            "--val-every", "0", "--sample-every", "0", "--sample-count", "0", "--checkpoint-every", "0",
-            "--no-export-ema", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "train",
+        str(encoded),
+        str(out),
+        "--model",
+        tiny_model_dir,
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "2",
+        "--lora-targets",
+        "attn.to_q",
+        "attn.to_v",
+        "ff.net.2",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "1",
+        "--val-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--sample-count",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--no-export-ema",
+        "--device",
+        "cpu",
+    ]
     assert t2i(argv) == 0
     weights = load_file(str(out / LORA_FILE))
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}  # --save-dtype default
@@ -139,7 +182,7 @@ def test_8bit_adamw_keeps_8_bit_states_and_follows_adamw(tiny_model_dir):
 
 
 def test_gradient_checkpointing_gives_the_loras_gradients_unchanged(tiny_model_dir):
-    from model.config import LORA_BLOCK_LINEARS
+    from model.lora_targets import LORA_BLOCK_LINEARS
 
     grads = []
     for checkpointing in (False, True):
@@ -173,7 +216,22 @@ def test_gradient_checkpointing_gives_the_loras_gradients_unchanged(tiny_model_d
 def test_a_16_bit_base_without_16_bit_autocast_is_refused_in_one_line(
     encoded, tiny_model_dir, tmp_path, capsys
 ):
-    argv = ["train", str(encoded), str(tmp_path / "x"), "--model", tiny_model_dir, "--lora-rank", "2",
-            "--lora-base-dtype", "fp16", "--mixed-precision", "no", "--max-steps", "1", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "train",
+        str(encoded),
+        str(tmp_path / "x"),
+        "--model",
+        tiny_model_dir,
+        "--lora-rank",
+        "2",
+        "--lora-base-dtype",
+        "fp16",
+        "--mixed-precision",
+        "no",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert t2i(argv) == 1
     assert "--mixed-precision fp16" in capsys.readouterr().err

@@ -15,7 +15,8 @@ from curate.runtime.options import VOCABULARY, OptionRenamed, options_table, res
 from dpo.config import DPOConfig
 from flows.cli import build_parser, resolve_config
 from flows.commands import COMMANDS
-from model.config import TARGET_SETS, SampleConfig, TrainConfig
+from model.config import SampleConfig, TrainConfig
+from model.lora_targets import TARGET_SETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -140,8 +140,17 @@ def _self_output(name: str) -> list[str]:
     }[name]
 
 
-READERS = ["curate", "caption", "precompute", "train", "prefs", "make-prefs", "dpo", "sample",
-           "lora-convert"]  # fmt: skip
+READERS = [
+    "curate",
+    "caption",
+    "precompute",
+    "train",
+    "prefs",
+    "make-prefs",
+    "dpo",
+    "sample",
+    "lora-convert",
+]
 
 
 def _inputs(tmp_path: Path, make_caption_store) -> None:

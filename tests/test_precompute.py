@@ -26,9 +26,13 @@ from model.folders import load_pipeline
 from model.precompute import run_precompute
 
 STORE_FEATURES = datasets.Features(
-    {"id": datasets.Value("string"), "image": datasets.Image(), "caption": datasets.Value("string"),
-     "caption_synthetic": datasets.Value("string")}
-)  # fmt: skip
+    {
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "caption": datasets.Value("string"),
+        "caption_synthetic": datasets.Value("string"),
+    }
+)
 BROKEN = (reasons.NOT_AN_IMAGE, reasons.TRUNCATED)  # demo files that fail to open or decode
 TOL = {"rtol": 2e-3, "atol": 2e-3}  # 16-bit storage
 RES = 64  # square crops in the main fixture
@@ -118,11 +122,15 @@ def test_text_encodings_equal_the_sd3_pipeline_encode_prompt(encoded, tiny_model
     pipe = load_pipeline(tiny_model_dir)
     i = next(i for i in range(len(ds)) if ds.has_synthetic(i))
     source = load_samples(encoded)[i]
-    cases = [(source["caption"], ds.sample(i)["text"]), (source["caption_synthetic"], ds.sample(i, "synthetic")["text"]),
-             ("", ds.empty_text())]  # fmt: skip
+    cases = [
+        (source["caption"], ds.sample(i)["text"]),
+        (source["caption_synthetic"], ds.sample(i, "synthetic")["text"]),
+        ("", ds.empty_text()),
+    ]
     for caption, text in cases:
-        want, _, want_pooled, _ = pipe.encode_prompt(caption, None, None, do_classifier_free_guidance=False,
-                                                     max_sequence_length=77)  # fmt: skip
+        want, _, want_pooled, _ = pipe.encode_prompt(
+            caption, None, None, do_classifier_free_guidance=False, max_sequence_length=77
+        )
         sequence, pooled = joint_condition(TextEncoding.stack([text]).to(torch.float32))
         torch.testing.assert_close(sequence, want, **TOL)
         torch.testing.assert_close(pooled, want_pooled, **TOL)

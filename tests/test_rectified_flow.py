@@ -42,8 +42,12 @@ def mode_cdf(t, s):
     # t = f_mode(u) with u ~ U(0, 1) and f_mode decreasing from 1 to 0, so P(T <= t) = 1 - u*(t)
     # where f_mode(u*) = t; u* by root finding on the independent formula.
     t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-    roots = [optimize.brentq(lambda u, x=x: paper_f_mode(u, s) - x, 0.0, 1.0, xtol=1e-13)
-             if 0.0 < x < 1.0 else (1.0 if x <= 0.0 else 0.0) for x in t]  # fmt: skip
+    roots = [
+        optimize.brentq(lambda u, x=x: paper_f_mode(u, s) - x, 0.0, 1.0, xtol=1e-13)
+        if 0.0 < x < 1.0
+        else (1.0 if x <= 0.0 else 0.0)
+        for x in t
+    ]
     return 1.0 - np.asarray(roots)
 
 
@@ -170,8 +174,14 @@ def test_the_transformer_receives_1000_t_as_diffusers_trains_and_samples_it():
     from model.objective import flow_loss
 
     probe = TimestepProbe()
-    text = TextEncoding(torch.zeros(2, 77, 4), torch.zeros(2, 4), torch.zeros(2, 77, 4),
-                        torch.zeros(2, 4), torch.zeros(2, 5, 8), torch.ones(2, 5))  # fmt: skip
+    text = TextEncoding(
+        torch.zeros(2, 77, 4),
+        torch.zeros(2, 4),
+        torch.zeros(2, 77, 4),
+        torch.zeros(2, 4),
+        torch.zeros(2, 5, 8),
+        torch.ones(2, 5),
+    )
     t = torch.tensor([0.25, 0.9])
     flow_loss(probe, torch.zeros(2, 4, 2, 2), text, t, torch.zeros(2, 4, 2, 2))
     assert torch.equal(probe.seen, torch.tensor([250.0, 900.0]))

@@ -29,9 +29,13 @@ BOUND_S = 30
 def start(argv: list[str], log: Path, **env: str) -> subprocess.Popen:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     return subprocess.Popen(
-        argv, cwd=ROOT, env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        argv,
+        cwd=ROOT,
+        env=environment,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 def signal_and_check(
@@ -84,8 +88,15 @@ def test_serve_captioner_stops(sig, tiny_captioner_dir, tmp_path):
     from prefect_services import free_port
 
     log = tmp_path / "server.log"
-    argv = [sys.executable, "-m", "flows.cli", "serve-captioner", tiny_captioner_dir,
-            "--port", str(free_port())]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "serve-captioner",
+        tiny_captioner_dir,
+        "--port",
+        str(free_port()),
+    ]
     process = start(argv, log)
     wait_for("serve-captioner", lambda: "serving" in log.read_text(), 120, process, log)
     signal_and_check(process, sig, log)
@@ -133,9 +144,30 @@ def test_serve_stops_with_a_flow_run_in_progress(sig, tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_train_stops_mid_run(sig, encoded, tiny_model_dir, tmp_path):
     log = tmp_path / "train.log"
-    argv = [sys.executable, "-m", "flows.cli", "train", str(encoded), str(tmp_path / "out"),
-            "--model", tiny_model_dir, "--device", "cpu", "--max-steps", "100000", "--log-every", "1",
-            "--batch-size", "4", "--val-every", "0", "--sample-every", "0", "--checkpoint-every", "100000"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "train",
+        str(encoded),
+        str(tmp_path / "out"),
+        "--model",
+        tiny_model_dir,
+        "--device",
+        "cpu",
+        "--max-steps",
+        "100000",
+        "--log-every",
+        "1",
+        "--batch-size",
+        "4",
+        "--val-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "100000",
+    ]
     process = start(argv, log)
     wait_for("training steps", lambda: "step 3/" in log.read_text(), 240, process, log)
     signal_and_check(process, sig, log)

@@ -234,7 +234,9 @@ def runner(name: str, kit: dict, out: Path):
         from dpo.config import DPOConfig
         from dpo.trainer import run_dpo
 
-        quick = dict(lora_rank=2, lora_alpha=2, batch_size=2, max_steps=1, resolution=32, checkpoint_every=1)
+        quick = dict(
+            lora_rank=2, lora_alpha=2, batch_size=2, max_steps=1, resolution=32, checkpoint_every=1
+        )
         config = DPOConfig(model=kit["model"], heldout_fraction=0.0, **quick)
         return lambda: run_dpo(kit["pairs"], out, config)
     if name == "sample":

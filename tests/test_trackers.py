@@ -29,9 +29,31 @@ def events(folder) -> EventAccumulator:
 
 
 def dpo(pairs, model, out, *extra):
-    argv = ["dpo", str(pairs), str(out), "--model", model, "--max-steps", "4", "--batch-size", "2",
-            "--lora-rank", "4", "--lora-alpha", "4", "--lr", "1e-3", "--log-every", "2",
-            "--heldout-fraction", "0.3", "--eval-seeds", "1", "--eval-steps", "2"]  # fmt: skip
+    argv = [
+        "dpo",
+        str(pairs),
+        str(out),
+        "--model",
+        model,
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "4",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "2",
+        "--heldout-fraction",
+        "0.3",
+        "--eval-seeds",
+        "1",
+        "--eval-steps",
+        "2",
+    ]
     return t2i([*argv, *extra])
 
 

@@ -27,10 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def quick(model: str, **overrides) -> TrainConfig:
     base = dict(
-        model=model, device="cpu", batch_size=4, max_steps=6, warmup_steps=2, lr=1e-3, log_every=2,
-        val_every=0, sample_every=0, sample_count=2, sample_steps=3, checkpoint_every=0,
-        val_fraction=0.2, ema_decay=0.9,
-    )  # fmt: skip
+        model=model,
+        device="cpu",
+        batch_size=4,
+        max_steps=6,
+        warmup_steps=2,
+        lr=1e-3,
+        log_every=2,
+        val_every=0,
+        sample_every=0,
+        sample_count=2,
+        sample_steps=3,
+        checkpoint_every=0,
+        val_fraction=0.2,
+        ema_decay=0.9,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -38,8 +49,15 @@ def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
-REFERENCE = dict(max_steps=12, checkpoint_every=3, checkpoints_total_limit=2, grad_accum=2, batch_size=3,
-                 shift=2.5, sample_every=6)  # fmt: skip
+REFERENCE = dict(
+    max_steps=12,
+    checkpoint_every=3,
+    checkpoints_total_limit=2,
+    grad_accum=2,
+    batch_size=3,
+    shift=2.5,
+    sample_every=6,
+)
 
 
 def cli_flags(config: TrainConfig) -> list[str]:
@@ -84,7 +102,9 @@ def test_training_writes_a_loadable_sd3_folder_with_ema_weights_and_its_shift(
         "steps": 12,
     }
     assert sorted(p.name for p in (reference / "training" / "samples").glob("*.png")) == [
-        "step-00000006.png", "step-00000012.png"]  # fmt: skip
+        "step-00000006.png",
+        "step-00000012.png",
+    ]
     assert list((reference / "training" / "logs").glob("events.out.tfevents.*"))
 
 
@@ -95,9 +115,11 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_weights(
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "train", str(encoded), str(killed), *cli_flags(config)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600  # start-up alone can take minutes on a loaded machine
     while not list_checkpoints(killed / "training" / "checkpoints") and time.time() < deadline:
         assert process.poll() is None, "`t2i train` exited before writing a checkpoint"

@@ -37,9 +37,11 @@ class Spy:
 
         def forward(module, *args, **kwargs):
             spy.calls.append(
-                (kwargs["encoder_hidden_states"].detach().float().clone(),
-                 kwargs["pooled_projections"].detach().float().clone())
-            )  # fmt: skip
+                (
+                    kwargs["encoder_hidden_states"].detach().float().clone(),
+                    kwargs["pooled_projections"].detach().float().clone(),
+                )
+            )
             return real(module, *args, **kwargs)
 
         monkeypatch.setattr(SD3Transformer2DModel, "forward", forward)
@@ -51,18 +53,32 @@ class Spy:
 def only_training(model: str, **overrides) -> TrainConfig:
     """A short CPU run whose only transformer calls are training steps (no validation, grids)."""
     base = dict(
-        model=model, device="cpu", batch_size=4, max_steps=3, warmup_steps=1, lr=1e-3, log_every=100,
-        val_fraction=0.0, val_every=0, sample_every=0, sample_count=0, checkpoint_every=0,
-    )  # fmt: skip
+        model=model,
+        device="cpu",
+        batch_size=4,
+        max_steps=3,
+        warmup_steps=1,
+        lr=1e-3,
+        log_every=100,
+        val_fraction=0.0,
+        val_every=0,
+        sample_every=0,
+        sample_count=0,
+        checkpoint_every=0,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
 def pipeline_encoding(pipe, prompt: str, negative: str = ""):
     """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as the stock pipeline makes them."""
     return pipe.encode_prompt(
-        prompt, None, None, negative_prompt=negative, do_classifier_free_guidance=True,
+        prompt,
+        None,
+        None,
+        negative_prompt=negative,
+        do_classifier_free_guidance=True,
         max_sequence_length=T5_LEN,
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------- unconditional input
@@ -103,8 +119,10 @@ def test_dropped_encoders_train_on_exactly_the_negative_input_the_stock_pipeline
     sequence, pooled = spy.rows()
     for row, row_pooled in zip(sequence, pooled, strict=True):
         assert not torch.allclose(row, negative[0], **TOL)
-        matches = [torch.allclose(row, c[0][0], **TOL) and torch.allclose(row_pooled, c[2][0], **TOL)
-                   for c in conditional]  # fmt: skip
+        matches = [
+            torch.allclose(row, c[0][0], **TOL) and torch.allclose(row_pooled, c[2][0], **TOL)
+            for c in conditional
+        ]
         assert sum(matches) == 1
 
     # --unconditional zeros: the dropped input is the zeros `t2i sample` then guides against.
@@ -177,8 +195,11 @@ def source_of(reader: UniqueTexts, encoder: str, pieces: tuple[torch.Tensor, ...
         "t5": ("t5",),
     }[encoder]
     candidates = {"empty": reader.empty, **reader.texts}
-    found = [key for key, text in candidates.items()
-             if all(torch.equal(p, getattr(text, f)) for p, f in zip(pieces, fields, strict=True))]  # fmt: skip
+    found = [
+        key
+        for key, text in candidates.items()
+        if all(torch.equal(p, getattr(text, f)) for p, f in zip(pieces, fields, strict=True))
+    ]
     assert len(found) == 1, (
         f"{encoder} input is neither a caption's encoding nor the empty prompt's"
     )
@@ -191,8 +212,9 @@ def test_each_encoder_is_dropped_independently_at_its_rate_and_captions_are_draw
     reader = UniqueTexts(16)
     spy = Spy(monkeypatch)
     steps = 60
-    config = only_training(tiny_model_dir, preset="tiny", batch_size=16, max_steps=steps,
-                           synthetic_caption_p=0.5)  # the defaults: encoder_drop 0.464  # fmt: skip
+    config = only_training(
+        tiny_model_dir, preset="tiny", batch_size=16, max_steps=steps, synthetic_caption_p=0.5
+    )  # the defaults: encoder_drop 0.464
     assert config.encoder_drop == ENCODER_DROP_PROB == 0.464
     train(reader, tmp_path / "run", config)
     assert len(spy.calls) == steps
@@ -202,8 +224,10 @@ def test_each_encoder_is_dropped_independently_at_its_rate_and_captions_are_draw
         batch_parts = parts(sequence, pooled)
         step_variants = set()
         for k in range(len(sequence)):
-            sources = {e: source_of(reader, e, tuple(p[k] for p in pieces))
-                       for e, pieces in batch_parts.items()}  # fmt: skip
+            sources = {
+                e: source_of(reader, e, tuple(p[k] for p in pieces))
+                for e, pieces in batch_parts.items()
+            }
             dropped.append([sources[e] == "empty" for e in ("clip_l", "clip_g", "t5")])
             kept = {s for s in sources.values() if s != "empty"}
             assert len(kept) <= 1, "the kept encoders of one sample came from different captions"
@@ -258,9 +282,15 @@ def test_our_guided_sampler_is_the_stock_pipelines(guidance, tiny_model_dir):
     ours = sample_latents(transformer, text, negative, seeds, shape, steps, shift, guidance)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seeds[0]))[None]
     stock = pipe(
-        prompt=prompt, latents=noise.clone(), num_inference_steps=steps, guidance_scale=guidance,
-        height=32, width=32, max_sequence_length=T5_LEN, output_type="latent",
-    ).images  # fmt: skip
+        prompt=prompt,
+        latents=noise.clone(),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        max_sequence_length=T5_LEN,
+        output_type="latent",
+    ).images
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
     unguided = sample_latents(transformer, text, negative, seeds, shape, steps, shift, 1.0)
     if guidance != 1.0:  # the two conditions really pull apart here

@@ -22,9 +22,20 @@ from model.train_report import evaluate
 
 def quick(model: str, **overrides) -> TrainConfig:
     base = dict(
-        model=model, device="cpu", batch_size=4, max_steps=4, warmup_steps=2, lr=1e-3, log_every=2,
-        val_every=0, sample_every=0, sample_count=0, checkpoint_every=0, val_fraction=0.2, ema_decay=0.9,
-    )  # fmt: skip
+        model=model,
+        device="cpu",
+        batch_size=4,
+        max_steps=4,
+        warmup_steps=2,
+        lr=1e-3,
+        log_every=2,
+        val_every=0,
+        sample_every=0,
+        sample_count=0,
+        checkpoint_every=0,
+        val_fraction=0.2,
+        ema_decay=0.9,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -41,8 +52,13 @@ class Planted:
 
 
 def plant(folder: Path) -> None:
-    for name in ("optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl",
-                 "pytorch_model.bin"):  # fmt: skip
+    for name in (
+        "optimizer.bin",
+        "scheduler.bin",
+        "custom_checkpoint_0.pkl",
+        "random_states_0.pkl",
+        "pytorch_model.bin",
+    ):
         (folder / name).write_bytes(pickle.dumps(Planted()))
 
 
@@ -184,8 +200,14 @@ def test_sample_uses_the_t5_length_and_unconditional_input_the_model_was_trained
         return real(pipe, prompts, seeds, *options)
 
     monkeypatch.setattr(sampling, "generate", spy)
-    config = SampleConfig(model=str(out), prompt=["a red circle"], steps=1, height=32, width=32,
-                          out=str(tmp_path / "samples"))  # fmt: skip
+    config = SampleConfig(
+        model=str(out),
+        prompt=["a red circle"],
+        steps=1,
+        height=32,
+        width=32,
+        out=str(tmp_path / "samples"),
+    )
     sampling.run_sample(config.out, config)
     sampling.run_sample(config.out, config.model_copy(update={"t5_length": 20}))
     sampling.run_sample(config.out, config.model_copy(update={"model": tiny_model_dir}))

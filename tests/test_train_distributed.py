@@ -31,9 +31,18 @@ def free_port() -> int:
 
 def config(model: str, **overrides) -> TrainConfig:
     base = dict(
-        model=model, device="cpu", batch_size=2, max_steps=4, warmup_steps=1, lr=1e-3,
-        val_fraction=0.0, sample_count=0, checkpoint_every=2, log_every=2, mixed_precision="no",
-    )  # fmt: skip
+        model=model,
+        device="cpu",
+        batch_size=2,
+        max_steps=4,
+        warmup_steps=1,
+        lr=1e-3,
+        val_fraction=0.0,
+        sample_count=0,
+        checkpoint_every=2,
+        log_every=2,
+        mixed_precision="no",
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -55,10 +64,29 @@ def test_two_gloo_processes_train_like_one_with_grad_accumulation_and_resume_acr
 ):
     encoded = shapes_encoded(tiny_model_dir, tmp_path / "shapes", 16)[0]
     two = tmp_path / "two"
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-               "--main_process_port", str(free_port()),
-               "-m", "flows.cli", "train", str(encoded), str(two), *flags(config(tiny_model_dir))]  # fmt: skip
+    command = [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "flows.cli",
+        "train",
+        str(encoded),
+        str(two),
+        *flags(config(tiny_model_dir)),
+    ]
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -81,7 +109,9 @@ def test_two_gloo_processes_train_like_one_with_grad_accumulation_and_resume_acr
 
     # The two-process run's step-2 checkpoint, resumed by one process with accumulation 2.
     resumed = tmp_path / "resumed"
-    shutil.copytree(two / "training" / "checkpoints" / "step-00000002",
-                    resumed / "training" / "checkpoints" / "step-00000002")  # fmt: skip
+    shutil.copytree(
+        two / "training" / "checkpoints" / "step-00000002",
+        resumed / "training" / "checkpoints" / "step-00000002",
+    )
     train(reader, resumed, config(tiny_model_dir, grad_accum=2, resume="latest"))
     assert close(load_file(resumed / RAW), load_file(two / RAW)) < 1e-6

@@ -25,10 +25,21 @@ def test_training_makes_samples_follow_the_caption_far_above_chance_and_the_untr
     tmp_path,
 ):
     result = load_bench().measure(
-        preset="tiny", steps=120, n=32, batch=8, lr=5e-3, warmup=12, seeds=4, sample_steps=6,
-        solid=True, colours=("red", "blue"), held_out=0, work=tmp_path, pipeline=True,
+        preset="tiny",
+        steps=120,
+        n=32,
+        batch=8,
+        lr=5e-3,
+        warmup=12,
+        seeds=4,
+        sample_steps=6,
+        solid=True,
+        colours=("red", "blue"),
+        held_out=0,
+        work=tmp_path,
+        pipeline=True,
         blind_control=True,
-    )  # fmt: skip
+    )
     assert result["chance"] == 0.5
     assert result["untrained_accuracy"] <= 0.75
     assert result["trained_accuracy"] >= 0.9

@@ -27,9 +27,13 @@ COLOURS = {
 }
 SHAPES = ("circle", "square")
 STORE_FEATURES = datasets.Features(
-    {"id": datasets.Value("string"), "image": datasets.Image(), "caption": datasets.Value("string"),
-     "caption_synthetic": datasets.Value("string")}
-)  # fmt: skip
+    {
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "caption": datasets.Value("string"),
+        "caption_synthetic": datasets.Value("string"),
+    }
+)
 
 
 def shape_image(
@@ -59,8 +63,14 @@ def write_store(
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
-        rows.append({"id": hashlib.sha256(data).hexdigest(), "image": {"bytes": data, "path": None},
-                     "caption": caption, "caption_synthetic": synth})  # fmt: skip
+        rows.append(
+            {
+                "id": hashlib.sha256(data).hexdigest(),
+                "image": {"bytes": data, "path": None},
+                "caption": caption,
+                "caption_synthetic": synth,
+            }
+        )
     with StageWriter(out, "caption", {"synthetic_shapes": len(rows)}, "synthetic") as writer:
         writer.write_samples(rows, STORE_FEATURES)
     return Path(out)

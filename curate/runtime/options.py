@@ -2,7 +2,7 @@
 
 A config class that renamed an option lists it once, `RENAMED = {"old_name": "new_name"}`; the old
 spelling is then accepted for one release, with a one-line `OptionRenamed` warning, wherever
-options come from: a flag (flows/cli.py), a --config TOML key (curate/config_file.py) or a Python
+options come from: a flag (flows/cli.py), a --config TOML key (curate/runtime/config_file.py) or a Python
 or Prefect caller (the `RenamedOptions` validator).
 """
 

@@ -35,9 +35,18 @@ SAMPLES = "samples"
 REJECTED = "rejected"
 
 VERSIONED_PACKAGES = (
-    "t2i-pipeline", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets",
-    "faiss-cpu", "prefect", "numpy", "pillow",
-)  # fmt: skip
+    "t2i-pipeline",
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "faiss-cpu",
+    "prefect",
+    "numpy",
+    "pillow",
+)
 
 REJECTED_FEATURES = datasets.Features(
     {
