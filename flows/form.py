@@ -23,6 +23,10 @@ def _without_null(schema: dict[str, Any]) -> None:
         if len(kept) == 1 and len(kept) < len(branches):
             del field["anyOf"]
             field.update(kept[0])
+            if "default" in field and field["default"] is None:
+                # The UI fills a shown default into the values it validates: a null default
+                # of a field typed `string` would fail that check. Absent means the default.
+                del field["default"]
 
 
 class FormSection(BaseModel):

@@ -247,3 +247,42 @@ def test_deployments_are_titled_by_what_they_do_with_the_recipe_first():
     assert len(set(names)) == len(names) and "t2i" not in names
     assert sorted(names)[0] == served[0].name and served[0].flow_name == "end_to_end"
     assert all(d.tags == ["t2i"] for d in served)
+
+
+def _form_values(schema: dict, node: dict) -> dict:
+    """What the Prefect UI fills the end_to_end form with before a person types: each field's
+    schema default, section by section (the deployment's parameters then go over these)."""
+    values = {}
+    for name, field in node.get("properties", {}).items():
+        ref = field.get("$ref") or next(
+            (b["$ref"] for b in field.get("allOf", []) if "$ref" in b), None
+        )
+        if ref:  # a section: the UI fills its fields one by one
+            values[name] = _form_values(schema, schema["definitions"][ref.rsplit("/", 1)[-1]])
+        elif "default" in field:
+            values[name] = field["default"]
+    return values
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = (
+            _deep_merge(base[key], value)
+            if isinstance(value, dict) and isinstance(base.get(key), dict)
+            else value
+        )
+    return merged
+
+
+def test_the_dashboard_form_validates_as_filled_in_by_the_ui():
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.config import ServeConfig
+    from flows.serve import deployments
+
+    schema = end_to_end.parameters.model_dump()
+    values = _deep_merge(_form_values(schema, schema), deployments(ServeConfig())[0].parameters)
+    values["workdir"] = "/tmp/work"
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validate(values, schema)]
+    assert not errors, errors[:5]  # the UI's Run button sends nothing while any error stands
