@@ -282,7 +282,8 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
 
     # --select-every N: pause every N steps to evaluate the LoRA so far (dpo/selection.py)
     preserve = preserve_texts(config, accelerator.device)  # --preserve-captions, encoded once
-    picker = selection.Picker.of(work, config, eval_captions(config, rows, heldout or train))
+    evaluated = config.model_copy(update={"lora_base_dtype": base_dtype})  # 'auto' resolved
+    picker = selection.Picker.of(work, evaluated, eval_captions(config, rows, heldout or train))
     if (begin := start) < config.max_steps:
         for stop in selection.stops(start, config.max_steps, config.select_every):
             leg = config.model_copy(update={"max_steps": stop})
@@ -339,8 +340,7 @@ def _train_dpo(run: StageRun, prefs: Path, config: DPOConfig) -> Path:
             # 6. Base vs LoRA samples for held-out captions and fixed seeds (dpo/evaluate.py)
             captions = eval_captions(config, rows, heldout or train)
             if config.eval_seeds and (captions or config.offtarget_captions):
-                resolved = config.model_copy(update={"lora_base_dtype": base_dtype})
-                evaluation = evaluate_lora(resolved, writer.path, captions, accelerator.device)
+                evaluation = evaluate_lora(evaluated, writer.path, captions, accelerator.device)
                 summary["sample_eval"] = asdict(evaluation)
                 for grid in evaluation.grids:  # base left, LoRA right
                     log_image(accelerator, Path(grid).stem, writer.path / grid, config.max_steps)

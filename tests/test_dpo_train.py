@@ -339,23 +339,23 @@ def test_pairs_are_encoded_once_in_the_precompute_format_and_read_back_pair_by_p
 
 
 def test_a_killed_encode_continues_where_it_stopped(pairs, tiny_model_dir, tmp_path, monkeypatch):
-    import model.precompute
+    import model.precompute_shards
     from dpo.encode import encode_pairs
     from dpo.ingest import run_prefs
 
     table = run_prefs(pairs, tmp_path / "prefs", IngestPrefsConfig())
-    real = model.precompute.Encoder
+    real = model.precompute_shards.Encoder
 
     def dies_at_t5(model_dir, name, **kwargs):
         if name == "t5":
             raise KeyboardInterrupt("killed while T5 loads")
         return real(model_dir, name, **kwargs)
 
-    monkeypatch.setattr(model.precompute, "Encoder", dies_at_t5)
+    monkeypatch.setattr(model.precompute_shards, "Encoder", dies_at_t5)
     with pytest.raises(KeyboardInterrupt):
         encode_pairs(tiny_model_dir, table, tmp_path / "encoded", 32, 8, shard_size=4)
     assert not (tmp_path / "encoded").exists()
-    monkeypatch.setattr(model.precompute, "Encoder", real)
+    monkeypatch.setattr(model.precompute_shards, "Encoder", real)
     pair_set = encode_pairs(tiny_model_dir, table, tmp_path / "encoded", 32, 8, shard_size=4)
     timings = Manifest.read(tmp_path / "encoded").extra["timings_s"]
     assert set(timings) == {"t5"}  # VAE and both CLIPs were kept from the killed run
