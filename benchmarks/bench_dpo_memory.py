@@ -27,15 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_lora_memory import RELEASED, build, rss_bytes, tensor_bytes  # noqa: E402
+from bench_lora_memory import (  # noqa: E402
+    build,
+    random_text,
+    released_counts,
+    rss_bytes,
+    tensor_bytes,
+)
 
 from dpo.config import TARGET_SETS, DPOConfig  # noqa: E402
 from dpo.encode import EncodedPairs  # noqa: E402
 from dpo.trainer import dpo_terms  # noqa: E402
-from model.build import build_transformer  # noqa: E402
-from model.conditioning import TextEncoding  # noqa: E402
 from model.lora import add_lora, lora_parameters  # noqa: E402
-from model.presets import SD3_TEXT_DIMS  # noqa: E402
 
 # mode -> (base dtype, autocast, gradient checkpointing)
 MODES = {
@@ -51,14 +54,7 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
     base, autocast, checkpointing = MODES[mode]
     generator = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
-    text = TextEncoding(
-        rand(batch, 77, SD3_TEXT_DIMS["clip_l"]),
-        rand(batch, 768),
-        rand(batch, 77, SD3_TEXT_DIMS["clip_g"]),
-        rand(batch, 1280),
-        rand(batch, 77, SD3_TEXT_DIMS["t5"]),
-        torch.ones(batch, 77),
-    )
+    text = random_text(batch, generator)
     pairs = EncodedPairs(
         [str(i) for i in range(batch)],
         rand(batch, 16, side, side),
@@ -103,37 +99,6 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
         "optimizer_MB": mb(states),
         "activations_MB": mb(peak - weights - grads - states),
     }
-
-
-def released_counts(rank: int) -> dict[str, dict[str, float]]:
-    """Exact parameter counts of SD3.5-M/-L (meta device) and of the default attention LoRA."""
-    counts = {}
-    for name, spec in RELEASED.items():
-        config = dict(
-            sample_size=128,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            attention_head_dim=64,
-            joint_attention_dim=4096,
-            pooled_projection_dim=2048,
-            **spec,
-        )
-        transformer = build_transformer(config, "meta")
-        lora = sum(
-            rank * (m.in_features + m.out_features)
-            for n, m in transformer.named_modules()
-            if isinstance(m, torch.nn.Linear)
-            and n.startswith("transformer_blocks.")
-            and any(n.endswith("." + s) for s in ATTENTION)
-        )
-        counts[name] = {
-            "params": sum(p.numel() for p in transformer.parameters()),
-            "lora": lora,
-            "depth": spec["num_layers"],
-            "hidden": 64 * spec["num_attention_heads"],
-        }
-    return counts
 
 
 # bytes per base parameter and per LoRA parameter held for a whole step: base weights; LoRA
@@ -199,7 +164,7 @@ def main() -> None:
     if args.mode:
         print(json.dumps(measure(args.mode, args.depth, args.side, args.batch, args.rank)))
         return
-    print(json.dumps(released_counts(args.rank)), flush=True)
+    print(json.dumps(released_counts(args.rank, ATTENTION)), flush=True)
     for mode in MODES:
         argv = [
             sys.executable,

@@ -93,14 +93,7 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
     lora, base, optimizer_name, checkpointing = MODES[mode]
     generator = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
-    text = TextEncoding(
-        rand(batch, 77, SD3_TEXT_DIMS["clip_l"]),
-        rand(batch, 768),
-        rand(batch, 77, SD3_TEXT_DIMS["clip_g"]),
-        rand(batch, 1280),
-        rand(batch, 77, SD3_TEXT_DIMS["t5"]),
-        torch.ones(batch, 77),
-    )
+    text = random_text(batch, generator)
     latents = rand(batch, 16, side, side)
     settings = FlowSettings()
     before = rss_bytes()
@@ -149,8 +142,24 @@ def measure(mode: str, depth: int, side: int, batch: int, rank: int) -> dict:
     }
 
 
-def released_counts(rank: int) -> dict[str, dict[str, float]]:
-    """Exact parameter counts of SD3.5-M/-L (on the meta device) and of a rank-R LoRA on every block linear."""
+def random_text(batch: int, generator: torch.Generator) -> TextEncoding:
+    """BATCH random text encodings of SD3's widths (77 tokens per encoder)."""
+    rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    return TextEncoding(
+        rand(batch, 77, SD3_TEXT_DIMS["clip_l"]),
+        rand(batch, 768),
+        rand(batch, 77, SD3_TEXT_DIMS["clip_g"]),
+        rand(batch, 1280),
+        rand(batch, 77, SD3_TEXT_DIMS["t5"]),
+        torch.ones(batch, 77),
+    )
+
+
+def released_counts(
+    rank: int, targets: list[str] = LORA_BLOCK_LINEARS
+) -> dict[str, dict[str, float]]:
+    """Exact parameter counts of SD3.5-M/-L (on the meta device) and of a rank-R LoRA on the
+    block linears named by TARGETS (default: every one)."""
     counts = {}
     for name, spec in RELEASED.items():
         config = dict(
@@ -169,7 +178,7 @@ def released_counts(rank: int) -> dict[str, dict[str, float]]:
             for n, m in transformer.named_modules()
             if isinstance(m, torch.nn.Linear)
             and n.startswith("transformer_blocks.")
-            and any(n.endswith("." + s) for s in LORA_BLOCK_LINEARS)
+            and any(n.endswith("." + s) for s in targets)
         )
         counts[name] = {
             "params": sum(p.numel() for p in transformer.parameters()),

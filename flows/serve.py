@@ -156,11 +156,12 @@ class StoppingRunner(Runner):
             await self.astop()
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """BASE with OVERRIDE's values, nested dictionaries merged key by key (neither is modified)."""
     merged = dict(base)
     for key, value in override.items():
         merged[key] = (
-            _merge(merged[key], value)
+            deep_merge(merged[key], value)
             if isinstance(value, dict) and isinstance(merged.get(key), dict)
             else value
         )
@@ -174,12 +175,12 @@ def run_run_all(workdir: str, config: RunAllConfig) -> Path:
     recipe |= {"preferences": config.preferences, "preference_data": config.preference_data}
     if config.fine_tune != "kit":
         recipe["fine_tune"] = config.fine_tune
-    parameters = _merge(parameters, {"recipe": recipe})
+    parameters = deep_merge(parameters, {"recipe": recipe})
     if config.parameters:
         path = Path(config.parameters)
         if not path.is_file():
             raise FileNotFoundError(f"--parameters {path}: no such JSON file")
-        parameters = _merge(parameters, json.loads(path.read_text()))
+        parameters = deep_merge(parameters, json.loads(path.read_text()))
     try:
         checked = EndToEndConfig.model_validate(parameters)
     except Exception as error:

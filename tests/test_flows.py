@@ -13,6 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.end_to_end import CHAIN, EndToEndConfig, end_to_end, plan, tiny_kit
 from flows.registry import stages
+from flows.serve import deep_merge
 from flows.stages import is_transient, run_stage, stage_flow
 
 
@@ -264,17 +265,6 @@ def _form_values(schema: dict, node: dict) -> dict:
     return values
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    merged = dict(base)
-    for key, value in over.items():
-        merged[key] = (
-            _deep_merge(base[key], value)
-            if isinstance(value, dict) and isinstance(base.get(key), dict)
-            else value
-        )
-    return merged
-
-
 def test_the_dashboard_form_validates_as_filled_in_by_the_ui():
     from prefect.utilities.schema_tools.validation import validate
 
@@ -282,7 +272,7 @@ def test_the_dashboard_form_validates_as_filled_in_by_the_ui():
     from flows.serve import deployments
 
     schema = end_to_end.parameters.model_dump()
-    values = _deep_merge(_form_values(schema, schema), deployments(ServeConfig())[0].parameters)
+    values = deep_merge(_form_values(schema, schema), deployments(ServeConfig())[0].parameters)
     values["workdir"] = "/tmp/work"
     errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validate(values, schema)]
     assert not errors, errors[:5]  # the UI's Run button sends nothing while any error stands

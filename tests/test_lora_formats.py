@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-from lora_kit import random_trained_lora
+from lora_kit import inputs, outputs, random_trained_lora
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from sd_scripts_kit import merged_like_comfyui, stability_checkpoint
@@ -34,22 +34,6 @@ from model.presets import tiny_mmdit_config
 
 TOLERANCE = 1e-5  # fp32 on CPU: only reordered additions differ
 RANK, ALPHA = 4, 8.0  # alpha != rank on purpose
-
-
-def inputs(config, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    size = config.sample_size
-    return {
-        "hidden_states": torch.randn(2, config.in_channels, size, size, generator=generator),
-        "encoder_hidden_states": torch.randn(2, 9, config.joint_attention_dim, generator=generator),
-        "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=generator),
-        "timestep": torch.tensor([250.0, 750.0]),
-    }
-
-
-def outputs(transformer, seed=3):
-    with torch.no_grad():
-        return transformer(**inputs(transformer.config, seed)).sample
 
 
 # ----------------------------------------------------------------------------- fixtures

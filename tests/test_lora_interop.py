@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from lora_kit import outputs
 from safetensors.torch import load_file
 from sd_scripts_kit import merged_like_comfyui, save_sd_scripts_lora
 
@@ -67,19 +68,6 @@ def test_lora_convert_splits_an_sd_scripts_file_with_shared_qkv_downs(
 
 
 # ----------------------------------------------------------------------------- emb_dims, --init-lora
-
-
-def outputs(transformer, seed=3):
-    config = transformer.config
-    g = torch.Generator().manual_seed(seed)
-    size = config.sample_size
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(2, config.in_channels, size, size, generator=g),
-            encoder_hidden_states=torch.randn(2, 9, config.joint_attention_dim, generator=g),
-            pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g),
-            timestep=torch.tensor([250.0, 750.0]),
-        ).sample
 
 
 EMBEDDER_MODULES = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lora_kit import outputs
 from PIL import Image
 from safetensors.torch import load_file
 from sd_scripts_kit import stability_checkpoint
@@ -15,19 +16,6 @@ from model.build import build_transformer
 from model.folders import load_transformer
 from model.presets import tiny_mmdit_config
 from model.single_file import PREFIX, stability_state_dict
-
-
-def outputs(transformer, seed=3):
-    config = transformer.config
-    g = torch.Generator().manual_seed(seed)
-    size = config.sample_size
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(2, config.in_channels, size, size, generator=g),
-            encoder_hidden_states=torch.randn(2, 9, config.joint_attention_dim, generator=g),
-            pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g),
-            timestep=torch.tensor([250.0, 750.0]),
-        ).sample
 
 
 def export(model, out, *extra):

@@ -113,15 +113,8 @@ def check_output(
     - OUT is another stage's output: refused unless --overwrite.
     An empty folder, and this stage's own output, are fine."""
     out = check_paths(output, stage, reads)
-    if not out.exists():
-        if os.path.lexists(out):
-            raise OutputRefused(f"{stage}: refusing to write {out}: it is a broken link")
+    if not _existing_folder(out, stage):
         return out
-    if not out.is_dir():
-        raise OutputRefused(
-            f"{stage}: refusing to write {out}: it is a file, not a folder; "
-            "choose a folder name (the stage never replaces a file)"
-        )
     present = sorted(entry.name for entry in os.scandir(out))
     if not present:
         return out
@@ -194,15 +187,8 @@ def check_output_folder(
     """The guard for a generator's raw-data OUT (no manifest): not a file; empty, or holding
     only what the generator writes (FOREIGN(OUT) lists the rest)."""
     out = check_paths(output, stage, {})
-    if not out.exists():
-        if os.path.lexists(out):
-            raise OutputRefused(f"{stage}: refusing to write {out}: it is a broken link")
+    if not _existing_folder(out, stage):
         return out
-    if not out.is_dir():
-        raise OutputRefused(
-            f"{stage}: refusing to write {out}: it is a file, not a folder; "
-            "choose a folder name (the stage never replaces a file)"
-        )
     present = _listing(out, every=True)
     if not present:
         return out
@@ -214,6 +200,21 @@ def check_output_folder(
             f"({OVERWRITE_FLAG} never removes files the pipeline did not write)"
         )
     return out
+
+
+def _existing_folder(out: Path, stage: str) -> bool:
+    """Whether OUT is a folder that exists; False when nothing is there; refused when it is a
+    broken link, a file or anything but a folder."""
+    if not out.exists():
+        if os.path.lexists(out):
+            raise OutputRefused(f"{stage}: refusing to write {out}: it is a broken link")
+        return False
+    if not out.is_dir():
+        raise OutputRefused(
+            f"{stage}: refusing to write {out}: it is a file, not a folder; "
+            "choose a folder name (the stage never replaces a file)"
+        )
+    return True
 
 
 def _listing(root: Path, every: bool = False) -> list[str]:
