@@ -34,7 +34,7 @@ from model.lora import add_lora  # noqa: E402
 from model.lora_targets import LORA_BLOCK_LINEARS  # noqa: E402
 from model.lora_train import make_optimizer  # noqa: E402
 from model.objective import FlowSettings, draw_noise_and_time, training_loss  # noqa: E402
-from model.presets import SD3_TEXT_DIMS, mmdit_config  # noqa: E402
+from model.presets import SD3_TEXT_DIMS, mmdit_config, released_config  # noqa: E402
 
 # mode -> (LoRA?, base dtype, optimizer, gradient checkpointing)
 MODES = {
@@ -45,25 +45,7 @@ MODES = {
     "LoRA, bf16 base, 8-bit AdamW, grad checkpointing": (True, "bf16", "adamw8bit", True),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# diffusers configs of the released models (transformer/config.json)
-RELEASED = {
-    "SD3.5-medium": dict(
-        num_layers=24,
-        num_attention_heads=24,
-        caption_projection_dim=1536,
-        pos_embed_max_size=384,
-        qk_norm="rms_norm",
-        dual_attention_layers=tuple(range(13)),
-    ),
-    "SD3.5-large": dict(
-        num_layers=38,
-        num_attention_heads=38,
-        caption_projection_dim=2432,
-        pos_embed_max_size=192,
-        qk_norm="rms_norm",
-        dual_attention_layers=(),
-    ),
-}
+RELEASED = ("SD3.5-medium", "SD3.5-large")
 
 
 def rss_bytes() -> int:
@@ -161,17 +143,8 @@ def released_counts(
     """Exact parameter counts of SD3.5-M/-L (on the meta device) and of a rank-R LoRA on the
     block linears named by TARGETS (default: every one)."""
     counts = {}
-    for name, spec in RELEASED.items():
-        config = dict(
-            sample_size=128,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            attention_head_dim=64,
-            joint_attention_dim=4096,
-            pooled_projection_dim=2048,
-            **spec,
-        )
+    for name in RELEASED:
+        config = released_config(name)
         transformer = build_transformer(config, "meta")
         lora = sum(
             rank * (m.in_features + m.out_features)
@@ -183,8 +156,8 @@ def released_counts(
         counts[name] = {
             "params": sum(p.numel() for p in transformer.parameters()),
             "lora": lora,
-            "depth": spec["num_layers"],
-            "hidden": 64 * spec["num_attention_heads"],
+            "depth": config["num_layers"],
+            "hidden": 64 * config["num_attention_heads"],
         }
     return counts
 

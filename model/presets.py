@@ -44,6 +44,27 @@ def mmdit_config(
     }
 
 
+# The transformer configs of the released models (their diffusers transformer/config.json), for
+# parameter and memory arithmetic on the meta device.
+_RELEASED_DEPTHS = {
+    "SD3-medium": dict(depth=24, pos_embed_max_size=192, qk_norm=None, dual=()),
+    "SD3.5-medium": dict(depth=24, pos_embed_max_size=384, qk_norm="rms_norm", dual=range(13)),
+    "SD3.5-large": dict(depth=38, pos_embed_max_size=192, qk_norm="rms_norm", dual=()),
+}
+
+
+def released_config(name: str) -> dict[str, Any]:
+    """`SD3Transformer2DModel` kwargs of a released model: SD3-medium, SD3.5-medium, SD3.5-large."""
+    spec = _RELEASED_DEPTHS[name]
+    config = mmdit_config(
+        spec["depth"], pos_embed_max_size=spec["pos_embed_max_size"], qk_norm=spec["qk_norm"]
+    )
+    return config | {"dual_attention_layers": tuple(spec["dual"])}
+
+
+RELEASED_MODELS = tuple(_RELEASED_DEPTHS)
+
+
 # The tiny kit: every component small enough to build, save and sample from in a second, with
 # deliberately unequal widths (CLIP-L 32, CLIP-G 48, T5 96) so a dimension mix-up fails loudly.
 TINY_CLIP_L = {

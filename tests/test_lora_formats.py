@@ -30,7 +30,7 @@ from model.lora_formats import (
     save_lora,
     to_state_dict,
 )
-from model.presets import tiny_mmdit_config
+from model.presets import RELEASED_MODELS, released_config, tiny_mmdit_config
 
 TOLERANCE = 1e-5  # fp32 on CPU: only reordered additions differ
 RANK, ALPHA = 4, 8.0  # alpha != rank on purpose
@@ -218,32 +218,6 @@ def test_save_dtype_sets_the_matrices_dtype_and_halves_the_file(trained, tmp_pat
 # ----------------------------------------------------------------------------- real model shapes
 
 
-SD3_MEDIUM = dict(
-    num_layers=24,
-    num_attention_heads=24,
-    caption_projection_dim=1536,
-    pos_embed_max_size=192,
-    qk_norm=None,
-    dual_attention_layers=(),
-)
-SD35_MEDIUM = dict(
-    num_layers=24,
-    num_attention_heads=24,
-    caption_projection_dim=1536,
-    pos_embed_max_size=384,
-    qk_norm="rms_norm",
-    dual_attention_layers=tuple(range(13)),
-)
-SD35_LARGE = dict(
-    num_layers=38,
-    num_attention_heads=38,
-    caption_projection_dim=2432,
-    pos_embed_max_size=192,
-    qk_norm="rms_norm",
-    dual_attention_layers=(),
-)
-
-
 def expected_kohya_modules(num_layers: int, dual: tuple[int, ...]) -> set[str]:
     """sd-scripts lora_sd3 names: lora_unet_ + the MMDiT module path with dots as underscores;
     the last block's text stream only has qkv and its (shift, scale) modulation."""
@@ -258,20 +232,9 @@ def expected_kohya_modules(num_layers: int, dual: tuple[int, ...]) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize(
-    "spec", [SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE], ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"]
-)
-def test_key_names_and_shapes_for_sd3_and_sd35_models(spec):
-    config = dict(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        attention_head_dim=64,
-        joint_attention_dim=4096,
-        pooled_projection_dim=2048,
-        **spec,
-    )
+@pytest.mark.parametrize("name", RELEASED_MODELS)
+def test_key_names_and_shapes_for_sd3_and_sd35_models(name):
+    config = released_config(name)
     transformer = build_transformer(config, "meta")
     shapes = {
         n: s for n, s in linear_shapes(transformer).items() if n.startswith("transformer_blocks.")
@@ -282,7 +245,7 @@ def test_key_names_and_shapes_for_sd3_and_sd35_models(spec):
     kohya, _ = to_state_dict(weights, "kohya", torch.float32)
     comfy, _ = to_state_dict(weights, "comfyui", torch.float32)
     modules = {k.rsplit(".", 2)[0] for k in kohya if k.endswith(".lora_down.weight")}
-    assert modules == expected_kohya_modules(spec["num_layers"], spec["dual_attention_layers"])
+    assert modules == expected_kohya_modules(config["num_layers"], config["dual_attention_layers"])
     assert {k.removeprefix("lora_unet_") for k in kohya} == {
         k.removeprefix("diffusion_model.")
         .replace(".", "_")
@@ -295,7 +258,7 @@ def test_key_names_and_shapes_for_sd3_and_sd35_models(spec):
     # ComfyUI patches diffusion_model.<path>.weight: every path must be a real MMDiT weight of
     # matching shape (Stability layout checked against diffusers' own converter, on meta tensors).
     state = transformer.state_dict()
-    checkpoint = stability_checkpoint(state, spec["num_layers"])
+    checkpoint = stability_checkpoint(state, config["num_layers"])
     assert {
         k: v.shape
         for k, v in convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint)).items()
@@ -305,7 +268,7 @@ def test_key_names_and_shapes_for_sd3_and_sd35_models(spec):
             path = key.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
             up = comfy[key.replace("lora_down", "lora_up")]
             assert checkpoint[path + ".weight"].shape == (up.shape[0], tensor.shape[1]), path
-    hidden = 64 * spec["num_attention_heads"]
+    hidden = 64 * config["num_attention_heads"]
     assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape == (
         3 * hidden,
         3,
