@@ -17,7 +17,7 @@ is fitted once and cached (--cache). Modes:
     PYTHONPATH=. python benchmarks/bench_dpo_proof.py proof --steps 300
     PYTHONPATH=. python benchmarks/bench_dpo_proof.py sweep --out /tmp/sweep.jsonl --shard 0/2
     PYTHONPATH=. python benchmarks/bench_dpo_proof.py table --out /tmp/sweep.jsonl
-    PYTHONPATH=. python benchmarks/bench_dpo_proof.py shapes --steps 200 --cache DIR
+    PYTHONPATH=. python benchmarks/bench_dpo_proof.py shapes --steps 400 --seeds 48 --cache DIR
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def main() -> None:
     p_sweep.add_argument("--shard", default="0/1")
     p_shapes = modes.add_parser("shapes", help="issue 20: both shapes tasks at the defaults")
     p_shapes.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "t2i-dpo-shapes"))
-    p_shapes.add_argument("--steps", type=int, default=200, help="DPO optimizer steps")
+    p_shapes.add_argument("--steps", type=int, default=400, help="DPO optimizer steps")
     p_shapes.add_argument("--seeds", type=int, default=48, help="proof seeds per prompt")
     p_shapes.add_argument(
         "--pool",

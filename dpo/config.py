@@ -133,11 +133,12 @@ class DPOConfig(RenamedOptions, ModelFiles, TimestepOptions, ReportOptions):
         "keep them apart from --offtarget-captions, which judge what was not trained on",
     )
     preserve_weight: float = Field(
-        3.0,
+        2.0,
         ge=0.0,
         description="weight of that preservation term, + weight * beta/2 * mean((1 - t)^2 "
         "(v_lora - v_base)^2) on --preserve-captions (measured: benchmarks/RESULTS.md, issue 20: "
-        "1 let prompts of the preferred colour drift up to +0.21, 10 halved the intended movement); "
+        "2 kept every held-out prompt within 0.05 of the base on two toys; 1 let the preference leak "
+        "into prompts naming the losing colour, 3-5 over-corrected prompts naming the preferred one); "
         "acts only with --preserve-captions; 0 = off",
     )
     lr: float = Field(
