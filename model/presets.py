@@ -46,7 +46,7 @@ def mmdit_config(
 
 # The transformer configs of the released models (their diffusers transformer/config.json), for
 # parameter and memory arithmetic on the meta device.
-_RELEASED_DEPTHS = {
+_RELEASED_SPECS = {
     "SD3-medium": dict(depth=24, pos_embed_max_size=192, qk_norm=None, dual=()),
     "SD3.5-medium": dict(depth=24, pos_embed_max_size=384, qk_norm="rms_norm", dual=range(13)),
     "SD3.5-large": dict(depth=38, pos_embed_max_size=192, qk_norm="rms_norm", dual=()),
@@ -55,14 +55,14 @@ _RELEASED_DEPTHS = {
 
 def released_config(name: str) -> dict[str, Any]:
     """`SD3Transformer2DModel` kwargs of a released model: SD3-medium, SD3.5-medium, SD3.5-large."""
-    spec = _RELEASED_DEPTHS[name]
+    spec = _RELEASED_SPECS[name]
     config = mmdit_config(
         spec["depth"], pos_embed_max_size=spec["pos_embed_max_size"], qk_norm=spec["qk_norm"]
     )
     return config | {"dual_attention_layers": tuple(spec["dual"])}
 
 
-RELEASED_MODELS = tuple(_RELEASED_DEPTHS)
+RELEASED_MODELS = tuple(_RELEASED_SPECS)
 
 
 # The tiny kit: every component small enough to build, save and sample from in a second, with
