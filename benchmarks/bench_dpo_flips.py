@@ -19,10 +19,16 @@ from pathlib import Path
 import torch
 
 from dpo.config import DPOConfig
-from dpo.shapes_proof import PROOF_SEEDS, SWEEP_SEEDS, Sampling, preserve_pool, sample_prompt
-from dpo.shapes_task import COLOURS, build_task, class_prompts, colour_features
-
-TASKS = {"strong": 1500, "weak": 500}
+from dpo.shapes_proof import (
+    PROOF_SEEDS,
+    SWEEP_SEEDS,
+    Sampling,
+    preserve_pool,
+    sample_prompt,
+    start_arm,
+    training_shift,
+)
+from dpo.shapes_task import BASE_STEPS, COLOURS, build_task, class_prompts, colour_features
 
 
 def sample_colours(model, task, seeds) -> dict[str, tuple[list[str], list[float]]]:
@@ -37,17 +43,13 @@ def sample_colours(model, task, seeds) -> dict[str, tuple[list[str], list[float]
 
 
 def trained_lora(model_dir, task, config: DPOConfig, swapped: bool):
-    from dpo.lora import add_lora
-    from dpo.trainer import load_transformer, split_heldout, train_lora
-    from model.lora_train import lora_alpha
+    """One arm of the proof trained to config.max_steps, as run_arm trains it."""
+    from dpo.trainer import train_lora
 
-    torch.manual_seed(config.seed)
-    model = load_transformer(model_dir, "cpu", torch.float32)
-    add_lora(model, config.lora_rank, lora_alpha(config), config.lora_targets, config.seed)
-    train, _ = split_heldout(task.swapped() if swapped else task.pairs, 0.25, config.seed)
+    model, train, _ = start_arm(model_dir, task, config, swapped)
     pool = preserve_pool(task) if config.preserve_weight else None
     with tempfile.TemporaryDirectory() as tmp:
-        train_lora(model, train, config, Path(tmp), Sampling().shift, 0, None, preserve=pool)
+        train_lora(model, train, config, Path(tmp), training_shift(config), 0, None, preserve=pool)
     return model
 
 
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument(
         "--cache", required=True, help="where bench_dpo_proof.py shapes caches bases"
     )
-    parser.add_argument("--task", choices=list(TASKS), required=True)
+    parser.add_argument("--task", choices=list(BASE_STEPS), required=True)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--preserve-weight", type=float, default=None, help="default: DPOConfig's")
     parser.add_argument("--swapped", action="store_true", help="the swapped-label control")
@@ -67,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from dpo.trainer import load_transformer
 
-    model_dir, task = build_task(args.cache, args.task, TASKS[args.task])
+    model_dir, task = build_task(args.cache, args.task, BASE_STEPS[args.task])
     seeds = (PROOF_SEEDS if args.seeds == "proof" else SWEEP_SEEDS)[:48]
     extra = {} if args.preserve_weight is None else {"preserve_weight": args.preserve_weight}
     config = DPOConfig(model=str(model_dir), max_steps=args.steps, eval_seeds=0, **extra)

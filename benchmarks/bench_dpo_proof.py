@@ -207,10 +207,10 @@ def shapes(args) -> None:
     """Issue 20: the shipped defaults (steps scaled down) on both shapes tasks, DPO and control,
     every class prompt on its own, on the seeds the sweep never looked at."""
     from dpo.shapes_proof import PROOF_SEEDS, Sampling, run_proof, toy_table
-    from dpo.shapes_task import build_task
+    from dpo.shapes_task import BASE_STEPS, build_task
 
     report = {}
-    for name, base_steps in (("strong", 1500), ("weak", 500)):
+    for name, base_steps in BASE_STEPS.items():
         if name not in args.tasks:
             continue
         model, task = build_task(args.cache, name, base_steps)

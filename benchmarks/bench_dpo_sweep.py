@@ -38,9 +38,8 @@ from dpo.shapes_proof import (
     base_measures,
     run_arm,
 )
-from dpo.shapes_task import build_task
+from dpo.shapes_task import BASE_STEPS, build_task
 
-TASKS = {"strong": 1500, "weak": 500}
 # the default's image-stream projections plus the text stream's of the joint attention
 BOTH_STREAMS = ATTENTION_PROJECTIONS + [
     "attn.add_q_proj",
@@ -88,7 +87,7 @@ def overrides(spec: str) -> dict:
 
 def task_base(cache: str, name: str, seeds: list[int], sampling: Sampling):
     """(model folder, task, base measures), the measures cached beside the base."""
-    model, task = build_task(cache, name, TASKS[name])
+    model, task = build_task(cache, name, BASE_STEPS[name])
     path = (
         model.parent / f"measures-{seeds[0]}-{len(seeds)}-{sampling.steps}-{sampling.guidance}.json"
     )
@@ -174,7 +173,7 @@ def main() -> None:
     modes = parser.add_subparsers(dest="mode", required=True)
     p_run = modes.add_parser("run")
     p_run.add_argument("--cache", default="/tmp/t2i-dpo-shapes")
-    p_run.add_argument("--task", choices=list(TASKS), required=True)
+    p_run.add_argument("--task", choices=list(BASE_STEPS), required=True)
     p_run.add_argument("--out", required=True)
     p_run.add_argument("--runs", nargs="+", default=[""])
     p_run.add_argument("--eval-at", type=int, nargs="+", default=[100, 200, 300])

@@ -159,6 +159,25 @@ def summarise(base: PromptMeasures, lora: PromptMeasures, held_out_only: bool = 
     }
 
 
+def start_arm(model_dir, task: ShapesTask, config, swapped: bool = False):
+    """(the base with CONFIG's fresh LoRA, training pairs, held-out pairs) of one arm: the task's
+    pairs with true or swapped labels, a quarter held out, everything seeded by config.seed."""
+    from dpo.lora import add_lora
+    from dpo.trainer import load_transformer, split_heldout
+    from model.lora_train import lora_alpha
+
+    torch.manual_seed(config.seed)
+    model = load_transformer(model_dir, "cpu", torch.float32)
+    add_lora(model, config.lora_rank, lora_alpha(config), config.lora_targets, config.seed)
+    train, held = split_heldout(task.swapped() if swapped else task.pairs, 0.25, config.seed)
+    return model, train, held
+
+
+def training_shift(config, sampling: Sampling | None = None) -> float:
+    """The scheduler shift DPO draws timesteps with: --shift, else the bases' own (SAMPLING's)."""
+    return (sampling or Sampling()).shift if config.shift is None else config.shift
+
+
 def run_arm(
     model_dir,
     task: ShapesTask,
@@ -175,25 +194,15 @@ def run_arm(
     swapped labels), stopping at each of EVAL_AT (default: only the end) to measure every prompt.
     The loop's randomness is a function of (seed, step), so stopping does not change the run."""
     from dpo.guard import guard_summary
-    from dpo.lora import add_lora
     from dpo.metrics import METRICS, metric_rows
-    from dpo.trainer import (
-        implicit_accuracy,
-        load_transformer,
-        split_heldout,
-        train_lora,
-    )
-    from model.lora_train import lora_alpha
+    from dpo.trainer import implicit_accuracy, train_lora
 
     clock = time.monotonic()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / METRICS).unlink(missing_ok=True)
-    torch.manual_seed(config.seed)
-    model = load_transformer(model_dir, "cpu", torch.float32)
-    add_lora(model, config.lora_rank, lora_alpha(config), config.lora_targets, config.seed)
-    train, held = split_heldout(task.swapped() if swapped else task.pairs, 0.25, config.seed)
-    shift = (sampling or Sampling()).shift if config.shift is None else config.shift
+    model, train, held = start_arm(model_dir, task, config, swapped)
+    shift = training_shift(config, sampling)
     evals, optimizer, start = [], None, 0
     for stop in eval_at or [config.max_steps]:
         leg = config.model_copy(update={"max_steps": stop})

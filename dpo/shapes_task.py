@@ -40,6 +40,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "cross")
 PREFERRED, DISPREFERRED = "red", "blue"
 GENERIC = "an image"
+# the two proof tasks: `t2i train` steps of their bases (fewer: a weaker base, a larger leak)
+BASE_STEPS = {"strong": 1500, "weak": 500}
 T5_LENGTH = 16
 
 

@@ -17,7 +17,7 @@ import torch
 
 from dpo.config import DPOConfig
 from dpo.shapes_proof import PROOF_SEEDS, Sampling, run_proof
-from dpo.shapes_task import build_task
+from dpo.shapes_task import BASE_STEPS, build_task
 
 pytestmark = pytest.mark.slow
 DPO_STEPS = 400
@@ -28,7 +28,7 @@ SEEDS = 48
 def proof(tmp_path_factory):
     # T2I_DPO_PROOF_CACHE: a folder where benchmarks/bench_dpo_proof.py shapes cached its bases
     cache = os.environ.get("T2I_DPO_PROOF_CACHE") or tmp_path_factory.mktemp("base")
-    model, task = build_task(cache, "weak", 500)
+    model, task = build_task(cache, "weak", BASE_STEPS["weak"])
     assert task.classifier_accuracy["colour"] >= 0.95  # the colour classifier itself is trustworthy
     config = DPOConfig(model=str(model), max_steps=DPO_STEPS, eval_seeds=0)
     work = tmp_path_factory.mktemp("proof")
